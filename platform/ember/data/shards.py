@@ -1,0 +1,208 @@
+"""The shard format (packed Arrow IPC files plus `manifest.json`) and the reader training uses.
+
+A dataset directory::
+
+    manifest.json        format version, tokenizer hash, seq_len, dtype, shards per split, document counts
+    tokenizer.json       + tokenizer_config.json
+    train/*.arrow        Arrow IPC files; each row is one packed sequence of seq_len + 1 token ids
+    val/*.arrow
+
+Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids``. A file is written under a temporary
+name and renamed when complete, so a crash never leaves a half shard that looks whole.
+
+`ShardReader` memory-maps the shards and serves samples in a deterministic global order: epoch ``e`` is a seeded
+permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``, and rank ``r`` of ``W`` takes samples
+``k ≡ r (mod W)``. Resuming at a sample count therefore continues the same global order, whatever ``W`` is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from ember.errors import EmberError
+
+FORMAT = "ember-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+ROWS_PER_BATCH = 1024  # Arrow record batch size inside a shard
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def shard_schema(row_len: int, dtype: np.dtype) -> pa.Schema:
+    return pa.schema([pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), row_len))],
+                     metadata={b"ember.row_length": str(row_len).encode()})
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Writes JSON under a temporary name, then renames it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes packed rows to shard files named ``{prefix}-{n:03d}.arrow``, rolling over at `shard_bytes`."""
+
+    def __init__(self, directory: str | os.PathLike, prefix: str, row_len: int, dtype: np.dtype, shard_bytes: int):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.row_len = row_len
+        self.dtype = np.dtype(dtype)
+        self.rows_per_shard = max(1, shard_bytes // (row_len * self.dtype.itemsize))
+        self.schema = shard_schema(row_len, self.dtype)
+        self.shards: list[dict] = []  # {"file", "rows", "tokens"} of each completed shard
+        self._writer = None
+        self._rows_in_current = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def _name(self) -> str:
+        return f"{self.prefix}-{len(self.shards):03d}.arrow"
+
+    def write(self, rows: np.ndarray) -> None:
+        """Appends rows, shape (n, row_len), buffered into record batches of ROWS_PER_BATCH."""
+        if len(rows) == 0:
+            return
+        self._pending.append(rows.astype(self.dtype, copy=False))
+        self._pending_rows += len(rows)
+        while self._pending_rows >= ROWS_PER_BATCH:
+            self._flush(ROWS_PER_BATCH)
+
+    def _flush(self, limit: int) -> None:
+        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        room = self.rows_per_shard - self._rows_in_current
+        take = min(limit, room, len(block))
+        self._write_batch(block[:take])
+        rest = block[take:]
+        self._pending = [rest] if len(rest) else []
+        self._pending_rows = len(rest)
+        if self._rows_in_current >= self.rows_per_shard:
+            self._close_current()
+
+    def _write_batch(self, rows: np.ndarray) -> None:
+        if self._writer is None:
+            self._tmp = self.directory / f".tmp-{self._name()}"
+            self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
+        values = pa.array(rows.reshape(-1))
+        self._writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(values, self.row_len)],
+                                                 schema=self.schema))
+        self._rows_in_current += len(rows)
+
+    def _close_current(self) -> None:
+        self._writer.close()
+        name = self._name()
+        os.replace(self._tmp, self.directory / name)
+        self.shards.append({"file": name, "rows": self._rows_in_current,
+                            "tokens": self._rows_in_current * self.row_len})
+        self._writer = None
+        self._rows_in_current = 0
+
+    def close(self) -> list[dict]:
+        """Flushes what is buffered and renames the last shard into place; returns the shards written."""
+        while self._pending_rows:
+            self._flush(self._pending_rows)
+        if self._writer is not None:
+            self._close_current()
+        return self.shards
+
+
+def load_manifest(dataset_dir: str | os.PathLike) -> dict:
+    """Reads and checks a dataset's manifest.json."""
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise EmberError(f"not a dataset directory (no manifest.json): {dataset_dir}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EmberError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise EmberError(f"{path}: not an {FORMAT} v{FORMAT_VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+    return manifest
+
+
+@dataclass
+class _Block:
+    rows: np.ndarray  # (n, row_len), a view into a memory-mapped file
+    start: int  # global index of its first row
+
+
+class ShardReader:
+    """Memory-mapped, deterministic, rank-sliced and exactly resumable access to one split of a dataset."""
+
+    def __init__(self, dataset_dir: str | os.PathLike, split: str = "train", *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if split not in SPLITS:
+            raise EmberError(f"unknown split {split!r} (one of: {', '.join(SPLITS)})")
+        if not 0 <= rank < world_size:
+            raise EmberError(f"rank {rank} is outside world size {world_size}")
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest = load_manifest(dataset_dir)
+        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
+        self.row_len = self.manifest["seq_len"] + 1
+        self._blocks: list[_Block] = []
+        start = 0
+        for shard in self.manifest["splits"][split]["shards"]:
+            path = self.dataset_dir / split / shard["file"]
+            if not path.is_file():
+                raise EmberError(f"shard listed in the manifest is missing: {path}")
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            for chunk in table.column("input_ids").chunks:
+                rows = chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.row_len)
+                self._blocks.append(_Block(rows, start))
+                start += len(rows)
+        self.num_rows = start
+        if self.num_rows == 0:
+            raise EmberError(f"{self.dataset_dir}: split {split!r} has no rows")
+        self._starts = np.array([b.start for b in self._blocks])
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def row(self, index: int) -> np.ndarray:
+        """Row `index` of the split in file order, shape (seq_len + 1,)."""
+        b = self._blocks[int(np.searchsorted(self._starts, index, side="right")) - 1]
+        return b.rows[index - b.start]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of row indices for one epoch, fixed by (seed, epoch)."""
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_row(self, k: int) -> int:
+        """The row index of global sample `k` (k counts samples across epochs and ranks)."""
+        epoch, pos = divmod(k, self.num_rows)
+        return int(self.epoch_order(epoch)[pos])
+
+    def sample_indices(self, start: int = 0) -> Iterator[int]:
+        """Global sample numbers this rank takes, from `start` (a global count of samples consumed) on."""
+        k = start + self.rank
+        while True:
+            yield k
+            k += self.world_size
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+        """Endless (batch of shape (batch_size, seq_len + 1) as int64, global samples consumed after it) pairs."""
+        indices = self.sample_indices(start)
+        consumed = start
+        while True:
+            ks = [next(indices) for _ in range(batch_size)]
+            batch = np.stack([self.row(self.sample_row(k)) for k in ks]).astype(np.int64)
+            consumed += batch_size * self.world_size
+            yield batch, consumed

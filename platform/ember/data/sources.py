@@ -1,0 +1,571 @@
+"""Corpus sources: resolve inputs to files, plan them into work units, and read documents from a unit.
+
+Inputs are local paths, directories, globs, or URIs of any filesystem pyarrow opens (``s3://``, ``gs://``,
+``file://``; S3 options such as ``?endpoint_override=...`` ride along in the URI), or a built-in corpus
+(``builtin:python-docs``, ``builtin:python-qa``, ``builtin:python-qa:test``).
+
+A *work unit* is a list of segments (a whole file, a byte range of a large uncompressed text/JSONL file, a range of
+Parquet row groups, or one part of a built-in corpus), about ``unit_bytes`` in all. Units are the grain of
+parallelism and of crash recovery. The plan depends only on the inputs and the spec, never on the worker count.
+
+Reading never raises on bad records: they go to a ``SkipLog`` (counted by reason, first locations kept as
+``file:line``) unless ``strict`` is on, where the first one fails the job with its location.
+"""
+
+from __future__ import annotations
+
+import bz2
+import fnmatch
+import gzip
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ember.config.specs import SourceSpec
+from ember.data import builtin
+from ember.errors import EmberError
+
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+           ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("python-docs", "python-qa", "python-qa:test")
+MAX_EXAMPLES = 5  # bad-record locations kept per reason kind, per unit and in the final summary
+_READ_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------- bad records
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped (and repaired) records by reason and keeps the first few locations."""
+
+    strict: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str, detail: str = "", *, bad_input: bool = True) -> None:
+        """Records one skipped record; under `strict`, bad input fails at once instead."""
+        message = f"{where}: {detail or reason.replace('_', ' ')}"
+        if self.strict and bad_input:
+            raise EmberError(f"{message} (source.strict is on)")
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if bad_input and len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
+    def repair(self, reason: str) -> None:
+        self.repaired[reason] = self.repaired.get(reason, 0) + 1
+
+    def merge(self, other: dict) -> None:
+        """Adds a serialised SkipLog (from another unit) to this one."""
+        for key in ("skipped", "repaired"):
+            mine = getattr(self, key)
+            for reason, n in other.get(key, {}).items():
+                mine[reason] = mine.get(reason, 0) + n
+        self.examples.extend(other.get("examples", [])[: MAX_EXAMPLES - len(self.examples)])
+
+    def to_dict(self) -> dict:
+        return {"skipped": dict(sorted(self.skipped.items())), "repaired": dict(sorted(self.repaired.items())),
+                "examples": list(self.examples)}
+
+
+# ---------------------------------------------------------------- files and units
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A readable piece of input: a file or a byte/row-group range of one, or a part of a built-in corpus."""
+
+    name: str  # shown in messages: the path or URI without its query string
+    fs_uri: str  # "" for the local filesystem, else the URI the filesystem is opened from
+    path: str  # path inside that filesystem (for builtin: the corpus name)
+    fmt: str  # text | jsonl | parquet | builtin
+    compression: str | None = None
+    start: int = 0  # byte offset (text/jsonl), first row group (parquet) or part (builtin)
+    end: int = -1  # exclusive; -1 = to the end
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """The grain of parallel work and of crash recovery."""
+
+    index: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    fs_uri: str
+    path: str
+    size: int
+    mtime_ns: int
+    fmt: str
+    compression: str | None
+
+
+def display_name(uri: str) -> str:
+    """A URI without its query string (which may carry credentials)."""
+    return uri.split("?", 1)[0]
+
+
+@lru_cache(maxsize=16)
+def filesystem(fs_uri: str) -> pafs.FileSystem:
+    """The pyarrow filesystem for a URI ("" = local), cached per process."""
+    if not fs_uri:
+        return pafs.LocalFileSystem()
+    return pafs.FileSystem.from_uri(fs_uri)[0]
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """(fs_uri, path) for a user-given input."""
+    if "://" not in uri:
+        return "", os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise EmberError(f"cannot open input {display_name(uri)}: {exc}") from None
+    scheme = urlsplit(uri).scheme
+    if scheme == "file":
+        return "", path
+    return uri, path
+
+
+def _format_of(name: str, forced: str) -> tuple[str | None, str | None]:
+    """(format, compression) of a file name under `source.format`."""
+    base, ext = os.path.splitext(name.lower())
+    compression = COMPRESSIONS.get(ext)
+    if compression:
+        base, ext = os.path.splitext(base)
+    if forced != "auto":
+        return forced, compression
+    return FORMATS.get(ext), compression
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _file_entry(fs_uri: str, fs: pafs.FileSystem, info: pafs.FileInfo, forced: str, explicit: bool) -> InputFile | None:
+    name = info.path if not fs_uri else f"{urlsplit(fs_uri).scheme}://{info.path}"
+    fmt, compression = _format_of(info.path, forced)
+    if fmt is None:
+        if explicit:
+            raise EmberError(f"{name}: cannot tell the format from the extension; set source.format")
+        return None
+    if fmt == "parquet" and compression:
+        raise EmberError(f"{name}: compressed Parquet files are not supported (Parquet compresses internally)")
+    mtime = info.mtime_ns if info.mtime_ns is not None else 0
+    return InputFile(name, fs_uri, info.path, info.size or 0, mtime, fmt, compression)
+
+
+def resolve_inputs(source: SourceSpec) -> list[InputFile | str]:
+    """Every input file (sorted per input), or a built-in corpus name; a missing path fails here, before Ray work."""
+    resolved: list[InputFile | str] = []
+    for given in source.inputs:
+        if given.startswith(BUILTIN_PREFIX):
+            corpus = given[len(BUILTIN_PREFIX):]
+            if corpus not in BUILTINS:
+                raise EmberError(f"unknown built-in corpus {given!r} (known: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)})")
+            resolved.append(corpus)
+            continue
+        fs_uri, path = _split_uri(given)
+        fs = filesystem(fs_uri)
+        shown = display_name(given)
+        if _has_glob(path):
+            base = path
+            while _has_glob(base):
+                base = os.path.dirname(base)
+            infos = _list(fs, base, shown)
+            matches = [i for i in infos if fnmatch.fnmatch(i.path, path)]
+            files = [f for f in (_file_entry(fs_uri, fs, i, source.format, False) for i in matches) if f]
+            if not files:
+                raise EmberError(f"input not found: {shown} matched no readable files")
+            resolved.extend(files)
+            continue
+        try:
+            info = fs.get_file_info(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise EmberError(f"cannot open input {shown}: {exc}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise EmberError(f"input not found: {shown}")
+        if info.type == pafs.FileType.Directory:
+            files = [f for f in (_file_entry(fs_uri, fs, i, source.format, False) for i in _list(fs, path, shown)) if f]
+            if not files:
+                raise EmberError(f"input directory {shown} holds no files of a known format ({', '.join(sorted(FORMATS))})")
+            resolved.extend(files)
+        else:
+            resolved.append(_file_entry(fs_uri, fs, info, source.format, True))
+    return resolved
+
+
+def _list(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except FileNotFoundError:
+        raise EmberError(f"input not found: {shown}") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise EmberError(f"cannot list input {shown}: {exc}") from None
+    hidden = lambda p: any(part.startswith((".", "_")) for part in p[len(base):].split("/") if part)  # noqa: E731
+    return sorted((i for i in infos if i.type == pafs.FileType.File and not hidden(i.path)), key=lambda i: i.path)
+
+
+def source_fingerprint(resolved: list[InputFile | str]) -> str:
+    """Identifies the input content: names, sizes and modification times (built-ins: the Python build)."""
+    h = hashlib.sha256()
+    for item in resolved:
+        if isinstance(item, str):
+            h.update(f"builtin:{item}:{builtin.corpus_fingerprint()}\n".encode())
+        else:
+            h.update(f"{item.name}:{item.size}:{item.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _segments(item: InputFile | str, unit_bytes: int) -> Iterator[tuple[Segment, int]]:
+    """Segments of one input with their approximate byte weight."""
+    if isinstance(item, str):
+        corpus = item.split(":", 1)[0]
+        for part in range(builtin.num_parts(corpus)):
+            yield Segment(BUILTIN_PREFIX + item, "", item, "builtin", None, part, part + 1), unit_bytes // 4
+        return
+    if item.fmt == "parquet":
+        meta = pq.ParquetFile(filesystem(item.fs_uri).open_input_file(item.path)).metadata
+        first, size = 0, 0
+        for rg in range(meta.num_row_groups):
+            size += meta.row_group(rg).total_byte_size
+            if size >= unit_bytes or rg == meta.num_row_groups - 1:
+                yield Segment(item.name, item.fs_uri, item.path, "parquet", None, first, rg + 1), size
+                first, size = rg + 1, 0
+        if meta.num_row_groups == 0:
+            yield Segment(item.name, item.fs_uri, item.path, "parquet", None, 0, 0), 0
+        return
+    splittable = item.compression is None and item.path.lower().endswith((".jsonl", ".ndjson", ".txt", ".text", ".md"))
+    if not splittable or item.size <= unit_bytes:
+        yield Segment(item.name, item.fs_uri, item.path, item.fmt, item.compression), item.size
+        return
+    for start in range(0, item.size, unit_bytes):
+        end = min(start + unit_bytes, item.size)
+        yield Segment(item.name, item.fs_uri, item.path, item.fmt, None, start, end), end - start
+
+
+def plan_units(resolved: list[InputFile | str], source: SourceSpec) -> list[WorkUnit]:
+    """Groups segments, in input order, into units of about `unit_bytes`."""
+    units: list[WorkUnit] = []
+    pending: list[Segment] = []
+    weight = 0
+    for item in resolved:
+        for segment, size in _segments(item, source.unit_bytes):
+            if pending and (weight + size > source.unit_bytes or segment.fmt == "builtin"):
+                units.append(WorkUnit(len(units), tuple(pending)))
+                pending, weight = [], 0
+            pending.append(segment)
+            weight += size
+    if pending:
+        units.append(WorkUnit(len(units), tuple(pending)))
+    return units
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Truncated(Exception):
+    """A compressed stream ended early or is corrupt."""
+
+
+def _decompressing(raw, compression: str | None, name: str):
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, mode="rb")
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+def _read_checked(stream, n: int, compression: str | None) -> bytes:
+    try:
+        data = stream.read(n)
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise _Truncated(str(exc) or type(exc).__name__) from None
+    except Exception as exc:  # zstandard.ZstdError is not an OSError
+        if compression == "zstd" and type(exc).__name__ == "ZstdError":
+            raise _Truncated(str(exc)) from None
+        raise
+    return data
+
+
+def _lines(stream, compression, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line without newline) for lines that start in [start, end); end=-1: to the end."""
+    pos = 0
+    skip_first = start > 0
+    if start > 0:
+        stream.seek(start - 1)  # the line holding byte start-1 belongs to the previous range
+        pos = start - 1
+    buf = b""
+    while True:
+        data = _read_checked(stream, _READ_CHUNK, compression)
+        if not data:
+            if buf and not skip_first and (end < 0 or pos < end):
+                yield pos, buf
+            return
+        buf += data
+        parts = buf.split(b"\n")
+        buf = parts.pop()
+        for line in parts:
+            if skip_first:
+                skip_first = False
+            elif end >= 0 and pos >= end:
+                return
+            else:
+                yield pos, line
+            pos += len(line) + 1
+
+
+class _LineNumbers:
+    """File line numbers for byte offsets, computed only when a location is reported."""
+
+    def __init__(self, segment: Segment):
+        self.segment = segment
+        self.base: int | None = None if segment.start > 0 else 1
+        self.first_offset: int | None = None
+
+    def __call__(self, offset: int, relative: int) -> str:
+        if self.base is None:
+            with filesystem(self.segment.fs_uri).open_input_file(self.segment.path) as f:
+                self.base = 1 + f.read(self.first_offset).count(b"\n")
+        return f"{self.segment.name}:{self.base + relative}"
+
+
+def _decode(data: bytes, where, skips: SkipLog, on_error: str) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if on_error == "skip":
+            skips.skip("undecodable", where(), f"invalid UTF-8 at byte {exc.start}")
+            return None
+        skips.repair("decode_replaced")
+        return data.decode("utf-8", errors="replace")
+
+
+class DocumentReader:
+    """Reads the documents of a work unit as strings; bad records go to the SkipLog. Testable without Ray."""
+
+    def __init__(self, source: SourceSpec, skips: SkipLog):
+        self.source = source
+        self.skips = skips
+
+    def __call__(self, unit: WorkUnit) -> Iterator[str]:
+        for segment in unit.segments:
+            yield from self.read_segment(segment)
+
+    def read_segment(self, seg: Segment) -> Iterator[str]:
+        if seg.fmt == "builtin":
+            yield from self._builtin(seg)
+        elif seg.fmt == "parquet":
+            yield from self._parquet(seg)
+        else:
+            fs = filesystem(seg.fs_uri)
+            try:
+                opener = fs.open_input_file if seg.compression is None else fs.open_input_stream
+                raw = opener(seg.path)
+            except (pa.ArrowException, OSError) as exc:
+                self.skips.skip("unreadable", seg.name, f"cannot open: {exc}")
+                return
+            with raw:
+                stream = _decompressing(raw, seg.compression, seg.name)
+                try:
+                    if seg.fmt == "jsonl":
+                        yield from self._jsonl(seg, stream)
+                    elif self.source.text_unit == "paragraph":
+                        yield from self._paragraphs(seg, stream)
+                    else:
+                        yield from self._whole_text(seg, stream)
+                except _Truncated as exc:
+                    self.skips.skip("truncated", seg.name, f"compressed file is truncated or corrupt ({exc}); "
+                                    "documents before this point were kept")
+
+    def _builtin(self, seg: Segment) -> Iterator[str]:
+        corpus, _, split = seg.path.partition(":")
+        if corpus == builtin.PYTHON_DOCS:
+            for doc in builtin.python_docs(seg.start):
+                yield doc.text
+        else:
+            for rec in builtin.python_qa(seg.start, split or "train"):
+                yield f"{rec['prompt']}\n{rec['response']}"
+
+    def _whole_text(self, seg: Segment, stream) -> Iterator[str]:
+        chunks = []
+        while True:
+            data = _read_checked(stream, _READ_CHUNK, seg.compression)
+            if not data:
+                break
+            chunks.append(data)
+        data = b"".join(chunks)
+        if not data:
+            self.skips.skip("empty_file", seg.name, "empty file")
+            return
+        text = _decode(data, lambda: seg.name, self.skips, self.source.on_decode_error)
+        if text is not None:
+            yield text.replace("\r\n", "\n")
+
+    def _paragraphs(self, seg: Segment, stream) -> Iterator[str]:
+        where = _LineNumbers(seg)
+        lines: list[bytes] = []
+        first_line = 0
+        skipping = False
+        seen_any = False
+        for n, (pos, line) in enumerate(_lines(stream, seg.compression, seg.start, -1)):
+            if n == 0:
+                where.first_offset = pos
+                skipping = seg.start > 0 and not _previous_line_blank(seg, pos)
+            seen_any = True
+            blank = not line.strip()
+            if skipping:  # the paragraph in progress at our start belongs to the previous range
+                skipping = not blank
+                continue
+            if blank:
+                if lines:
+                    yield from self._text_doc(b"\n".join(lines), lambda: where(first_pos, first_line))
+                    lines = []
+                if seg.end >= 0 and pos >= seg.end:
+                    return
+                continue
+            if not lines:
+                if seg.end >= 0 and pos >= seg.end:
+                    return
+                first_line, first_pos = n, pos
+            lines.append(line.rstrip(b"\r"))
+        if lines:
+            yield from self._text_doc(b"\n".join(lines), lambda: where(first_pos, first_line))
+        if not seen_any and seg.start == 0:
+            self.skips.skip("empty_file", seg.name, "empty file")
+
+    def _text_doc(self, data: bytes, where) -> Iterator[str]:
+        text = _decode(data, where, self.skips, self.source.on_decode_error)
+        if text is not None:
+            yield text
+
+    def _jsonl(self, seg: Segment, stream) -> Iterator[str]:
+        where = _LineNumbers(seg)
+        key = self.source.field
+        seen_any = False
+        for n, (pos, line) in enumerate(_lines(stream, seg.compression, seg.start, seg.end)):
+            if n == 0:
+                where.first_offset = pos
+                if seg.start == 0 and line.lstrip()[:1] == b"[":
+                    yield from self._json_array(seg, line, stream)
+                    return
+            seen_any = True
+            if not line.strip():
+                continue
+            at = lambda: where(pos, n)  # noqa: E731
+            text = _decode(line, at, self.skips, self.source.on_decode_error)
+            if text is None:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                self.skips.skip("malformed_json", at(), f"malformed JSON ({exc.msg} at column {exc.colno})")
+                continue
+            doc = self._field(record, key, at)
+            if doc is not None:
+                yield doc
+        if not seen_any and seg.start == 0:
+            self.skips.skip("empty_file", seg.name, "empty file")
+
+    def _json_array(self, seg: Segment, first: bytes, stream) -> Iterator[str]:
+        rest = [first, b"\n"]
+        while data := _read_checked(stream, _READ_CHUNK, seg.compression):
+            rest.append(data)
+        text = _decode(b"".join(rest), lambda: seg.name, self.skips, self.source.on_decode_error)
+        if text is None:
+            return
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.skips.skip("malformed_json", f"{seg.name}:{exc.lineno}", f"malformed JSON ({exc.msg})")
+            return
+        for i, record in enumerate(records):
+            doc = self._field(record, self.source.field, lambda: f"{seg.name}:[{i}]")
+            if doc is not None:
+                yield doc
+
+    def _field(self, record, key: str, at) -> str | None:
+        if not isinstance(record, dict):
+            self.skips.skip("not_an_object", at(), f"expected a JSON object, got {type(record).__name__}")
+            return None
+        if key not in record:
+            self.skips.skip("missing_field", at(), f"missing field {key!r} (source.field)")
+            return None
+        value = record[key]
+        if not isinstance(value, str):
+            self.skips.skip("wrong_type", at(), f"field {key!r} is {type(value).__name__}, expected a string")
+            return None
+        return value
+
+    def _parquet(self, seg: Segment) -> Iterator[str]:
+        column = self.source.column
+        try:
+            pfile = pq.ParquetFile(filesystem(seg.fs_uri).open_input_file(seg.path))
+        except (pa.ArrowException, OSError) as exc:
+            self.skips.skip("unreadable", seg.name, f"not a readable Parquet file: {exc}")
+            return
+        schema = pfile.schema_arrow
+        if column not in schema.names:
+            self.skips.skip("missing_field", seg.name, f"no column {column!r} (source.column); has: {', '.join(schema.names)}")
+            return
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            self.skips.skip("wrong_type", seg.name, f"column {column!r} is {kind}, expected strings")
+            return
+        row = sum(pfile.metadata.row_group(rg).num_rows for rg in range(seg.start))
+        groups = list(range(seg.start, seg.end if seg.end >= 0 else pfile.num_row_groups))
+        if not groups:
+            return
+        for batch in pfile.iter_batches(batch_size=8192, row_groups=groups, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    self.skips.skip("wrong_type", f"{seg.name}:row {row}", f"column {column!r} is null")
+                else:
+                    yield value
+                row += 1
+
+
+def _previous_line_blank(seg: Segment, line_start: int) -> bool:
+    """Whether the line before `line_start` is blank (so a paragraph starts at `line_start`)."""
+    if line_start == 0:
+        return True
+    lo = max(0, line_start - 4096)
+    with filesystem(seg.fs_uri).open_input_file(seg.path) as f:
+        f.seek(lo)
+        window = f.read(line_start - lo)[:-1]  # drop the newline that ends the previous line
+    cut = window.rfind(b"\n")
+    if cut < 0 and lo > 0:
+        return False  # a line over 4 KiB long is not blank
+    return not window[cut + 1:].strip()
+
+
+def read_sample(units: list[WorkUnit], source: SourceSpec, budget: int) -> Iterator[str]:
+    """Documents for tokenizer training: up to `budget` bytes spread evenly over the units, in unit order."""
+    per_unit = max(1, budget // max(1, len(units)))
+    reader = DocumentReader(source.model_copy(update={"strict": False}), SkipLog())
+    for unit in units:
+        taken = 0
+        for doc in reader(unit):
+            yield doc
+            taken += len(doc)
+            if taken >= per_unit:
+                break

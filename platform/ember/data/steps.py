@@ -1,0 +1,81 @@
+"""The tokenize pipeline's steps as plain callables: normalise/filter, split, tokenize, pack.
+
+Each step works on ordinary Python values, so tests drive them on a list of strings without Ray; `pipeline.py`
+composes them per work unit and Ray Data runs the units in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from itertools import chain
+from typing import Iterable, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ember.config.specs import FilterSpec
+from ember.data.sources import SkipLog
+
+_SPLIT_BUCKETS = 1_000_000
+
+
+def doc_hash(text: str) -> int:
+    """A stable 64-bit hash of a document's text (split choice and exact-duplicate detection)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def split_of(text_hash: int, val_fraction: float) -> str:
+    """'val' for about `val_fraction` of documents, fixed by their hash, so a document never changes split."""
+    return "val" if (text_hash % _SPLIT_BUCKETS) < val_fraction * _SPLIT_BUCKETS else "train"
+
+
+class Normalizer:
+    """Unicode-normalises and strips documents, skipping (and counting) those under `min_chars`."""
+
+    def __init__(self, spec: FilterSpec, skips: SkipLog):
+        self.form = None if spec.normalize == "none" else spec.normalize.upper()
+        self.min_chars = spec.min_chars
+        self.skips = skips
+
+    def __call__(self, docs: Iterable[str]) -> Iterator[str]:
+        for text in docs:
+            if self.form:
+                text = unicodedata.normalize(self.form, text)
+            text = text.strip()
+            if len(text) < self.min_chars:
+                self.skips.skip("too_short", "", bad_input=False)
+                continue
+            yield text
+
+
+class Tokenize:
+    """Encodes a batch of texts to token-id lists (no special tokens added; the packer adds EOS)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class Packer:
+    """Joins documents with EOS into a stream and cuts it into rows of `row_len` ids; keeps the remainder."""
+
+    def __init__(self, row_len: int, eos_id: int, dtype: np.dtype):
+        self.row_len = row_len
+        self.eos = [eos_id]
+        self.dtype = np.dtype(dtype)
+        self._rest = np.zeros(0, dtype=self.dtype)
+
+    def __call__(self, docs: list[list[int]]) -> np.ndarray:
+        """Full rows, shape (n, row_len), from the remainder plus these documents."""
+        count = len(self._rest) + sum(len(d) for d in docs) + len(docs)
+        stream = np.fromiter(chain(self._rest, *(chain(d, self.eos) for d in docs)), dtype=self.dtype, count=count)
+        n = len(stream) // self.row_len
+        self._rest = stream[n * self.row_len:].copy()
+        return stream[: n * self.row_len].reshape(n, self.row_len)
+
+    def remainder(self) -> np.ndarray:
+        """Tokens that did not fill a row yet."""
+        return self._rest

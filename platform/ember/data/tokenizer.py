@@ -1,0 +1,130 @@
+"""Train, load and save byte-level BPE tokenizers in Hugging Face format (`tokenizer.json`, `tokenizer_config.json`).
+
+A trained tokenizer carries Ember's special tokens: ``<|endoftext|>`` (joins documents in packed rows, and ends
+generation), ``<|pad|>``, and the ChatML turn markers ``<|im_start|>`` / ``<|im_end|>`` that fine-tuning's default
+chat template uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ember.errors import EmberError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS)
+# End-of-text names used by other families, tried when a loaded tokenizer has no tokenizer_config.json.
+_EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+
+# ChatML, as `transformers` renders it; fine-tuning uses a base model's own template when it has one.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Trains a byte-level BPE tokenizer (GPT-2 style pre-tokenization) with Ember's special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    return tok
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The tokenizer.json named by a path that is the file itself or a directory holding it."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise EmberError(f"tokenizer not found: {p}")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a `tokenizer.json` (or the one in a directory); fails with the path when it is missing or invalid."""
+    p = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise EmberError(f"{p}: not a valid tokenizer.json ({exc})") from None
+
+
+def tokenizer_config(path: str | os.PathLike) -> dict:
+    """The `tokenizer_config.json` beside a tokenizer.json, or {} when there is none."""
+    cfg = tokenizer_file(path).with_name("tokenizer_config.json")
+    if not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EmberError(f"{cfg}: not valid JSON ({exc})") from None
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def eos_token(tok: Tokenizer, config: dict | None = None) -> tuple[str, int]:
+    """The end-of-text token and its id: from tokenizer_config.json when given, else a well-known name."""
+    names = [_token_name((config or {}).get("eos_token"))] + list(_EOS_CANDIDATES)
+    for name in names:
+        if name and tok.token_to_id(name) is not None:
+            return name, tok.token_to_id(name)
+    raise EmberError(f"the tokenizer has no end-of-text token (looked for: {', '.join(n for n in names if n)})")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
+                   base_config: dict | None = None) -> Path:
+    """Writes tokenizer.json and tokenizer_config.json (HF format) into `directory`; returns the tokenizer.json path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    eos, _ = eos_token(tok, base_config)
+    config = dict(base_config or {})
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("eos_token", eos)
+    config.setdefault("bos_token", None)
+    config.setdefault("unk_token", None)
+    if tok.token_to_id(PAD_TOKEN) is not None:
+        config.setdefault("pad_token", PAD_TOKEN)
+    if all(tok.token_to_id(t) is not None for t in CHAT_TOKENS):
+        config.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
+    config.setdefault("clean_up_tokenization_spaces", False)
+    config["model_max_length"] = model_max_length
+    target = d / "tokenizer.json"
+    _write_atomic(target, tok.to_str())
+    _write_atomic(d / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return target

@@ -1,0 +1,41 @@
+"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance.
+
+Ray's token authentication stays on: a local instance enables it by default, and a client of an existing cluster
+must present the cluster's token, which Ray only does with RAY_AUTH_MODE=token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ember.errors import EmberError
+
+log = logging.getLogger("ember")
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connects this process to Ray unless it already is; a new local instance binds to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except ConnectionError as exc:
+        raise EmberError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    log.info("ray: %s (%s CPUs)", address or "started a local instance", int(ray.cluster_resources().get("CPU", 0)))
+
+
+def find_ember_error(exc: BaseException) -> EmberError | None:
+    """The EmberError behind an exception, looking through Ray's task and Ray Data's user-code wrappers."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, EmberError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
