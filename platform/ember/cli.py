@@ -58,12 +58,9 @@ def _runner(kind: str):
 
 def cmd_run(args) -> int:
     from ember.config import load_spec
-    from ember.runtime import ensure_ray
 
     spec = load_spec(args.spec, args.overrides)
-    runner = _runner(spec.kind)
-    ensure_ray(args.address)
-    runner(spec)
+    _runner(spec.kind)(spec, address=args.address)  # each runner checks its inputs before it connects to Ray
     return 0
 
 

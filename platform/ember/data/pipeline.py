@@ -269,8 +269,11 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def run_tokenize(spec: TokenizeSpec) -> dict:
-    """Runs a tokenize job on the connected (or a new local) Ray instance; returns the manifest."""
+def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
+    """Runs a tokenize job on Ray (the connected instance, `address`, RAY_ADDRESS or a new local one).
+
+    Returns the manifest. Inputs and the output directory are checked before any Ray work starts.
+    """
     t_start = time.perf_counter()
     out = Path(spec.output.dir).expanduser().resolve()
     resolved = resolve_inputs(spec.source)  # fails on a missing path before any Ray work
@@ -297,7 +300,7 @@ def run_tokenize(spec: TokenizeSpec) -> dict:
     _, eos_id = eos_token(tok, tokenizer_config(tok_path))
     dtype = fmt.token_dtype(tok.get_vocab_size())
 
-    ensure_ray()
+    ensure_ray(address)
     workers = spec.workers or _cluster_cpus()
     cpus_per_worker = min(1.0, _cluster_cpus() / workers)
     remote_args = {"num_cpus": cpus_per_worker}

@@ -142,12 +142,15 @@ def _split_uri(uri: str) -> tuple[str, str]:
     return uri, path
 
 
+def _strip_compression(name: str) -> str:
+    base, ext = os.path.splitext(name.lower())
+    return base if ext in COMPRESSIONS else name.lower()
+
+
 def _format_of(name: str, forced: str) -> tuple[str | None, str | None]:
     """(format, compression) of a file name under `source.format`."""
-    base, ext = os.path.splitext(name.lower())
-    compression = COMPRESSIONS.get(ext)
-    if compression:
-        base, ext = os.path.splitext(base)
+    compression = COMPRESSIONS.get(os.path.splitext(name.lower())[1])
+    ext = os.path.splitext(_strip_compression(name))[1]
     if forced != "auto":
         return forced, compression
     return FORMATS.get(ext), compression
@@ -283,31 +286,61 @@ class _Truncated(Exception):
     """A compressed stream ended early or is corrupt."""
 
 
-def _decompressing(raw, compression: str | None, name: str):
+class _ZstdReader:
+    """Streams zstd frames, raising _Truncated when the input ends inside a frame (zstandard's own stream reader
+    returns a silent short read there)."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = raw
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._started = False  # a frame is in progress
+
+    def read(self, n: int) -> bytes:
+        while True:
+            chunk = self._raw.read(n)
+            if not chunk:
+                if self._started and not self._obj.eof:
+                    raise _Truncated("input ends inside a zstd frame")
+                return b""
+            out = []
+            while chunk:
+                try:
+                    out.append(self._obj.decompress(chunk))
+                except self._zstd.ZstdError as exc:
+                    raise _Truncated(str(exc)) from None
+                self._started = True
+                if self._obj.eof:  # next frame, if any
+                    chunk = self._obj.unused_data
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._started = False
+                else:
+                    chunk = b""
+            data = b"".join(out)
+            if data:
+                return data
+
+
+def _decompressing(raw, compression: str | None):
     if compression is None:
         return raw
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "bz2":
         return bz2.BZ2File(raw, mode="rb")
-    import zstandard
-
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return _ZstdReader(raw)
 
 
-def _read_checked(stream, n: int, compression: str | None) -> bytes:
+def _read_checked(stream, n: int) -> bytes:
     try:
-        data = stream.read(n)
-    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        return stream.read(n)
+    except (EOFError, OSError, zlib.error) as exc:
         raise _Truncated(str(exc) or type(exc).__name__) from None
-    except Exception as exc:  # zstandard.ZstdError is not an OSError
-        if compression == "zstd" and type(exc).__name__ == "ZstdError":
-            raise _Truncated(str(exc)) from None
-        raise
-    return data
 
 
-def _lines(stream, compression, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+def _lines(stream, start: int, end: int) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line without newline) for lines that start in [start, end); end=-1: to the end."""
     pos = 0
     skip_first = start > 0
@@ -316,7 +349,7 @@ def _lines(stream, compression, start: int, end: int) -> Iterator[tuple[int, byt
         pos = start - 1
     buf = b""
     while True:
-        data = _read_checked(stream, _READ_CHUNK, compression)
+        data = _read_checked(stream, _READ_CHUNK)
         if not data:
             if buf and not skip_first and (end < 0 or pos < end):
                 yield pos, buf
@@ -379,13 +412,14 @@ class DocumentReader:
         else:
             fs = filesystem(seg.fs_uri)
             try:
-                opener = fs.open_input_file if seg.compression is None else fs.open_input_stream
-                raw = opener(seg.path)
+                # Ember decompresses itself (pyarrow's own would guess from the name and hide truncation).
+                raw = fs.open_input_file(seg.path) if seg.compression is None else \
+                    fs.open_input_stream(seg.path, compression=None)
             except (pa.ArrowException, OSError) as exc:
                 self.skips.skip("unreadable", seg.name, f"cannot open: {exc}")
                 return
             with raw:
-                stream = _decompressing(raw, seg.compression, seg.name)
+                stream = _decompressing(raw, seg.compression)
                 try:
                     if seg.fmt == "jsonl":
                         yield from self._jsonl(seg, stream)
@@ -409,7 +443,7 @@ class DocumentReader:
     def _whole_text(self, seg: Segment, stream) -> Iterator[str]:
         chunks = []
         while True:
-            data = _read_checked(stream, _READ_CHUNK, seg.compression)
+            data = _read_checked(stream, _READ_CHUNK)
             if not data:
                 break
             chunks.append(data)
@@ -427,7 +461,7 @@ class DocumentReader:
         first_line = 0
         skipping = False
         seen_any = False
-        for n, (pos, line) in enumerate(_lines(stream, seg.compression, seg.start, -1)):
+        for n, (pos, line) in enumerate(_lines(stream, seg.start, -1)):
             if n == 0:
                 where.first_offset = pos
                 skipping = seg.start > 0 and not _previous_line_blank(seg, pos)
@@ -459,15 +493,19 @@ class DocumentReader:
             yield text
 
     def _jsonl(self, seg: Segment, stream) -> Iterator[str]:
+        if _strip_compression(seg.path).endswith(".json"):
+            # .json holds either one JSON array or JSON Lines; it is never split, so read it whole and look.
+            data = b"".join(iter(lambda: _read_checked(stream, _READ_CHUNK), b""))
+            if data.lstrip()[:1] == b"[":
+                yield from self._json_array(seg, data)
+                return
+            stream = pa.BufferReader(data)
         where = _LineNumbers(seg)
         key = self.source.field
         seen_any = False
-        for n, (pos, line) in enumerate(_lines(stream, seg.compression, seg.start, seg.end)):
+        for n, (pos, line) in enumerate(_lines(stream, seg.start, seg.end)):
             if n == 0:
                 where.first_offset = pos
-                if seg.start == 0 and line.lstrip()[:1] == b"[":
-                    yield from self._json_array(seg, line, stream)
-                    return
             seen_any = True
             if not line.strip():
                 continue
@@ -486,11 +524,8 @@ class DocumentReader:
         if not seen_any and seg.start == 0:
             self.skips.skip("empty_file", seg.name, "empty file")
 
-    def _json_array(self, seg: Segment, first: bytes, stream) -> Iterator[str]:
-        rest = [first, b"\n"]
-        while data := _read_checked(stream, _READ_CHUNK, seg.compression):
-            rest.append(data)
-        text = _decode(b"".join(rest), lambda: seg.name, self.skips, self.source.on_decode_error)
+    def _json_array(self, seg: Segment, data: bytes) -> Iterator[str]:
+        text = _decode(data, lambda: seg.name, self.skips, self.source.on_decode_error)
         if text is None:
             return
         try:

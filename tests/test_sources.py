@@ -1,0 +1,220 @@
+"""Sources: formats, compression, byte-range units, bad records, and remote reading. No Ray needed."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from conftest import sentences
+from ember.config.specs import SourceSpec
+from ember.data.sources import DocumentReader, SkipLog, plan_units, resolve_inputs
+from ember.errors import EmberError
+
+COMPRESS = {"gz": gzip.compress, "zst": lambda b: zstandard.ZstdCompressor().compress(b), "bz2": bz2.compress}
+
+
+def read_all(inputs, **options) -> tuple[list[str], SkipLog, int]:
+    """Every document of every unit, in order; also the SkipLog and the number of units."""
+    source = SourceSpec(inputs=[str(i) for i in inputs], **options)
+    skips = SkipLog(strict=source.strict)
+    units = plan_units(resolve_inputs(source), source)
+    reader = DocumentReader(source, skips)
+    return [doc for unit in units for doc in reader(unit)], skips, len(units)
+
+
+def jsonl(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def test_text_one_document_per_file_or_per_paragraph(tmp_path):
+    (tmp_path / "a.txt").write_text("First paragraph\nstill first.\n\nSecond one.\n\n\n\nThird.\n")
+    (tmp_path / "b.txt").write_text("Only one.")
+    docs, _, _ = read_all([tmp_path])
+    assert docs == ["First paragraph\nstill first.\n\nSecond one.\n\n\n\nThird.\n", "Only one."]
+    docs, _, _ = read_all([tmp_path], text_unit="paragraph")
+    assert docs == ["First paragraph\nstill first.", "Second one.", "Third.", "Only one."]
+
+
+def test_jsonl_json_array_and_parquet_with_named_fields(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl([{"body": "one"}, {"body": "two"}]))
+    (tmp_path / "b.json").write_text(json.dumps([{"body": "three"}, {"body": "four"}], indent=1))
+    pq.write_table(pa.table({"content": ["five", "six"], "n": [1, 2]}), tmp_path / "c.parquet")
+    docs, skips, _ = read_all([tmp_path], field="body", column="content")
+    assert docs == ["one", "two", "three", "four", "five", "six"]
+    assert skips.skipped == {}
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESS))
+def test_compressed_text_formats_read_like_plain_ones(tmp_path, ext):
+    records = [{"text": t} for t in sentences(300)]
+    (tmp_path / f"a.jsonl.{ext}").write_bytes(COMPRESS[ext](jsonl(records)))
+    (tmp_path / f"b.txt.{ext}").write_bytes(COMPRESS[ext](b"para one\n\npara two\n"))
+    docs, skips, _ = read_all([tmp_path], text_unit="paragraph")
+    assert docs == [r["text"] for r in records] + ["para one", "para two"]
+    assert skips.skipped == {}
+
+
+def _paragraph_corpus(rng: random.Random) -> str:
+    parts = []
+    for text in sentences(400, seed=3):
+        lines = [text[i:i + 37] for i in range(0, len(text), 37)]
+        newline = "\r\n" if rng.random() < 0.2 else "\n"
+        parts.append(newline.join(lines) + newline + newline * rng.randint(1, 3) + (" \n" if rng.random() < 0.1 else ""))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("unit_bytes", [4096, 5003, 9999])
+def test_byte_range_units_read_each_document_exactly_once(tmp_path, unit_bytes):
+    rng = random.Random(unit_bytes)
+    (tmp_path / "p.txt").write_text(_paragraph_corpus(rng))
+    (tmp_path / "r.jsonl").write_bytes(jsonl([{"text": t} for t in sentences(500, seed=4)]))
+    whole_p, _, n1 = read_all([tmp_path / "p.txt"], text_unit="paragraph", unit_bytes=1 << 30)
+    split_p, _, n2 = read_all([tmp_path / "p.txt"], text_unit="paragraph", unit_bytes=unit_bytes)
+    assert n1 == 1 and n2 > 5
+    assert split_p == whole_p and len(whole_p) == 400
+    whole_j, _, _ = read_all([tmp_path / "r.jsonl"], unit_bytes=1 << 30)
+    split_j, _, n3 = read_all([tmp_path / "r.jsonl"], unit_bytes=unit_bytes)
+    assert n3 > 5 and split_j == whole_j and len(whole_j) == 500
+
+
+def test_parquet_row_groups_become_units(tmp_path):
+    texts = sentences(2000, seed=5)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=100)
+    docs, _, units = read_all([tmp_path / "t.parquet"], unit_bytes=8192)
+    assert units > 3 and docs == texts
+
+
+def test_small_files_are_grouped_into_units(tmp_path):
+    for i in range(30):
+        (tmp_path / f"{i:02d}.txt").write_text(f"document number {i}")
+    docs, _, units = read_all([tmp_path], unit_bytes=4096)
+    assert units == 1 and docs == [f"document number {i}" for i in range(30)]
+
+
+BAD = [
+    b'{"text": "good one"}',
+    b'{"text": "broken',
+    b'["not", "an", "object"]',
+    b'{"title": "no text field"}',
+    b'{"text": 42}',
+    b"",
+    b'{"text": "good two"}',
+]
+
+
+def test_bad_jsonl_records_are_skipped_and_counted_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(BAD) + b"\n")
+    docs, skips, _ = read_all([path])
+    assert docs == ["good one", "good two"]
+    assert skips.skipped == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1, "wrong_type": 1}
+    assert skips.examples[0].startswith(f"{path}:2: malformed JSON")
+    assert [e.split(": ")[0] for e in skips.examples] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert "missing field 'text'" in skips.examples[2] and "is int, expected a string" in skips.examples[3]
+
+
+def test_line_numbers_are_right_in_later_byte_ranges(tmp_path):
+    path = tmp_path / "late.jsonl"
+    lines = [json.dumps({"text": t}).encode() for t in sentences(400, seed=6)]
+    lines[350] = b"{oops"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    docs, skips, units = read_all([path], unit_bytes=4096)
+    assert units > 3 and len(docs) == 399
+    assert skips.examples == [f"{path}:351: malformed JSON (Expecting property name enclosed in double quotes "
+                              f"at column 2)"]
+
+
+def test_strict_fails_on_the_first_bad_record_naming_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(BAD) + b"\n")
+    with pytest.raises(EmberError, match=rf"{path}:2: malformed JSON .*strict"):
+        read_all([path], strict=True)
+
+
+def test_empty_file_is_counted(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    docs, skips, _ = read_all([tmp_path])
+    assert docs == [] and skips.skipped == {"empty_file": 2}
+    assert skips.examples[0] == f"{tmp_path / 'empty.jsonl'}: empty file"
+
+
+def test_undecodable_bytes_are_replaced_or_skipped_by_option(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "fine"}\n')
+    docs, skips, _ = read_all([path])
+    assert docs == ["caf\ufffd au lait", "fine"] and skips.repaired == {"decode_replaced": 1}
+    docs, skips, _ = read_all([path], on_decode_error="skip")
+    assert docs == ["fine"] and skips.skipped == {"undecodable": 1}
+    assert skips.examples == [f"{path}:1: invalid UTF-8 at byte 13"]
+    (tmp_path / "x.txt").write_bytes(b"bad \xff byte")
+    docs, skips, _ = read_all([tmp_path / "x.txt"], on_decode_error="skip")
+    assert docs == [] and skips.examples == [f"{tmp_path / 'x.txt'}: invalid UTF-8 at byte 4"]
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESS))
+def test_truncated_compressed_file_is_reported_by_name_and_earlier_documents_kept(tmp_path, ext):
+    records = [{"text": t} for t in sentences(20000, seed=7)]
+    blob = COMPRESS[ext](jsonl(records))
+    path = tmp_path / f"cut.jsonl.{ext}"
+    path.write_bytes(blob[: len(blob) * 2 // 3])
+    (tmp_path / "after.jsonl").write_bytes(jsonl([{"text": "next file still read"}]))
+    docs, skips, _ = read_all([path, tmp_path / "after.jsonl"])
+    assert skips.skipped == {"truncated": 1}
+    assert skips.examples[0].startswith(f"{path}: compressed file is truncated or corrupt")
+    assert docs[-1] == "next file still read"
+    kept = docs[:-1]
+    assert kept == [r["text"] for r in records[: len(kept)]]  # what was read before the cut is intact
+    if ext != "bz2":  # bz2 decodes in 900 kB blocks, so a cut can fall before the first full block
+        assert len(kept) > 1000
+    with pytest.raises(EmberError, match=rf"{path}: compressed file is truncated"):
+        read_all([path], strict=True)
+
+
+def test_missing_and_unreadable_inputs_fail_naming_the_path(tmp_path):
+    with pytest.raises(EmberError, match=rf"input not found: {tmp_path / 'nope.txt'}"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path / "nope.txt")]))
+    with pytest.raises(EmberError, match="matched no readable files"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path / "*.jsonl")]))
+    (tmp_path / "notes.docx").write_bytes(b"x")
+    with pytest.raises(EmberError, match="holds no files of a known format"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path)]))
+    with pytest.raises(EmberError, match=r"notes.docx: cannot tell the format .*source.format"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path / "notes.docx")]))
+    with pytest.raises(EmberError, match="unknown built-in corpus 'builtin:python-doc'"):
+        resolve_inputs(SourceSpec(inputs=["builtin:python-doc"]))
+
+
+def test_globs_directories_and_file_uris_resolve_in_sorted_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    for name in ("b.txt", "a.txt", "sub/c.txt", "skip.bin"):
+        (tmp_path / name).write_text(name)
+    by_dir = [f.path for f in resolve_inputs(SourceSpec(inputs=[str(tmp_path)]))]
+    assert by_dir == [str(tmp_path / n) for n in ("a.txt", "b.txt", "sub/c.txt")]
+    by_glob = [f.path for f in resolve_inputs(SourceSpec(inputs=[str(tmp_path / "*.txt")]))]
+    assert by_glob[:2] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    docs, _, _ = read_all([f"file://{tmp_path}/a.txt"])
+    assert docs == ["a.txt"]
+
+
+def test_s3_compatible_server_on_loopback(tmp_path, s3_server):
+    """Reads plain and compressed objects from a real S3 API (moto's server on 127.0.0.1)."""
+    bucket, endpoint, client = s3_server
+    client.put_object(Bucket=bucket, Key="corpus/a.jsonl", Body=jsonl([{"text": "remote one"}, {"text": "remote two"}]))
+    client.put_object(Bucket=bucket, Key="corpus/b.txt.gz", Body=gzip.compress(b"remote three"))
+    client.put_object(Bucket=bucket, Key="other/c.txt", Body=b"not selected")
+    query = f"?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    docs, skips, _ = read_all([f"s3://{bucket}/corpus{query}"])
+    assert docs == ["remote one", "remote two", "remote three"] and skips.skipped == {}
+    docs, _, _ = read_all([f"s3://{bucket}/corpus/*.jsonl{query}"])
+    assert docs == ["remote one", "remote two"]
+    with pytest.raises(EmberError, match=rf"input not found: s3://{bucket}/missing.jsonl$"):
+        resolve_inputs(SourceSpec(inputs=[f"s3://{bucket}/missing.jsonl{query}"]))
