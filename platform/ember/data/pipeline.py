@@ -54,6 +54,7 @@ class UnitPlan:
     eos_id: int
     dtype: str
     duplicates: dict  # unit index -> sorted list of document positions to drop (exact-duplicate removal)
+    fingerprints: dict  # unit index -> fingerprint of its input, recorded in its done-marker
 
 
 def unit_to_json(unit: WorkUnit) -> str:
@@ -67,6 +68,11 @@ def unit_from_json(text: str) -> WorkUnit:
 
 def _marker(out_dir: Path, index: int) -> Path:
     return out_dir / STATE_DIR / "units" / f"u{index:06d}.json"
+
+
+def _marker_matches(out: Path, index: int, fingerprint: str) -> bool:
+    path = _marker(out, index)
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
 
 
 def _unit_prefix(index: int) -> str:
@@ -120,6 +126,7 @@ def process_unit(unit: WorkUnit, plan: UnitPlan, tokenize: Tokenize) -> dict:
     flush()
     result = {
         "unit": unit.index,
+        "fingerprint": plan.fingerprints.get(unit.index),
         "shards": {s: writers[s].close() for s in fmt.SPLITS},
         "remainder": {s: packers[s].remainder().tolist() for s in fmt.SPLITS},
         "kept": kept,
@@ -149,7 +156,11 @@ class UnitTokenizer:
     def __call__(self, batch: dict) -> dict:
         done = []
         for text in batch["unit"]:
-            result = process_unit(unit_from_json(str(text)), self.plan, self.tokenize)
+            try:
+                result = process_unit(unit_from_json(str(text)), self.plan, self.tokenize)
+            except EmberError as exc:  # a user-facing error (strict mode): hand its message to the driver intact
+                done.append(json.dumps({"error": str(exc)}))
+                continue
             tokens = sum(sh["tokens"] for s in fmt.SPLITS for sh in result["shards"][s])
             done.append(json.dumps({"unit": result["unit"], "tokens": tokens}))
         return {"done": done}
@@ -159,44 +170,74 @@ def _hash_batch(batch: dict, plan: UnitPlan) -> dict:
     out = []
     for text in batch["unit"]:
         unit = unit_from_json(str(text))
-        out.append(json.dumps({"unit": unit.index, "hashes": unit_hashes(unit, plan).tolist()}))
+        try:
+            out.append(json.dumps({"unit": unit.index, "hashes": unit_hashes(unit, plan).tolist()}))
+        except EmberError as exc:
+            out.append(json.dumps({"error": str(exc)}))
     return {"hashes": out}
 
 
-def job_identity(spec: TokenizeSpec, fingerprint: str, tokenizer_sha: str | None) -> str:
-    """What makes two datasets the same: every output-affecting spec field, the input, a given tokenizer."""
+def _checked(row_json: str) -> dict:
+    """A worker's result row, or its user-facing error raised here (finished units keep their done-markers)."""
+    item = json.loads(row_json)
+    if "error" in item:
+        raise EmberError(item["error"])
+    return item
+
+
+def spec_identity(spec: TokenizeSpec, tokenizer_sha: str | None) -> str:
+    """What makes two jobs the same apart from the input content: every output-affecting spec field and a given
+    tokenizer (not the worker count, the output path or `strict`)."""
     shaping = spec.model_dump(include={"source", "filter", "tokenizer", "pack"})
     shaping["source"].pop("strict")
-    blob = json.dumps({"spec": shaping, "source": fingerprint, "tokenizer": tokenizer_sha,
-                       "format_version": fmt.FORMAT_VERSION}, sort_keys=True)
+    blob = json.dumps({"spec": shaping, "tokenizer": tokenizer_sha, "format_version": fmt.FORMAT_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _prepare_output(out: Path, identity: str, overwrite: bool) -> dict | None:
-    """Returns the finished manifest when this exact dataset is already there; refuses to mix datasets."""
+def dataset_identity(job: str, fingerprint: str) -> str:
+    """What makes two finished datasets the same: the job and the input content."""
+    return hashlib.sha256(f"{job}:{fingerprint}".encode()).hexdigest()
+
+
+def unit_fingerprints(units: list[WorkUnit], resolved: list) -> dict[int, str]:
+    """Per unit, a hash of its segments and their files' sizes and times: a done-marker counts only while it matches."""
+    stats = {f.name: f"{f.size}:{f.mtime_ns}" for f in resolved if not isinstance(f, str)}
+    prints = {}
+    for unit in units:
+        blob = unit_to_json(unit) + "".join(stats.get(seg.name, "builtin") for seg in unit.segments)
+        prints[unit.index] = hashlib.sha256(blob.encode()).hexdigest()
+    return prints
+
+
+def _prepare_output(out: Path, job: str, dataset: str, overwrite: bool) -> dict | None:
+    """Returns the manifest when this exact dataset is already there; refuses to mix datasets.
+
+    An unfinished run of the same job is resumed even if some input files changed since (their units are redone).
+    """
     manifest_path, job_path = out / "manifest.json", out / STATE_DIR / "job.json"
-    existing = None
     if manifest_path.is_file():
-        existing = fmt.load_manifest(out).get("identity")
-        if existing == identity:
+        if fmt.load_manifest(out).get("identity") == dataset:
             return fmt.load_manifest(out)
+        what = "a different dataset (other inputs, spec or tokenizer)"
     elif job_path.is_file():
-        existing = json.loads(job_path.read_text()).get("identity")
-        if existing == identity:
-            return None  # an unfinished run of this job: resume it
+        if json.loads(job_path.read_text()).get("job") == job:
+            return None
+        what = "an unfinished run of a different job (other spec or tokenizer)"
     elif out.is_dir() and any(out.iterdir()):
         raise EmberError(f"output directory {out} is not empty and holds no Ember dataset; choose another output.dir")
-    if existing is not None:
-        if not overwrite:
-            raise EmberError(f"output directory {out} holds a different dataset (other inputs, spec or tokenizer); "
-                             "set output.overwrite: true to replace it, or choose another output.dir")
-        log.info("overwrite: removing the previous dataset in %s", out)
-        for name in _OWNED:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    else:
+        return None
+    if not overwrite:
+        raise EmberError(f"output directory {out} holds {what}; set output.overwrite: true to replace it, "
+                         "or choose another output.dir")
+    log.info("overwrite: removing the previous dataset in %s", out)
+    for name in _OWNED:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     return None
 
 
@@ -251,7 +292,7 @@ def _duplicates(units: list[WorkUnit], plan: UnitPlan, ray_data, remote_args: di
     ds = ray_data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
     per_unit = {}
     for row in ds.map_batches(_hash_batch, fn_kwargs={"plan": plan}, batch_size=1, **remote_args).iter_rows():
-        item = json.loads(row["hashes"])
+        item = _checked(row["hashes"])
         per_unit[item["unit"]] = np.array(item["hashes"], dtype=np.uint64)
     hashes = np.concatenate([per_unit[u.index] for u in units]) if units else np.zeros(0, np.uint64)
     owner = np.concatenate([np.full(len(per_unit[u.index]), u.index) for u in units]) if units else hashes
@@ -278,8 +319,10 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     out = Path(spec.output.dir).expanduser().resolve()
     resolved = resolve_inputs(spec.source)  # fails on a missing path before any Ray work
     given = tokenizer_file(spec.tokenizer.path) if spec.tokenizer.path else None
-    identity = job_identity(spec, source_fingerprint(resolved), file_sha256(given) if given else None)
-    finished = _prepare_output(out, identity, spec.output.overwrite)
+    fingerprint = source_fingerprint(resolved)
+    job = spec_identity(spec, file_sha256(given) if given else None)
+    identity = dataset_identity(job, fingerprint)
+    finished = _prepare_output(out, job, identity, spec.output.overwrite)
     if finished is not None:
         log.info("%s already holds this dataset (same inputs and spec): nothing to do", out)
         for line in _summary_lines(finished, None, 0):
@@ -290,7 +333,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
         d.mkdir(parents=True, exist_ok=True)
     job_path = out / STATE_DIR / "job.json"
     if not job_path.is_file():
-        fmt.write_json_atomic(job_path, {"identity": identity})
+        fmt.write_json_atomic(job_path, {"job": job})
     for stale in out.rglob(".tmp-*"):
         stale.unlink()
 
@@ -304,11 +347,12 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     workers = spec.workers or _cluster_cpus()
     cpus_per_worker = min(1.0, _cluster_cpus() / workers)
     remote_args = {"num_cpus": cpus_per_worker}
-    plan = UnitPlan(spec, str(out), str(tok_path), eos_id, dtype.name, {})
+    prints = unit_fingerprints(units, resolved)
+    plan = UnitPlan(spec, str(out), str(tok_path), eos_id, dtype.name, {}, prints)
     if spec.filter.dedup:
         plan = dataclasses.replace(plan, duplicates=_duplicates(units, plan, ray.data, remote_args))
 
-    done = {u.index for u in units if _marker(out, u.index).is_file()}
+    done = {u.index for u in units if _marker_matches(out, u.index, prints[u.index])}
     pending = [u for u in units if u.index not in done]
     if done:
         log.info("resuming: %d of %d units were finished by an earlier run and are reused", len(done), len(units))
@@ -321,11 +365,11 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))), **remote_args)
         tokens = 0
         for n, row in enumerate(results.iter_rows(), 1):
-            tokens += json.loads(row["done"])["tokens"]
+            tokens += _checked(row["done"])["tokens"]
             rate = tokens / max(time.perf_counter() - t_work, 1e-9)
             log.info("tokenize: %d/%d units, %s tokens, %s tokens/s", n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
 
-    manifest = _assemble(spec, out, units, identity, source_fingerprint(resolved), tok_path, eos_id, dtype)
+    manifest = _assemble(spec, out, units, identity, fingerprint, tok_path, eos_id, dtype)
     shutil.rmtree(out / STATE_DIR)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, len(done)):
         log.info(line)
@@ -357,6 +401,10 @@ def _assemble(spec: TokenizeSpec, out: Path, units: list[WorkUnit], identity: st
         dropped += len(stream) - n * row_len
         splits[s]["rows"] = sum(sh["rows"] for sh in splits[s]["shards"])
         splits[s]["tokens"] = sum(sh["tokens"] for sh in splits[s]["shards"])
+        listed = {sh["file"] for sh in splits[s]["shards"]}
+        for stale in (out / s).glob("*.arrow"):  # shards of units an earlier, different plan had
+            if stale.name not in listed:
+                stale.unlink()
     kept = sum(splits[s]["documents"] for s in fmt.SPLITS)
     counts = skips.to_dict()
     manifest = {

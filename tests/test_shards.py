@@ -1,0 +1,110 @@
+"""The shard format's writer (atomic, rolling) and the reader training uses (deterministic, sliced, resumable)."""
+
+import numpy as np
+import pytest
+
+from ember.data import shards as fmt
+from ember.data.shards import ShardReader, ShardWriter
+from ember.errors import EmberError
+
+ROW = 9
+
+
+def make_dataset(tmp_path, n_rows: int, shard_rows: int = 37):
+    """A dataset whose row i holds the value i everywhere, spread over several shards and record batches."""
+    (tmp_path / "train").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    dtype = np.dtype(np.uint32)
+    writer = ShardWriter(tmp_path / "train", "u000000", ROW, dtype, shard_bytes=shard_rows * ROW * 4)
+    for start in range(0, n_rows, 10):
+        ids = np.arange(start, min(start + 10, n_rows), dtype=dtype)
+        writer.write(np.repeat(ids[:, None], ROW, axis=1))
+    shards = writer.close()
+    fmt.write_json_atomic(tmp_path / "manifest.json", {
+        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "seq_len": ROW - 1, "dtype": "uint32",
+        "splits": {"train": {"shards": shards}, "val": {"shards": []}}})
+    return shards
+
+
+def test_writer_rolls_over_and_only_completed_shards_have_final_names(tmp_path):
+    writer = ShardWriter(tmp_path, "u000007", ROW, np.uint16, shard_bytes=2000 * ROW * 2)
+    writer.write(np.ones((1500, ROW), np.uint16))
+    visible = sorted(p.name for p in tmp_path.iterdir())
+    assert visible == [".tmp-u000007-000.arrow"]  # in progress: only a temporary name
+    writer.write(np.ones((1000, ROW), np.uint16))
+    shards = writer.close()
+    assert [s["rows"] for s in shards] == [2000, 500]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u000007-000.arrow", "u000007-001.arrow"]
+    assert shards[0]["tokens"] == 2000 * ROW
+
+
+def test_reader_memory_maps_rows_in_file_order(tmp_path):
+    make_dataset(tmp_path, 500)
+    reader = ShardReader(tmp_path)
+    assert len(reader) == 500
+    assert [int(reader.row(i)[0]) for i in (0, 36, 37, 499)] == [0, 36, 37, 499]
+    assert reader.row(123).tolist() == [123] * ROW
+    assert not reader.row(5).flags.owndata  # a view into the mapped file, not a copy
+
+
+def test_epoch_order_is_a_seeded_permutation(tmp_path):
+    make_dataset(tmp_path, 300)
+    a, b = ShardReader(tmp_path, seed=1), ShardReader(tmp_path, seed=1)
+    assert sorted(a.epoch_order(0).tolist()) == list(range(300))
+    assert a.epoch_order(0).tolist() == b.epoch_order(0).tolist()
+    assert a.epoch_order(0).tolist() != a.epoch_order(1).tolist()
+    assert a.epoch_order(0).tolist() != ShardReader(tmp_path, seed=2).epoch_order(0).tolist()
+
+
+def consume(reader: ShardReader, batches: int, batch_size: int, start: int = 0):
+    it = reader.batches(batch_size, start)
+    rows, consumed = [], start
+    for _ in range(batches):
+        batch, consumed = next(it)
+        rows.extend(int(r[0]) for r in batch)
+    return rows, consumed
+
+
+def test_ranks_take_disjoint_slices_that_cover_the_global_order(tmp_path):
+    make_dataset(tmp_path, 240)
+    single, _ = consume(ShardReader(tmp_path, seed=3), 60, 4)  # 240 samples = one epoch
+    per_rank = [consume(ShardReader(tmp_path, seed=3, rank=r, world_size=3), 20, 4)[0] for r in range(3)]
+    assert sorted(single) == list(range(240))
+    assert sorted(sum(per_rank, [])) == list(range(240))
+    assert all(not set(per_rank[i]) & set(per_rank[j]) for i in range(3) for j in range(i + 1, 3))
+    assert per_rank[1][:3] == [single[1], single[4], single[7]]  # rank r takes global samples k ≡ r (mod W)
+
+
+def test_resume_at_an_exact_sample_count_continues_the_same_order(tmp_path):
+    make_dataset(tmp_path, 100)
+    straight, _ = consume(ShardReader(tmp_path, seed=4), 30, 8)  # crosses an epoch boundary (240 > 100)
+    first, consumed = consume(ShardReader(tmp_path, seed=4), 13, 8)
+    rest, _ = consume(ShardReader(tmp_path, seed=4), 17, 8, start=consumed)
+    assert consumed == 104 and first + rest == straight
+
+
+def test_resume_with_another_number_of_ranks_repeats_and_skips_nothing(tmp_path):
+    make_dataset(tmp_path, 1000)
+    global_order = [ShardReader(tmp_path, seed=5).sample_row(k) for k in range(360)]
+    # 2 ranks x 3 steps x batch 20 = 120 samples, then 3 ranks x 4 steps x batch 20 = 240 more.
+    before = [consume(ShardReader(tmp_path, seed=5, rank=r, world_size=2), 3, 20) for r in range(2)]
+    consumed = before[0][1]
+    assert consumed == before[1][1] == 120
+    after = [consume(ShardReader(tmp_path, seed=5, rank=r, world_size=3), 4, 20, start=consumed) for r in range(3)]
+    seen = sum((rows for rows, _ in before + after), [])
+    assert len(seen) == len(set(seen)) == 360
+    assert sorted(seen) == sorted(global_order)
+    assert after[0][0][0] == global_order[120] and after[2][0][0] == global_order[122]
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(EmberError, match="no manifest.json"):
+        ShardReader(tmp_path)
+    shards = make_dataset(tmp_path, 50)
+    (tmp_path / "train" / shards[0]["file"]).unlink()
+    with pytest.raises(EmberError, match="shard listed in the manifest is missing: .*u000000-000.arrow"):
+        ShardReader(tmp_path)
+    with pytest.raises(EmberError, match="unknown split 'test'"):
+        ShardReader(tmp_path, "test")
+    with pytest.raises(EmberError, match="rank 2 is outside world size 2"):
+        ShardReader(tmp_path, rank=2, world_size=2)

@@ -1,0 +1,224 @@
+"""`kind: tokenize` end to end on the session's real Ray instance: output, determinism, reruns, crash recovery."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from conftest import EMBER, sentences
+from ember.config import parse_spec
+from ember.data.pipeline import run_tokenize
+from ember.data.shards import ShardReader, load_manifest
+from ember.data.tokenizer import file_sha256, load_tokenizer
+from ember.errors import EmberError
+from ember.runtime import find_ember_error
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def spec_dict(inputs, out, **sections) -> dict:
+    data = {"kind": "tokenize", "source": {"inputs": [str(i) for i in inputs]},
+            "tokenizer": {"vocab_size": 600, "sample_bytes": 400_000}, "pack": {"seq_len": 32, "val_fraction": 0.1},
+            "filter": {"min_chars": 10}, "output": {"dir": str(out)}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return data
+
+
+def run(inputs, out, **sections) -> dict:
+    return run_tokenize(parse_spec(spec_dict(inputs, out, **sections)))
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path) -> tuple[Path, list[str]]:
+    """JSONL, gzipped text, Parquet, a bad line and a short document; returns the dir and the good documents."""
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    a, b, c = sentences(300, seed=1), sentences(200, seed=2), sentences(150, seed=3)
+    lines = [json.dumps({"text": t}) for t in a]
+    lines.insert(17, '{"text": broken')
+    lines.insert(40, json.dumps({"text": "too short"}))
+    (corpus / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (corpus / "b.txt.gz").write_bytes(gzip.compress("\n\n".join(b).encode()))
+    pq.write_table(pa.table({"text": c}), corpus / "c.parquet", row_group_size=50)
+    return corpus, a + b + c
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.arrow"))}
+
+
+def test_tokenizes_a_mixed_corpus_into_packed_shards(tmp_path, mixed_corpus):
+    corpus, good = mixed_corpus
+    out = tmp_path / "ds"
+    manifest = run([corpus], out, source={"text_unit": "paragraph", "unit_bytes": 8192})
+    assert manifest == load_manifest(out)
+    assert manifest["seq_len"] == 32 and manifest["dtype"] == "uint16" and manifest["units"] > 3
+    assert manifest["tokenizer"]["sha256"] == file_sha256(out / "tokenizer.json")
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+    docs = manifest["documents"]
+    assert docs["kept"] == len(good) and docs["skipped"] == {"malformed_json": 1, "too_short": 1}
+    assert docs["read"] == len(good) + 2
+    assert docs["examples"] == [f"{corpus / 'a.jsonl'}:18: malformed JSON (Expecting value at column 10)"]
+    splits = manifest["splits"]
+    assert 0 < splits["val"]["documents"] < splits["train"]["documents"]
+    # Every token of every kept document (plus one EOS each) is in a row, except the last partial row per split.
+    written = sum(splits[s]["rows"] for s in splits) * 33
+    assert written + manifest["tokens_dropped"] == sum(splits[s]["document_tokens"] + splits[s]["documents"]
+                                                        for s in splits)
+    assert manifest["tokens_dropped"] < 2 * 33
+    # Rows decode back to the documents: each unit's rows are its document stream joined with EOS.
+    tok = load_tokenizer(out / "tokenizer.json")
+    unit_shard = next(sh for sh in splits["train"]["shards"] if sh["file"].startswith("u"))
+    table = pa.ipc.open_file(pa.memory_map(str(out / "train" / unit_shard["file"]))).read_all()
+    stream = np.concatenate([np.asarray(r, dtype=np.int64) for r in table.column("input_ids").to_pylist()])
+    pieces = np.split(stream, np.flatnonzero(stream == manifest["eos_id"]))
+    complete = [tok.decode(p[p != manifest["eos_id"]].tolist()) for p in pieces[1:-1]]
+    assert len(complete) > 5 and all(text in good for text in complete)
+    reader = ShardReader(out, "train", seed=0)
+    assert len(reader) == splits["train"]["rows"] and reader.row(0).shape == (33,)
+
+
+def test_same_shards_whatever_the_number_of_workers(tmp_path, mixed_corpus):
+    corpus, _ = mixed_corpus
+    for name in ("x", "y"):  # duplicates within and across units, removed in input order
+        (corpus / f"dup-{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(40, 9)))
+    options = dict(source={"text_unit": "paragraph", "unit_bytes": 6000}, filter={"dedup": True})
+    one = run([corpus], tmp_path / "one", workers=1, **options)
+    two = run([corpus], tmp_path / "two", workers=2, **options)
+    assert one["documents"]["skipped"]["duplicate"] == 40
+    assert one == two
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") != {}
+    assert (tmp_path / "one" / "tokenizer.json").read_bytes() == (tmp_path / "two" / "tokenizer.json").read_bytes()
+
+
+def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path, mixed_corpus, caplog):
+    corpus, _ = mixed_corpus
+    out = tmp_path / "ds"
+    first = run([corpus], out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level(logging.INFO, logger="ember"):
+        logging.getLogger("ember").propagate = True
+        assert run([corpus], out, workers=1) == first
+    assert "already holds this dataset" in caplog.text and "nothing to do" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(EmberError, match="holds a different dataset .*output.overwrite: true"):
+        run([corpus], out, pack={"seq_len": 16})
+    assert load_manifest(out) == first  # refused without touching the finished dataset
+    second = run([corpus], out, pack={"seq_len": 16}, output={"overwrite": True})
+    assert second["seq_len"] == 16 and load_manifest(out) == second
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(EmberError, match="is not empty and holds no Ember dataset"):
+        run([corpus], tmp_path / "mine", output={"overwrite": True})
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_given_tokenizer_is_loaded_not_trained(tmp_path, mixed_corpus):
+    corpus, _ = mixed_corpus
+    run([corpus], tmp_path / "a")
+    manifest = run([corpus], tmp_path / "b", tokenizer={"path": str(tmp_path / "a"), "vocab_size": 9999})
+    assert manifest["tokenizer"]["sha256"] == file_sha256(tmp_path / "a" / "tokenizer.json")
+    assert manifest["vocab_size"] == load_tokenizer(tmp_path / "a").get_vocab_size() <= 600
+    with pytest.raises(EmberError, match=f"tokenizer not found: {tmp_path / 'nope'}$"):
+        run([corpus], tmp_path / "c", tokenizer={"path": str(tmp_path / "nope")})
+
+
+def test_strict_failure_in_a_worker_names_file_and_line_and_keeps_finished_units(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        lines = [json.dumps({"text": t}) for t in sentences(60, seed=i)]
+        if i == 3:
+            lines[7] = json.dumps({"body": "wrong field"})
+        (corpus / f"{i}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ds"
+    with pytest.raises(Exception) as err:
+        run([corpus], out, source={"strict": True, "unit_bytes": 4096}, workers=1)
+    found = find_ember_error(err.value)
+    assert found is not None and str(found).startswith(f"{corpus / '3.jsonl'}:8: missing field 'text'")
+    assert not (out / "manifest.json").exists()
+    assert len(list((out / ".ember" / "units").glob("u*.json"))) >= 3  # finished units are kept for the rerun
+
+
+def test_a_killed_run_resumes_redoing_only_unfinished_units(tmp_path, ray_session):
+    """SIGKILL the driver of a real `ember run` mid-way; the rerun reuses finished units and matches a clean run."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(400, i)))
+    out, clean = tmp_path / "ds", tmp_path / "clean"
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict([corpus], out, source={"unit_bytes": 65536}, workers=1)))
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([EMBER, "run", str(spec_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    markers = out / ".ember" / "units"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("u*.json"))) < 3:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(markers.glob("u*.json")))
+    assert not (out / "manifest.json").exists() and 3 <= finished_before < 40
+    _wait_for_dead_job_actors(ray_session)
+
+    result = subprocess.run([EMBER, "run", str(spec_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reused, total = (int(x) for x in result.stdout.split("resuming: ")[1].split(" units")[0].split(" of "))
+    assert reused == finished_before < total and f"{reused} of {total} units reused" in result.stdout
+    assert "tokenizer: reusing" in result.stdout
+
+    reference = run([corpus], clean, source={"unit_bytes": 65536})
+    assert load_manifest(out) == reference
+    assert shard_bytes(out) == shard_bytes(clean)
+    assert not list(out.rglob(".tmp-*")) and not (out / ".ember").exists()
+
+
+def _wait_for_dead_job_actors(ray_session, timeout: float = 60) -> None:
+    """Ray stops a dead driver's actors within moments; wait so none still writes while the rerun starts."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        if not [a for a in alive if "UnitTokenizer" in (a.class_name or "")]:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the killed job's actors are still alive")
+
+
+def test_cli_runs_a_spec_and_reports_errors_in_one_line(tmp_path, mixed_corpus, ray_session):
+    corpus, _ = mixed_corpus
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict([corpus], tmp_path / "ds")))
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    ok = subprocess.run([EMBER, "run", str(spec_path), "--set", "pack.seq_len=24"], env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "documents:" in ok.stdout and "tokens/s" in ok.stdout
+    assert load_manifest(tmp_path / "ds")["seq_len"] == 24
+    missing = subprocess.run([EMBER, "run", str(spec_path), "--set", f"source.inputs=[{tmp_path}/gone.jsonl]",
+                              "--set", f"output.dir={tmp_path}/other"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: input not found: {tmp_path}/gone.jsonl"
+    assert "Traceback" not in missing.stderr and "ray:" not in missing.stdout  # failed before any Ray work
+    assert not (tmp_path / "other").exists()
