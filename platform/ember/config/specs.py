@@ -39,11 +39,11 @@ class SourceSpec(SpecModel):
         "replace", description="Undecodable UTF-8: replace bad bytes with U+FFFD, or skip the document (both counted)."
     )
     strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
-    unit_bytes: int = Field(
-        32 * MiB,
+    unit_bytes: Optional[int] = Field(
+        None,
         ge=4096,
-        description="Work-unit size: large uncompressed text/JSONL files and Parquet row groups are split into units "
-        "of about this many bytes; a crashed run redoes only unfinished units.",
+        description="Work-unit size in bytes (files are grouped, large text/JSONL files and Parquet row groups split); "
+        "a crashed run redoes only unfinished units. Default: corpus size / 64, between 1 MiB and 64 MiB.",
     )
 
     @field_validator("inputs", mode="before")

@@ -262,14 +262,27 @@ def _segments(item: InputFile | str, unit_bytes: int) -> Iterator[tuple[Segment,
         yield Segment(item.name, item.fs_uri, item.path, item.fmt, None, start, end), end - start
 
 
+UNITS_TARGET = 64  # default unit size aims at this many units: enough to balance dozens of workers
+MIN_UNIT, MAX_UNIT = 1 << 20, 64 << 20
+
+
+def unit_size(resolved: list[InputFile | str], source: SourceSpec) -> int:
+    """`source.unit_bytes`, or a size from the corpus alone (never the worker count, so outputs do not depend on it)."""
+    if source.unit_bytes:
+        return source.unit_bytes
+    total = sum(item.size for item in resolved if not isinstance(item, str))
+    return min(MAX_UNIT, max(MIN_UNIT, total // UNITS_TARGET))
+
+
 def plan_units(resolved: list[InputFile | str], source: SourceSpec) -> list[WorkUnit]:
-    """Groups segments, in input order, into units of about `unit_bytes`."""
+    """Groups segments, in input order, into units of about `unit_size` bytes."""
+    limit = unit_size(resolved, source)
     units: list[WorkUnit] = []
     pending: list[Segment] = []
     weight = 0
     for item in resolved:
-        for segment, size in _segments(item, source.unit_bytes):
-            if pending and (weight + size > source.unit_bytes or segment.fmt == "builtin"):
+        for segment, size in _segments(item, limit):
+            if pending and (weight + size > limit or segment.fmt == "builtin"):
                 units.append(WorkUnit(len(units), tuple(pending)))
                 pending, weight = [], 0
             pending.append(segment)
