@@ -108,3 +108,13 @@ def test_every_shipped_yaml_loads():
             assert spec.kind in SPEC_KINDS
         else:
             assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_spec_reference_is_current():
+    """docs/specs.md is generated from the models; regenerate with `python -m ember.config.reference`."""
+    from ember.config.reference import render_reference
+
+    reference = render_reference()
+    assert (REPO / "docs" / "specs.md").read_text() == reference
+    rows = [line for line in reference.splitlines() if line.startswith("| `")]
+    assert len(rows) > 20 and not [r for r in rows if r.endswith("|  |")], "every spec key has a description"

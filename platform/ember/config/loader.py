@@ -131,7 +131,12 @@ def parse_spec(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{_where(origin, tuple(e['loc']), lines, overrides)}: {_describe(e, model)}" for e in exc.errors()]
+        errors = exc.errors()
+        described = [(e, _describe(e, model)) for e in errors]
+        # "unknown key 'a.inputz' (did you mean 'a.inputs'?)" already explains why 'a.inputs' is missing.
+        hinted = {text.split("did you mean '")[1].split("'")[0] for _, text in described if "did you mean" in text}
+        problems = [f"{_where(origin, tuple(e['loc']), lines, overrides)}: {text}" for e, text in described
+                    if not (e["type"] == "missing" and ".".join(map(str, e["loc"])) in hinted)]
         raise EmberError("; ".join(problems)) from None
 
 

@@ -24,8 +24,8 @@ class SourceSpec(SpecModel):
 
     inputs: list[str] = Field(
         min_length=1,
-        description="Files, directories, globs or URIs (s3://, gs://, file://), or builtin:python-docs / "
-        "builtin:python-qa.",
+        description="Files, directories, globs or URIs (s3://, gs://, file://), or a built-in corpus: "
+        "builtin:python-docs, builtin:python-qa, builtin:python-qa:test.",
     )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto", description="Input format; auto picks by extension (.txt, .jsonl/.json, .parquet, plus .gz/.zst/.bz2)."
