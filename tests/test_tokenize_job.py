@@ -134,9 +134,14 @@ def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path, mixed_cor
 def test_given_tokenizer_is_loaded_not_trained(tmp_path, mixed_corpus):
     corpus, _ = mixed_corpus
     run([corpus], tmp_path / "a")
-    manifest = run([corpus], tmp_path / "b", tokenizer={"path": str(tmp_path / "a"), "vocab_size": 9999})
-    assert manifest["tokenizer"]["sha256"] == file_sha256(tmp_path / "a" / "tokenizer.json")
+    theirs = tmp_path / "theirs" / "tokenizer.json"  # formatted the way another tool might have written it
+    theirs.parent.mkdir()
+    theirs.write_text(json.dumps(json.loads((tmp_path / "a" / "tokenizer.json").read_text()), indent=2))
+    manifest = run([corpus], tmp_path / "b", tokenizer={"path": str(theirs), "vocab_size": 9999})
+    assert manifest["tokenizer"]["sha256"] == file_sha256(theirs) != file_sha256(tmp_path / "a" / "tokenizer.json")
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == theirs.read_bytes()
     assert manifest["vocab_size"] == load_tokenizer(tmp_path / "a").get_vocab_size() <= 600
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())["model_max_length"] == 32
     with pytest.raises(EmberError, match=f"tokenizer not found: {tmp_path / 'nope'}$"):
         run([corpus], tmp_path / "c", tokenizer={"path": str(tmp_path / "nope")})
 
@@ -222,3 +227,22 @@ def test_cli_runs_a_spec_and_reports_errors_in_one_line(tmp_path, mixed_corpus, 
     assert missing.stderr.strip() == f"error: input not found: {tmp_path}/gone.jsonl"
     assert "Traceback" not in missing.stderr and "ray:" not in missing.stdout  # failed before any Ray work
     assert not (tmp_path / "other").exists()
+
+
+def test_tokenizes_a_remote_corpus_through_ray_workers(tmp_path, s3_server):
+    """Workers on Ray read s3:// objects themselves (here from the S3-compatible server on 127.0.0.1)."""
+    bucket, endpoint, client = s3_server
+    texts = sentences(400, seed=11)
+    client.put_object(Bucket=bucket, Key="remote-job/a.jsonl.gz",
+                      Body=gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts[:200]).encode()))
+    client.put_object(Bucket=bucket, Key="remote-job/b.jsonl",
+                      Body="".join(json.dumps({"text": t}) + "\n" for t in texts[200:]).encode())
+    uri = f"s3://{bucket}/remote-job?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    manifest = run([uri], tmp_path / "ds", source={"unit_bytes": 4096})
+    assert manifest["documents"]["kept"] == 400 and manifest["units"] >= 2
+    assert manifest["source"]["inputs"] == [f"s3://{bucket}/remote-job"]  # no query string (it may hold secrets)
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    same = run([local], tmp_path / "ds2", tokenizer={"path": str(tmp_path / "ds")})
+    assert same["splits"]["train"]["document_tokens"] == manifest["splits"]["train"]["document_tokens"]

@@ -21,7 +21,7 @@ JOB_RUNNERS = {
 _EPILOG = """examples:
   ember run jobs/tokenize-demo.yaml
   ember run jobs/tokenize-demo.yaml --set pack.seq_len=128 --set output.dir=data/short
-  RAY_ADDRESS=http://127.0.0.1:8265 ember run jobs/tokenize-demo.yaml   # on an existing cluster
+  ember run jobs/tokenize-demo.yaml --address auto   # on the Ray cluster this machine is a node of
 """
 
 
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set pack.seq_len=256 (repeatable; values are read as YAML)")
     run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
+                     help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else a new "
+                          "local instance)")
     return parser
 
 

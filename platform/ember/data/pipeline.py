@@ -33,7 +33,7 @@ from ember.data.sources import DocumentReader, Segment, SkipLog, WorkUnit, plan_
     resolve_inputs, source_fingerprint
 from ember.data.steps import Normalizer, Packer, Tokenize, doc_hash, split_of
 from ember.data.tokenizer import eos_token, file_sha256, load_tokenizer, save_tokenizer, tokenizer_config, \
-    tokenizer_file, train_tokenizer
+    tokenizer_file, train_tokenizer, write_tokenizer_config
 from ember.errors import EmberError
 from ember.runtime import ensure_ray
 
@@ -270,8 +270,11 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: Path, units: list[WorkUnit], giv
         log.info("tokenizer: reusing %s from the earlier attempt", target)
         return target
     if given is not None:
-        tok, base = load_tokenizer(given), tokenizer_config(given)
-        log.info("tokenizer: loaded %s (vocab %d)", given, tok.get_vocab_size())
+        tok = load_tokenizer(given)
+        log.info("tokenizer: using %s (vocab %d)", given, tok.get_vocab_size())
+        shutil.copyfile(given, out / ".tmp-tokenizer.json")  # byte for byte: its hash is the one the user knows
+        os.replace(out / ".tmp-tokenizer.json", target)
+        write_tokenizer_config(tok, out, model_max_length=spec.pack.seq_len, base_config=tokenizer_config(given))
     else:
         t0 = time.perf_counter()
         log.info("tokenizer: training byte-level BPE, vocab %d, on up to %d MB of the corpus",
@@ -279,9 +282,8 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: Path, units: list[WorkUnit], giv
         normalize = Normalizer(spec.filter, SkipLog())
         tok = train_tokenizer(normalize(read_sample(units, spec.source, spec.tokenizer.sample_bytes)),
                               spec.tokenizer.vocab_size, spec.tokenizer.min_frequency)
-        base = None
         log.info("tokenizer: trained, vocab %d, in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
-    save_tokenizer(tok, out, model_max_length=spec.pack.seq_len, base_config=base)
+        save_tokenizer(tok, out, model_max_length=spec.pack.seq_len)
     job["tokenizer_sha256"] = file_sha256(target)
     fmt.write_json_atomic(job_path, job)
     return target
@@ -373,6 +375,9 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     shutil.rmtree(out / STATE_DIR)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, len(done)):
         log.info(line)
+    if manifest["splits"]["train"]["rows"] == 0:
+        log.warning("warning: no training rows were written: the corpus holds fewer tokens than one row of "
+                    "seq_len + 1 (%d); check the inputs and the skip counts above", spec.pack.seq_len + 1)
     return manifest
 
 

@@ -389,9 +389,16 @@ class _LineNumbers:
         self.first_offset: int | None = None
 
     def __call__(self, offset: int, relative: int) -> str:
-        if self.base is None:
+        if self.base is None:  # count the newlines before this range, a chunk at a time
+            newlines, left = 0, self.first_offset
             with filesystem(self.segment.fs_uri).open_input_file(self.segment.path) as f:
-                self.base = 1 + f.read(self.first_offset).count(b"\n")
+                while left > 0:
+                    chunk = f.read(min(left, _READ_CHUNK))
+                    if not chunk:
+                        break
+                    newlines += chunk.count(b"\n")
+                    left -= len(chunk)
+            self.base = 1 + newlines
         return f"{self.segment.name}:{self.base + relative}"
 
 

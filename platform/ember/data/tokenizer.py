@@ -107,11 +107,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
-                   base_config: dict | None = None) -> Path:
-    """Writes tokenizer.json and tokenizer_config.json (HF format) into `directory`; returns the tokenizer.json path."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+def write_tokenizer_config(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
+                           base_config: dict | None = None) -> None:
+    """Writes tokenizer_config.json: the base model's settings when given, Ember's defaults for what is missing."""
     eos, _ = eos_token(tok, base_config)
     config = dict(base_config or {})
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
@@ -124,7 +122,15 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_le
         config.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
     config.setdefault("clean_up_tokenization_spaces", False)
     config["model_max_length"] = model_max_length
+    _write_atomic(Path(directory) / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
+                   base_config: dict | None = None) -> Path:
+    """Writes tokenizer.json and tokenizer_config.json (HF format) into `directory`; returns the tokenizer.json path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     target = d / "tokenizer.json"
     _write_atomic(target, tok.to_str())
-    _write_atomic(d / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_tokenizer_config(tok, d, model_max_length=model_max_length, base_config=base_config)
     return target
