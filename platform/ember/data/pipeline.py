@@ -67,7 +67,7 @@ def unit_from_json(text: str) -> WorkUnit:
 
 
 def _marker(out_dir: Path, index: int) -> Path:
-    return out_dir / STATE_DIR / "units" / f"u{index:06d}.json"
+    return out_dir / STATE_DIR / "units" / f"{_unit_prefix(index)}.json"
 
 
 def _marker_matches(out: Path, index: int, fingerprint: str) -> bool:
@@ -224,7 +224,7 @@ def _prepare_output(out: Path, job: str, dataset: str, overwrite: bool) -> dict 
         if json.loads(job_path.read_text()).get("job") == job:
             return None
         what = "an unfinished run of a different job (other spec or tokenizer)"
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name not in _OWNED for p in out.iterdir()):
         raise EmberError(f"output directory {out} is not empty and holds no Ember dataset; choose another output.dir")
     else:
         return None
@@ -289,9 +289,9 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: Path, units: list[WorkUnit], giv
     return target
 
 
-def _duplicates(units: list[WorkUnit], plan: UnitPlan, ray_data, remote_args: dict) -> dict:
+def _duplicates(units: list[WorkUnit], plan: UnitPlan, remote_args: dict) -> dict:
     """Exact-duplicate positions per unit: every occurrence after the first, in unit order."""
-    ds = ray_data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
+    ds = ray.data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
     per_unit = {}
     for row in ds.map_batches(_hash_batch, fn_kwargs={"plan": plan}, batch_size=1, **remote_args).iter_rows():
         item = _checked(row["hashes"])
@@ -331,11 +331,12 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
             log.info(line)
         return finished
 
+    job_path = out / STATE_DIR / "job.json"
+    if not job_path.is_file():  # first, so that a directory Ember has written to is always recognised as Ember's
+        job_path.parent.mkdir(parents=True, exist_ok=True)
+        fmt.write_json_atomic(job_path, {"job": job})
     for d in (out / "train", out / "val", out / STATE_DIR / "units"):
         d.mkdir(parents=True, exist_ok=True)
-    job_path = out / STATE_DIR / "job.json"
-    if not job_path.is_file():
-        fmt.write_json_atomic(job_path, {"job": job})
     for stale in out.rglob(".tmp-*"):
         stale.unlink()
 
@@ -352,7 +353,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     prints = unit_fingerprints(units, resolved)
     plan = UnitPlan(spec, str(out), str(tok_path), eos_id, dtype.name, {}, prints)
     if spec.filter.dedup:
-        plan = dataclasses.replace(plan, duplicates=_duplicates(units, plan, ray.data, remote_args))
+        plan = dataclasses.replace(plan, duplicates=_duplicates(units, plan, remote_args))
 
     done = {u.index for u in units if _marker_matches(out, u.index, prints[u.index])}
     pending = [u for u in units if u.index not in done]
@@ -375,6 +376,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     shutil.rmtree(out / STATE_DIR)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, len(done)):
         log.info(line)
+    log.info("dataset: %s", out)
     if manifest["splits"]["train"]["rows"] == 0:
         log.warning("warning: no training rows were written: the corpus holds fewer tokens than one row of "
                     "seq_len + 1 (%d); check the inputs and the skip counts above", spec.pack.seq_len + 1)
