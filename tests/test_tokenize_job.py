@@ -163,6 +163,7 @@ def test_strict_failure_in_a_worker_names_file_and_line_and_keeps_finished_units
     assert len(list((out / ".ember" / "units").glob("u*.json"))) >= 3  # finished units are kept for the rerun
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_redoing_only_unfinished_units(tmp_path, ray_session):
     """SIGKILL the driver of a real `ember run` mid-way; the rerun reuses finished units and matches a clean run."""
     corpus = tmp_path / "corpus"

@@ -1,0 +1,225 @@
+"""Model directories in Hugging Face Llama format, read and written without `transformers`.
+
+A model dir holds ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. Weights are read only from
+safetensors, never from pickles. What Ember cannot run exactly (another model type, biases, sliding windows, other
+RoPE scalings) is refused with the field and value named, as are missing, unexpected and misshapen tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ember.errors import EmberError
+from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, rope_frequencies
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def _from_hf_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None, eos_token_id) -> dict:
+    """The config.json of a model dir: `LlamaForCausalLM` with legacy rope keys, which every Llama reader knows."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": True,
+        **{k: v for k, v in cfg.to_dict().items()},
+        "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+    }
+
+
+def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
+    """A ModelConfig from a Llama config.json; anything Ember would not reproduce exactly is an error naming it."""
+    def bad(field: str, value, why: str):
+        raise EmberError(f"{where}: {field} = {value!r}: {why}")
+
+    if data.get("model_type") != "llama":
+        bad("model_type", data.get("model_type"), "not supported (Ember runs Llama-architecture models, 'llama')")
+    archs = data.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in archs:
+        bad("architectures", archs, "expected LlamaForCausalLM")
+    for key, expected in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
+                          ("sliding_window", None)):
+        if data.get(key, expected) != expected:
+            bad(key, data[key], f"not supported (Llama uses {expected!r})")
+    for key in _REQUIRED:
+        if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
+            bad(key, data.get(key), "missing or not an integer")
+    rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    theta = rope.pop("rope_theta", None) or data.get("rope_theta", 10000.0)
+    field = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
+    if rope_type not in ROPE_TYPES:
+        bad(f"{field}.rope_type", rope_type, f"not supported (supported: {', '.join(ROPE_TYPES)})")
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in rope]
+        if missing:
+            bad(field, data.get(field), f"llama3 scaling needs {', '.join(missing)}")
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+    try:
+        return ModelConfig(
+            vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
+            num_attention_heads=data["num_attention_heads"],
+            num_key_value_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
+            head_dim=data.get("head_dim") or 0, max_position_embeddings=data.get("max_position_embeddings", 2048),
+            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=data.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            initializer_range=data.get("initializer_range", 0.02))
+    except (ValueError, TypeError) as exc:
+        raise EmberError(f"{where}: {exc}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EmberError(f"not a model directory (no {path.name}): {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EmberError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file holding it."""
+    if (model_dir / INDEX).is_file():
+        index = read_json(model_dir / INDEX)
+        return {name: model_dir / file for name, file in index.get("weight_map", {}).items()}
+    if (model_dir / WEIGHTS).is_file():
+        with safe_open(model_dir / WEIGHTS, framework="pt") as f:
+            return {name: model_dir / WEIGHTS for name in f.keys()}
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
+    hint = f" (found {', '.join(pickles)}: Ember never unpickles weights; convert them to safetensors)" if pickles else ""
+    raise EmberError(f"{model_dir}: no {WEIGHTS} or {INDEX}{hint}")
+
+
+def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Builds the model a Llama-format dir describes and loads its safetensors weights (sharded or not)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EmberError(f"model directory not found: {model_dir}")
+    cfg = config_from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+    files = _weight_files(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {_to_hf_name(k): v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected) - ignored)
+    if missing or unexpected:
+        parts = ([f"missing tensors: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")]
+                 if missing else [])
+        parts += ([f"unexpected tensors: {', '.join(unexpected[:5])}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")]
+                  if unexpected else [])
+        raise EmberError(f"{model_dir}: weights do not match config.json: {'; '.join(parts)}")
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise EmberError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                     f"{tuple(expected[name].shape)}")
+                state[_from_hf_name(name)] = tensor.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    return model.eval()
+
+
+def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+               dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None,
+               eos_token_id=None) -> Path:
+    """Writes a Llama-format model dir (atomically: a crash leaves the previous dir, or none, never half of one)."""
+    model_dir = Path(model_dir)
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    tensors = {_to_hf_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
+    try:
+        _write_weights(tensors, staging, max_shard_bytes)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, staging / name)
+        (staging / "config.json").write_text(json.dumps(
+            hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id), indent=2) + "\n")
+        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": False}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if model_dir.exists():
+            old = model_dir.with_name(f".old-{model_dir.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(model_dir, old)
+            os.replace(staging, model_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model_dir
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update({t: name for t in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2) + "\n")
+
+
+def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
+    """End-of-text ids: generation_config.json's eos_token_id (an id or a list) and tokenizer_config's eos_token."""
+    model_dir = Path(model_dir)
+    ids: set[int] = set()
+    if (model_dir / "generation_config.json").is_file():
+        eos = read_json(model_dir / "generation_config.json").get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)])
+    if (model_dir / "tokenizer_config.json").is_file():
+        eos = read_json(model_dir / "tokenizer_config.json").get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+            ids.add(tokenizer.token_to_id(eos))
+    return ids

@@ -1,0 +1,274 @@
+"""The Llama-architecture decoder-only Transformer that Ember trains and serves, with a KV cache for decoding.
+
+Token embedding → N × [RMSNorm → grouped-query attention with rotary positions → residual, RMSNorm → SwiGLU MLP →
+residual] → RMSNorm → output projection (optionally tied to the embedding). Module and parameter names follow
+Hugging Face's `LlamaForCausalLM` (less its `model.` prefix), so a state dict maps one to one onto a model dir.
+
+Shapes: B batch, T new tokens, S tokens attended to (cache), C hidden size, H query heads, K key/value heads,
+D head dim, V vocabulary. This file imports neither Ray nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 688  # SwiGLU width: about 8/3 × hidden, as Llama does
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4  # fewer than the query heads = grouped-query attention
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads; some Llama sizes set it apart from the hidden size
+    max_position_embeddings: int = 2048  # the longest context the model is used at (KV cache and prompt limit)
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # None, or Llama 3.1's {"rope_type": "llama3", "factor", ...}
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False  # share the embedding matrix with the output projection
+    initializer_range: float = 0.02
+    gradient_checkpointing: bool = field(default=False, compare=False)  # recompute activations in backward
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            problems.append(f"rope_scaling.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "gradient_checkpointing"}
+
+
+# Presets as data. Vocabulary size comes from the tokenizer unless a preset is used as is; the large shapes follow
+# Llama 3.x (1B and 3B: Llama 3.2; 8B: Llama 3.1), the small ones are scaled-down relatives.
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True),
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True),
+    "125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+    "350m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+               rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True),
+    "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+               rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+               rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, with fields overridden (for example the tokenizer's vocab_size)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count; `embeddings=False` leaves out the input embedding (and a tied output projection)."""
+    c, d = cfg.hidden_size, cfg.head_dim
+    attn = c * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    mlp = 3 * c * cfg.intermediate_size
+    body = cfg.num_hidden_layers * (attn + mlp + 2 * c) + c
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
+    emb = cfg.vocab_size * c
+    return body + head + (emb if embeddings else 0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 × matmul parameters + attention scores (PaLM, appendix B)."""
+    matmul_params = num_parameters(cfg, embeddings=False) + (cfg.vocab_size * cfg.hidden_size
+                                                             if cfg.tie_word_embeddings else 0)
+    return 6 * matmul_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()  # the statistic in fp32 whatever the compute dtype, as Llama does
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama 3.1's long-context scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", "default") == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate(x, cos, sin):
+    """Applies rotary embeddings (the half-split layout of HF Llama checkpoints). x (B, H, T, D), cos/sin (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences that may each hold a different number of tokens.
+
+    Row b holds `lengths[b]` tokens; new tokens go to the positions after them. Padding written past a row's true
+    length is never attended to (queries only see positions ≤ their own) and is overwritten by the next step.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def write(self, layer: int, k, v, positions, span: int):
+        """Stores k, v (B, K, T, D) at `positions` (B, T); returns this layer's first `span` positions."""
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+
+    def reset(self, rows=None) -> None:
+        """Empties some rows (a finished request's slot) or all of them."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.h, self.kv, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, positions, mask, span: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v, positions, span)  # (B, K, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.kv != self.h)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, positions, mask, span):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask, span)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.apply(self._init)
+
+    def _init(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False):
+        """Logits (B, T, V), or (B, V) at each row's last new token with `last_only`.
+
+        Without a cache: a causal forward over `tokens` (B, T) from position 0 (training). With one: the tokens
+        continue each row from `cache.lengths`; `num_new` (B,) says how many of the T are real per row (the rest
+        is right padding), and the cache advances by it.
+        """
+        b, t = tokens.shape
+        device = tokens.device
+        steps = torch.arange(t, device=device)
+        if cache is None:
+            positions, mask, span = steps.expand(b, t), None, t
+        else:
+            positions = cache.lengths[:, None] + steps  # (B, T)
+            span = int(positions.max()) + 1
+            if span > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} positions; this step needs {span}")
+            mask = torch.arange(span, device=device)[None, None, None, :] <= positions[:, None, :, None]
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2), in fp32 as HF does
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        for block in self.layers:
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, cache, positions, mask, span, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, positions, mask, span)
+        x = self.norm(x)
+        if cache is not None:
+            cache.lengths += num_new if num_new is not None else t
+        if last_only:
+            last = (num_new - 1) if num_new is not None else torch.full((b,), t - 1, device=device)
+            x = x[torch.arange(b, device=device), last]  # (B, C)
+        return self.lm_head(x).float()

@@ -1,0 +1,89 @@
+"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+
+The logits processors run in the order `transformers` applies them (repetition penalty, temperature, top-k, top-p),
+so the same parameters mean the same distribution in Ember and there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.errors import EmberError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the prompt or output
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-text ids
+    stop: tuple[str, ...] = field(default=())  # stop strings; the text ends before the first one
+    seed: int | None = None  # same seed, same output
+
+    def validate(self) -> "SamplingParams":
+        """Raises EmberError naming the first invalid field."""
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise EmberError(f"invalid sampling value {name}={getattr(self, name)!r}: expected {expected}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    """Applies the logits processors to (B, V) float logits; `history` (B, S) are the ids seen so far."""
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = torch.gather(logits, 1, history)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row (B,) from (B, V) logits."""
+    logits = process_logits(logits.float(), params, history)
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

@@ -1,0 +1,209 @@
+"""The model against `transformers`' LlamaForCausalLM: same logits both ways, same greedy tokens, a correct KV cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ember.errors import EmberError
+from ember.model import (PRESETS, KVCache, ModelConfig, SamplingParams, Transformer, generate_ids, load_model,
+                         num_parameters, preset, save_model)
+from ember.model.hf import config_from_hf
+
+CONFIGS = {
+    "mha-untied": dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4),
+    "gqa-tied": dict(hidden_size=64, intermediate_size=160, num_attention_heads=8, num_key_value_heads=2,
+                     tie_word_embeddings=True),
+    "mqa-odd-head-dim": dict(hidden_size=48, intermediate_size=72, num_attention_heads=3, num_key_value_heads=1,
+                             head_dim=22),
+    "llama3-rope": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 32}),
+}
+
+
+def ember_config(name: str) -> ModelConfig:
+    return ModelConfig(vocab_size=97, num_hidden_layers=3, max_position_embeddings=96, rms_norm_eps=1e-6,
+                       **CONFIGS[name])
+
+
+def hf_config(cfg: ModelConfig) -> LlamaConfig:
+    extra = {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                       num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                       max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+                       tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None, **extra)
+
+
+def tokens(batch=2, length=70, vocab=97, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_model_transformers_saves_loads_in_ember_with_equal_logits(tmp_path, name):
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(hf_config(ember_config(name))).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config == ember_config(name)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_model_ember_saves_loads_in_transformers_with_equal_logits(tmp_path, name):
+    torch.manual_seed(2)
+    ours = Transformer(ember_config(name)).eval()
+    save_model(ours, tmp_path / "m", eos_token_id=0)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert hf.config.head_dim == ours.config.head_dim
+    x = tokens(seed=3)
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gqa-tied", "llama3-rope"])
+def test_greedy_generation_matches_transformers_generate(tmp_path, name):
+    torch.manual_seed(4)
+    hf = LlamaForCausalLM(hf_config(ember_config(name))).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    prompt = tokens(1, 9, seed=5)
+    expected = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = generate_ids(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=40, temperature=0))[0]
+    assert got == expected[0, 9:].tolist()
+
+
+def test_incremental_decoding_with_the_cache_equals_a_full_forward():
+    torch.manual_seed(6)
+    model = Transformer(ember_config("gqa-tied")).eval()
+    x = tokens(1, 40, seed=7)
+    with torch.no_grad():
+        full = model(x)[0]  # (T, V)
+        cache = KVCache(model.config, 1, 64)
+        steps = [model(x[:, :13], cache=cache)[0]]
+        steps += [model(x[:, t:t + 1], cache=cache)[0] for t in range(13, 40)]
+    assert torch.allclose(torch.cat(steps), full, atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [40]
+
+
+def test_one_cache_serves_rows_of_different_lengths():
+    torch.manual_seed(8)
+    model = Transformer(ember_config("mqa-odd-head-dim")).eval()
+    prompts = [tokens(1, n, seed=n)[0] for n in (5, 17, 11)]
+    with torch.no_grad():
+        cache = KVCache(model.config, 3, 40)
+        padded = torch.zeros(3, 17, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        last = model(padded, cache=cache, num_new=torch.tensor([5, 17, 11]), last_only=True)
+        nxt = torch.tensor([[3], [4], [5]])
+        step = model(nxt, cache=cache, num_new=torch.ones(3, dtype=torch.long), last_only=True)
+        for i, p in enumerate(prompts):
+            alone = model(torch.cat([p, nxt[i]])[None])[0]
+            assert torch.allclose(last[i], alone[len(p) - 1], atol=1e-5, rtol=0)
+            assert torch.allclose(step[i], alone[len(p)], atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [6, 18, 12]
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    torch.manual_seed(9)
+    model = Transformer(ember_config("llama3-rope")).eval()
+    prompts = [tokens(1, n, seed=20 + n)[0].tolist() for n in (3, 12, 7)]
+    params = SamplingParams(max_new_tokens=15, temperature=0)
+    batched = generate_ids(model, prompts, params)
+    assert batched == [generate_ids(model, [p], params)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loads_sharded_half_precision_checkpoints_written_by_transformers(tmp_path, dtype):
+    torch.manual_seed(10)
+    hf = LlamaForCausalLM(hf_config(ember_config("gqa-tied"))).to(dtype)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = load_model(tmp_path, dtype=torch.float32)
+    x = tokens(seed=11)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x).logits, atol=1e-4, rtol=0)
+
+
+def test_ember_writes_shards_with_an_index_above_the_size_limit(tmp_path):
+    model = Transformer(ember_config("mha-untied"))
+    save_model(model, tmp_path / "m", max_shard_bytes=40_000, dtype=torch.bfloat16, eos_token_id=[0, 1])
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and "lm_head.weight" in index["weight_map"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "bfloat16"
+    again = load_model(tmp_path / "m")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name
+
+
+BASE = dict(model_type="llama", vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+            num_attention_heads=4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral"}, "model_type = 'mistral': not supported"),
+    ({"attention_bias": True}, "attention_bias = True: not supported"),
+    ({"mlp_bias": True}, "mlp_bias = True: not supported"),
+    ({"sliding_window": 4096}, "sliding_window = 4096: not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type = 'yarn': not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear': not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 scaling needs low_freq_factor"),
+    ({"hidden_size": "48"}, "hidden_size = '48': missing or not an integer"),
+    ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads (3)"),
+])
+def test_unsupported_configs_name_the_field_and_value(change, message):
+    with pytest.raises(EmberError, match=f"config.json: .*{message.replace('(', '.').replace(')', '.')}"):
+        config_from_hf({**BASE, **change})
+
+
+def test_missing_and_mismatched_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(Transformer(ember_config("mha-untied")), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(48)
+    save_file(tensors, weights)
+    with pytest.raises(EmberError, match=r"missing tensors: model.layers.2.mlp.up_proj.weight; "
+                                         r"unexpected tensors: model.layers.0.self_attn.q_proj.bias"):
+        load_model(tmp_path / "m")
+    del tensors["model.layers.0.self_attn.q_proj.bias"]
+    tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(96, 47)
+    save_file(tensors, weights)
+    with pytest.raises(EmberError, match=r"tensor model.layers.2.mlp.up_proj.weight has shape \(96, 47\), "
+                                         r"config.json implies \(96, 48\)"):
+        load_model(tmp_path / "m")
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    save_model(Transformer(ember_config("mha-untied")), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(EmberError, match="found pytorch_model.bin: Ember never unpickles weights"):
+        load_model(tmp_path / "m")
+    with pytest.raises(EmberError, match="model directory not found"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_parameter_counts_match_the_modules_and_the_llama_sizes():
+    for name in ("mha-untied", "gqa-tied", "mqa-odd-head-dim"):
+        cfg = ember_config(name)
+        model = Transformer(cfg)
+        assert num_parameters(cfg) == sum(p.numel() for p in model.parameters()), name
+    assert set(PRESETS) >= {"tiny", "125m", "350m", "1b", "3b", "8b"}
+    assert abs(num_parameters(preset("1b")) / 1.236e9 - 1) < 0.01  # Llama 3.2 1B
+    assert abs(num_parameters(preset("3b")) / 3.213e9 - 1) < 0.01  # Llama 3.2 3B
+    assert abs(num_parameters(preset("8b")) / 8.030e9 - 1) < 0.01  # Llama 3.1 8B
+    assert 100e6 < num_parameters(preset("125m")) < 150e6 and 300e6 < num_parameters(preset("350m")) < 400e6
