@@ -49,6 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None,
                      help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else a new "
                           "local instance)")
+
+    gen = verbs.add_parser(
+        "generate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="generate text from a model dir, streamed to the terminal",
+        description="Load a Llama-format model dir (Ember's export, or any Llama checkpoint in safetensors with a "
+                    "tokenizer.json) and stream a continuation of the prompt. Temperature 0 is greedy.",
+        epilog="example:\n  ember generate runs/demo/model --prompt 'The json module' --max-tokens 64 --seed 1")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="a Llama-format model directory")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: 128)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default: 0.95)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens, 0 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="compute dtype (default: float32)")
     return parser
 
 
@@ -62,6 +80,31 @@ def cmd_run(args) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     _runner(spec.kind)(spec, address=args.address)  # each runner checks its inputs before it connects to Ray
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from ember.data.tokenizer import load_tokenizer
+    from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
+    from ember.model.hf import DTYPES
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                            seed=args.seed).validate()
+    model = load_model(args.model_dir, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.model_dir)
+    stream = TextStream(model, tokenizer, args.prompt, params, stop_token_ids(args.model_dir, tokenizer))
+    start = time.perf_counter()
+    for chunk in stream:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    done = stream.completion
+    sys.stdout.write("\n")
+    print(f"[{len(done.token_ids)} tokens in {seconds:.2f}s, {len(done.token_ids) / max(seconds, 1e-9):.1f} tokens/s, "
+          f"finish: {done.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -81,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.runtime import find_ember_error
 
     try:
-        return {"run": cmd_run}[args.verb](args)
+        return {"run": cmd_run, "generate": cmd_generate}[args.verb](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

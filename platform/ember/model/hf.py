@@ -28,12 +28,42 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _to_hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
+def _fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Ember's fused projections: suffix -> [(HF projection, rows)] in stacking order."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"self_attn.qkv_proj.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                          ("self_attn.v_proj.weight", kv)],
+            "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", cfg.intermediate_size),
+                                        ("mlp.up_proj.weight", cfg.intermediate_size)]}
 
 
-def _from_hf_name(name: str) -> str:
-    return name[len("model."):] if name.startswith("model.") else name
+def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
+    """Ember's state dict → HF Llama tensor names (fused projections split; the tied head left out)."""
+    fused = _fused_parts(cfg)
+    out = {}
+    for name, tensor in state.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        parts = name.split(".", 2)  # e.g. ["layers", "3", "self_attn.qkv_proj.weight"]
+        if parts[0] == "layers" and parts[2] in fused:
+            rows = [n for _, n in fused[parts[2]]]
+            for (hf_name, _), piece in zip(fused[parts[2]], tensor.split(rows)):
+                out[f"model.layers.{parts[1]}.{hf_name}"] = piece
+        else:
+            out[name if name.startswith("lm_head.") else f"model.{name}"] = tensor
+    return out
+
+
+def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
+    """HF Llama tensors → Ember's state dict (fused projections joined)."""
+    out = {}
+    for name, tensor in tensors.items():
+        out[name[len("model."):] if name.startswith("model.") else name] = tensor
+    for layer in range(cfg.num_hidden_layers):
+        for fused, parts in _fused_parts(cfg).items():
+            pieces = [out.pop(f"layers.{layer}.{part}") for part, _ in parts]
+            out[f"layers.{layer}.{fused}"] = torch.cat(pieces)
+    return out
 
 
 def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None, eos_token_id) -> dict:
@@ -121,9 +151,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     files = _weight_files(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {_to_hf_name(k): v for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    expected = to_hf_state(model.state_dict(), cfg)  # meta tensors: names and shapes only
     ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and n == "lm_head.weight")}
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected) - ignored)
@@ -144,8 +172,8 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     raise EmberError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
                                      f"{tuple(expected[name].shape)}")
-                state[_from_hf_name(name)] = tensor.to(dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+                state[name] = tensor.to(dtype)
+    model.load_state_dict(from_hf_state(state, cfg), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(cfg).to(device)
@@ -159,9 +187,7 @@ def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_di
     model_dir = Path(model_dir)
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
-    tensors = {_to_hf_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight")
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state(model.state_dict(), cfg).items()}
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
     try:

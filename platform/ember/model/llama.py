@@ -1,8 +1,9 @@
 """The Llama-architecture decoder-only Transformer that Ember trains and serves, with a KV cache for decoding.
 
 Token embedding → N × [RMSNorm → grouped-query attention with rotary positions → residual, RMSNorm → SwiGLU MLP →
-residual] → RMSNorm → output projection (optionally tied to the embedding). Module and parameter names follow
-Hugging Face's `LlamaForCausalLM` (less its `model.` prefix), so a state dict maps one to one onto a model dir.
+residual] → RMSNorm → output projection (optionally tied to the embedding). Names follow Hugging Face's
+`LlamaForCausalLM` (less its `model.` prefix) except two fused projections, as vLLM fuses them: `qkv_proj` holds
+q_proj, k_proj, v_proj stacked by rows, `gate_up_proj` holds gate_proj, up_proj; `hf.py` splits and joins them.
 
 Shapes: B batch, T new tokens, S tokens attended to (cache), C hidden size, H query heads, K key/value heads,
 D head dim, V vocabulary. This file imports neither Ray nor DeepSpeed.
@@ -179,16 +180,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.h, self.kv, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        # q, k and v projections in one matrix (rows: q, then k, then v): one larger matmul instead of three.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, positions, mask, span: int):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
+        q = q.view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(b, t, self.kv, self.d).transpose(1, 2)
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions, span)  # (B, K, S, D)
@@ -200,12 +201,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows: gate, up
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -1,0 +1,88 @@
+"""Ember's model against `transformers`' LlamaForCausalLM on the same weights, on CPU, in one run.
+
+- forward: tokens/s of a full forward pass over a batch of sequences (the training/prefill shape);
+- decode: new tokens/s of greedy generation with the KV cache (Ember's `generate_ids` vs `model.generate`).
+
+Runs alternate (Ember, transformers, Ember, ...) and the best of each is kept, so machine noise hits both alike.
+
+    python benchmarks/model_bench.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ember.model import SamplingParams, generate_ids, load_model, num_parameters
+
+SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=1024, rope_theta=500000.0, tie_word_embeddings=True)
+
+
+def best_of(repeats: int, *fns):
+    """Alternates the functions `repeats` times; returns each one's best seconds."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"Python {platform.python_version()}")
+
+    with tempfile.TemporaryDirectory() as d:
+        hf = LlamaForCausalLM(LlamaConfig(bos_token_id=None, eos_token_id=None, **SHAPE)).eval()
+        hf.save_pretrained(d)
+        ours = load_model(d)
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    print(f"model: {num_parameters(ours.config) / 1e6:.1f}M parameters (hidden {SHAPE['hidden_size']}, "
+          f"{SHAPE['num_hidden_layers']} layers, GQA {SHAPE['num_attention_heads']}/{SHAPE['num_key_value_heads']}), "
+          f"fp32, attention: transformers {hf.config._attn_implementation}, Ember SDPA")
+
+    x = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq))
+    with torch.inference_mode():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4), "the two models disagree"
+        ember_s, hf_s = best_of(args.repeats, lambda: ours(x), lambda: hf(x).logits)
+    tokens = args.batch * args.seq
+    print(f"forward  batch {args.batch} x {args.seq}: Ember {tokens / ember_s:,.0f} tokens/s, "
+          f"transformers {tokens / hf_s:,.0f} tokens/s, ratio {hf_s / ember_s:.2f}x")
+
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, 32))
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
+    ember_out, hf_out = [], []
+
+    def ember_decode():
+        ember_out[:] = generate_ids(ours, [prompt[0].tolist()], params)[0]
+
+    def hf_decode():
+        with torch.inference_mode():
+            hf_out[:] = hf.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, 32:].tolist()
+
+    ember_s, hf_s = best_of(args.repeats, ember_decode, hf_decode)
+    assert ember_out == hf_out, "greedy outputs differ"
+    n = args.new_tokens
+    print(f"decode   greedy, KV cache, 1 x 32-token prompt + {n} new: Ember {n / ember_s:,.1f} tokens/s, "
+          f"transformers {n / hf_s:,.1f} tokens/s, ratio {hf_s / ember_s:.2f}x (same tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
