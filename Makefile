@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/tokenize_bench.py
+	$(BIN)/python benchmarks/model_bench.py
 
 clean:
 	rm -rf $(VENV) data runs
