@@ -207,3 +207,65 @@ def test_parameter_counts_match_the_modules_and_the_llama_sizes():
     assert abs(num_parameters(preset("3b")) / 3.213e9 - 1) < 0.01  # Llama 3.2 3B
     assert abs(num_parameters(preset("8b")) / 8.030e9 - 1) < 0.01  # Llama 3.1 8B
     assert 100e6 < num_parameters(preset("125m")) < 150e6 and 300e6 < num_parameters(preset("350m")) < 400e6
+
+
+def test_training_flops_per_token_follow_the_palm_formula():
+    from ember.model import flops_per_token
+
+    cfg = preset("125m")
+    matmul_params = num_parameters(cfg) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    assert flops_per_token(cfg, 0) == 6 * matmul_params  # the input embedding is a lookup, not a matmul
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 2048
+    assert flops_per_token(cfg, 2048) == 6 * matmul_params + attention
+
+
+def test_the_tiny_preset_runs_and_the_model_plane_imports_no_ray_or_deepspeed():
+    import subprocess
+    import sys
+
+    model = Transformer(preset("tiny", vocab_size=64))
+    assert model(torch.randint(0, 64, (2, 16))).shape == (2, 16, 64)
+    code = "import sys, ember.model; print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_an_ember_model_dir_with_its_tokenizer_works_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import sentences
+    from ember.data.tokenizer import EOS_TOKEN, save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(sentences(200), vocab_size=320)
+    save_tokenizer(tok, tmp_path / "tok", model_max_length=96)
+    model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=96, tie_word_embeddings=True)).eval()
+    save_model(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok", eos_token_id=tok.token_to_id(EOS_TOKEN))
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    text = "The model reads a corpus of text."
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids
+    assert hf_tok.eos_token == EOS_TOKEN
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = hf_tok(text, return_tensors="pt")["input_ids"]
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ours = generate_ids(model, [ids[0].tolist()], SamplingParams(max_new_tokens=12, temperature=0),
+                        stop_ids={tok.token_to_id(EOS_TOKEN)})[0]
+    assert ours == expected[: len(ours)] and (len(ours) == 12 or expected[len(ours)] == tok.token_to_id(EOS_TOKEN))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_bf16_matches_fp32_and_the_cache_matches_a_full_forward():
+    torch.manual_seed(12)
+    model = Transformer(ember_config("llama3-rope")).eval()
+    x = tokens(4, 64, seed=13)
+    with torch.no_grad():
+        reference = model(x)
+        gpu = model.to("cuda", torch.bfloat16)
+        got = gpu(x.cuda()).cpu()
+        assert (got - reference).abs().max() < 0.05 * reference.abs().max()
+        cache = KVCache(gpu.config, 4, 80, dtype=torch.bfloat16, device="cuda")
+        gpu(x[:, :40].cuda(), cache=cache)
+        step = gpu(x[:, 40:41].cuda(), cache=cache)[:, 0].cpu()
+        assert torch.allclose(step, gpu(x[:, :41].cuda())[:, -1].cpu(), atol=0.1)
