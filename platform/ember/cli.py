@@ -16,6 +16,7 @@ from ember.errors import EmberError
 # Job kind -> "module:function" that runs it; imported only when that kind runs.
 JOB_RUNNERS = {
     "tokenize": "ember.data.pipeline:run_tokenize",
+    "pretrain": "ember.train.pretrain:run_pretrain",
 }
 
 _EPILOG = """examples:

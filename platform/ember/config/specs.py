@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MiB = 1 << 20
 
@@ -105,5 +105,106 @@ class TokenizeSpec(SpecModel):
     )
 
 
+class DataSpec(SpecModel):
+    """The dataset a training job reads."""
+
+    dir: str = Field(description="A dataset directory written by `kind: tokenize` (manifest.json, train/, val/).")
+
+
+class ModelSpec(SpecModel):
+    """The network: a preset, explicit fields over it, or the weights of an existing model dir."""
+
+    preset: Optional[str] = Field("tiny", description="A shape from ember.model.PRESETS (tiny, small, 125m, 350m, 1b, "
+                                                      "3b, 8b); vocab_size comes from the dataset's tokenizer.")
+    init_from: Optional[str] = Field(None, description="A Llama-format model dir to start from (its shape and weights).")
+    hidden_size: Optional[int] = Field(None, ge=8, description="Override the preset's hidden size.")
+    intermediate_size: Optional[int] = Field(None, ge=8, description="Override the preset's SwiGLU width.")
+    num_hidden_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
+    num_attention_heads: Optional[int] = Field(None, ge=1, description="Override the preset's query heads.")
+    num_key_value_heads: Optional[int] = Field(None, ge=1, description="Override the preset's key/value heads.")
+    max_position_embeddings: Optional[int] = Field(None, ge=8, description="Override the context length.")
+    tie_word_embeddings: Optional[bool] = Field(None, description="Share the embedding and output matrices.")
+
+
+class TrainSpec(SpecModel):
+    """The optimisation: batch, length, learning rate schedule, evaluation, logging and checkpoints."""
+
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all workers.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one worker; gradient "
+                                                        "accumulation = global / (micro × workers), must divide.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to train (this or max_tokens).")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Training tokens to consume (this or max_steps).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0, description="Floor of the cosine decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps from 0 to lr.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 = off).")
+    seed: int = Field(0, description="Seed of the initial weights and of the data order.")
+    eval_every: int = Field(50, ge=0, description="Evaluate on val/ every N steps (0 = only at the end).")
+    eval_batches: int = Field(4, ge=1, description="Micro batches per worker in one evaluation.")
+    log_every: int = Field(5, ge=1, description="Report metrics every N steps.")
+    checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of train.max_steps and train.max_tokens")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) is above train.lr ({self.lr})")
+        return self
+
+
+class DeepSpeedSpec(SpecModel):
+    """The DeepSpeed engine: ZeRO stage, offload, precision, activation checkpointing."""
+
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, "
+                                                       "3 + parameters partitioned over workers.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (bf16 on GPUs; fp32 on "
+                                                                           "CPU).")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class ScalingSpec(SpecModel):
+    """How many Ray Train workers, and what each needs."""
+
+    workers: int = Field(2, ge=1, description="Training workers (one per GPU with use_gpu).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL, fused attention.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+
+
+class FailureSpec(SpecModel):
+    """What to do when a worker dies."""
+
+    max_failures: int = Field(0, ge=-1, description="Restarts from the latest checkpoint before giving up (-1 = "
+                                                    "always).")
+
+
+class RunOutputSpec(SpecModel):
+    """Where a run keeps its checkpoints, metrics and final model."""
+
+    dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, spec.yaml, model/ (local or shared FS).")
+
+
+class PretrainSpec(SpecModel):
+    """`kind: pretrain` — train a Llama-architecture model on a tokenized dataset with Ray Train and DeepSpeed."""
+
+    kind: Literal["pretrain"] = Field(description="Job kind.")
+    name: Optional[str] = Field(None, description="A name for logs and job metadata.")
+    data: DataSpec = Field(description="Dataset.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="Worker failure handling.")
+    output: RunOutputSpec = Field(description="Run directory.")
+    resume: str = Field("auto", description="auto: continue the latest checkpoint in the run dir; never: refuse a "
+                                            "run dir that has one; or the path of a checkpoint to start from.")
+
+
 # The job kinds Ember knows, by the value of their `kind` key.
-SPEC_KINDS: dict[str, type[SpecModel]] = {"tokenize": TokenizeSpec}
+SPEC_KINDS: dict[str, type[SpecModel]] = {"tokenize": TokenizeSpec, "pretrain": PretrainSpec}

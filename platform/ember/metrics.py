@@ -1,0 +1,34 @@
+"""The names of the metrics Ember exports through Ray's metrics (scraped by Prometheus, shown in Grafana).
+
+Ray prefixes application metrics with `ray_`, so `ember_train_loss` is scraped as `ray_ember_train_loss`.
+"""
+
+from __future__ import annotations
+
+TRAIN_GAUGES = {
+    "ember_train_loss": "Training loss (mean over the step's micro batches and workers).",
+    "ember_train_val_loss": "Validation loss at the latest evaluation.",
+    "ember_train_learning_rate": "Learning rate of the latest step.",
+    "ember_train_grad_norm": "Global gradient norm before clipping.",
+    "ember_train_tokens_per_second": "Training tokens per second over the latest log interval, all workers.",
+    "ember_train_mfu": "Model FLOPs utilisation (GPU runs only).",
+    "ember_train_step": "Optimizer steps done.",
+    "ember_train_step_time_seconds": "Seconds per optimizer step over the latest log interval.",
+}
+TRAIN_TAGS = ("run",)
+
+
+class TrainMetrics:
+    """Ray metrics gauges for one run; call `record(figures)` with keys without the `ember_train_` prefix."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: Gauge(name, description=text, tag_keys=TRAIN_TAGS) for name, text in TRAIN_GAUGES.items()}
+
+    def record(self, figures: dict) -> None:
+        for key, value in figures.items():
+            gauge = self.gauges.get(f"ember_train_{key}")
+            if gauge is not None and value is not None:
+                gauge.set(float(value), tags=self.tags)

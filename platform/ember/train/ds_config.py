@@ -1,0 +1,44 @@
+"""The DeepSpeed config, built in one place from a training spec."""
+
+from __future__ import annotations
+
+from ember.config.specs import DeepSpeedSpec, TrainSpec
+from ember.errors import EmberError
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
+    """Micro batches per worker per optimizer step; the global batch must split evenly."""
+    per_step = micro_batch * workers
+    if global_batch % per_step:
+        raise EmberError(f"train.global_batch_size ({global_batch}) must be a multiple of train.micro_batch_size × "
+                         f"scaling.workers ({micro_batch} × {workers} = {per_step})")
+    return global_batch // per_step
+
+
+def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int) -> dict:
+    """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
+    step, which makes resumption exact), so no DeepSpeed scheduler is configured."""
+    if ds.offload_params and ds.zero_stage != 3:
+        raise EmberError(f"deepspeed.offload_params needs deepspeed.zero_stage: 3 (got {ds.zero_stage})")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise EmberError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation(train.global_batch_size, train.micro_batch_size, workers),
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
+                                                  "weight_decay": train.weight_decay}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

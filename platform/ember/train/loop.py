@@ -1,0 +1,217 @@
+"""The per-worker training loop that Ray Train runs on every worker. It reads only its `config` argument.
+
+Each worker builds the model from `ember.model`, wraps it in a DeepSpeed engine configured from the spec, reads its
+slice of the shards (rank r takes global samples r, r + W, ...), and trains. A checkpoint is DeepSpeed's (each rank's
+shard) plus `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same
+global sample order. Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ember.config.specs import PretrainSpec, TrainSpec
+from ember.data.shards import ShardReader, load_manifest
+from ember.model import ModelConfig, Transformer, flops_per_token, load_model, save_model
+from ember.train.ds_config import deepspeed_config
+
+log = logging.getLogger("ember")
+
+DS_TAG = "deepspeed"  # DeepSpeed's checkpoint sub-directory inside each Ray Train checkpoint
+STATE_FILE = "ember_state.json"
+# Dense bf16 peak FLOP/s per device, for MFU; a device not listed gets no MFU figure.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def lr_at(step: int, train: TrainSpec, total_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps` (step is 1-based)."""
+    if step <= train.warmup_steps:
+        return train.lr * step / max(1, train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
+    logits = engine(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(engine, reader: ShardReader, micro_batch: int, batches: int, device) -> float:
+    """Mean loss over the first `batches` micro batches of val/ per rank (the same ones every time)."""
+    engine.eval()
+    it = reader.batches(micro_batch, start=0)
+    losses = [_lm_loss(engine, torch.from_numpy(next(it)[0]).to(device)) for _ in range(batches)]
+    engine.train()
+    return _mean_over_ranks(torch.stack(losses).mean())
+
+
+def _peak_flops(use_gpu: bool) -> float | None:
+    if not use_gpu or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl: on resume, rows after the restored step are dropped so no step appears twice."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.path = path
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resumed_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _save_checkpoint(engine, step: int, samples: int, spec: dict, rank: int) -> str:
+    """Each rank writes its DeepSpeed shard into a local temp dir; rank 0 adds the data position and the spec."""
+    directory = tempfile.mkdtemp(prefix="ember-ckpt-")
+    engine.save_checkpoint(directory, tag=DS_TAG)
+    if rank == 0:
+        Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "samples": samples, "spec": spec}))
+    return directory
+
+
+def _export(engine, cfg: ModelConfig, out: Path, tokenizer_dir: str, eos_id: int, zero_stage: int, rank: int) -> None:
+    """Writes the trained model as a Llama-format model dir (ZeRO-3 shards gathered first; all ranks must call)."""
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: rank 0 receives the full state dict
+        if rank == 0:
+            model = Transformer(cfg)
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    else:
+        model = engine.module
+    if rank == 0:
+        save_model(model, out, tokenizer_dir=tokenizer_dir, dtype=torch.float32, eos_token_id=eos_id)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    spec = PretrainSpec.model_validate(config["spec"])
+    cfg = ModelConfig(**config["model_config"])
+    run_dir = Path(config["run_dir"])
+    total_steps = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    manifest = load_manifest(spec.data.dir)
+    seq_len, tr = manifest["seq_len"], spec.train
+
+    torch.manual_seed(tr.seed)  # the same initial weights on every rank
+    model = load_model(spec.model.init_from) if spec.model.init_from else Transformer(cfg)
+    model.config.gradient_checkpointing = spec.deepspeed.activation_checkpointing
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: no weight decay
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    ds_config = deepspeed_config(tr, spec.deepspeed, world)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                           dist_init_required=False)
+    accum = ds_config["gradient_accumulation_steps"]
+
+    step, samples = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=DS_TAG)
+            state = json.loads(Path(directory, STATE_FILE).read_text())
+        step, samples = state["step"], state["samples"]
+        if rank == 0:
+            log.info("resumed at step %d (%d samples consumed) from %s", step, samples, checkpoint.path)
+
+    train_reader = ShardReader(spec.data.dir, "train", seed=tr.seed, rank=rank, world_size=world)
+    val_reader = (ShardReader(spec.data.dir, "val", seed=tr.seed, rank=rank, world_size=world)
+                  if manifest["splits"]["val"]["rows"] else None)
+    batches = train_reader.batches(tr.micro_batch_size, start=samples)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if rank == 0 else None
+    if rank == 0:
+        from ember.metrics import TrainMetrics
+
+        gauges = TrainMetrics(spec.name or run_dir.name)
+    peak = _peak_flops(spec.scaling.use_gpu)
+    flops_token = flops_per_token(cfg, seq_len)
+    interval_start, interval_steps = time.perf_counter(), 0
+    tokens_per_step = tr.global_batch_size * seq_len
+
+    while step < total_steps:
+        step += 1
+        lr = lr_at(step, tr, total_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for _ in range(accum):
+            batch, samples = next(batches)
+            loss = _lm_loss(engine, torch.from_numpy(batch).to(device))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        loss = _mean_over_ranks(torch.stack(losses).mean())
+        interval_steps += 1
+        if not math.isfinite(loss):
+            ray.train.report({"step": step, "error": f"the training loss is {loss} at step {step}; stopped there. The "
+                                                      "last good checkpoint is kept in the run dir (lower train.lr, "
+                                                      "raise warmup_steps, or check the data)"})
+            return
+        log_now = step % tr.log_every == 0 or step == total_steps
+        eval_now = val_reader is not None and ((tr.eval_every and step % tr.eval_every == 0) or step == total_steps)
+        save_now = (tr.checkpoint_every and step % tr.checkpoint_every == 0) or step == total_steps
+        if not (log_now or eval_now or save_now):
+            continue
+        seconds = time.perf_counter() - interval_start
+        grad_norm = engine.get_global_grad_norm()
+        tokens_per_s = interval_steps * tokens_per_step / max(seconds, 1e-9)
+        metrics = {"step": step, "samples": samples, "tokens": samples * seq_len, "loss": loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tokens_per_s": tokens_per_s, "step_time_s": seconds / interval_steps}
+        if peak:
+            metrics["mfu"] = flops_token * tokens_per_s / (peak * world)
+        if eval_now:
+            metrics["val_loss"] = evaluate(engine, val_reader, tr.micro_batch_size, tr.eval_batches, device)
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        if rank == 0:
+            metrics_log.write(metrics)
+            gauges.record({"loss": loss, "val_loss": metrics.get("val_loss"), "learning_rate": lr,
+                           "grad_norm": metrics["grad_norm"], "tokens_per_second": tokens_per_s,
+                           "mfu": metrics.get("mfu"), "step": step, "step_time_seconds": metrics["step_time_s"]})
+            val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if eval_now else ""
+            log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", step, total_steps, loss, val,
+                     lr, metrics["grad_norm"] or 0.0, f"{tokens_per_s:,.0f}")
+        if save_now:
+            directory = _save_checkpoint(engine, step, samples, config["spec"], rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+        interval_start, interval_steps = time.perf_counter(), 0
+
+    _export(engine, cfg, run_dir / "model", spec.data.dir, manifest["eos_id"], spec.deepspeed.zero_stage, rank)
+    if rank == 0:
+        log.info("model exported to %s", run_dir / "model")
+    if dist.is_initialized():
+        dist.barrier()

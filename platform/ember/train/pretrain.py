@@ -1,0 +1,143 @@
+"""`kind: pretrain`: checks the spec against the dataset and the cluster, then runs Ray Train's TorchTrainer.
+
+Everything that can be wrong before training (dataset, vocabulary, batch arithmetic, resources the cluster can never
+give, a run dir that should not be resumed) fails here with one clear message, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from ember.config.specs import PretrainSpec
+from ember.data.shards import load_manifest
+from ember.errors import EmberError
+from ember.model import ModelConfig, preset
+from ember.model.hf import config_from_hf, read_json
+from ember.runtime import ensure_ray, find_ember_error
+from ember.train.ds_config import deepspeed_config
+
+log = logging.getLogger("ember")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run dir
+
+
+def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
+    """The network to train: `init_from`'s config, or the preset with overrides and the dataset's vocabulary."""
+    m = spec.model
+    if m.init_from:
+        path = Path(m.init_from)
+        cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    else:
+        overrides = {k: v for k, v in m.model_dump(exclude={"preset", "init_from"}).items() if v is not None}
+        try:
+            cfg = preset(m.preset or "tiny", vocab_size=manifest["vocab_size"], **overrides)
+        except KeyError as exc:
+            raise EmberError(f"model.preset: {exc.args[0]}") from None
+        except ValueError as exc:
+            raise EmberError(f"model: {exc}") from None
+    if manifest["vocab_size"] > cfg.vocab_size:
+        raise EmberError(f"the dataset's tokenizer has {manifest['vocab_size']} tokens but the model's vocabulary "
+                         f"holds {cfg.vocab_size} (model.init_from {m.init_from})")
+    if manifest["seq_len"] > cfg.max_position_embeddings:
+        raise EmberError(f"the dataset's rows are {manifest['seq_len']} tokens long but the model's context is "
+                         f"{cfg.max_position_embeddings} (set model.max_position_embeddings or re-tokenize)")
+    return cfg
+
+
+def total_steps(spec: PretrainSpec, manifest: dict) -> int:
+    t = spec.train
+    return t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
+
+
+def _check_resources(spec: PretrainSpec) -> None:
+    """Fails at once when the cluster can never hold the workers (Ray would otherwise wait for them forever)."""
+    import ray
+
+    s = spec.scaling
+    total = ray.cluster_resources()
+    need = {"CPU": s.cpus_per_worker * s.workers, **{k: v * s.workers for k, v in s.resources_per_worker.items()}}
+    if s.use_gpu:
+        need["GPU"] = float(s.workers)
+    for resource, amount in need.items():
+        if total.get(resource, 0) < amount:
+            raise EmberError(f"scaling asks for {amount:g} {resource} in all ({s.workers} workers) but the Ray cluster "
+                             f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
+
+
+def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
+    """Trains on Ray Train with DeepSpeed; returns the last reported metrics. The model is exported to run_dir/model."""
+    manifest = load_manifest(spec.data.dir)
+    if manifest.get("kind") != "pretrain":
+        raise EmberError(f"{spec.data.dir} is a {manifest.get('kind')!r} dataset; pretraining reads 'pretrain' datasets")
+    if not manifest["splits"]["train"]["rows"]:
+        raise EmberError(f"{spec.data.dir} has no training rows")
+    cfg = model_config(spec, manifest)
+    steps = total_steps(spec, manifest)
+    deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers)  # batch arithmetic and offload checks
+    run_dir = Path(spec.output.dir).expanduser().resolve()
+    restarting = (run_dir / SNAPSHOT).is_file()
+    start_from = None
+    if spec.resume == "never" and restarting:
+        raise EmberError(f"{run_dir} holds checkpoints of an earlier run and resume is 'never'; set resume: auto to "
+                         "continue it, or choose another output.dir")
+    if spec.resume not in ("auto", "never"):
+        start_from = Path(spec.resume).expanduser().resolve()
+        if not (start_from / "ember_state.json").is_file():
+            raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no ember_state.json)")
+    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
+    spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
+    if spec.model.init_from:
+        spec.model.init_from = str(Path(spec.model.init_from).expanduser().resolve())
+    spec.output.dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ember.train.loop import train_loop_per_worker
+
+    ensure_ray(address)
+    _check_resources(spec)
+    s = spec.scaling
+    log.info("pretrain: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s",
+             f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", steps,
+             spec.train.global_batch_size, manifest["seq_len"], s.workers, spec.deepspeed.zero_stage,
+             spec.deepspeed.precision, "; resuming from the latest checkpoint" if restarting and spec.resume == "auto"
+             else "")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": json.loads(spec.model_dump_json()), "model_config": cfg.to_dict(),
+                           "run_dir": str(run_dir), "total_steps": steps},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
+                                                           **({"GPU": 1} if s.use_gpu else {})}),
+        run_config=RunConfig(storage_path=str(run_dir.parent), name=run_dir.name,
+                             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
+        resume_from_checkpoint=ray.train.Checkpoint(str(start_from)) if start_from else None,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        found = find_ember_error(exc)
+        if found is not None:
+            raise found from None
+        # Ray Train reports worker errors as text (WorkerGroupError); an EmberError inside keeps its message.
+        messages = re.findall(r"ember\.errors\.EmberError: (.+)", str(exc))
+        if messages:
+            raise EmberError(messages[-1].strip()) from None
+        raise
+    metrics = dict(result.metrics or {})
+    if "error" in metrics:
+        raise EmberError(metrics["error"])
+    val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+    log.info("pretrain: done at step %s, loss %.4f%s; model: %s", metrics.get("step"), metrics.get("loss", float("nan")),
+             val, run_dir / "model")
+    return metrics
