@@ -137,6 +137,9 @@ class TrainSpec(SpecModel):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(1e-4, ge=0, description="Floor of the cosine decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps from 0 to lr.")
+    decay_steps: Optional[int] = Field(None, ge=1, description="Step at which the cosine decay reaches min_lr "
+                                                               "(default: the run's last step); fix it to extend a "
+                                                               "run later without changing its schedule.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 = off).")

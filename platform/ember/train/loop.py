@@ -34,10 +34,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 def lr_at(step: int, train: TrainSpec, total_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps` (step is 1-based)."""
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps` (default: the last
+    step); `step` is 1-based."""
     if step <= train.warmup_steps:
         return train.lr * step / max(1, train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+    horizon = train.decay_steps or total_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, horizon - train.warmup_steps))
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -84,6 +86,23 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def zero_partitions(engine, stage: int) -> dict:
+    """Elements of parameters and of fp32 optimizer master weights held by each rank (all ranks must call)."""
+    params = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in engine.module.parameters())
+    if stage in (1, 2):
+        master = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+    elif stage == 3:
+        master = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
+    else:
+        master = sum(p.numel() for p in engine.module.parameters())
+    local = torch.tensor([params, master], dtype=torch.long, device=engine.device)
+    if not dist.is_initialized():
+        return {"params": [params], "optimizer": [master]}
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return {"params": [int(t[0]) for t in gathered], "optimizer": [int(t[1]) for t in gathered]}
 
 
 def _save_checkpoint(engine, step: int, samples: int, spec: dict, rank: int) -> str:
@@ -154,6 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
         from ember.metrics import TrainMetrics
 
         gauges = TrainMetrics(spec.name or run_dir.name)
+    partitions = zero_partitions(engine, spec.deepspeed.zero_stage)  # reported with the first metrics row
     peak = _peak_flops(spec.scaling.use_gpu)
     flops_token = flops_per_token(cfg, seq_len)
     interval_start, interval_steps = time.perf_counter(), 0
@@ -189,6 +209,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "samples": samples, "tokens": samples * seq_len, "loss": loss, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "tokens_per_s": tokens_per_s, "step_time_s": seconds / interval_steps}
+        if partitions:
+            metrics["zero_partitions"], partitions = partitions, None
         if peak:
             metrics["mfu"] = flops_token * tokens_per_s / (peak * world)
         if eval_now:

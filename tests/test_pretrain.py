@@ -1,0 +1,173 @@
+"""`kind: pretrain` on Ray Train with DeepSpeed (gloo on CPU): exact resume, recovery from a killed worker, ZeRO
+sharding, export, and the errors a spec can hit before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import sentences
+from ember.config import parse_spec
+from ember.errors import EmberError
+from ember.model import load_model
+from ember.train.pretrain import run_pretrain
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, ray_session) -> Path:
+    """A small tokenized corpus: seq_len 32, vocab 320."""
+    from ember.data.pipeline import run_tokenize
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(3000, seed=42)))
+    run_tokenize(parse_spec({"kind": "tokenize", "source": {"inputs": [str(root / "corpus.jsonl")]},
+                             "tokenizer": {"vocab_size": 320}, "pack": {"seq_len": 32, "val_fraction": 0.05},
+                             "output": {"dir": str(root / "ds")}}))
+    return root / "ds"
+
+
+def spec(dataset: Path, run_dir: Path, **sections) -> dict:
+    data = {"kind": "pretrain", "data": {"dir": str(dataset)},
+            "model": {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                      "num_key_value_heads": 2},
+            "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 8, "lr": 3e-3, "min_lr": 3e-4,
+                      "warmup_steps": 2, "log_every": 1, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4},
+            "deepspeed": {"zero_stage": 2}, "scaling": {"workers": 2}, "output": {"dir": str(run_dir)}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+def train(*args, **kw) -> dict:
+    return run_pretrain(parse_spec(spec(*args, **kw)))
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def reference_run(dataset, tmp_path_factory) -> Path:
+    """8 uninterrupted steps, ZeRO 2, 2 workers."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    train(dataset, run_dir, train={"decay_steps": 8})
+    return run_dir
+
+
+def test_a_run_logs_metrics_checkpoints_and_exports_a_model(reference_run):
+    metrics = rows(reference_run)
+    assert [r["step"] for r in metrics] == list(range(1, 9))
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 9)]
+    assert all(r["tokens"] == r["samples"] * 32 and r["tokens_per_s"] > 0 for r in metrics)
+    assert "val_loss" in metrics[3] and "val_ppl" in metrics[7] and "val_loss" not in metrics[4]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert metrics[1]["lr"] == pytest.approx(3e-3) and metrics[-1]["lr"] == pytest.approx(3e-4)
+    checkpoints = sorted(reference_run.glob("checkpoint_2*"))
+    assert len(checkpoints) == 2
+    state = json.loads((checkpoints[-1] / "ember_state.json").read_text())
+    assert state["step"] == 8 and state["samples"] == 64 and state["spec"]["kind"] == "pretrain"
+    shards = sorted(p.name for p in (checkpoints[-1] / "deepspeed").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards  # each rank's optimizer shard
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    model = load_model(reference_run / "model")
+    assert model.config.hidden_size == 32 and (reference_run / "model" / "tokenizer.json").is_file()
+
+
+def test_a_resumed_run_repeats_the_same_losses_and_samples(dataset, reference_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    train(dataset, run_dir, train={"max_steps": 4, "decay_steps": 8})
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
+    train(dataset, run_dir, train={"max_steps": 8, "decay_steps": 8})  # resume: auto
+    reference, resumed = rows(reference_run), rows(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["samples"] for r in resumed] == [r["samples"] for r in reference]
+    for a, b in zip(reference, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, reference_run, tmp_path):
+    n_params = sum(p.numel() for p in load_model(reference_run / "model").parameters())
+    zero2 = rows(reference_run)[0]["zero_partitions"]
+    assert zero2["params"] == [n_params, n_params]
+    assert all(abs(o - n_params / 2) <= 2 for o in zero2["optimizer"])  # half the master weights each
+    train(dataset, tmp_path / "z3", deepspeed={"zero_stage": 3}, train={"decay_steps": 8})
+    zero3 = rows(tmp_path / "z3")[0]["zero_partitions"]
+    assert all(abs(p - n_params / 2) <= 64 for p in zero3["params"]) and sum(zero3["params"]) >= n_params
+    final = {2: rows(reference_run)[-1]["loss"], 3: rows(tmp_path / "z3")[-1]["loss"]}
+    assert abs(final[3] - final[2]) < 0.02 * final[2]
+    exported = load_model(tmp_path / "z3" / "model")  # ZeRO-3 shards gathered into a whole model
+    assert sum(p.numel() for p in exported.parameters()) == n_params
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_every_zero_stage_trains_to_a_similar_loss(dataset, reference_run, tmp_path, stage):
+    train(dataset, tmp_path / f"z{stage}", deepspeed={"zero_stage": stage}, train={"decay_steps": 8})
+    assert abs(rows(tmp_path / f"z{stage}")[-1]["loss"] - rows(reference_run)[-1]["loss"]) < 1e-3
+
+
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, tmp_path, ray_session):
+    """SIGKILL one training worker (found through Ray's state API) mid-run; the run resumes and finishes."""
+    from ray.util.state import list_actors
+
+    run_dir = tmp_path / "killed"
+    killed = {}
+
+    def kill_when_past_step(step: int):
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            path = run_dir / "metrics.jsonl"
+            done = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+            if done and done[-1] >= step:
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                      raise_on_missing_output=False)
+                if workers:
+                    killed["pid"], killed["at"] = workers[-1].pid, done[-1]
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_past_step, args=(25,), daemon=True)
+    killer.start()
+    train(dataset, run_dir, train={"max_steps": 60, "checkpoint_every": 20, "eval_every": 0}, failure={"max_failures": 2})
+    killer.join()
+    assert killed and 25 <= killed["at"] < 60
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == list(range(1, 61))  # every step once: rows after the restore point redone
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 61)]
+    state = json.loads(sorted(run_dir.glob("checkpoint_2*"))[-1].joinpath("ember_state.json").read_text())
+    assert state["step"] == 60
+
+
+def test_errors_before_any_worker_starts(dataset, tmp_path):
+    with pytest.raises(EmberError, match="not a dataset directory"):
+        train(tmp_path / "nowhere", tmp_path / "r")
+    with pytest.raises(EmberError, match=r"global_batch_size \(10\) must be a multiple of .* \(2 × 2 = 4\)"):
+        train(dataset, tmp_path / "r", train={"global_batch_size": 10})
+    with pytest.raises(EmberError, match=r"scaling asks for 8 CPU in all \(8 workers\) but the Ray cluster has 2"):
+        train(dataset, tmp_path / "r", scaling={"workers": 8}, train={"global_batch_size": 16})
+    with pytest.raises(EmberError, match="the dataset's tokenizer has 320 tokens but the model's vocabulary holds 100"):
+        small = tmp_path / "small-model"
+        from ember.model import Transformer, preset, save_model
+
+        save_model(Transformer(preset("tiny", vocab_size=100)), small)
+        train(dataset, tmp_path / "r", model={"init_from": str(small)})
+    with pytest.raises(EmberError, match="rows are 32 tokens long but the model's context is 16"):
+        train(dataset, tmp_path / "r", model={"max_position_embeddings": 16})
+    with pytest.raises(EmberError, match="set exactly one of train.max_steps and train.max_tokens"):
+        parse_spec(spec(dataset, tmp_path / "r", train={"max_tokens": 1000}))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
+    with pytest.raises(EmberError, match=r"the training loss is (nan|inf) at step \d+; stopped there"):
+        train(dataset, tmp_path / "nan", train={"lr": 1e6, "min_lr": 1e5, "warmup_steps": 0, "grad_clip": 0,
+                                                "max_steps": 30, "checkpoint_every": 1})
+    assert list((tmp_path / "nan").glob("checkpoint_2*"))  # the last good checkpoint stays
