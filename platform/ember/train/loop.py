@@ -29,6 +29,7 @@ log = logging.getLogger("ember")
 
 DS_TAG = "deepspeed"  # DeepSpeed's checkpoint sub-directory inside each Ray Train checkpoint
 STATE_FILE = "ember_state.json"
+ERROR_FILE = "error.json"  # a run that stopped itself (non-finite loss) says why here; the driver raises it
 # Dense bf16 peak FLOP/s per device, for MFU; a device not listed gets no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
@@ -193,10 +194,15 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(loss.detach())
         loss = _mean_over_ranks(torch.stack(losses).mean())
         interval_steps += 1
-        if not math.isfinite(loss):
-            ray.train.report({"step": step, "error": f"the training loss is {loss} at step {step}; stopped there. The "
-                                                      "last good checkpoint is kept in the run dir (lower train.lr, "
-                                                      "raise warmup_steps, or check the data)"})
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        bad = ("training loss", loss) if not math.isfinite(loss) else (
+            ("gradient norm", grad_norm) if grad_norm is not None and not math.isfinite(grad_norm) else None)
+        if bad:  # every rank sees the same all-reduced figures, so all stop here together, without a retry
+            if rank == 0:
+                (run_dir / ERROR_FILE).write_text(json.dumps({"step": step, "error": (
+                    f"the {bad[0]} is {bad[1]} at step {step}; stopped there. The last good checkpoint is kept in the "
+                    "run dir (lower train.lr, raise train.warmup_steps, or check the data)")}))
             return
         log_now = step % tr.log_every == 0 or step == total_steps
         eval_now = val_reader is not None and ((tr.eval_every and step % tr.eval_every == 0) or step == total_steps)
@@ -204,10 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
         if not (log_now or eval_now or save_now):
             continue
         seconds = time.perf_counter() - interval_start
-        grad_norm = engine.get_global_grad_norm()
         tokens_per_s = interval_steps * tokens_per_step / max(seconds, 1e-9)
         metrics = {"step": step, "samples": samples, "tokens": samples * seq_len, "loss": loss, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_s, "step_time_s": seconds / interval_steps}
         if partitions:
             metrics["zero_partitions"], partitions = partitions, None

@@ -21,6 +21,7 @@ from ember.model import ModelConfig, preset
 from ember.model.hf import config_from_hf, read_json
 from ember.runtime import ensure_ray, find_ember_error
 from ember.train.ds_config import deepspeed_config
+from ember.train.loop import ERROR_FILE, train_loop_per_worker
 
 log = logging.getLogger("ember")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run dir
@@ -95,13 +96,13 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
         spec.model.init_from = str(Path(spec.model.init_from).expanduser().resolve())
     spec.output.dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
 
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ember.train.loop import train_loop_per_worker
 
     ensure_ray(address)
     _check_resources(spec)
@@ -135,8 +136,8 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
             raise EmberError(messages[-1].strip()) from None
         raise
     metrics = dict(result.metrics or {})
-    if "error" in metrics:
-        raise EmberError(metrics["error"])
+    if (run_dir / ERROR_FILE).is_file():
+        raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("pretrain: done at step %s, loss %.4f%s; model: %s", metrics.get("step"), metrics.get("loss", float("nan")),
              val, run_dir / "model")
