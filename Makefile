@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
+	# DeepSpeed ships as a source package; building it in isolation would fetch another (CUDA) torch.
+	$(BIN)/python -m pip install -q setuptools wheel
+	$(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -20,6 +23,8 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/ember run jobs/tokenize-demo.yaml
+	$(BIN)/ember run jobs/pretrain-demo.yaml
+	$(BIN)/ember generate runs/pretrain-demo/model --prompt "The json module" --max-tokens 48 --seed 0
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
