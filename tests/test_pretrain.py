@@ -171,3 +171,12 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
         train(dataset, tmp_path / "nan", train={"lr": 1e30, "min_lr": 1e29, "warmup_steps": 0, "grad_clip": 0,
                                                 "max_steps": 30, "checkpoint_every": 1})
     assert list((tmp_path / "nan").glob("checkpoint_2*"))  # the last good checkpoint stays
+
+
+def test_resume_refuses_another_worker_count_and_honours_never(dataset, reference_run):
+    with pytest.raises(EmberError, match=r"was written by 2 workers; resume it with scaling.workers: 2"):
+        train(dataset, reference_run, train={"max_steps": 12}, scaling={"workers": 1})
+    with pytest.raises(EmberError, match="holds checkpoints of an earlier run and resume is 'never'"):
+        train(dataset, reference_run, resume="never")
+    with pytest.raises(EmberError, match="is not an Ember checkpoint"):
+        train(dataset, reference_run.parent / "elsewhere", resume=str(reference_run))

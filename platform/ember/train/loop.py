@@ -106,12 +106,13 @@ def zero_partitions(engine, stage: int) -> dict:
     return {"params": [int(t[0]) for t in gathered], "optimizer": [int(t[1]) for t in gathered]}
 
 
-def _save_checkpoint(engine, step: int, samples: int, spec: dict, rank: int) -> str:
+def _save_checkpoint(engine, step: int, samples: int, spec: dict, rank: int, world: int) -> str:
     """Each rank writes its DeepSpeed shard into a local temp dir; rank 0 adds the data position and the spec."""
     directory = tempfile.mkdtemp(prefix="ember-ckpt-")
     engine.save_checkpoint(directory, tag=DS_TAG)
     if rank == 0:
-        Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "samples": samples, "spec": spec}))
+        Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "samples": samples, "world_size": world,
+                                                           "spec": spec}))
     return directory
 
 
@@ -159,8 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=DS_TAG)
             state = json.loads(Path(directory, STATE_FILE).read_text())
+            engine.load_checkpoint(directory, tag=DS_TAG)
         step, samples = state["step"], state["samples"]
         if rank == 0:
             log.info("resumed at step %d (%d samples consumed) from %s", step, samples, checkpoint.path)
@@ -230,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", step, total_steps, loss, val,
                      lr, metrics["grad_norm"] or 0.0, f"{tokens_per_s:,.0f}")
         if save_now:
-            directory = _save_checkpoint(engine, step, samples, config["spec"], rank)
+            directory = _save_checkpoint(engine, step, samples, config["spec"], rank, world)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
             shutil.rmtree(directory, ignore_errors=True)
         else:

@@ -21,7 +21,7 @@ from ember.model import ModelConfig, preset
 from ember.model.hf import config_from_hf, read_json
 from ember.runtime import ensure_ray, find_ember_error
 from ember.train.ds_config import deepspeed_config
-from ember.train.loop import ERROR_FILE, train_loop_per_worker
+from ember.train.loop import ERROR_FILE, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger("ember")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run dir
@@ -70,6 +70,23 @@ def _check_resources(spec: PretrainSpec) -> None:
                              f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest Ember checkpoint in a run dir (Ray Train names them by time)."""
+    found = sorted(p for p in run_dir.glob("checkpoint_2*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def _check_world_size(checkpoint: Path | None, workers: int) -> None:
+    """DeepSpeed loads ZeRO optimizer shards only into the worker count that wrote them."""
+    if checkpoint is None:
+        return
+    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", workers)
+    if saved != workers:
+        raise EmberError(f"the checkpoint {checkpoint} was written by {saved} workers; resume it with "
+                         f"scaling.workers: {saved} (changing the worker count of a run is not supported yet: "
+                         "DeepSpeed needs a universal-checkpoint conversion for that)")
+
+
 def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     """Trains on Ray Train with DeepSpeed; returns the last reported metrics. The model is exported to run_dir/model."""
     manifest = load_manifest(spec.data.dir)
@@ -88,8 +105,10 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
                          "continue it, or choose another output.dir")
     if spec.resume not in ("auto", "never"):
         start_from = Path(spec.resume).expanduser().resolve()
-        if not (start_from / "ember_state.json").is_file():
+        if not (start_from / STATE_FILE).is_file():
             raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no ember_state.json)")
+    _check_world_size(start_from or (latest_checkpoint(run_dir) if spec.resume == "auto" else None),
+                      spec.scaling.workers)
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
     spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
     if spec.model.init_from:

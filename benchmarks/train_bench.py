@@ -1,0 +1,130 @@
+"""Training throughput: a plain PyTorch loop against Ember on Ray Train + DeepSpeed, same model/batch/optimizer.
+
+(a) baseline: one process, `torch.optim.AdamW`, the same model, batch (gradient accumulation included), schedule
+    and data rows, all CPU cores to torch;
+(b) Ember, 1 worker with all the CPUs, ZeRO stage 0;
+(c) Ember, 2 workers (CPUs split between them), ZeRO stage 2.
+
+Tokens/s exclude start-up: (a) times steps after a warm-up, (b) and (c) average the `tokens_per_s` that the workers
+log, leaving out the first interval (engine start, first steps). With `--gpu` each worker gets a GPU, bf16, and the
+figures include MFU.
+
+    python benchmarks/train_bench.py [--steps 60] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ember.config import parse_spec
+from ember.data.shards import ShardReader, load_manifest
+from ember.model import Transformer, num_parameters, preset
+
+MODEL = {"preset": "small", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4}
+BATCH = {"global_batch_size": 16, "micro_batch_size": 4}
+
+
+def tokenize(work: Path) -> Path:
+    from ember.data.pipeline import run_tokenize
+
+    out = work / "data"
+    run_tokenize(parse_spec({"kind": "tokenize", "source": {"inputs": ["builtin:python-docs"]},
+                             "tokenizer": {"vocab_size": 4096}, "pack": {"seq_len": 256},
+                             "output": {"dir": str(out)}}))
+    return out
+
+
+def baseline(data: Path, steps: int, warmup: int, device: str) -> float:
+    """Tokens/s of a plain single-process loop over the same rows."""
+    manifest = load_manifest(data)
+    torch.manual_seed(0)
+    overrides = {k: v for k, v in MODEL.items() if k != "preset"}
+    model = Transformer(preset(MODEL["preset"], vocab_size=manifest["vocab_size"], **overrides)).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95))
+    micro, accum = BATCH["micro_batch_size"], BATCH["global_batch_size"] // BATCH["micro_batch_size"]
+    batches = ShardReader(data, "train", seed=0).batches(micro)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        for _ in range(accum):
+            x = torch.from_numpy(next(batches)[0]).to(device)
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * BATCH["global_batch_size"] * manifest["seq_len"] / (time.perf_counter() - t0)
+
+
+def ember(data: Path, run_dir: Path, steps: int, workers: int, stage: int, cpus: float, gpu: bool) -> tuple:
+    from ember.train.pretrain import run_pretrain
+
+    spec = parse_spec({"kind": "pretrain", "data": {"dir": str(data)}, "model": MODEL,
+                       "train": {**BATCH, "max_steps": steps, "lr": 1e-3, "log_every": 10, "eval_every": 0,
+                                 "checkpoint_every": 0},
+                       "deepspeed": {"zero_stage": stage, "precision": "bf16" if gpu else "fp32"},
+                       "scaling": {"workers": workers, "cpus_per_worker": cpus, "use_gpu": gpu},
+                       "output": {"dir": str(run_dir)}})
+    run_pretrain(spec)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    rate = sum(r["tokens_per_s"] for r in rows) / len(rows)
+    mfu = [r["mfu"] for r in rows if "mfu" in r]
+    return rate, (sum(mfu) / len(mfu) if mfu else None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 (needs 2 GPUs for (c))")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    ray.init(logging_level=logging.WARNING)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    logging.getLogger("ember").setLevel(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="ember-train-bench-"))
+    data = tokenize(work)
+    manifest = load_manifest(data)
+    cfg = preset(MODEL["preset"], vocab_size=manifest["vocab_size"],
+                 **{k: v for k, v in MODEL.items() if k != "preset"})
+    print(f"machine: {platform.machine()}, {cpus} CPUs{', GPU: ' + torch.cuda.get_device_name() if args.gpu else ''}, "
+          f"torch {torch.__version__}")
+    print(f"model: {num_parameters(cfg) / 1e6:.1f}M parameters, seq {manifest['seq_len']}, global batch "
+          f"{BATCH['global_batch_size']} (micro {BATCH['micro_batch_size']}), AdamW, {args.steps} steps")
+    a = baseline(data, args.steps, 5, "cuda" if args.gpu else "cpu")
+    b, mfu_b = ember(data, work / "run-b", args.steps, 1, 0, cpus, args.gpu)
+    two = not args.gpu or torch.cuda.device_count() >= 2
+    c, mfu_c = ember(data, work / "run-c", args.steps, 2, 2, max(1, cpus // 2), args.gpu) if two else (None, None)
+    print(f"(a) plain PyTorch loop, 1 process:        {a:,.0f} tokens/s")
+    print(f"(b) Ember, 1 worker, ZeRO 0:               {b:,.0f} tokens/s   b/a = {b / a:.2f}   (target >= 0.9)"
+          + (f"   MFU {mfu_b:.1%}" if mfu_b else ""))
+    if c is None:
+        print("(c) Ember, 2 workers, ZeRO 2:              skipped (needs 2 GPUs)")
+    else:
+        print(f"(c) Ember, 2 workers, ZeRO 2:              {c:,.0f} tokens/s   c/a = {c / a:.2f}"
+              + (f"   MFU {mfu_c:.1%}" if mfu_c else ""))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
