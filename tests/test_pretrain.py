@@ -180,3 +180,17 @@ def test_resume_refuses_another_worker_count_and_honours_never(dataset, referenc
         train(dataset, reference_run, resume="never")
     with pytest.raises(EmberError, match="is not an Ember checkpoint"):
         train(dataset, reference_run.parent / "elsewhere", resume=str(reference_run))
+
+
+@pytest.mark.gpu
+def test_the_demo_spec_trains_on_one_gpu_with_bf16_and_reports_mfu(dataset, tmp_path):
+    from ember.config import load_spec
+    from conftest import REPO
+
+    demo = load_spec(REPO / "jobs" / "pretrain-demo.yaml", [
+        f"data.dir={dataset}", f"output.dir={tmp_path / 'gpu'}", "scaling.workers=1", "scaling.use_gpu=true",
+        "deepspeed.precision=bf16", "train.max_steps=40", "train.micro_batch_size=16", "train.log_every=10"])
+    run_pretrain(demo)
+    metrics = rows(tmp_path / "gpu")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert all("mfu" in r and 0 < r["mfu"] < 1 for r in metrics)
