@@ -90,11 +90,16 @@ class OutputSpec(SpecModel):
     overwrite: bool = Field(False, description="Replace a directory that holds a different dataset.")
 
 
-class TokenizeSpec(SpecModel):
+class JobSpec(SpecModel):
+    """What every job spec has besides its `kind`."""
+
+    name: Optional[str] = Field(None, description="A name for logs and job metadata.")
+
+
+class TokenizeSpec(JobSpec):
     """`kind: tokenize` — corpus to tokenizer and packed Arrow shards, with Ray Data."""
 
     kind: Literal["tokenize"] = Field(description="Job kind.")
-    name: Optional[str] = Field(None, description="A name for logs and job metadata.")
     source: SourceSpec = Field(description="Input corpus.")
     filter: FilterSpec = Field(default_factory=FilterSpec, description="Normalisation and filtering.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer to train or load.")
@@ -193,11 +198,10 @@ class RunOutputSpec(SpecModel):
     dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, spec.yaml, model/ (local or shared FS).")
 
 
-class PretrainSpec(SpecModel):
+class PretrainSpec(JobSpec):
     """`kind: pretrain` — train a Llama-architecture model on a tokenized dataset with Ray Train and DeepSpeed."""
 
     kind: Literal["pretrain"] = Field(description="Job kind.")
-    name: Optional[str] = Field(None, description="A name for logs and job metadata.")
     data: DataSpec = Field(description="Dataset.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation.")
