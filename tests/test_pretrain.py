@@ -110,7 +110,9 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_every_zero_stage_trains_to_a_similar_loss(dataset, reference_run, tmp_path, stage):
-    train(dataset, tmp_path / f"z{stage}", deepspeed={"zero_stage": stage}, train={"decay_steps": 8})
+    # Stage 1 also recomputes activations in backward: the same arithmetic, so the same losses.
+    train(dataset, tmp_path / f"z{stage}", deepspeed={"zero_stage": stage, "activation_checkpointing": stage == 1},
+          train={"decay_steps": 8})
     assert abs(rows(tmp_path / f"z{stage}")[-1]["loss"] - rows(reference_run)[-1]["loss"]) < 1e-3
 
 
