@@ -217,8 +217,9 @@ def _prepare_output(out: Path, job: str, dataset: str, overwrite: bool) -> dict 
     """
     manifest_path, job_path = out / "manifest.json", out / STATE_DIR / "job.json"
     if manifest_path.is_file():
-        if fmt.load_manifest(out).get("identity") == dataset:
-            return fmt.load_manifest(out)
+        existing = fmt.load_manifest(out)
+        if existing.get("identity") == dataset:
+            return existing
         what = "a different dataset (other inputs, spec or tokenizer)"
     elif job_path.is_file():
         if json.loads(job_path.read_text()).get("job") == job:
@@ -372,7 +373,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
             rate = tokens / max(time.perf_counter() - t_work, 1e-9)
             log.info("tokenize: %d/%d units, %s tokens, %s tokens/s", n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
 
-    manifest = _assemble(spec, out, units, identity, fingerprint, tok_path, eos_id, dtype)
+    manifest = _assemble(spec, out, units, identity, fingerprint, tok_path, tok.get_vocab_size(), eos_id, dtype)
     shutil.rmtree(out / STATE_DIR)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, len(done)):
         log.info(line)
@@ -384,7 +385,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
 
 
 def _assemble(spec: TokenizeSpec, out: Path, units: list[WorkUnit], identity: str, fingerprint: str,
-              tok_path: Path, eos_id: int, dtype: np.dtype) -> dict:
+              tok_path: Path, vocab_size: int, eos_id: int, dtype: np.dtype) -> dict:
     """Packs the units' remainders (in unit order) into a last shard per split and writes manifest.json."""
     row_len = spec.pack.seq_len + 1
     skips = SkipLog()
@@ -421,7 +422,7 @@ def _assemble(spec: TokenizeSpec, out: Path, units: list[WorkUnit], identity: st
         "identity": identity,
         "seq_len": spec.pack.seq_len,
         "dtype": dtype.name,
-        "vocab_size": load_tokenizer(tok_path).get_vocab_size(),
+        "vocab_size": vocab_size,
         "eos_id": eos_id,
         "tokenizer": {"file": "tokenizer.json", "sha256": file_sha256(tok_path)},
         "source": {"inputs": [i.split("?", 1)[0] for i in spec.source.inputs], "fingerprint": fingerprint},

@@ -71,7 +71,7 @@ def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None,
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": True,
-        **{k: v for k, v in cfg.to_dict().items()},
+        **cfg.to_dict(),
         "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
     }
 
