@@ -108,6 +108,11 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
     assert abs(final[3] - final[2]) < 0.02 * final[2]
     exported = load_model(tmp_path / "z3" / "model")  # ZeRO-3 shards gathered into a whole model
     assert sum(p.numel() for p in exported.parameters()) == n_params
+    # Its parameter and optimizer partitions re-cut for one worker continue the same losses.
+    train(dataset, tmp_path / "z3-one", deepspeed={"zero_stage": 3, "offload_params": True, "offload_optimizer": True},
+          train={"decay_steps": 8}, scaling={"workers": 1}, resume=str(at_step(tmp_path / "z3", 4)))
+    for a, b in zip(rows(tmp_path / "z3")[4:], rows(tmp_path / "z3-one"), strict=True):
+        assert a["step"] == b["step"] and a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 5e-4
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -177,9 +182,25 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     assert list((tmp_path / "nan").glob("checkpoint_2*"))  # the last good checkpoint stays
 
 
-def test_resume_refuses_another_worker_count_and_honours_never(dataset, reference_run):
-    with pytest.raises(EmberError, match=r"was written by 2 workers; resume it with scaling.workers: 2"):
-        train(dataset, reference_run, train={"max_steps": 12}, scaling={"workers": 1})
+def at_step(run_dir: Path, step: int) -> Path:
+    return next(p for p in run_dir.glob("checkpoint_2*")
+                if json.loads((p / "ember_state.json").read_text())["step"] == step)
+
+
+def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(dataset, reference_run, tmp_path):
+    """ZeRO-2 optimizer shards of 2 ranks are re-cut for 1 rank (DeepSpeed's universal checkpoint); the one worker
+    takes the global samples the two would have taken, so the losses follow the uninterrupted 2-worker run."""
+    run_dir = tmp_path / "one-worker"
+    train(dataset, run_dir, train={"decay_steps": 8}, scaling={"workers": 1}, resume=str(at_step(reference_run, 4)))
+    reference, resumed = rows(reference_run)[4:], rows(run_dir)
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    assert [r["samples"] for r in resumed] == [r["samples"] for r in reference]
+    for a, b in zip(reference, resumed):  # the same arithmetic up to the order of the gradient sums
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+    assert json.loads((at_step(run_dir, 8) / "ember_state.json").read_text())["world_size"] == 1
+
+
+def test_resume_honours_never_and_checks_the_path(dataset, reference_run):
     with pytest.raises(EmberError, match="holds checkpoints of an earlier run and resume is 'never'"):
         train(dataset, reference_run, resume="never")
     with pytest.raises(EmberError, match="is not an Ember checkpoint"):

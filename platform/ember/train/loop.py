@@ -3,11 +3,13 @@
 Each worker builds the model from `ember.model`, wraps it in a DeepSpeed engine configured from the spec, reads its
 slice of the shards (rank r takes global samples r, r + W, ...), and trains. A checkpoint is DeepSpeed's (each rank's
 shard) plus `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same
-global sample order. Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+global sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
+checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -116,6 +118,28 @@ def _save_checkpoint(engine, step: int, samples: int, spec: dict, rank: int, wor
     return directory
 
 
+def _optimizer_shards(ds_dir: Path) -> list[Path]:
+    """The per-rank optimizer state files of a DeepSpeed checkpoint (none when the optimizer state is not partitioned,
+    as with ZeRO 0 in fp32: it then sits whole in the model-states file and loads into any worker count)."""
+    return sorted(ds_dir.glob("*optim_states.pt"))
+
+
+def to_universal(ds_dir: Path, out_dir: Path) -> Path:
+    """Converts the DeepSpeed checkpoint in `ds_dir` (one file per rank) to DeepSpeed's universal format (one file per
+    parameter and optimizer state, independent of the worker count) under `out_dir/universal`; returns that dir."""
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = out_dir / "universal"
+    args = Namespace(input_folder=str(ds_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress bars
+        ds_to_universal.main(args)
+    return target
+
+
 def _export(engine, cfg: ModelConfig, out: Path, tokenizer_dir: str, eos_id: int, zero_stage: int, rank: int) -> None:
     """Writes the trained model as a Llama-format model dir (ZeRO-3 shards gathered first; all ranks must call)."""
     if zero_stage == 3:
@@ -152,19 +176,29 @@ def train_loop_per_worker(config: dict) -> None:
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: no weight decay
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     ds_config = deepspeed_config(tr, spec.deepspeed, world)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                           dist_init_required=False)
-    accum = ds_config["gradient_accumulation_steps"]
-
     step, samples = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = json.loads(Path(directory, STATE_FILE).read_text())
-            engine.load_checkpoint(directory, tag=DS_TAG)
-        step, samples = state["step"], state["samples"]
-        if rank == 0:
-            log.info("resumed at step %d (%d samples consumed) from %s", step, samples, checkpoint.path)
+    # The run's own latest checkpoint (after a restart) comes first; otherwise the one `resume: PATH` names.
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint(config["start_from"]) if config.get("start_from") else None)
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            directory = Path(stack.enter_context(checkpoint.as_directory()))
+            state = json.loads((directory / STATE_FILE).read_text())
+            step, samples = state["step"], state["samples"]
+            load_dir, tag = directory, DS_TAG
+            if state.get("world_size", world) != world and _optimizer_shards(directory / DS_TAG):
+                # ZeRO partitions of another worker count: re-cut them through DeepSpeed's universal checkpoint.
+                ds_config["checkpoint"] = {"load_universal": True}
+                load_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-universal-")))
+                tag = to_universal(directory / DS_TAG, load_dir).name
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                               dist_init_required=False)
+        if checkpoint is not None:
+            engine.load_checkpoint(str(load_dir), tag=tag)
+            if rank == 0:
+                how = f", re-partitioned from {state['world_size']} workers to {world}" if tag != DS_TAG else ""
+                log.info("resumed at step %d (%d samples consumed) from %s%s", step, samples, checkpoint.path, how)
+    accum = ds_config["gradient_accumulation_steps"]
 
     train_reader = ShardReader(spec.data.dir, "train", seed=tr.seed, rank=rank, world_size=world)
     val_reader = (ShardReader(spec.data.dir, "val", seed=tr.seed, rank=rank, world_size=world)

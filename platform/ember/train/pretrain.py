@@ -76,17 +76,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _check_world_size(checkpoint: Path | None, workers: int) -> None:
-    """DeepSpeed loads ZeRO optimizer shards only into the worker count that wrote them."""
-    if checkpoint is None:
-        return
-    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", workers)
-    if saved != workers:
-        raise EmberError(f"the checkpoint {checkpoint} was written by {saved} workers; resume it with "
-                         f"scaling.workers: {saved} (changing the worker count of a run is not supported yet: "
-                         "DeepSpeed needs a universal-checkpoint conversion for that)")
-
-
 def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     """Trains on Ray Train with DeepSpeed; returns the last reported metrics. The model is exported to run_dir/model."""
     manifest = load_manifest(spec.data.dir)
@@ -107,8 +96,6 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
         start_from = Path(spec.resume).expanduser().resolve()
         if not (start_from / STATE_FILE).is_file():
             raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no ember_state.json)")
-    _check_world_size(start_from or (latest_checkpoint(run_dir) if spec.resume == "auto" else None),
-                      spec.scaling.workers)
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
     spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
     if spec.model.init_from:
@@ -134,14 +121,14 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": json.loads(spec.model_dump_json()), "model_config": cfg.to_dict(),
-                           "run_dir": str(run_dir), "total_steps": steps},
+                           "run_dir": str(run_dir), "total_steps": steps,
+                           "start_from": str(start_from) if start_from else None},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
                                                            **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(storage_path=str(run_dir.parent), name=run_dir.name,
                              failure_config=FailureConfig(max_failures=spec.failure.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
-        resume_from_checkpoint=ray.train.Checkpoint(str(start_from)) if start_from else None,
     )
     try:
         result = trainer.fit()
