@@ -70,12 +70,6 @@ def _check_resources(spec: PretrainSpec) -> None:
                              f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Ember checkpoint in a run dir (Ray Train names them by time)."""
-    found = sorted(p for p in run_dir.glob("checkpoint_2*") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
-
-
 def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     """Trains on Ray Train with DeepSpeed; returns the last reported metrics. The model is exported to run_dir/model."""
     manifest = load_manifest(spec.data.dir)
