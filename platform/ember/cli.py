@@ -17,6 +17,8 @@ from ember.errors import EmberError
 JOB_RUNNERS = {
     "tokenize": "ember.data.pipeline:run_tokenize",
     "pretrain": "ember.train.pretrain:run_pretrain",
+    "finetune": "ember.train.finetune:run_finetune",
+    "evaluate": "ember.evaluate:run_evaluate",
 }
 
 _EPILOG = """examples:

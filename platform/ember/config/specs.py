@@ -198,12 +198,9 @@ class RunOutputSpec(SpecModel):
     dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, spec.yaml, model/ (local or shared FS).")
 
 
-class PretrainSpec(JobSpec):
-    """`kind: pretrain` — train a Llama-architecture model on a tokenized dataset with Ray Train and DeepSpeed."""
+class TrainingJobSpec(JobSpec):
+    """What pretraining and fine-tuning share: the optimisation, the engine, the workers and the run dir."""
 
-    kind: Literal["pretrain"] = Field(description="Job kind.")
-    data: DataSpec = Field(description="Dataset.")
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation.")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
@@ -213,5 +210,116 @@ class PretrainSpec(JobSpec):
                                             "run dir that has one; or the path of a checkpoint to start from.")
 
 
+class PretrainSpec(TrainingJobSpec):
+    """`kind: pretrain` — train a Llama-architecture model on a tokenized dataset with Ray Train and DeepSpeed."""
+
+    kind: Literal["pretrain"] = Field(description="Job kind.")
+    data: DataSpec = Field(description="Dataset.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
+
+
+class ChatDataSpec(SpecModel):
+    """Conversations to fine-tune on, tokenized with the base model's chat template into packed rows with a loss
+    mask (by the same Ray Data pipeline and shard format as `kind: tokenize`)."""
+
+    inputs: list[str] = Field(min_length=1, description="JSONL/JSON/Parquet files, directories, globs or URIs of "
+                                                        "conversations, or builtin:python-qa (builtin:python-qa:test "
+                                                        "is its held-out split).")
+    format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
+        "auto", description="Record layout: messages [{role, content}], prompt/response, or Alpaca "
+        "instruction/input/output; auto decides per record.")
+    seq_len: int = Field(512, ge=8, description="Row length in tokens (rows hold seq_len + 1 ids); at most the "
+                                                "base model's context.")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss: the assistant "
+                                                                           "turns only, or every token.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="A conversation longer than a row: cut "
+                                                                          "it to the row, or drop it (both counted).")
+    pack: bool = Field(True, description="Pack several whole conversations into one row (kept apart by segment "
+                                         "ids); false: one conversation per row.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of conversations sent to val/, chosen by a "
+                                                                  "stable hash of their text.")
+    strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
+    unit_bytes: Optional[int] = Field(None, ge=4096, description="Work-unit size in bytes for the parallel "
+                                                                 "tokenization (default: corpus size / 64).")
+    dir: Optional[str] = Field(None, description="Where the tokenized conversations go (default: RUN_DIR/data); "
+                                                 "reused when inputs and settings are unchanged.")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_input_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(SpecModel):
+    """Low-rank adapters (method: lora): the base weights stay frozen; only the adapters train."""
+
+    rank: int = Field(8, ge=1, description="Adapter rank r.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is (alpha / rank) · B · A.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = \
+        Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+              description="Projections that get adapters (Llama names).")
+
+
+class FinetuneSpec(TrainingJobSpec):
+    """`kind: finetune` — supervised fine-tuning on conversations (full or LoRA) from a Llama-format model dir."""
+
+    kind: Literal["finetune"] = Field(description="Job kind.")
+    base: str = Field(description="The model dir to start from: an Ember export or any Llama-format dir (config.json, "
+                                  "safetensors weights, tokenizer.json).")
+    data: ChatDataSpec = Field(description="Conversations.")
+    method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train low-rank "
+                                                                "adapters on a frozen base.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (method: lora).")
+
+
+class EvalDataSpec(SpecModel):
+    """What to evaluate on."""
+
+    dir: Optional[str] = Field(None, description="A dataset dir: perplexity (pretrain datasets) or the loss on "
+                                                 "assistant tokens (fine-tuning datasets).")
+    split: Literal["train", "val"] = Field("val", description="Which split of data.dir.")
+    batches: int = Field(50, ge=1, description="Rows of data.dir evaluated, in batches of batch_size: at most "
+                                               "batches × batch_size.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward pass.")
+    conversations: list[str] = Field(default_factory=list, description="Conversation files or builtin:python-qa:test:"
+                                                                       " assistant-token loss with each model's own "
+                                                                       "template, and a generation score.")
+
+
+class GenerationEvalSpec(SpecModel):
+    """The generation-based score on `data.conversations`: greedy answers to each prompt against the reference."""
+
+    max_examples: int = Field(200, ge=0, description="Conversations answered (0 = no generation score).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
+
+
+class EvalOutputSpec(SpecModel):
+    """Where the results go."""
+
+    file: str = Field(description="A JSON file with every figure per model.")
+
+
+class EvaluateSpec(JobSpec):
+    """`kind: evaluate` — compare model dirs: perplexity, assistant-token loss, and a generation score."""
+
+    kind: Literal["evaluate"] = Field(description="Job kind.")
+    models: dict[str, str] = Field(min_length=1, description="Model dirs to evaluate, by a name for the report "
+                                                             "(e.g. base: …, finetuned: …).")
+    data: EvalDataSpec = Field(description="Datasets.")
+    generation: GenerationEvalSpec = Field(default_factory=GenerationEvalSpec, description="Generation score.")
+    output: EvalOutputSpec = Field(description="Results file.")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.data.dir and not self.data.conversations:
+            raise ValueError("set data.dir, data.conversations or both")
+        return self
+
+
 # The job kinds Ember knows, by the value of their `kind` key.
-SPEC_KINDS: dict[str, type[SpecModel]] = {"tokenize": TokenizeSpec, "pretrain": PretrainSpec}
+SPEC_KINDS: dict[str, type[SpecModel]] = {"tokenize": TokenizeSpec, "pretrain": PretrainSpec,
+                                          "finetune": FinetuneSpec, "evaluate": EvaluateSpec}

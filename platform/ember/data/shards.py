@@ -7,8 +7,10 @@ A dataset directory::
     train/*.arrow        Arrow IPC files; each row is one packed sequence of seq_len + 1 token ids
     val/*.arrow
 
-Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids``. A file is written under a temporary
-name and renamed when complete, so a crash never leaves a half shard that looks whole.
+Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids``. Fine-tuning datasets (manifest kind
+``sft``) add two columns of the same shape: ``loss_mask`` (uint8: 1 where the token is a training target) and
+``segments`` (uint16: which packed conversation a token belongs to, 1, 2, ...; 0 is padding). A file is written under
+a temporary name and renamed when complete, so a crash never leaves a half shard that looks whole.
 
 `ShardReader` memory-maps the shards and serves samples in a deterministic global order: epoch ``e`` is a seeded
 permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``, and rank ``r`` of ``W`` takes samples
@@ -42,6 +44,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def shard_schema(row_len: int, dtype: np.dtype) -> pa.Schema:
     return pa.schema([pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), row_len))],
                      metadata={b"ember.row_length": str(row_len).encode()})
+
+
+EXTRA_COLUMNS = {"loss_mask": np.dtype(np.uint8), "segments": np.dtype(np.uint16)}
+
+
+def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
+    """Writes one shard of rows given per column, each (n, row_len), atomically; returns its manifest entry."""
+    row_len = columns["input_ids"].shape[1]
+    arrays, fields = [], []
+    for name, rows in columns.items():
+        values = pa.array(rows.reshape(-1))
+        arrays.append(pa.FixedSizeListArray.from_arrays(values, row_len))
+        fields.append(pa.field(name, arrays[-1].type))
+    schema = pa.schema(fields, metadata={b"ember.row_length": str(row_len).encode()})
+    tmp = path.with_name(f".tmp-{path.name}")
+    with pa.ipc.new_file(str(tmp), schema) as writer:
+        n = len(columns["input_ids"])
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        for start in range(0, n, ROWS_PER_BATCH):
+            writer.write_table(table.slice(start, ROWS_PER_BATCH))
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": int(n), "tokens": int(n * row_len)}
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
@@ -137,6 +161,7 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict:
 class _Block:
     rows: np.ndarray  # (n, row_len), a view into a memory-mapped file
     start: int  # global index of its first row
+    extra: dict  # the same for the extra columns of fine-tuning datasets
 
 
 class ShardReader:
@@ -153,17 +178,24 @@ class ShardReader:
         self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
         self.row_len = self.manifest["seq_len"] + 1
         self._blocks: list[_Block] = []
+        self.extra_columns: list[str] | None = None  # loss_mask and segments in fine-tuning datasets
         start = 0
         for shard in self.manifest["splits"][split]["shards"]:
             path = self.dataset_dir / split / shard["file"]
             if not path.is_file():
                 raise EmberError(f"shard listed in the manifest is missing: {path}")
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            for chunk in table.column("input_ids").chunks:
+            extra = [c for c in EXTRA_COLUMNS if c in table.column_names]
+            if self.extra_columns is None:
+                self.extra_columns = extra
+            for i, chunk in enumerate(table.column("input_ids").chunks):
                 rows = chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.row_len)
-                self._blocks.append(_Block(rows, start))
+                more = {c: table.column(c).chunks[i].flatten().to_numpy(zero_copy_only=True).reshape(-1, self.row_len)
+                        for c in self.extra_columns}
+                self._blocks.append(_Block(rows, start, more))
                 start += len(rows)
         self.num_rows = start
+        self.extra_columns = self.extra_columns or []
         if self.num_rows == 0:
             raise EmberError(f"{self.dataset_dir}: split {split!r} has no rows")
         self._starts = np.array([b.start for b in self._blocks])
@@ -177,6 +209,11 @@ class ShardReader:
         """Row `index` of the split in file order, shape (seq_len + 1,)."""
         b = self._blocks[int(np.searchsorted(self._starts, index, side="right")) - 1]
         return b.rows[index - b.start]
+
+    def columns(self, index: int) -> dict[str, np.ndarray]:
+        """Row `index` of every column: input_ids, and loss_mask and segments where the dataset has them."""
+        b = self._blocks[int(np.searchsorted(self._starts, index, side="right")) - 1]
+        return {"input_ids": b.rows[index - b.start], **{c: b.extra[c][index - b.start] for c in self.extra_columns}}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The permutation of row indices for one epoch, fixed by (seed, epoch)."""
@@ -197,12 +234,16 @@ class ShardReader:
             yield k
             k += self.world_size
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
-        """Endless (batch of shape (batch_size, seq_len + 1) as int64, global samples consumed after it) pairs."""
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray | dict, int]]:
+        """Endless (batch, global samples consumed after it) pairs. A batch is an int64 array (batch_size,
+        seq_len + 1), or for a fine-tuning dataset a dict of such arrays by column name."""
         indices = self.sample_indices(start)
         consumed = start
         while True:
             ks = [next(indices) for _ in range(batch_size)]
-            batch = np.stack([self.row(self.sample_row(k)) for k in ks]).astype(np.int64)
             consumed += batch_size * self.world_size
-            yield batch, consumed
+            if not self.extra_columns:
+                yield np.stack([self.row(self.sample_row(k)) for k in ks]).astype(np.int64), consumed
+                continue
+            rows = [self.columns(self.sample_row(k)) for k in ks]
+            yield {c: np.stack([r[c] for r in rows]).astype(np.int64) for c in rows[0]}, consumed

@@ -51,6 +51,7 @@ class SkipLog:
     """Counts skipped (and repaired) records by reason and keeps the first few locations."""
 
     strict: bool = False
+    strict_key: str = "source.strict"  # named in the error strict mode raises
     skipped: dict[str, int] = field(default_factory=dict)
     repaired: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
@@ -59,7 +60,7 @@ class SkipLog:
         """Records one skipped record; under `strict`, bad input fails at once instead."""
         message = f"{where}: {detail or reason.replace('_', ' ')}"
         if self.strict and bad_input:
-            raise EmberError(f"{message} (source.strict is on)")
+            raise EmberError(f"{message} ({self.strict_key} is on)")
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if bad_input and len(self.examples) < MAX_EXAMPLES:
             self.examples.append(message)
@@ -596,6 +597,40 @@ class DocumentReader:
                     self.skips.skip("wrong_type", f"{seg.name}:row {row}", f"column {column!r} is null")
                 else:
                     yield value
+                row += 1
+
+
+class RecordReader(DocumentReader):
+    """Reads the JSON/Parquet records of a work unit whole, as (record, "file:line") pairs (fine-tuning data)."""
+
+    def _field(self, record, key: str, at):
+        return record, at()
+
+    def _builtin(self, seg: Segment):
+        corpus, _, split = seg.path.partition(":")
+        if corpus == builtin.PYTHON_DOCS:
+            raise EmberError("builtin:python-docs is plain text, not conversations; use builtin:python-qa")
+        for rec in builtin.python_qa(seg.start, split or "train"):
+            yield {"prompt": rec["prompt"], "response": rec["response"]}, rec["where"]
+
+    def _whole_text(self, seg: Segment, stream):
+        raise EmberError(f"{seg.name}: plain text holds no conversations; give JSONL, JSON or Parquet records")
+
+    _paragraphs = _whole_text
+
+    def _parquet(self, seg: Segment):
+        try:
+            pfile = pq.ParquetFile(filesystem(seg.fs_uri).open_input_file(seg.path))
+        except (pa.ArrowException, OSError) as exc:
+            self.skips.skip("unreadable", seg.name, f"not a readable Parquet file: {exc}")
+            return
+        row = sum(pfile.metadata.row_group(rg).num_rows for rg in range(seg.start))
+        groups = list(range(seg.start, seg.end if seg.end >= 0 else pfile.num_row_groups))
+        if not groups:
+            return
+        for batch in pfile.iter_batches(batch_size=1024, row_groups=groups):
+            for record in batch.to_pylist():
+                yield record, f"{seg.name}:row {row}"
                 row += 1
 
 

@@ -5,9 +5,11 @@ Imports neither Ray nor DeepSpeed.
 
 from ember.model.generate import Completion, TextStream, decode_steps, generate_ids
 from ember.model.hf import load_model, save_model, stop_token_ids
-from ember.model.llama import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token, num_parameters, preset
+from ember.model.llama import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token, num_parameters, preset, \
+    resize_vocab
 from ember.model.sampling import SamplingParams
 
 __all__ = ["PRESETS", "Completion", "KVCache", "ModelConfig", "SamplingParams", "TextStream", "Transformer",
-           "decode_steps", "flops_per_token", "generate_ids", "load_model", "num_parameters", "preset", "save_model",
+           "decode_steps", "flops_per_token", "generate_ids", "load_model", "num_parameters", "preset", "resize_vocab",
+           "save_model",
            "stop_token_ids"]

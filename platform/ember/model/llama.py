@@ -239,17 +239,26 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
-    def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False):
+    def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False, segments=None):
         """Logits (B, T, V), or (B, V) at each row's last new token with `last_only`.
 
-        Without a cache: a causal forward over `tokens` (B, T) from position 0 (training). With one: the tokens
-        continue each row from `cache.lengths`; `num_new` (B,) says how many of the T are real per row (the rest
-        is right padding), and the cache advances by it.
+        Without a cache: a causal forward over `tokens` (B, T) from position 0 (training). `segments` (B, T), for
+        rows that pack several sequences, numbers the sequence each token belongs to: positions restart at 0 with
+        each sequence and attention stays inside it, so a packed row computes what its sequences would alone.
+        With a cache: the tokens continue each row from `cache.lengths`; `num_new` (B,) says how many of the T are
+        real per row (the rest is right padding), and the cache advances by it.
         """
         b, t = tokens.shape
         device = tokens.device
         steps = torch.arange(t, device=device)
-        if cache is None:
+        if cache is None and segments is not None:
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            first = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # each token's start
+            positions, span = steps - first, t
+            causal = steps[None, :] <= steps[:, None]  # (T, T): query i sees key j <= i
+            mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]  # (B, 1, T, T)
+        elif cache is None:
             positions, mask, span = steps.expand(b, t), None, t
         else:
             positions = cache.lengths[:, None] + steps  # (B, T)
@@ -273,3 +282,25 @@ class Transformer(nn.Module):
             last = (num_new - 1) if num_new is not None else torch.full((b,), t - 1, device=device)
             x = x[torch.arange(b, device=device), last]  # (B, C)
         return self.lm_head(x).float()
+
+
+@torch.no_grad()
+def resize_vocab(model: Transformer, vocab_size: int) -> None:
+    """Grows the embedding and output matrices to `vocab_size` rows (added tokens); new rows start at the mean of the
+    old ones, so a new token's logit starts near the average instead of dominating."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+    if vocab_size == old:
+        return
+    emb = model.embed_tokens.weight
+    grown = torch.cat([emb, emb.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+    model.embed_tokens = nn.Embedding.from_pretrained(grown.clone(), freeze=False)
+    if model.config.tie_word_embeddings:
+        model.lm_head = nn.Linear(emb.shape[1], vocab_size, bias=False)
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        head = model.lm_head.weight
+        model.lm_head = nn.Linear(head.shape[1], vocab_size, bias=False, device=head.device, dtype=head.dtype)
+        model.lm_head.weight.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
+    model.config.vocab_size = vocab_size

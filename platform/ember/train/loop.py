@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ember.config.specs import PretrainSpec, TrainSpec
+from ember.config.specs import SPEC_KINDS, TrainSpec
 from ember.data.shards import ShardReader, load_manifest
-from ember.model import ModelConfig, Transformer, flops_per_token, load_model, save_model
+from ember.model import ModelConfig, Transformer, flops_per_token, load_model, resize_vocab, save_model
 from ember.train.ds_config import deepspeed_config
 
 log = logging.getLogger("ember")
@@ -54,9 +54,25 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
-    logits = engine(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+def to_device(batch, device):
+    """A reader batch (an array, or a dict of arrays for fine-tuning data) as tensors on `device`."""
+    if isinstance(batch, dict):
+        return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    return torch.from_numpy(batch).to(device)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Next-token cross-entropy. For fine-tuning rows, only over targets whose loss_mask is 1, with each packed
+    conversation attending only to itself (segments)."""
+    if not isinstance(batch, dict):
+        logits = model(batch[:, :-1])  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1], segments=batch["segments"][:, :-1])
+    targets = ids[:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, -100)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                reduction="sum")
+    return per_token / (targets != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -64,7 +80,7 @@ def evaluate(engine, reader: ShardReader, micro_batch: int, batches: int, device
     """Mean loss over the first `batches` micro batches of val/ per rank (the same ones every time)."""
     engine.eval()
     it = reader.batches(micro_batch, start=0)
-    losses = [_lm_loss(engine, torch.from_numpy(next(it)[0]).to(device)) for _ in range(batches)]
+    losses = [lm_loss(engine, to_device(next(it)[0], device)) for _ in range(batches)]
     engine.train()
     return _mean_over_ranks(torch.stack(losses).mean())
 
@@ -140,17 +156,43 @@ def to_universal(ds_dir: Path, out_dir: Path) -> Path:
     return target
 
 
-def _export(engine, cfg: ModelConfig, out: Path, tokenizer_dir: str, eos_id: int, zero_stage: int, rank: int) -> None:
-    """Writes the trained model as a Llama-format model dir (ZeRO-3 shards gathered first; all ranks must call)."""
-    if zero_stage == 3:
+def build_model(spec, cfg: ModelConfig, vocab_size: int) -> tuple[Transformer, list]:
+    """The model a worker trains, and its trainable parameters: pretraining builds `cfg` (or loads
+    model.init_from); fine-tuning loads the base, grows its vocabulary to the dataset's tokenizer, and with LoRA
+    freezes it under adapters."""
+    if spec.kind == "pretrain":
+        model = load_model(spec.model.init_from) if spec.model.init_from else Transformer(cfg)
+        return model, list(model.parameters())
+    model = load_model(spec.base)
+    resize_vocab(model, max(vocab_size, model.config.vocab_size))
+    if spec.method == "lora":
+        from ember.train.lora import apply_lora
+
+        return model, apply_lora(model, spec.lora)
+    return model, list(model.parameters())
+
+
+def _export(engine, spec, cfg: ModelConfig, out: Path, tokenizer_dir: str, eos_ids, rank: int, vocab_size: int) -> None:
+    """Writes the trained model as a Llama-format model dir (ZeRO-3 shards gathered first; all ranks must call).
+    With LoRA, the adapters are also saved on their own (PEFT format, `adapter/` beside the model) and merged into
+    the exported weights."""
+    if spec.deepspeed.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: rank 0 receives the full state dict
         if rank == 0:
-            model = Transformer(cfg)
+            torch.manual_seed(0)
+            model = Transformer(cfg) if spec.kind == "pretrain" else build_model(spec, cfg, vocab_size)[0]
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     else:
         model = engine.module
-    if rank == 0:
-        save_model(model, out, tokenizer_dir=tokenizer_dir, dtype=torch.float32, eos_token_id=eos_id)
+    if rank != 0:
+        return
+    if spec.kind == "finetune" and spec.method == "lora":
+        from ember.train.lora import adapter_state, merge_lora, save_adapter
+
+        save_adapter(adapter_state(model), spec.lora, spec.base, out.parent / "adapter")
+        merge_lora(model)
+    model.config.gradient_checkpointing = False
+    save_model(model, out, tokenizer_dir=tokenizer_dir, dtype=torch.float32, eos_token_id=eos_ids)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -159,21 +201,22 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    spec = PretrainSpec.model_validate(config["spec"])
+    spec = SPEC_KINDS[config["spec"]["kind"]].model_validate(config["spec"])
     cfg = ModelConfig(**config["model_config"])
+    data_dir = config["data_dir"]
     run_dir = Path(config["run_dir"])
     total_steps = config["total_steps"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    manifest = load_manifest(spec.data.dir)
+    manifest = load_manifest(data_dir)
     seq_len, tr = manifest["seq_len"], spec.train
 
     torch.manual_seed(tr.seed)  # the same initial weights on every rank
-    model = load_model(spec.model.init_from) if spec.model.init_from else Transformer(cfg)
+    model, trainable = build_model(spec, cfg, manifest["vocab_size"])
     model.config.gradient_checkpointing = spec.deepspeed.activation_checkpointing
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: no weight decay
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]  # norms: no weight decay
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     ds_config = deepspeed_config(tr, spec.deepspeed, world)
     step, samples = 0, 0
@@ -200,8 +243,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("resumed at step %d (%d samples consumed) from %s%s", step, samples, checkpoint.path, how)
     accum = ds_config["gradient_accumulation_steps"]
 
-    train_reader = ShardReader(spec.data.dir, "train", seed=tr.seed, rank=rank, world_size=world)
-    val_reader = (ShardReader(spec.data.dir, "val", seed=tr.seed, rank=rank, world_size=world)
+    train_reader = ShardReader(data_dir, "train", seed=tr.seed, rank=rank, world_size=world)
+    val_reader = (ShardReader(data_dir, "val", seed=tr.seed, rank=rank, world_size=world)
                   if manifest["splits"]["val"]["rows"] else None)
     batches = train_reader.batches(tr.micro_batch_size, start=samples)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if rank == 0 else None
@@ -223,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         losses = []
         for _ in range(accum):
             batch, samples = next(batches)
-            loss = _lm_loss(engine, torch.from_numpy(batch).to(device))
+            loss = lm_loss(engine, to_device(batch, device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
@@ -272,7 +315,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         interval_start, interval_steps = time.perf_counter(), 0
 
-    _export(engine, cfg, run_dir / "model", spec.data.dir, manifest["eos_id"], spec.deepspeed.zero_stage, rank)
+    _export(engine, spec, cfg, run_dir / "model", data_dir, config.get("eos_ids", manifest["eos_id"]), rank,
+            manifest["vocab_size"])
     if rank == 0:
         log.info("model exported to %s", run_dir / "model")
     if dist.is_initialized():

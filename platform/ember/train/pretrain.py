@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ember.config.specs import PretrainSpec
+from ember.config.specs import PretrainSpec, TrainingJobSpec
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
 from ember.model import ModelConfig, preset
@@ -50,12 +50,12 @@ def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
     return cfg
 
 
-def total_steps(spec: PretrainSpec, manifest: dict) -> int:
+def total_steps(spec: TrainingJobSpec, manifest: dict) -> int:
     t = spec.train
     return t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
 
 
-def _check_resources(spec: PretrainSpec) -> None:
+def _check_resources(spec: TrainingJobSpec) -> None:
     """Fails at once when the cluster can never hold the workers (Ray would otherwise wait for them forever)."""
     import ray
 
@@ -78,6 +78,16 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
     cfg = model_config(spec, manifest)
+    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
+    spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
+    if spec.model.init_from:
+        spec.model.init_from = str(Path(spec.model.init_from).expanduser().resolve())
+    return launch(spec, cfg, manifest, spec.data.dir, address)
+
+
+def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: str, address: str | None,
+           extra: dict | None = None) -> dict:
+    """Runs the training loop of a pretrain or finetune spec on Ray Train; returns the last reported metrics."""
     steps = total_steps(spec, manifest)
     deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers)  # batch arithmetic and offload checks
     run_dir = Path(spec.output.dir).expanduser().resolve()
@@ -90,10 +100,7 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
         start_from = Path(spec.resume).expanduser().resolve()
         if not (start_from / STATE_FILE).is_file():
             raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no ember_state.json)")
-    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
-    spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
-    if spec.model.init_from:
-        spec.model.init_from = str(Path(spec.model.init_from).expanduser().resolve())
+    spec = spec.model_copy(deep=True)
     spec.output.dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
@@ -103,11 +110,10 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-
     ensure_ray(address)
     _check_resources(spec)
     s = spec.scaling
-    log.info("pretrain: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s",
+    log.info("%s: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s", spec.kind,
              f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", steps,
              spec.train.global_batch_size, manifest["seq_len"], s.workers, spec.deepspeed.zero_stage,
              spec.deepspeed.precision, "; resuming from the latest checkpoint" if restarting and spec.resume == "auto"
@@ -115,8 +121,8 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": json.loads(spec.model_dump_json()), "model_config": cfg.to_dict(),
-                           "run_dir": str(run_dir), "total_steps": steps,
-                           "start_from": str(start_from) if start_from else None},
+                           "run_dir": str(run_dir), "total_steps": steps, "data_dir": data_dir,
+                           "start_from": str(start_from) if start_from else None, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
                                                            **({"GPU": 1} if s.use_gpu else {})}),
@@ -139,6 +145,6 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     if (run_dir / ERROR_FILE).is_file():
         raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-    log.info("pretrain: done at step %s, loss %.4f%s; model: %s", metrics.get("step"), metrics.get("loss", float("nan")),
-             val, run_dir / "model")
+    log.info("%s: done at step %s, loss %.4f%s; model: %s", spec.kind, metrics.get("step"),
+             metrics.get("loss", float("nan")), val, run_dir / "model")
     return metrics

@@ -1,0 +1,237 @@
+"""Conversations for fine-tuning: records → messages → chat-template text → token ids with a loss mask → packed rows.
+
+- Records come as ``messages`` (a list of ``{role, content}``), ``prompt``/``response``, or Alpaca-style
+  ``instruction``/``input``/``output``. A bad record raises `BadRecord` (a reason kind and a detail); the reader
+  counts it with its ``file:line``.
+- The chat template is the base model's (``chat_template`` in its ``tokenizer_config.json``, Jinja, rendered the way
+  `transformers` renders it) or Ember's ChatML default.
+- The loss mask marks the tokens of each assistant turn as the template writes it (its content and its end marker):
+  for turn i, the text of ``messages[:i]`` with the generation prompt is a prefix of the text of ``messages[:i+1]``,
+  and the characters between the two are that turn's. Tokens whose first character lies there are targets.
+- `SFTPacker` packs whole conversations into rows of ``seq_len + 1`` with a segment number per token, so training
+  keeps their attention and their positions apart (see `Transformer.forward(segments=...)`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer
+
+from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, _token_name
+from ember.errors import EmberError
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("auto", "messages", "prompt_response", "alpaca")
+
+
+class BadRecord(Exception):
+    """A record that is not a usable conversation; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _text(record: dict, key: str) -> str:
+    if key not in record:
+        raise BadRecord("missing_field", f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRecord("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def detect_format(record: dict) -> str:
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    if "prompt" in record or "response" in record:
+        return "prompt_response"
+    raise BadRecord("missing_field", "no 'messages', 'prompt'/'response' or 'instruction'/'output' fields "
+                    f"(has: {', '.join(sorted(record)) or 'none'})")
+
+
+def to_messages(record, fmt: str = "auto") -> list[dict]:
+    """The conversation a record holds, as a list of {role, content}; raises BadRecord."""
+    if not isinstance(record, dict):
+        raise BadRecord("not_an_object", f"expected a JSON object, got {type(record).__name__}")
+    kind = detect_format(record) if fmt == "auto" else fmt
+    if kind == "prompt_response":
+        messages = [{"role": "user", "content": _text(record, "prompt")},
+                    {"role": "assistant", "content": _text(record, "response")}]
+    elif kind == "alpaca":
+        instruction, extra = _text(record, "instruction"), record.get("input") or ""
+        if not isinstance(extra, str):
+            raise BadRecord("wrong_type", f"field 'input' is {type(extra).__name__}, expected a string")
+        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+                    {"role": "assistant", "content": _text(record, "output")}]
+    else:
+        if "messages" not in record:
+            raise BadRecord("missing_field", "missing field 'messages'")
+        raw = record["messages"]
+        if not isinstance(raw, list):
+            raise BadRecord("wrong_type", f"field 'messages' is {type(raw).__name__}, expected a list")
+        if not raw:
+            raise BadRecord("empty_conversation", "'messages' is empty")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise BadRecord("missing_field", f"messages[{i}] needs 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise BadRecord("unknown_role", f"messages[{i}] has unknown role {m['role']!r} "
+                                f"(one of: {', '.join(ROLES)})")
+            if not isinstance(m["content"], str):
+                raise BadRecord("wrong_type", f"messages[{i}].content is {type(m['content']).__name__}, "
+                                "expected a string")
+            messages.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant_turn", "the conversation has no assistant turn")
+    if all(not m["content"].strip() for m in messages):
+        raise BadRecord("empty_conversation", "every message is empty")
+    return messages
+
+
+def _raise_exception(message: str):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+class ChatTemplate:
+    """A Jinja chat template compiled as `transformers` compiles one (sandboxed, trim_blocks, lstrip_blocks,
+    `raise_exception`, `strftime_now`, and the tokenizer's special tokens as variables)."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None):
+        from jinja2 import ext
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as exc:
+            raise EmberError(f"the chat template does not compile: {exc}") from None
+        self.source = source
+        self.special = dict(special_tokens or {})
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special)
+        except TemplateError as exc:
+            raise BadRecord("template_error", f"the chat template refused the conversation: {exc}") from None
+
+
+def template_source(config: dict) -> str | None:
+    """The chat template in a tokenizer_config.json (a string, or the 'default' of a list of named ones)."""
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+    return value
+
+
+def special_token_vars(config: dict) -> dict[str, str | None]:
+    return {k: _token_name(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+
+def chat_tokenizer(tok: Tokenizer, config: dict) -> tuple[Tokenizer, dict, list[str]]:
+    """The tokenizer and tokenizer_config for fine-tuning a model with this tokenizer: the model's own chat template
+    when it has one; otherwise Ember's ChatML template, with its turn markers (and a pad token) added as special
+    tokens when missing. Returns (tokenizer, config, added token names); new ids follow the old ones."""
+    config = dict(config)
+    added: list[str] = []
+    if template_source(config) is None:
+        config["chat_template"] = DEFAULT_CHAT_TEMPLATE
+        missing = [t for t in (*CHAT_TOKENS, PAD_TOKEN) if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+            added = missing
+    if config.get("pad_token") is None and tok.token_to_id(PAD_TOKEN) is not None:
+        config["pad_token"] = PAD_TOKEN
+    return tok, config, added
+
+
+class ChatEncoder:
+    """Renders a conversation with the template and tokenizes it, with the loss mask (see the module doc)."""
+
+    def __init__(self, tok: Tokenizer, template: ChatTemplate, train_on: str = "assistant"):
+        self.tok, self.template, self.train_on = tok, template, train_on
+
+    def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of its assistant turns."""
+        text = self.template.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.template.render(messages[:i], add_generation_prompt=True)
+            through = self.template.render(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise BadRecord("template_error", "the chat template does not render the conversation's turns as "
+                                "prefixes of each other, so the assistant tokens cannot be located")
+            spans.append((len(before), len(through)))
+        return text, spans
+
+    def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (int64) and the loss mask (uint8, 1 = a training target) of one conversation."""
+        text, spans = self.spans(messages)
+        enc = self.tok.encode(text, add_special_tokens=False)
+        ids = np.array(enc.ids, dtype=np.int64)
+        if self.train_on == "all":
+            mask = np.ones(len(ids), dtype=np.uint8)
+            mask[:1] = 0  # the first token has nothing before it
+            return ids, mask
+        starts = np.array([s for s, _ in enc.offsets], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for lo, hi in spans:
+            mask[(starts >= lo) & (starts < hi)] = 1
+        return ids, mask
+
+
+class SFTPacker:
+    """Packs whole conversations into rows of `row_len`; a conversation never spans two rows. Returns completed rows
+    as (ids, mask, segments) arrays; padding has id `pad_id`, mask 0 and segment 0."""
+
+    def __init__(self, row_len: int, pad_id: int, pack: bool = True):
+        self.row_len, self.pad_id, self.pack = row_len, pad_id, pack
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._used = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        if len(ids) > self.row_len:
+            raise ValueError(f"a conversation of {len(ids)} tokens does not fit a row of {self.row_len}")
+        if self._parts and (not self.pack or self._used + len(ids) > self.row_len):
+            self._close()
+        self._parts.append((ids, mask))
+        self._used += len(ids)
+
+    def _close(self) -> None:
+        ids = np.full(self.row_len, self.pad_id, dtype=np.int64)
+        mask = np.zeros(self.row_len, dtype=np.uint8)
+        seg = np.zeros(self.row_len, dtype=np.uint16)
+        at = 0
+        for n, (i, m) in enumerate(self._parts, 1):
+            ids[at: at + len(i)], mask[at: at + len(i)], seg[at: at + len(i)] = i, m, n
+            at += len(i)
+        self.rows.append((ids, mask, seg))
+        self._parts, self._used = [], 0
+
+    def finish(self) -> None:
+        if self._parts:
+            self._close()
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The completed rows as columns (input_ids, loss_mask, segments), and forgets them."""
+        rows, self.rows = self.rows, []
+        if not rows:
+            return {}
+        return {"input_ids": np.stack([r[0] for r in rows]), "loss_mask": np.stack([r[1] for r in rows]),
+                "segments": np.stack([r[2] for r in rows])}

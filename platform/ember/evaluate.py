@@ -1,0 +1,199 @@
+"""`kind: evaluate`: compares model dirs on the same data.
+
+- `data.dir`, a dataset dir: the mean next-token loss and perplexity over its first rows (pretrain datasets), or
+  the loss on assistant tokens only (fine-tuning datasets, whose rows carry a loss mask). The model's tokenizer must
+  give the same ids as the dataset's.
+- `data.conversations` (JSONL/Parquet conversations or builtin:python-qa:test): each model renders them with its own
+  chat template and tokenizer; the loss on the assistant tokens, and, for the first `generation.max_examples`, a
+  greedy answer to the conversation up to its last assistant turn scored against that turn by exact match and token
+  F1 (SQuAD-style: lower case, punctuation and articles dropped).
+
+The evaluation runs in the job's driver process (CPU or one GPU); results go to `output.file` and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import string
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ember.config.specs import EvaluateSpec, SourceSpec
+from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, chat_tokenizer, special_token_vars, \
+    template_source, to_messages
+from ember.data.shards import ShardReader, load_manifest
+from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
+from ember.data.tokenizer import load_tokenizer, tokenizer_config
+from ember.errors import EmberError
+from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
+from ember.train.loop import lm_loss
+
+log = logging.getLogger("ember")
+
+
+def _normalize(text: str) -> list[str]:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = _normalize(prediction), _normalize(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(_normalize(prediction) == _normalize(reference))
+
+
+def _check_same_ids(model_dir: str, dataset_dir: str) -> None:
+    """The model's tokenizer must map the dataset's tokens to the same ids."""
+    data_vocab = load_tokenizer(dataset_dir).get_vocab(with_added_tokens=True)
+    model_vocab = load_tokenizer(model_dir).get_vocab(with_added_tokens=True)
+    differing = [t for t, i in data_vocab.items() if model_vocab.get(t) != i]
+    if differing:
+        raise EmberError(f"the tokenizer of {model_dir} differs from the dataset's in {dataset_dir} "
+                         f"({len(differing)} tokens, e.g. {differing[0]!r}); evaluate each model on data "
+                         "tokenized with its own tokenizer, or use data.conversations")
+
+
+@torch.no_grad()
+def dataset_loss(model, dataset_dir: str, split: str, batches: int, batch_size: int) -> dict:
+    """Mean loss over the first rows of a split, weighted by target tokens (file order: the same rows each time)."""
+    manifest = load_manifest(dataset_dir)
+    reader = ShardReader(dataset_dir, split)
+    rows = min(len(reader), batches * batch_size)
+    total, count = 0.0, 0
+    for start in range(0, rows, batch_size):
+        picked = [reader.columns(i) for i in range(start, min(rows, start + batch_size))]
+        if reader.extra_columns:
+            batch = {c: torch.stack([torch.from_numpy(r[c].astype("int64")) for r in picked]) for c in picked[0]}
+            targets = int((batch["loss_mask"][:, 1:] != 0).sum())
+        else:
+            batch = torch.stack([torch.from_numpy(r["input_ids"].astype("int64")) for r in picked])
+            targets = batch[:, 1:].numel()
+        total += float(lm_loss(model, batch)) * targets
+        count += targets
+    loss = total / max(count, 1)
+    kind = "assistant_loss" if manifest.get("kind") == "sft" else "loss"
+    return {kind: loss, "perplexity": math.exp(min(loss, 50.0)), "rows": rows, "target_tokens": count}
+
+
+def read_conversations(inputs: list[str]) -> list[tuple[list[dict], str]]:
+    """(messages, file:line) of every usable conversation in `inputs`; bad records are counted and skipped."""
+    source = SourceSpec(inputs=inputs)
+    skips = SkipLog()
+    reader = RecordReader(source, skips)
+    found = []
+    for unit in plan_units(resolve_inputs(source), source):
+        for record, where in reader(unit):
+            try:
+                found.append((to_messages(record), where))
+            except BadRecord as bad:
+                skips.skip(bad.reason, where, bad.detail)
+    if skips.skipped:
+        log.info("evaluate: skipped %s", ", ".join(f"{k} {v}" for k, v in skips.skipped.items()))
+    if not found:
+        raise EmberError(f"no usable conversations in {', '.join(inputs)}")
+    return found
+
+
+@torch.no_grad()
+def conversation_scores(model, model_dir: str, conversations: list[tuple[list[dict], str]], max_examples: int,
+                        max_new_tokens: int) -> dict:
+    tok, config, added = chat_tokenizer(load_tokenizer(model_dir), tokenizer_config(model_dir))
+    if added:
+        raise EmberError(f"{model_dir} has no chat template and its tokenizer lacks the tokens of Ember's default "
+                         f"one ({', '.join(added)}); fine-tune it first or give it a chat_template")
+    template = ChatTemplate(template_source(config), special_token_vars(config))
+    encoder = ChatEncoder(tok, template)
+    context = model.config.max_position_embeddings
+    total, count = 0.0, 0
+    for messages, where in conversations:
+        try:
+            ids, mask = encoder.encode(messages)
+        except BadRecord as bad:
+            raise EmberError(f"{where}: {bad.detail} (model {model_dir})") from None
+        ids, mask = ids[:context], mask[:context]
+        if not mask[1:].any():
+            continue
+        batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype("int64"))[None],
+                 "segments": torch.ones(1, len(ids), dtype=torch.long)}
+        n = int(mask[1:].sum())
+        total += float(lm_loss(model, batch)) * n
+        count += n
+    result = {"assistant_loss": total / max(count, 1), "assistant_tokens": count}
+    if max_examples:
+        stops = stop_token_ids(model_dir, tok) | {i for i in (tok.token_to_id("<|im_end|>"),) if i is not None}
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0).validate()
+        f1, em, examples = [], [], []
+        for messages, where in conversations[:max_examples]:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = tok.encode(template.render(messages[:last], add_generation_prompt=True),
+                                add_special_tokens=False).ids
+            prompt = prompt[-(context - max_new_tokens):] if len(prompt) + max_new_tokens > context else prompt
+            answer = tok.decode(generate_ids(model, [prompt], params, stops)[0]).strip()
+            reference = messages[last]["content"]
+            f1.append(token_f1(answer, reference))
+            em.append(exact_match(answer, reference))
+            if len(examples) < 3:
+                examples.append({"where": where, "question": messages[last - 1]["content"] if last else "",
+                                 "answer": answer, "reference": reference})
+        result.update({"token_f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "answered": len(f1),
+                       "examples": examples})
+    return result
+
+
+def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
+    """Evaluates every model of the spec; writes and returns {model name: figures}."""
+    t0 = time.perf_counter()
+    for name, path in spec.models.items():
+        if not Path(path).expanduser().is_dir():
+            raise EmberError(f"models.{name}: model directory not found: {path}")
+    if spec.data.dir:
+        load_manifest(spec.data.dir)
+    conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
+    results: dict[str, dict] = {}
+    for name, path in spec.models.items():
+        model_dir = str(Path(path).expanduser())
+        model = load_model(model_dir).eval()
+        figures: dict = {"model": str(Path(model_dir).resolve())}
+        if spec.data.dir:
+            _check_same_ids(model_dir, spec.data.dir)
+            figures["dataset"] = dataset_loss(model, spec.data.dir, spec.data.split, spec.data.batches,
+                                              spec.data.batch_size)
+        if conversations:
+            figures["conversations"] = conversation_scores(model, model_dir, conversations,
+                                                           spec.generation.max_examples,
+                                                           spec.generation.max_new_tokens)
+        results[name] = figures
+        parts = []
+        if "dataset" in figures:
+            d = figures["dataset"]
+            key = "assistant_loss" if "assistant_loss" in d else "loss"
+            parts.append(f"{spec.data.split} {key.replace('_', ' ')} {d[key]:.4f} (ppl {d['perplexity']:.1f})")
+        if "conversations" in figures:
+            c = figures["conversations"]
+            parts.append(f"held-out assistant loss {c['assistant_loss']:.4f}")
+            if "token_f1" in c:
+                parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
+                             f"over {c['answered']} answers")
+        log.info("evaluate: %-10s %s", name, "; ".join(parts))
+    out = Path(spec.output.file).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log.info("evaluate: results in %s (%.1fs)", out, time.perf_counter() - t0)
+    return results
