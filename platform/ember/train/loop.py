@@ -69,10 +69,15 @@ def lm_loss(model, batch) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     ids = batch["input_ids"]
     logits = model(ids[:, :-1], segments=batch["segments"][:, :-1])
-    targets = ids[:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, -100)
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                reduction="sum")
-    return per_token / (targets != -100).sum().clamp(min=1)
+    return masked_cross_entropy(logits, ids[:, 1:], batch["loss_mask"][:, 1:])
+
+
+def masked_cross_entropy(logits, targets, mask) -> torch.Tensor:
+    """Mean cross-entropy over the targets whose mask is non-zero; the others' labels are never read."""
+    targets = targets.masked_fill(mask == 0, -100)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()

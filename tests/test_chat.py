@@ -1,0 +1,165 @@
+"""Conversations for fine-tuning without Ray: record formats, bad records, the chat template (checked against
+`transformers`), the loss mask, and packing that keeps conversations apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, SFTPacker, chat_tokenizer, special_token_vars, \
+    template_source, to_messages
+from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
+from ember.model import Transformer, preset
+from ember.train.loop import lm_loss, masked_cross_entropy
+
+QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),
+      ("Where does the whale live?", "The whale lives in the sea.")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = [f"{q} {a}" for q, a in QA] * 40 + ["system user assistant helpful answer briefly"] * 10
+    return train_tokenizer(text, 300)
+
+
+@pytest.fixture(scope="module")
+def encoder(tok):
+    return ChatEncoder(tok, ChatTemplate(DEFAULT_CHAT_TEMPLATE))
+
+
+def conversation(i: int, system: bool = False) -> list[dict]:
+    q, a = QA[i % len(QA)]
+    head = [{"role": "system", "content": "Answer briefly."}] if system else []
+    return head + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_the_three_record_formats_give_the_same_conversation():
+    want = [{"role": "user", "content": "What color is the fox?"}, {"role": "assistant", "content": "Red."}]
+    assert to_messages({"messages": want}) == want
+    assert to_messages({"prompt": "What color is the fox?", "response": "Red."}) == want
+    assert to_messages({"instruction": "What color is the fox?", "output": "Red."}) == want
+    alpaca = to_messages({"instruction": "Name its color.", "input": "the fox", "output": "Red."})
+    assert alpaca[0]["content"] == "Name its color.\n\nthe fox"
+
+
+@pytest.mark.parametrize("record, reason, words", [
+    ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown_role",
+     "unknown role 'wizard'"),
+    ({"messages": []}, "empty_conversation", "empty"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no_assistant_turn", "no assistant turn"),
+    ({"prompt": "hi"}, "missing_field", "missing field 'response'"),
+    ({"messages": [{"role": "user"}]}, "missing_field", "needs 'role' and 'content'"),
+    ({"messages": "hello"}, "wrong_type", "expected a list"),
+    ({"prompt": "hi", "response": 3}, "wrong_type", "'response' is int"),
+    ({"question": "hi"}, "missing_field", "has: question"),
+    (["not", "an", "object"], "not_an_object", "expected a JSON object"),
+])
+def test_bad_records_name_what_is_wrong(record, reason, words):
+    with pytest.raises(BadRecord) as caught:
+        to_messages(record)
+    assert caught.value.reason == reason and words in caught.value.detail
+
+
+def test_the_template_renders_as_transformers_renders_it(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tok, tmp_path, model_max_length=64)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = conversation(0, system=True) + conversation(1)
+    ours = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
+    for prompt in (False, True):
+        assert ours.render(messages, prompt) == hf.apply_chat_template(messages, tokenize=False,
+                                                                       add_generation_prompt=prompt)
+    # A template with the features real ones use (raise_exception, special-token variables, loop controls).
+    llama_like = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+                  "{% endif %}[{{ m['role'] }}] {{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[assistant] {% endif %}")
+    hf.chat_template = llama_like
+    config = {"bos_token": "<|pad|>", "eos_token": "<|endoftext|>"}
+    assert ChatTemplate(llama_like, special_token_vars(config)).render(messages, True) == \
+        hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, bos_token="<|pad|>")
+
+
+def test_the_loss_mask_covers_assistant_turns_and_their_end_marker(tok, encoder):
+    messages = conversation(0, system=True) + conversation(2)
+    ids, mask = encoder.encode(messages)
+    targets = tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
+    assert targets == "The fox is red.<|im_end|>\nThe whale lives in the sea.<|im_end|>\n"
+    _, everything = ChatEncoder(tok, ChatTemplate(DEFAULT_CHAT_TEMPLATE), train_on="all").encode(messages)
+    assert everything[1:].all() and everything[0] == 0
+
+
+def test_a_prompt_tokens_label_cannot_change_the_loss_and_an_assistant_tokens_can(encoder):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2))
+    ids, mask = encoder.encode(conversation(1, system=True))
+    batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype(np.int64))[None],
+             "segments": torch.ones(1, len(ids), dtype=torch.long)}
+    loss = float(lm_loss(model, batch))
+    logits = model(batch["input_ids"][:, :-1])
+    labels, label_mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    assert abs(float(masked_cross_entropy(logits, labels, label_mask)) - loss) < 1e-6  # what training minimises
+    for position in np.flatnonzero(mask[1:] == 0):  # every prompt (and template) token's label
+        changed = labels.clone()
+        changed[0, position] = (changed[0, position] + 7) % 300
+        assert float(masked_cross_entropy(logits, changed, label_mask)) == pytest.approx(loss, abs=1e-6)
+    for position in np.flatnonzero(mask[1:] == 1):  # every assistant token's label
+        changed = labels.clone()
+        changed[0, position] = (changed[0, position] + 7) % 300
+        assert abs(float(masked_cross_entropy(logits, changed, label_mask)) - loss) > 1e-4
+
+
+def test_packed_conversations_never_see_or_score_each_other(encoder):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)).eval()
+    convs = [encoder.encode(conversation(i, system=i == 1)) for i in range(3)]
+    row_len = sum(len(ids) for ids, _ in convs) + 5
+    packer = SFTPacker(row_len, pad_id=1)
+    for ids, mask in convs:
+        packer.add(ids, mask)
+    packer.finish()
+    rows = packer.take()
+    assert rows["input_ids"].shape == (1, row_len)
+    seg = rows["segments"][0]
+    assert list(np.unique(seg)) == [0, 1, 2, 3] and (seg[-5:] == 0).all() and not rows["loss_mask"][0, -5:].any()
+    at = 0
+    packed_logits = model(torch.from_numpy(rows["input_ids"][:, :-1]), segments=torch.from_numpy(
+        rows["segments"][:, :-1].astype(np.int64)))[0]
+    for n, (ids, mask) in enumerate(convs, 1):
+        span = slice(at, at + len(ids))
+        assert (seg[span] == n).all() and (rows["loss_mask"][0, span] == mask).all()  # its own mask, nobody else's
+        alone = model(torch.from_numpy(ids[None, :-1]))[0]
+        assert torch.allclose(packed_logits[at: at + len(ids) - 1], alone, atol=1e-5)  # it attends to itself only
+        at += len(ids)
+    # Without segments the later conversations would read the earlier ones:
+    mixed = model(torch.from_numpy(rows["input_ids"][:, :-1]))[0]
+    second = slice(len(convs[0][0]), len(convs[0][0]) + len(convs[1][0]) - 1)
+    assert not torch.allclose(mixed[second], packed_logits[second], atol=1e-3)
+
+
+def test_a_packer_without_packing_gives_one_conversation_per_row(encoder):
+    convs = [encoder.encode(conversation(i)) for i in range(3)]
+    packer = SFTPacker(64, pad_id=1, pack=False)
+    for ids, mask in convs:
+        packer.add(ids, mask)
+    packer.finish()
+    assert packer.take()["segments"].max(axis=1).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="does not fit a row of 64"):
+        packer.add(np.zeros(65, dtype=np.int64), np.zeros(65, dtype=np.uint8))
+
+
+def test_a_tokenizer_without_chat_tokens_gets_them_added(tmp_path):
+    tok = train_tokenizer([f"{q} {a}" for q, a in QA] * 20, 300)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.add_tokens(["hello"])
+    grown, config, added = chat_tokenizer(plain, {"eos_token": "hello"})
+    assert added == ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    assert grown.token_to_id("<|im_end|>") == 2 and template_source(config) == DEFAULT_CHAT_TEMPLATE
+    same, config, added = chat_tokenizer(tok, {"chat_template": "{{ messages[0]['content'] }}"})
+    assert added == [] and template_source(config) == "{{ messages[0]['content'] }}"

@@ -1,0 +1,232 @@
+"""`kind: finetune` and `kind: evaluate` on real Ray Train + DeepSpeed: full fine-tuning of a model saved by
+`transformers` (chat tokens added, embeddings resized, the result loads back in `transformers`), LoRA (only the
+adapters change; the merged export equals base + adapters, also as PEFT computes it), bad records, and an evaluation
+in which the fine-tuned model beats its base on held-out conversations."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.config import parse_spec
+from ember.errors import EmberError
+from ember.evaluate import run_evaluate
+from ember.model import Transformer, load_model, preset, save_model
+from ember.train.finetune import run_finetune
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+ANIMALS = ("fox crow whale horse tiger eagle frog snake camel otter panda koala zebra moose bison heron trout "
+           "shark lemur gecko").split()
+COLORS = "red black blue brown orange white green gray yellow silver".split()
+
+
+def qa(animal: str) -> tuple[str, str]:
+    return f"What color is the {animal}?", f"The {animal} is {COLORS[len(animal) * 7 % len(COLORS)]}."
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q, a = qa(rng.choice(ANIMALS))
+        if i % 3 == 0:
+            out.append({"messages": [{"role": "system", "content": "Answer briefly."},
+                                     {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        elif i % 3 == 1:
+            out.append({"prompt": q, "response": a})
+        else:
+            out.append({"instruction": q, "output": a})
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("chat")
+    lines = [json.dumps(r) for r in conversations(400, seed=1)]
+    lines.insert(10, '{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}')
+    lines.insert(20, "{not json")
+    lines.insert(30, json.dumps({"messages": [{"role": "user", "content": "alone"}]}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations(40, seed=2)))
+    return {"train": root / "train.jsonl", "heldout": root / "heldout.jsonl", "root": root}
+
+
+def _tokenizer_text() -> list[str]:
+    return [f"{q} {a} Answer briefly." for q, a in (qa(x) for x in ANIMALS)] * 30
+
+
+@pytest.fixture(scope="session")
+def ember_base(tmp_path_factory) -> Path:
+    """An Ember model dir: tiny random weights, a tokenizer with ChatML tokens and Ember's template."""
+    from ember.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("ember-base")
+    save_tokenizer(train_tokenizer(_tokenizer_text(), 320), root / "tok", model_max_length=128)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def hf_base(tmp_path_factory) -> Path:
+    """A tiny Llama saved by `transformers`, with a tokenizer that has no chat tokens and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("hf-base") / "model"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_tokenizer_text(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(root))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=0,
+                      bos_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(root))
+    return root
+
+
+def spec(base: Path, train_file: Path, run_dir: Path, **sections) -> dict:
+    data = {"kind": "finetune", "base": str(base),
+            "data": {"inputs": [str(train_file)], "seq_len": 64, "val_fraction": 0.1},
+            "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4,
+                      "warmup_steps": 3, "log_every": 5, "eval_every": 15, "eval_batches": 2,
+                      "checkpoint_every": 15},
+            "deepspeed": {"zero_stage": 2}, "scaling": {"workers": 2}, "output": {"dir": str(run_dir)}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def full_run(hf_base, chat_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ft") / "full"
+    run_finetune(parse_spec(spec(hf_base, chat_data["train"], run_dir)))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lora_run(ember_base, chat_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ft") / "lora"
+    run_finetune(parse_spec(spec(ember_base, chat_data["train"], run_dir, method="lora", train={"lr": 1e-2},
+                                 lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                                 scaling={"workers": 1})))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ember_full_run(ember_base, chat_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ft") / "ember-full"
+    run_finetune(parse_spec(spec(ember_base, chat_data["train"], run_dir, scaling={"workers": 1},
+                                 deepspeed={"zero_stage": 1})))
+    return run_dir
+
+
+def test_full_finetune_of_a_transformers_model_adds_chat_tokens_and_loads_back_in_transformers(full_run, hf_base):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    manifest = json.loads((full_run / "data" / "manifest.json").read_text())
+    assert manifest["kind"] == "sft" and manifest["added_tokens"] == ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    c = manifest["conversations"]
+    assert c["kept"] == 400 and c["skipped"] == {"malformed_json": 1, "no_assistant_turn": 1, "unknown_role": 1}
+    assert any("train.jsonl:11: messages[0] has unknown role 'wizard'" in e for e in c["examples"])
+    assert any(e.startswith(str(Path(manifest["source"]["inputs"][0]).name)) or "train.jsonl:21" in e
+               for e in c["examples"])
+    metrics = rows(full_run)
+    assert metrics[-1]["step"] == 30 and metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
+    assert metrics[-1]["val_loss"] < metrics[2]["val_loss"]
+
+    hf = LlamaForCausalLM.from_pretrained(str(full_run / "model")).eval()
+    assert hf.config.vocab_size == 300 + 3
+    ours = load_model(full_run / "model")
+    ids = torch.tensor([[5, 17, 301, 40, 302, 9]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
+    tok = AutoTokenizer.from_pretrained(str(full_run / "model"))
+    text = tok.apply_chat_template([{"role": "user", "content": "What color is the fox?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat color is the fox?<|im_end|>\n<|im_start|>assistant\n"
+    eos = json.loads((full_run / "model" / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos
+
+
+def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(lora_run, ember_base):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    adapter = load_file(str(lora_run / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    base, merged = load_file(str(ember_base / "model.safetensors")), load_file(str(lora_run / "model" /
+                                                                                   "model.safetensors"))
+    assert set(base) == set(merged)
+    scale = 8 / 4
+    for name, weight in base.items():
+        module = name.rsplit(".", 1)[0]
+        key = f"base_model.model.{module}.lora_A.weight"
+        if key in adapter:
+            delta = adapter[key.replace("lora_A", "lora_B")] @ adapter[key] * scale
+            assert delta.abs().max() > 1e-4, name  # the adapter trained
+            assert torch.allclose(merged[name], weight + delta, atol=1e-5), name
+        else:
+            assert torch.equal(merged[name], weight), name  # frozen: bit for bit the base
+    assert sum(1 for k in adapter if k.endswith("lora_A.weight")) == 3 * 2  # 3 targets x 2 layers
+
+    # PEFT applies the saved adapter to the base as Ember merged it.
+    hf_base = LlamaForCausalLM.from_pretrained(str(ember_base))
+    peft = PeftModel.from_pretrained(hf_base, str(lora_run / "adapter")).merge_and_unload().eval()
+    ids = torch.tensor([[3, 50, 7, 99, 12]])
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, load_model(lora_run / "model")(ids), atol=1e-4)
+
+
+def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full_run, ember_base, chat_data,
+                                                                     tmp_path):
+    results = run_evaluate(parse_spec({
+        "kind": "evaluate", "models": {"base": str(ember_base), "finetuned": str(ember_full_run / "model")},
+        "data": {"dir": str(ember_full_run / "data"), "conversations": [str(chat_data["heldout"])]},
+        "generation": {"max_examples": 10, "max_new_tokens": 12}, "output": {"file": str(tmp_path / "eval.json")}}))
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+    base, tuned = results["base"], results["finetuned"]
+    assert tuned["conversations"]["assistant_loss"] < 0.5 * base["conversations"]["assistant_loss"]
+    assert tuned["dataset"]["assistant_loss"] < base["dataset"]["assistant_loss"]
+    assert tuned["conversations"]["token_f1"] > base["conversations"]["token_f1"]
+    assert tuned["conversations"]["answered"] == 10 and len(tuned["conversations"]["examples"]) == 3
+
+
+def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora_run, tmp_path):
+    with pytest.raises(EmberError, match=r"train\.jsonl:11: messages\[0\] has unknown role 'wizard' "
+                                         r"\(data\.strict is on\)"):
+        run_finetune(parse_spec(spec(ember_base, chat_data["train"], tmp_path / "strict", data={"strict": True})))
+    with pytest.raises(EmberError, match="is not a model directory"):
+        run_finetune(parse_spec(spec(tmp_path / "nowhere", chat_data["train"], tmp_path / "r")))
+    with pytest.raises(EmberError, match=r"data\.seq_len \(512\) is over the base model's context \(128 tokens\)"):
+        run_finetune(parse_spec(spec(ember_base, chat_data["train"], tmp_path / "r", data={"seq_len": 512})))
+    (tmp_path / "notes.txt").write_text("just text\n")
+    with pytest.raises(EmberError, match="plain text holds no conversations"):
+        run_finetune(parse_spec(spec(ember_base, tmp_path / "notes.txt", tmp_path / "r")))
+    with pytest.raises(EmberError, match="input not found"):
+        run_finetune(parse_spec(spec(ember_base, tmp_path / "missing.jsonl", tmp_path / "r")))
+    with pytest.raises(EmberError, match=r"models\.base: model directory not found"):
+        run_evaluate(parse_spec({"kind": "evaluate", "models": {"base": str(tmp_path / "gone")},
+                                 "data": {"conversations": [str(chat_data["heldout"])]},
+                                 "output": {"file": str(tmp_path / "e.json")}}))
+    with pytest.raises(EmberError, match="differs from the dataset's"):
+        run_evaluate(parse_spec({"kind": "evaluate", "models": {"hf": str(hf_base)},
+                                 "data": {"dir": str(lora_run / "data")},
+                                 "output": {"file": str(tmp_path / "e.json")}}))
