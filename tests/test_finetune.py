@@ -14,7 +14,7 @@ import torch
 
 from ember.config import parse_spec
 from ember.errors import EmberError
-from ember.evaluate import run_evaluate
+from ember.train.evaluate import run_evaluate
 from ember.model import Transformer, load_model, preset, save_model
 from ember.train.finetune import run_finetune
 
@@ -230,3 +230,24 @@ def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora
         run_evaluate(parse_spec({"kind": "evaluate", "models": {"hf": str(hf_base)},
                                  "data": {"dir": str(lora_run / "data")},
                                  "output": {"file": str(tmp_path / "e.json")}}))
+
+
+def test_generate_with_chat_wraps_the_prompt_in_the_template(ember_full_run, hf_base, capsys):
+    from ember.cli import main
+
+    from ember.data.chat import ChatTemplate
+    from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+    from ember.model import SamplingParams, generate_ids
+
+    model_dir = ember_full_run / "model"
+    assert main(["generate", str(model_dir), "--chat", "--prompt", "What color is the fox?", "--temperature", "0",
+                 "--max-tokens", "12"]) == 0
+    printed = capsys.readouterr().out.strip()
+    tok = load_tokenizer(model_dir)
+    prompt = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "What color is the fox?"}], True)
+    expected = generate_ids(load_model(model_dir), [tok.encode(prompt).ids],
+                            SamplingParams(max_new_tokens=12, temperature=0.0).validate(),
+                            {tok.token_to_id("<|im_end|>"), 0})[0]
+    assert printed == tok.decode(expected).strip() and printed.startswith("The fox is")
+    assert main(["generate", str(hf_base), "--chat", "--prompt", "hi"]) == 1
+    assert "has no chat template" in capsys.readouterr().out

@@ -18,7 +18,7 @@ JOB_RUNNERS = {
     "tokenize": "ember.data.pipeline:run_tokenize",
     "pretrain": "ember.train.pretrain:run_pretrain",
     "finetune": "ember.train.finetune:run_finetune",
-    "evaluate": "ember.evaluate:run_evaluate",
+    "evaluate": "ember.train.evaluate:run_evaluate",
 }
 
 _EPILOG = """examples:
@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                     "tokenizer.json) and stream a continuation of the prompt. Temperature 0 is greedy.",
         epilog="example:\n  ember generate runs/demo/model --prompt 'The json module' --max-tokens 64 --seed 1")
     gen.add_argument("model_dir", metavar="MODEL_DIR", help="a Llama-format model directory")
-    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user turn in the model's chat template and answer it")
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: 128)")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default: 0.95)")
@@ -98,7 +100,17 @@ def cmd_generate(args) -> int:
                             seed=args.seed).validate()
     model = load_model(args.model_dir, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.model_dir)
-    stream = TextStream(model, tokenizer, args.prompt, params, stop_token_ids(args.model_dir, tokenizer))
+    prompt = args.prompt
+    if args.chat:
+        from ember.data.chat import ChatTemplate, special_token_vars, template_source
+        from ember.data.tokenizer import tokenizer_config
+
+        config = tokenizer_config(args.model_dir)
+        if template_source(config) is None:
+            raise EmberError(f"{args.model_dir} has no chat template (tokenizer_config.json); drop --chat")
+        prompt = ChatTemplate(template_source(config), special_token_vars(config)).render(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    stream = TextStream(model, tokenizer, prompt, params, stop_token_ids(args.model_dir, tokenizer))
     start = time.perf_counter()
     for chunk in stream:
         sys.stdout.write(chunk)
