@@ -25,6 +25,9 @@ demo: install
 	$(BIN)/ember run jobs/tokenize-demo.yaml
 	$(BIN)/ember run jobs/pretrain-demo.yaml
 	$(BIN)/ember generate runs/pretrain-demo/model --prompt "The json module" --max-tokens 48 --seed 0
+	$(BIN)/ember run jobs/finetune-demo.yaml
+	$(BIN)/ember run jobs/evaluate-demo.yaml
+	$(BIN)/ember generate runs/finetune-demo/model --chat --prompt "What does the function \`json.dumps\` do?" --temperature 0 --max-tokens 48
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
