@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else a new "
                           "local instance)")
 
+    srv = verbs.add_parser(
+        "serve", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="serve a model dir (or a Ray Serve config) behind an OpenAI-compatible API",
+        description="Deploy Ember's OpenAI-compatible app on Ray Serve, wait until it answers, print its URL. Without "
+                    "--detach, Ctrl-C shuts the app down.",
+        epilog="examples:\n  ember serve serve/demo.yaml\n  ember serve runs/finetune-demo/model --port 8001\n"
+               "  ember serve serve/demo.yaml --address 127.0.0.1:6379 --detach")
+    srv.add_argument("target", metavar="SERVE.yaml|MODEL_DIR", help="a Ray Serve config file or a model dir")
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local "
+                                                     "instance)")
+    srv.add_argument("--detach", action="store_true", help="leave the app running on the cluster and exit")
+    srv.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+
     gen = verbs.add_parser(
         "generate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="generate text from a model dir, streamed to the terminal",
@@ -123,6 +137,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ember.serve.launch import serve_forever, serve_target
+
+    base, names = serve_target(args.target, address=args.address, detach=args.detach, host=args.host,
+                               port=args.port)
+    print(f"serving at {base}/v1  (OpenAI API: GET /v1/models, POST /v1/completions, POST /v1/chat/completions)",
+          flush=True)
+    if not args.detach:
+        print("Ctrl-C stops the app", flush=True)
+        serve_forever(names)
+    return 0
+
+
 def _setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -139,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.runtime import find_ember_error
 
     try:
-        return {"run": cmd_run, "generate": cmd_generate}[args.verb](args)
+        return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve}[args.verb](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,240 @@
+"""The generation engine inside each replica: one KV cache, continuous batching, chunked prefill.
+
+A background thread runs the step loop. Each step it
+1. admits waiting requests into free rows of the batch (up to `max_batch_size` rows and `max_tokens_in_flight`
+   prompt + output tokens);
+2. runs one forward pass over every active row: a decoding row feeds its last token, a row still reading its prompt
+   feeds the next `prefill_chunk` prompt tokens (so a long prompt is read over several steps while the others keep
+   decoding, instead of stalling them for its whole length);
+3. samples the next token of every row that has read its whole prompt, with that request's own sampling parameters
+   and seed, and hands it to the request's consumer;
+4. drops finished or cancelled rows at once, moving the last active row into the freed one so active rows are
+   always the first rows of the cache (the forward pass then runs over exactly the active rows).
+
+The queue in front is bounded (`max_queue`): `submit` raises `Overloaded` beyond it, never queueing without limit.
+Consumers read tokens from `Request.events()`, an asyncio iterator fed from the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.model.llama import KVCache, Transformer
+from ember.model.sampling import SamplingParams, make_generator, next_tokens
+
+
+class Overloaded(Exception):
+    """The engine's queue is full; the caller should answer 503 and the client retry later."""
+
+
+@dataclass
+class TokenEvent:
+    token: int | None  # None: the request has finished
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" or "length" with the last event
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    logprobs: int | None = None  # top-k log probabilities per token (0 = only the chosen token's)
+    id: int = field(default_factory=itertools.count().__next__)
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    _loop: asyncio.AbstractEventLoop | None = None
+    _queue: asyncio.Queue | None = None
+    _read: int = 0  # prompt tokens fed to the model so far
+    _generator: torch.Generator | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def _emit(self, event: TokenEvent) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self):
+        """Token events until the last one (token None with its finish_reason)."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.token is None:
+                return
+
+
+class Engine:
+    def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int = 128, on_step=None):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.context = self.cfg.max_position_embeddings
+        self.max_batch_size = max_batch_size
+        self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * self.context
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        # Slack after the context: padding positions of a short row in a step with a prefill chunk land there.
+        self.cache = KVCache(self.cfg, max_batch_size, self.context + prefill_chunk, dtype=dtype, device=self.device)
+        self.active: list[Request] = []
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.lock = threading.Condition()
+        self.on_step = on_step  # callback(batch_size, queue_depth) for metrics
+        self.steps = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (its prompt must fit the context; the caller checks); raises Overloaded when full."""
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise Overloaded(f"the server is at capacity ({len(self.active)} running, {len(self.waiting)} "
+                                 "queued); retry later")
+            request._generator = make_generator(request.params.seed, self.device)
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Frees the request's row at the next step (a client went away)."""
+        with self.lock:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self.lock.notify()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"running": len(self.active), "queued": len(self.waiting), "steps": self.steps}
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self._stop = True
+            self.lock.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _budget(self, r: Request) -> int:
+        return len(r.prompt) + r.params.max_new_tokens
+
+    def _admit(self) -> None:
+        in_flight = sum(self._budget(r) for r in self.active)
+        while self.waiting and len(self.active) < self.max_batch_size:
+            nxt = self.waiting[0]
+            if self.active and in_flight + self._budget(nxt) > self.max_tokens_in_flight:
+                break
+            self.waiting.popleft()
+            self.cache.lengths[len(self.active)] = 0
+            self.active.append(nxt)
+            in_flight += self._budget(nxt)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stop and not self.waiting and not self.active:
+                    self.lock.wait()
+                if self._stop:
+                    for r in list(self.active) + list(self.waiting):
+                        r._emit(TokenEvent(None, finish_reason="abort"))
+                    return
+                self._drop([r for r in self.active if r.cancelled])
+                self._admit()
+                batch = list(self.active)
+                queued = len(self.waiting)
+            if batch:
+                try:
+                    self._step(batch)
+                except Exception as exc:  # a failed step must not leave clients waiting forever
+                    with self.lock:
+                        for r in batch:
+                            r._emit(TokenEvent(None, finish_reason=f"error: {exc}"))
+                        self._drop(batch)
+                    continue
+            if self.on_step is not None:
+                self.on_step(len(batch), queued)
+
+    def _drop(self, gone: list[Request]) -> None:
+        """Removes rows, moving the last active rows into the holes (caller holds the lock)."""
+        for r in gone:
+            if r not in self.active:
+                continue
+            i, last = self.active.index(r), len(self.active) - 1
+            if i != last:
+                n = int(self.cache.lengths[last])
+                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                self.cache.lengths[i] = n
+                self.active[i] = self.active[last]
+            self.active.pop()
+
+    @torch.inference_mode()
+    def _step(self, batch: list[Request]) -> None:
+        n = len(batch)
+        feeds = []
+        for r in batch:
+            if r._read < len(r.prompt):
+                feeds.append(r.prompt[r._read: r._read + self.prefill_chunk])
+            else:
+                feeds.append([r.output[-1]])
+        width = max(len(f) for f in feeds)
+        tokens = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, f in enumerate(feeds):
+            tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        num_new = torch.tensor([len(f) for f in feeds], device=self.device)
+        view = KVCache.__new__(KVCache)  # the first n rows of the cache, as views
+        view.k, view.v, view.lengths, view.max_len = (self.cache.k[:, :n], self.cache.v[:, :n],
+                                                      self.cache.lengths[:n], self.cache.max_len)
+        logits = self.model(tokens, cache=view, num_new=num_new, last_only=True)  # (n, V)
+        self.steps += 1
+        finished = []
+        now = time.perf_counter()
+        for i, r in enumerate(batch):
+            if r._read < len(r.prompt):
+                r._read += len(feeds[i])
+                if r._read < len(r.prompt):
+                    continue  # still reading its prompt
+            history = None
+            if r.params.repetition_penalty != 1.0:
+                history = torch.tensor([r.prompt + r.output], device=self.device)
+            row = logits[i: i + 1]
+            token = int(next_tokens(row, r.params, history, r._generator)[0])
+            logprob = top = None
+            if r.logprobs is not None:
+                lp = torch.log_softmax(row[0].float(), -1)
+                logprob = float(lp[token])
+                if r.logprobs:
+                    values, ids = torch.topk(lp, min(r.logprobs, lp.shape[-1]))
+                    top = list(zip(ids.tolist(), values.tolist()))
+            if r.first_token_at is None:
+                r.first_token_at = now
+            stop = token in r.stop_ids or token in r.params.stop_token_ids
+            if not stop:
+                r.output.append(token)
+                r._emit(TokenEvent(token, logprob, top))
+            full = len(r.prompt) + len(r.output) >= self.context
+            if stop or len(r.output) >= r.params.max_new_tokens or full or r.cancelled:
+                r._emit(TokenEvent(None, finish_reason="stop" if stop else "length"))
+                finished.append(r)
+        if finished:
+            with self.lock:
+                self._drop(finished)

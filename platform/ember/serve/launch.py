@@ -1,0 +1,143 @@
+"""`ember serve SERVE.yaml|MODEL_DIR`: deploys Ember's app on Ray Serve, waits until it answers, prints the URL.
+
+A Ray Serve config file (the format of `serve deploy`: `http_options`, `applications` with `import_path` and `args`)
+is validated with Ray Serve's own schema; a model dir gets the defaults of `ServeArgs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from ember.errors import EmberError
+from ember.runtime import ensure_ray
+
+log = logging.getLogger("ember")
+
+
+def load_serve_config(path: Path) -> dict:
+    """The config as Ray Serve's `ServeDeploySchema` accepts it (errors name the file and the field)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EmberError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise EmberError(f"{path}: a Ray Serve config is a mapping with 'applications'")
+    try:
+        ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else \
+            ServeDeploySchema.parse_obj(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise EmberError(f"{path}: {where}: {first['msg']}") from None
+    return data
+
+
+def _build(import_path: str, args: dict):
+    """The Application an import path names: a builder called with `args`, or a bound deployment."""
+    from pydantic import ValidationError
+
+    module, _, attr = import_path.partition(":") if ":" in import_path else import_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise EmberError(f"import_path {import_path!r}: {exc}") from None
+    if not callable(target):
+        return target
+    try:
+        return target(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise EmberError(f"args.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> dict:
+    """Polls GET /v1/models until it answers."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}
+                                         if api_key else {})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return json.loads(resp.read())
+        except Exception as exc:  # not up yet
+            last = exc
+            time.sleep(0.5)
+    raise EmberError(f"the app did not answer at {url} within {timeout:.0f}s ({last})")
+
+
+def serve_target(target: str, *, address: str | None = None, detach: bool = False, host: str | None = None,
+                 port: int | None = None) -> tuple[str, list[str]]:
+    """Deploys a config file or a model dir; returns (base URL, application names)."""
+    from ray import serve
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        from ember.serve.app import ServeArgs
+
+        args = {"model_dir": str(path.resolve())}
+        if host:
+            args["host"] = host
+        if port:
+            args["port"] = port
+        s = ServeArgs.model_validate(args)
+        http = {"host": s.host, "port": s.port}
+        apps = [{"name": "ember", "route_prefix": "/", "import_path": "ember.serve.app:build_app", "args": args}]
+    elif path.is_file():
+        config = load_serve_config(path)
+        http = dict(config.get("http_options") or {})
+        http.setdefault("host", "127.0.0.1")
+        http.setdefault("port", 8000)
+        if host:
+            http["host"] = host
+        if port:
+            http["port"] = port
+        apps = config["applications"]
+    else:
+        raise EmberError(f"{target}: neither a serve config file nor a model directory")
+    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+        raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
+    built = []
+    for i, app in enumerate(apps):
+        args = dict(app.get("args") or {})
+        if app.get("import_path", "").startswith("ember.serve.app"):
+            args.setdefault("host", http["host"])
+            args.setdefault("port", http["port"])
+        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), _build(app["import_path"], args)))
+    ensure_ray(address)
+    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    for name, prefix, application in built:
+        log.info("serve: deploying %s at %s", name, prefix)
+        serve.run(application, name=name, route_prefix=prefix, blocking=False)
+    shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+    base = f"http://{shown}:{http['port']}"
+    keys = os.environ.get("EMBER_API_KEYS", "").split(",")[0] or None
+    for name, prefix, _ in built:
+        url = base + (prefix.rstrip("/") if prefix and prefix != "/" else "")
+        models = wait_ready(url, api_key=keys)
+        log.info("serve: %s is up at %s/v1 (model %s)", name, url, models["data"][0]["id"])
+    return base, [name for name, _, _ in built]
+
+
+def serve_forever(names: list[str]) -> None:
+    """Blocks until Ctrl-C, then deletes the apps."""
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log.info("serve: shutting down %s", ", ".join(names))
+        for name in names:
+            serve.delete(name)

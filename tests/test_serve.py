@@ -1,0 +1,286 @@
+"""Ember's OpenAI-compatible app on real Ray Serve over HTTP: the official `openai` client, streaming, concurrency,
+greedy output equal to `ember generate`, bad requests, API keys, autoscaling and a killed replica."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from ember.data.chat import ChatTemplate
+from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, save_tokenizer, train_tokenizer
+from ember.errors import EmberError
+from ember.model import SamplingParams, Transformer, generate_ids, load_model, preset, save_model
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=96)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96))
+    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def deploy(name: str, prefix: str, **args):
+    from ray import serve
+
+    from ember.serve.app import build_app
+
+    serve.run(build_app({"num_cpus": 0, **args}), name=name, route_prefix=prefix, blocking=False)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, serve_port) -> str:
+    deploy("main", "/main", model_dir=str(model_dir), model_name="tiny", num_replicas=1, max_batch_size=8,
+           max_body_bytes=4096)
+    return f"http://127.0.0.1:{serve_port}/main"
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(model_dir: Path, text: str, n: int) -> str:
+    tok = load_tokenizer(model_dir)
+    ids = generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
+                       SamplingParams(max_new_tokens=n, temperature=0.0), {0})[0]
+    return tok.decode(ids)
+
+
+def test_the_openai_client_lists_completes_and_chats(client, model_dir):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="the fox is", max_tokens=8, temperature=0)
+    assert done.choices[0].text == greedy(model_dir, "the fox is", 8)
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.completion_tokens <= 8 and done.usage.prompt_tokens == len(
+        load_tokenizer(model_dir).encode("the fox is").ids)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the crow"}],
+                                          max_tokens=6, temperature=0)
+    rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "the crow"}], True)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == greedy(model_dir, rendered, 6)  # as `ember generate --chat` would
+    two = client.completions.create(model="tiny", prompt="the sea", max_tokens=5, temperature=1.0, n=2, seed=3)
+    assert [c.index for c in two.choices] == [0, 1] and 2 <= two.usage.completion_tokens <= 10
+
+
+def test_streaming_chunks_end_with_done_and_match_the_whole_answer(client, server, model_dir):
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the whale"}], max_tokens=10, temperature=0, stream=True)]
+    rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "the whale"}], True)
+    assert "".join(pieces) == greedy(model_dir, rendered, 10)
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 4,
+                                                                "temperature": 0, "stream": True,
+                                                                "stream_options": {"include_usage": True}}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop") and chunks[-1]["usage"]["completion_tokens"]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == greedy(model_dir, "the fox", 4)
+
+
+def test_concurrent_streams_are_independent_and_correct(client, model_dir):
+    prompts = [" ".join(WORDS[i: i + 1 + i % 5]) for i in range(12)]
+
+    def ask(prompt: str) -> str:
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert answers == [greedy(model_dir, p, 12) for p in prompts]
+
+
+def test_logprobs_of_completions(client):
+    done = client.completions.create(model="tiny", prompt="the quiet", max_tokens=5, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.token_logprobs) == done.usage.completion_tokens and len(lp.tokens) == len(lp.token_logprobs)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 2 and chosen <= 0 and abs(chosen - max(top.values())) < 1e-5  # greedy takes the top one
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "does not exist"),
+    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature", "'temperature' must be >= 0 and <= 2"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "must be an integer"),
+    ({"model": "tiny", "prompt": "the " * 200}, 400, "prompt", "this model's context is 96 tokens"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt", "must be a string"),
+    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n", "'n' must be >= 1"),
+    ({"model": "tiny", "prompt": "hi", "stop": [1]}, 400, "stop", "'stop' must be"),
+    ({"model": "tiny", "prompt": "x" * 5000}, 413, None, "at most 4096 are accepted"),
+])
+def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, client, body, status, param, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["param"] == param and error["type"]
+    assert client.completions.create(model="tiny", prompt="the", max_tokens=2).choices
+
+
+def test_chat_errors(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
+                                                                                        "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and "non-empty list" in r.json()["error"]["message"]
+
+
+def test_api_keys_are_required_when_configured(model_dir, serve_port, tmp_path):
+    from openai import AuthenticationError, OpenAI
+
+    (tmp_path / "keys").write_text("sekret-1\nsekret-2\n")
+    deploy("locked", "/locked", model_dir=str(model_dir), model_name="tiny", num_replicas=1,
+           api_keys_file=str(tmp_path / "keys"))
+    base = f"http://127.0.0.1:{serve_port}/locked"
+    from ember.serve.launch import wait_ready
+
+    wait_ready(base, timeout=120, api_key="sekret-2")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    assert OpenAI(base_url=f"{base}/v1", api_key="sekret-1").completions.create(model="tiny", prompt="hi",
+                                                                                 max_tokens=2).choices
+    from ray import serve
+
+    serve.delete("locked")
+
+
+def test_a_public_host_without_keys_refuses_to_start(model_dir):
+    from ember.serve.app import build_app
+
+    with pytest.raises(EmberError, match="host 0.0.0.0 exposes the server .* no API key is configured"):
+        build_app({"model_dir": str(model_dir), "host": "0.0.0.0", "api_keys_env": "EMBER_TEST_NO_SUCH_KEYS"})
+    build_app({"model_dir": str(model_dir), "host": "0.0.0.0", "api_keys_env": "EMBER_TEST_NO_SUCH_KEYS",
+               "allow_unauthenticated": True})
+    with pytest.raises(EmberError, match="is not a model directory"):
+        build_app({"model_dir": "/nowhere"})
+
+
+def test_the_shipped_serve_config_is_valid_for_ray_serve():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ember.serve.app import ServeArgs
+
+    config = yaml.safe_load((REPO / "serve" / "demo.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "ember.serve.app:build_app"
+    ServeArgs.model_validate(app["args"])
+
+
+def _replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["EmberServer"]
+    return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_after(model_dir, serve_port):
+    deploy("auto", "/auto", model_dir=str(model_dir), model_name="tiny", max_batch_size=2,
+           autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                        "downscale_delay_s": 3})
+    base = f"http://127.0.0.1:{serve_port}/auto"
+    from ember.serve.launch import wait_ready
+
+    wait_ready(base, timeout=120)
+    assert _replicas("auto") == 1
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the sea", "max_tokens": 60,
+                                                       "temperature": 0}, timeout=60)
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for w in workers:
+        w.start()
+    deadline = time.time() + 90
+    while time.time() < deadline and _replicas("auto") < 2:
+        time.sleep(0.5)
+    scaled_up = _replicas("auto")
+    stop.set()
+    for w in workers:
+        w.join()
+    assert scaled_up == 2
+    deadline = time.time() + 90
+    while time.time() < deadline and _replicas("auto") > 1:
+        time.sleep(0.5)
+    assert _replicas("auto") == 1
+    from ray import serve
+
+    serve.delete("auto")
+
+
+def test_a_killed_replica_is_replaced_and_requests_succeed_after(model_dir, serve_port):
+    from ray.util.state import list_actors
+
+    deploy("kill", "/kill", model_dir=str(model_dir), model_name="tiny", num_replicas=1)
+    base = f"http://127.0.0.1:{serve_port}/kill"
+    from ember.serve.launch import wait_ready
+
+    wait_ready(base, timeout=120)
+    replica = [a for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+               if "kill" in (a.class_name or "") and "EmberServer" in (a.class_name or "")]
+    assert len(replica) == 1
+    errors = []
+
+    def load():
+        for _ in range(5):
+            try:
+                httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 40},
+                           timeout=30)
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    time.sleep(0.3)
+    os.kill(replica[0].pid, signal.SIGKILL)
+    loader.join(timeout=120)
+    deadline = time.time() + 120
+    ok = False
+    while time.time() < deadline and not ok:
+        try:
+            ok = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 3},
+                            timeout=10).status_code == 200
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert ok and _replicas("kill") == 1
+    from ray import serve
+
+    serve.delete("kill")
