@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
+import requests
 import torch
 
 from conftest import REPO, free_port
@@ -96,10 +96,10 @@ def test_streaming_chunks_end_with_done_and_match_the_whole_answer(client, serve
         model="tiny", messages=[{"role": "user", "content": "the whale"}], max_tokens=10, temperature=0, stream=True)]
     rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "the whale"}], True)
     assert "".join(pieces) == greedy(model_dir, rendered, 10)
-    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 4,
-                                                                "temperature": 0, "stream": True,
-                                                                "stream_options": {"include_usage": True}}) as r:
-        lines = [line for line in r.iter_lines() if line]
+    with requests.post(f"{server}/v1/completions", stream=True, timeout=60, json={
+            "model": "tiny", "prompt": "the fox", "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        lines = [line.decode() for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
@@ -141,7 +141,8 @@ def test_logprobs_of_completions(client):
 ])
 def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, client, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    r = requests.post(f"{server}/v1/completions", data=content, headers={"content-type": "application/json"},
+                      timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["param"] == param and error["type"]
@@ -149,10 +150,10 @@ def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, cl
 
 
 def test_chat_errors(server):
-    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
+    r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
                                                                                         "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
-    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []})
+    r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
     assert r.status_code == 400 and "non-empty list" in r.json()["error"]["message"]
 
 
@@ -167,7 +168,7 @@ def test_api_keys_are_required_when_configured(model_dir, serve_port, tmp_path):
 
     wait_ready(base, timeout=120, api_key="sekret-2")
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers)
+        r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers, timeout=60)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
@@ -222,7 +223,7 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(model_dir, 
 
     def load():
         while not stop.is_set():
-            httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the sea", "max_tokens": 60,
+            requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the sea", "max_tokens": 60,
                                                        "temperature": 0}, timeout=60)
 
     workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
@@ -261,9 +262,9 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(model_dir, serv
     def load():
         for _ in range(5):
             try:
-                httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 40},
+                requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 40},
                            timeout=30)
-            except httpx.HTTPError as exc:
+            except requests.RequestException as exc:
                 errors.append(exc)
 
     loader = threading.Thread(target=load, daemon=True)
@@ -275,9 +276,9 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(model_dir, serv
     ok = False
     while time.time() < deadline and not ok:
         try:
-            ok = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 3},
+            ok = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 3},
                             timeout=10).status_code == 200
-        except httpx.HTTPError:
+        except requests.RequestException:
             pass
         time.sleep(0.5)
     assert ok and _replicas("kill") == 1

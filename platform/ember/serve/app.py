@@ -7,7 +7,7 @@ OpenAI's chunk format, ending with `data: [DONE]`) and `GET /health`. A bad requ
 4xx status naming the field; nothing a client sends can stop a replica.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 
 import asyncio
 import json
@@ -172,6 +172,54 @@ class TextDecoder:
 
     def flush(self) -> str:
         return "" if self.stops is None or self.stopped else self.stops.flush()
+
+
+class _Metrics:
+    """Ray Serve application metrics (Prometheus through Ray's metrics export)."""
+
+    def __init__(self, model: str):
+        from ray.serve import metrics
+
+        tags = {"model": model}
+        self.requests = metrics.Counter("ember_serve_requests", SERVE_METRICS["ember_serve_requests"],
+                                        tag_keys=("model", "route", "code"))
+        self.requests.set_default_tags(dict(tags))  # Ray adds its tags to the dict it is given
+        buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+        self.ttft = metrics.Histogram("ember_serve_time_to_first_token_seconds",
+                                      SERVE_METRICS["ember_serve_time_to_first_token_seconds"], boundaries=buckets,
+                                      tag_keys=("model",))
+        self.tpot = metrics.Histogram("ember_serve_time_per_output_token_seconds",
+                                      SERVE_METRICS["ember_serve_time_per_output_token_seconds"],
+                                      boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+                                      tag_keys=("model",))
+        self.tokens = metrics.Counter("ember_serve_generated_tokens", SERVE_METRICS["ember_serve_generated_tokens"],
+                                      tag_keys=("model",))
+        self.batch = metrics.Gauge("ember_serve_batch_size", SERVE_METRICS["ember_serve_batch_size"],
+                                   tag_keys=("model",))
+        self.queue = metrics.Gauge("ember_serve_queue_depth", SERVE_METRICS["ember_serve_queue_depth"],
+                                   tag_keys=("model",))
+        for m in (self.ttft, self.tpot, self.tokens, self.batch, self.queue):
+            m.set_default_tags(dict(tags))
+        self._last_step = 0.0
+
+    def request(self, route: str, code: int) -> None:
+        self.requests.inc(tags={"route": route, "code": str(code)})
+
+    def finished(self, r) -> None:
+        if r.first_token_at is None:
+            return
+        self.ttft.observe(r.first_token_at - r.arrival)
+        if len(r.output) > 1:
+            self.tpot.observe((time.perf_counter() - r.first_token_at) / (len(r.output) - 1))
+        if r.output:
+            self.tokens.inc(len(r.output))
+
+    def step(self, batch: int, queued: int) -> None:
+        now = time.perf_counter()
+        if now - self._last_step > 0.25:  # gauges at most 4 times a second
+            self._last_step = now
+            self.batch.set(batch)
+            self.queue.set(queued)
 
 
 app = FastAPI(title="Ember", docs_url=None, redoc_url=None)
@@ -479,54 +527,6 @@ class EmberServer:
                 self.engine.cancel(r)
             for t in tasks:
                 t.cancel()
-
-
-class _Metrics:
-    """Ray Serve application metrics (Prometheus through Ray's metrics export)."""
-
-    def __init__(self, model: str):
-        from ray.serve import metrics
-
-        tags = {"model": model}
-        self.requests = metrics.Counter("ember_serve_requests", SERVE_METRICS["ember_serve_requests"],
-                                        tag_keys=("model", "route", "code"))
-        self.requests.set_default_tags(tags)
-        buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-        self.ttft = metrics.Histogram("ember_serve_time_to_first_token_seconds",
-                                      SERVE_METRICS["ember_serve_time_to_first_token_seconds"], boundaries=buckets,
-                                      tag_keys=("model",))
-        self.tpot = metrics.Histogram("ember_serve_time_per_output_token_seconds",
-                                      SERVE_METRICS["ember_serve_time_per_output_token_seconds"],
-                                      boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
-                                      tag_keys=("model",))
-        self.tokens = metrics.Counter("ember_serve_generated_tokens", SERVE_METRICS["ember_serve_generated_tokens"],
-                                      tag_keys=("model",))
-        self.batch = metrics.Gauge("ember_serve_batch_size", SERVE_METRICS["ember_serve_batch_size"],
-                                   tag_keys=("model",))
-        self.queue = metrics.Gauge("ember_serve_queue_depth", SERVE_METRICS["ember_serve_queue_depth"],
-                                   tag_keys=("model",))
-        for m in (self.ttft, self.tpot, self.tokens, self.batch, self.queue):
-            m.set_default_tags(tags)
-        self._last_step = 0.0
-
-    def request(self, route: str, code: int) -> None:
-        self.requests.inc(tags={"route": route, "code": str(code)})
-
-    def finished(self, r) -> None:
-        if r.first_token_at is None:
-            return
-        self.ttft.observe(r.first_token_at - r.arrival)
-        if len(r.output) > 1:
-            self.tpot.observe((time.perf_counter() - r.first_token_at) / (len(r.output) - 1))
-        if r.output:
-            self.tokens.inc(len(r.output))
-
-    def step(self, batch: int, queued: int) -> None:
-        now = time.perf_counter()
-        if now - self._last_step > 0.25:  # gauges at most 4 times a second
-            self._last_step = now
-            self.batch.set(batch)
-            self.queue.set(queued)
 
 
 def deployment_options(args: ServeArgs) -> dict:
