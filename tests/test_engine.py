@@ -105,3 +105,16 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_is_refused(model):
         assert engine.stats() == {"running": 0, "queued": 0, "steps": engine.stats()["steps"]}
     finally:
         engine.shutdown()
+
+
+def test_incremental_detokenization_equals_decoding_everything_and_honours_stop_strings():
+    from ember.data.tokenizer import train_tokenizer
+    from ember.serve.app import TextDecoder
+
+    tok = train_tokenizer(["héllo wörld naïve café 日本語 the fox is red"] * 30, 300)
+    text = "the café 日本語 is naïve, wörld"
+    ids = tok.encode(text).ids
+    decoder = TextDecoder(tok, ())
+    assert "".join(decoder.feed(i) for i in ids) + decoder.flush() == text
+    decoder = TextDecoder(tok, ("naï",))
+    assert "".join(decoder.feed(i) for i in ids) + decoder.flush() == "the café 日本語 is " and decoder.stopped

@@ -149,29 +149,47 @@ def sampling_from(body: dict, default_max_tokens: int):
 
 
 class TextDecoder:
-    """Turns one choice's tokens into text increments, with stop strings (text ends before the first one)."""
+    """Turns one choice's tokens into text increments, with stop strings (text ends before the first one).
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
+    Incremental, as vLLM does it: each step decodes only a short window (the last shown tokens as context, then the
+    new ones) and emits what the new ones add, holding them while they end in an incomplete UTF-8 sequence. The cost
+    per token stays flat, and tokenizers whose decoders strip a leading space still space words right."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], context: list[int] = ()):
         from ember.model.generate import StopStrings
 
-        self.tok, self.ids, self.sent = tokenizer, [], ""
+        self.tok = tokenizer
+        self.ids = list(context[-4:])  # the prompt's last tokens give the first new token its context
+        self.prefix, self.read = 0, len(self.ids)
         self.stops = StopStrings(stops) if stops else None
         self.stopped = False
 
+    def _increment(self) -> str:
+        shown = self.tok.decode(self.ids[self.prefix: self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""  # nothing yet, or an incomplete UTF-8 sequence: wait for the rest
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]
+
     def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 sequence: wait for the next token
-        new, self.sent = text[len(self.sent):], text
-        if self.stops is None:
+        new = self._increment()
+        if self.stops is None or not new:
             return new
-        out, hit = self.stops.feed(new)
-        self.stopped = hit
+        out, self.stopped = self.stops.feed(new)
         return out
 
     def flush(self) -> str:
-        return "" if self.stops is None or self.stopped else self.stops.flush()
+        if self.stopped:
+            return ""
+        text = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix: self.read])):]
+        if self.stops is None:
+            return text
+        out, self.stopped = self.stops.feed(text) if text else ("", False)
+        return out + ("" if self.stopped else self.stops.flush())
 
 
 class _Metrics:
@@ -381,6 +399,9 @@ class EmberServer:
             else:
                 logprobs = _number(body, "logprobs", None, 0, 5, integer=True)
             params.max_new_tokens = min(params.max_new_tokens, self.context - max(len(p) for p in prompts))
+            ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate max_tokens whatever comes
+            if not isinstance(ignore_eos, bool):
+                raise APIError(400, "'ignore_eos' must be true or false", "ignore_eos")
             stream_options = body.get("stream_options") or {}
             include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
         except APIError as exc:
@@ -395,7 +416,8 @@ class EmberServer:
                         from dataclasses import replace
 
                         choice_params = replace(params, seed=params.seed + k)
-                    r = Request(prompt=p, params=choice_params, stop_ids=self.stop_ids, logprobs=logprobs)
+                    r = Request(prompt=p, params=choice_params, logprobs=logprobs,
+                                stop_ids=frozenset() if ignore_eos else self.stop_ids)
                     r.attach(loop)
                     jobs.append(r)
             for r in jobs:
@@ -412,7 +434,7 @@ class EmberServer:
         return await self._complete(jobs, ident, chat)
 
     def _choice_texts(self, r):
-        return TextDecoder(self.tokenizer, r.params.stop)
+        return TextDecoder(self.tokenizer, r.params.stop, r.prompt)
 
     async def _run_choice(self, r, decoder, on_text):
         """Feeds one request's tokens through its decoder; returns its finish reason."""
@@ -498,27 +520,31 @@ class EmberServer:
             decoder = self._choice_texts(r)
 
             async def on_text(text, event):
-                await queue.put(chunk(index, text, event=event))
+                queue.put_nowait(chunk(index, text, event=event))
 
-            finish = await self._run_choice(r, decoder, on_text)
-            await queue.put(chunk(index, finish=finish))
+            try:
+                finish = await self._run_choice(r, decoder, on_text)
+                queue.put_nowait(chunk(index, finish=finish))
+            finally:
+                queue.put_nowait(None)  # this choice is done
 
         if chat:
             for i in range(len(jobs)):
                 yield f"data: {json.dumps(chunk(i, role=True))}\n\n"
         tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(jobs)]
-        done = asyncio.gather(*tasks)
         try:
-            while True:
-                getter = asyncio.create_task(queue.get())
-                finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in finished:
-                    yield f"data: {json.dumps(getter.result())}\n\n"
-                    continue
-                getter.cancel()
+            running = len(tasks)
+            while running:
+                # Everything already waiting goes out in one write: under load, fewer, larger messages.
+                items = [await queue.get()]
                 while not queue.empty():
-                    yield f"data: {json.dumps(queue.get_nowait())}\n\n"
-                break
+                    items.append(queue.get_nowait())
+                running -= sum(1 for item in items if item is None)
+                text = "".join(f"data: {json.dumps(item)}\n\n" for item in items if item is not None)
+                if text:
+                    yield text
+            for t in tasks:
+                t.result()  # a failed choice fails the stream
             if include_usage:
                 yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': self.name, 'choices': [], 'usage': self._usage(jobs)})}\n\n"
             yield "data: [DONE]\n\n"

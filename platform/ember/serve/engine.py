@@ -24,10 +24,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import logging
+
 import torch
 
 from ember.model.llama import KVCache, Transformer
 from ember.model.sampling import SamplingParams, make_generator, next_tokens
+
+
+log = logging.getLogger("ember")
 
 
 class Overloaded(Exception):
@@ -159,12 +164,14 @@ class Engine:
                     return
                 self._drop([r for r in self.active if r.cancelled])
                 self._admit()
+                self._partition()
                 batch = list(self.active)
                 queued = len(self.waiting)
             if batch:
                 try:
                     self._step(batch)
                 except Exception as exc:  # a failed step must not leave clients waiting forever
+                    log.exception("engine step failed; its %d requests end with an error", len(batch))
                     with self.lock:
                         for r in batch:
                             r._emit(TokenEvent(None, finish_reason=f"error: {exc}"))
@@ -172,6 +179,26 @@ class Engine:
                     continue
             if self.on_step is not None:
                 self.on_step(len(batch), queued)
+
+    def _swap(self, i: int, j: int) -> None:
+        """Exchanges two rows of the batch, their cached keys and values included."""
+        n = int(max(self.cache.lengths[i], self.cache.lengths[j]))
+        for t in (self.cache.k, self.cache.v):
+            t[:, [i, j], :, :n] = t[:, [j, i], :, :n]
+        self.cache.lengths[[i, j]] = self.cache.lengths[[j, i]]
+        self.active[i], self.active[j] = self.active[j], self.active[i]
+
+    def _partition(self) -> None:
+        """Decoding rows first, rows still reading their prompt last, so each kind runs as one forward pass of its
+        own width (a decoding row is never padded to a prompt chunk's width)."""
+        lo, hi = 0, len(self.active) - 1
+        while lo < hi:
+            if self.active[lo]._read >= len(self.active[lo].prompt):
+                lo += 1
+            elif self.active[hi]._read < len(self.active[hi].prompt):
+                hi -= 1
+            else:
+                self._swap(lo, hi)
 
     def _drop(self, gone: list[Request]) -> None:
         """Removes rows, moving the last active rows into the holes (caller holds the lock)."""
@@ -196,31 +223,51 @@ class Engine:
                 feeds.append(r.prompt[r._read: r._read + self.prefill_chunk])
             else:
                 feeds.append([r.output[-1]])
-        width = max(len(f) for f in feeds)
-        tokens = torch.zeros(n, width, dtype=torch.long, device=self.device)
-        for i, f in enumerate(feeds):
-            tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
-        num_new = torch.tensor([len(f) for f in feeds], device=self.device)
-        view = KVCache.__new__(KVCache)  # the first n rows of the cache, as views
-        view.k, view.v, view.lengths, view.max_len = (self.cache.k[:, :n], self.cache.v[:, :n],
-                                                      self.cache.lengths[:n], self.cache.max_len)
-        logits = self.model(tokens, cache=view, num_new=num_new, last_only=True)  # (n, V)
+        decoding = sum(1 for r in batch if r._read >= len(r.prompt))  # the first rows (see _partition)
+        parts = []
+        for lo, hi in ((0, decoding), (decoding, n)):
+            if lo == hi:
+                continue
+            width = max(len(f) for f in feeds[lo:hi])
+            tokens = torch.zeros(hi - lo, width, dtype=torch.long, device=self.device)
+            for i, f in enumerate(feeds[lo:hi]):
+                tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+            num_new = torch.tensor([len(f) for f in feeds[lo:hi]], device=self.device)
+            view = KVCache.__new__(KVCache)  # rows lo..hi of the cache, as views
+            view.k, view.v, view.lengths, view.max_len = (self.cache.k[:, lo:hi], self.cache.v[:, lo:hi],
+                                                          self.cache.lengths[lo:hi], self.cache.max_len)
+            parts.append(self.model(tokens, cache=view, num_new=num_new, last_only=True))  # (rows, V)
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.steps += 1
         finished = []
         now = time.perf_counter()
+        ready = []
         for i, r in enumerate(batch):
             if r._read < len(r.prompt):
                 r._read += len(feeds[i])
                 if r._read < len(r.prompt):
                     continue  # still reading its prompt
+            ready.append(i)
+        # Greedy rows in one argmax; sampled rows one by one (each has its own parameters and generator).
+        chosen: dict[int, int] = {}
+        plain = [i for i in ready if batch[i].params.greedy and batch[i].params.repetition_penalty == 1.0]
+        if plain:
+            chosen.update(zip(plain, logits[plain].argmax(-1).tolist()))
+        for i in ready:
+            if i in chosen:
+                continue
+            r = batch[i]
             history = None
             if r.params.repetition_penalty != 1.0:
                 history = torch.tensor([r.prompt + r.output], device=self.device)
-            row = logits[i: i + 1]
-            token = int(next_tokens(row, r.params, history, r._generator)[0])
+            chosen[i] = int(next_tokens(logits[i: i + 1], r.params, history, r._generator)[0])
+        wants = [i for i in ready if batch[i].logprobs is not None]
+        logprobs = dict(zip(wants, torch.log_softmax(logits[wants].float(), -1))) if wants else {}
+        for i in ready:
+            r, token = batch[i], chosen[i]
             logprob = top = None
-            if r.logprobs is not None:
-                lp = torch.log_softmax(row[0].float(), -1)
+            if i in logprobs:
+                lp = logprobs[i]
                 logprob = float(lp[token])
                 if r.logprobs:
                     values, ids = torch.topk(lp, min(r.logprobs, lp.shape[-1]))
