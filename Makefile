@@ -35,6 +35,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/tokenize_bench.py
 	$(BIN)/python benchmarks/model_bench.py
+	$(BIN)/python benchmarks/train_bench.py
+	$(BIN)/python benchmarks/serve_bench.py
 
 clean:
 	rm -rf $(VENV) data runs

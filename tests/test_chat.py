@@ -93,7 +93,7 @@ def test_the_loss_mask_covers_assistant_turns_and_their_end_marker(tok, encoder)
 def test_a_prompt_tokens_label_cannot_change_the_loss_and_an_assistant_tokens_can(encoder):
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2))
+                               num_attention_heads=4, num_key_value_heads=2)).requires_grad_(False)
     ids, mask = encoder.encode(conversation(1, system=True))
     batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype(np.int64))[None],
              "segments": torch.ones(1, len(ids), dtype=torch.long)}
@@ -163,3 +163,60 @@ def test_a_tokenizer_without_chat_tokens_gets_them_added(tmp_path):
     assert grown.token_to_id("<|im_end|>") == 2 and template_source(config) == DEFAULT_CHAT_TEMPLATE
     same, config, added = chat_tokenizer(tok, {"chat_template": "{{ messages[0]['content'] }}"})
     assert added == [] and template_source(config) == "{{ messages[0]['content'] }}"
+
+
+def test_conversations_are_read_from_parquet_and_jsonl_with_their_locations(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ember.config.specs import SourceSpec
+    from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
+
+    pq.write_table(pa.table({
+        "messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                     [{"role": "user", "content": "alone"}]],
+    }), tmp_path / "chat.parquet")
+    pq.write_table(pa.table({"instruction": ["Name a color."], "input": [""], "output": ["Red."]}),
+                   tmp_path / "alpaca.parquet")
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "a?", "response": "b."}\n\n{"prompt": 1, "response": "x"}\n')
+    source = SourceSpec(inputs=[str(tmp_path)])
+    found, bad = [], []
+    for unit in plan_units(resolve_inputs(source), source):
+        for record, where in RecordReader(source, SkipLog())(unit):
+            try:
+                found.append((to_messages(record), where))
+            except BadRecord as exc:
+                bad.append((exc.reason, where))
+    assert [m[-1]["content"] for m, _ in found] == ["Red.", "hello", "b."]
+    assert [w.rsplit("/", 1)[-1] for _, w in found] == ["alpaca.parquet:row 0", "chat.parquet:row 0", "qa.jsonl:1"]
+    assert [(r, w.rsplit("/", 1)[-1]) for r, w in bad] == [("no_assistant_turn", "chat.parquet:row 1"),
+                                                           ("wrong_type", "qa.jsonl:3")]
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path, tok, overlong):
+    import json
+
+    from ember.config.specs import ChatDataSpec
+    from ember.data.sft import ChatUnitEncoder
+    from ember.data.sources import plan_units, resolve_inputs
+
+    save_tokenizer(tok, tmp_path / "ds", model_max_length=64)
+    for split in ("train", "val"):
+        (tmp_path / "ds" / split).mkdir()
+    long_answer = " ".join(a for _, a in QA) * 4
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What color is the fox?", "response": "The fox is red."},
+        {"prompt": "What color is the crow?", "response": long_answer}]))
+    data = ChatDataSpec(inputs=[str(tmp_path / "c.jsonl")], seq_len=31, overlong=overlong, val_fraction=0.0)
+    from ember.data.sft import source_of
+
+    unit = plan_units(resolve_inputs(source_of(data)), source_of(data))[0]
+    result = ChatUnitEncoder(data.model_dump(), str(tmp_path / "ds")).encode_unit(unit)
+    kept = result["stats"]["train"]["conversations"]
+    if overlong == "drop":
+        assert kept == 1 and result["skips"]["skipped"] == {"too_long": 1} and result["truncated"] == 0
+    else:
+        assert kept == 2 and result["truncated"] == 1 and not result["skips"]["skipped"]
+    shard = result["shards"]["train"][0]
+    assert shard["rows"] == kept and shard["tokens"] == kept * 32  # one row each: neither fits beside the other

@@ -144,16 +144,16 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, tmp_path, 
                     return
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_when_past_step, args=(15,), daemon=True)
+    killer = threading.Thread(target=kill_when_past_step, args=(10,), daemon=True)
     killer.start()
-    train(dataset, run_dir, train={"max_steps": 40, "checkpoint_every": 10, "eval_every": 0}, failure={"max_failures": 2})
+    train(dataset, run_dir, train={"max_steps": 24, "checkpoint_every": 8, "eval_every": 0}, failure={"max_failures": 2})
     killer.join()
-    assert killed and 15 <= killed["at"] < 40
+    assert killed and 10 <= killed["at"] < 24
     metrics = rows(run_dir)
-    assert [r["step"] for r in metrics] == list(range(1, 41))  # every step once: rows after the restore point redone
-    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 41)]
+    assert [r["step"] for r in metrics] == list(range(1, 25))  # every step once: rows after the restore point redone
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 25)]
     state = json.loads(sorted(run_dir.glob("checkpoint_2*"))[-1].joinpath("ember_state.json").read_text())
-    assert state["step"] == 40
+    assert state["step"] == 24
 
 
 def test_errors_before_any_worker_starts(dataset, tmp_path):
@@ -198,6 +198,20 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(
     for a, b in zip(reference, resumed):  # the same arithmetic up to the order of the gradient sums
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
     assert json.loads((at_step(run_dir, 8) / "ember_state.json").read_text())["world_size"] == 1
+
+
+def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, reference_run, tmp_path):
+    from ember.train.evaluate import run_evaluate
+
+    results = run_evaluate(parse_spec({
+        "kind": "evaluate", "models": {"trained": str(reference_run / "model")},
+        "data": {"dir": str(dataset), "split": "val", "batches": 2, "batch_size": 2},
+        "output": {"file": str(tmp_path / "eval.json")}}))
+    figures = results["trained"]["dataset"]
+    assert figures["rows"] == 4 and figures["target_tokens"] == 4 * 32
+    assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
+    # Other rows of the same val split than the run's own last evaluation read: a close figure.
+    assert abs(figures["loss"] - rows(reference_run)[-1]["val_loss"]) < 0.3
 
 
 def test_resume_honours_never_and_checks_the_path(dataset, reference_run):

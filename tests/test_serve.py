@@ -120,6 +120,20 @@ def test_concurrent_streams_are_independent_and_correct(client, model_dir):
     assert answers == [greedy(model_dir, p, 12) for p in prompts]
 
 
+def test_a_client_that_goes_away_frees_its_row_at_once(server):
+    with requests.post(f"{server}/v1/completions", stream=True, timeout=60, json={
+            "model": "tiny", "prompt": "the fox", "max_tokens": 80, "temperature": 0, "stream": True,
+            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        assert requests.get(f"{server}/health", timeout=10).json()["running"] == 1
+    deadline = time.time() + 10  # closed after one token of 80: the engine drops the row
+    while requests.get(f"{server}/health", timeout=10).json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert requests.get(f"{server}/health", timeout=10).json() | {"steps": 0} == {
+        "status": "ok", "model": "tiny", "running": 0, "queued": 0, "steps": 0}
+
+
 def test_logprobs_of_completions(client):
     done = client.completions.create(model="tiny", prompt="the quiet", max_tokens=5, temperature=0, logprobs=2)
     lp = done.choices[0].logprobs
@@ -285,3 +299,29 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_after(model_dir, serv
     from ray import serve
 
     serve.delete("kill")
+
+
+def test_ember_serve_deploys_a_model_dir_and_a_config_file(model_dir, serve_port, tmp_path):
+    """What `ember serve` does before it waits for Ctrl-C: deploy, wait until it answers, return the URL."""
+    from openai import OpenAI
+    from ray import serve
+
+    from ember.serve.launch import serve_target
+
+    base, names = serve_target(str(model_dir), port=serve_port)
+    assert base == f"http://127.0.0.1:{serve_port}" and names == ["ember"]
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "the fox"}],
+                                            max_tokens=4, temperature=0, stream=True)
+    assert len("".join(c.choices[0].delta.content or "" for c in stream)) > 0
+    serve.delete("ember")
+    config = tmp_path / "serve.yaml"
+    config.write_text((REPO / "serve" / "demo.yaml").read_text().replace("runs/finetune-demo/model", str(model_dir))
+                      .replace("port: 8000", f"port: {serve_port}").replace("route_prefix: /", "route_prefix: /cfg"))
+    base, names = serve_target(str(config))
+    assert OpenAI(base_url=f"{base}/cfg/v1", api_key="unused").models.list().data[0].id == "ember-demo"
+    serve.delete(names[0])
+    config.write_text("applications:\n  - name: x\n    import_path: ember.serve.app:build_app\n    args: {model_dir: "
+                      f"{model_dir}, batch: 3}}\n")
+    with pytest.raises(EmberError, match=r"args\.batch: Extra inputs are not permitted"):
+        serve_target(str(config))
