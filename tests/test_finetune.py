@@ -163,6 +163,13 @@ def test_full_finetune_of_a_transformers_model_adds_chat_tokens_and_loads_back_i
     assert tok.convert_tokens_to_ids("<|im_end|>") in eos
 
 
+def test_resuming_a_run_whose_conversations_changed_is_refused(full_run, hf_base, chat_data):
+    before = (full_run / "data" / "manifest.json").read_text()
+    with pytest.raises(EmberError, match="changed since .* wrote its checkpoints"):
+        run_finetune(parse_spec(spec(hf_base, chat_data["train"], full_run, data={"seq_len": 48})))
+    assert (full_run / "data" / "manifest.json").read_text() == before  # the run's data is untouched
+
+
 def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(lora_run, ember_base):
     from peft import PeftModel
     from safetensors.torch import load_file

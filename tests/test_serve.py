@@ -325,3 +325,8 @@ def test_ember_serve_deploys_a_model_dir_and_a_config_file(model_dir, serve_port
                       f"{model_dir}, batch: 3}}\n")
     with pytest.raises(EmberError, match=r"args\.batch: Extra inputs are not permitted"):
         serve_target(str(config))
+    with pytest.raises(EmberError, match="neither a serve config file nor a model directory"):
+        serve_target(str(tmp_path / "nothing-here"))
+    if not os.environ.get("RAY_ADDRESS"):
+        with pytest.raises(EmberError, match="--detach needs a running Ray cluster"):
+            serve_target(str(model_dir), detach=True)

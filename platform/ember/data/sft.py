@@ -142,9 +142,10 @@ def _clear(out: Path) -> None:
 
 
 def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: str | os.PathLike, context: int,
-                         address: str | None = None) -> dict:
+                         address: str | None = None, locked_by: str | None = None) -> dict:
     """Tokenizes `data` with the base model's tokenizer and chat template into the dataset dir `out`; returns its
-    manifest. Bad input paths and a `seq_len` over the model's `context` fail before any Ray work."""
+    manifest. Bad input paths and a `seq_len` over the model's `context` fail before any Ray work. `locked_by`
+    names a run whose checkpoints point into the existing dataset: it must then not change."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     if data.seq_len > context:
@@ -165,6 +166,10 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
             log.info("finetune data: %s already holds these conversations (same inputs, settings and tokenizer): "
                      "reused", out)
             return existing
+        if locked_by:
+            raise EmberError(f"the conversations, data settings or base tokenizer changed since {locked_by} wrote its "
+                             f"checkpoints (their data positions index {out}); choose another output.dir to start "
+                             "over, or restore the previous data spec to resume")
     _clear(out)
     for d in (out / "train", out / "val"):
         d.mkdir(parents=True, exist_ok=True)

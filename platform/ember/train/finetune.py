@@ -37,7 +37,9 @@ def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:
         raise EmberError(f"{run_dir} holds checkpoints of an earlier run and resume is 'never'; set resume: auto to "
                          "continue it, or choose another output.dir")
     data_dir = Path(spec.data.dir).expanduser().resolve() if spec.data.dir else run_dir / "data"
-    manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address)
+    resuming = spec.resume == "auto" and (run_dir / SNAPSHOT).is_file()
+    manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
+                                    locked_by=str(run_dir) if resuming else None)
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])
     tok = load_tokenizer(data_dir)
     eos_ids = [manifest["eos_id"]] + [tok.token_to_id(t) for t in CHAT_TOKENS[1:] if tok.token_to_id(t) is not None]
