@@ -34,7 +34,8 @@ async def collect(engine: Engine, request: Request, delay: float = 0.0) -> list[
 
 def test_requests_joining_a_running_batch_get_what_they_would_alone(model):
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    engine = Engine(model, max_batch_size=4, prefill_chunk=4)  # long prompts are read 4 tokens per step
+    # Long prompts are read 4 tokens per step, and at most 8 prompt tokens are read per step in all.
+    engine = Engine(model, max_batch_size=4, prefill_chunk=4, prefill_tokens_per_step=8)
     try:
         ps = prompts(10)
 

@@ -60,6 +60,8 @@ class ServeArgs(SpecModel):
     max_queue: int = Field(64, ge=0, description="Requests waiting for a row at most; beyond it: 503.")
     prefill_chunk: int = Field(128, ge=1, description="Prompt tokens read per step, so long prompts do not stall "
                                                       "the others.")
+    prefill_tokens_per_step: int = Field(512, ge=1, description="Prompt tokens read per step over all new requests "
+                                                                 "(at least prefill_chunk).")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a chat request gives none.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
@@ -273,7 +275,8 @@ class EmberServer:
         self.created = int(time.time())
         self.metrics = _Metrics(self.name)
         self.engine = Engine(self.model, max_batch_size=a.max_batch_size, max_tokens_in_flight=a.max_tokens_in_flight,
-                             max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, on_step=self.metrics.step)
+                             max_queue=a.max_queue, prefill_chunk=a.prefill_chunk,
+                             prefill_tokens_per_step=a.prefill_tokens_per_step, on_step=self.metrics.step)
 
     def check_health(self):
         if not self.engine.alive:

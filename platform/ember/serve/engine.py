@@ -3,9 +3,9 @@
 A background thread runs the step loop. Each step it
 1. admits waiting requests into free rows of the batch (up to `max_batch_size` rows and `max_tokens_in_flight`
    prompt + output tokens);
-2. runs one forward pass over every active row: a decoding row feeds its last token, a row still reading its prompt
-   feeds the next `prefill_chunk` prompt tokens (so a long prompt is read over several steps while the others keep
-   decoding, instead of stalling them for its whole length);
+2. runs one forward pass over the decoding rows (each feeds its last token) and one over rows still reading their
+   prompt (each feeds its next `prefill_chunk` prompt tokens, up to `prefill_tokens_per_step` in all), so a long
+   prompt or a burst of new ones is read over several steps while the others keep decoding;
 3. samples the next token of every row that has read its whole prompt, with that request's own sampling parameters
    and seed, and hands it to the request's consumer;
 4. drops finished or cancelled rows at once, moving the last active row into the freed one so active rows are
@@ -81,7 +81,7 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 128, on_step=None):
+                 max_queue: int = 64, prefill_chunk: int = 128, prefill_tokens_per_step: int = 512, on_step=None):
         self.model = model.eval()
         self.cfg = model.config
         self.context = self.cfg.max_position_embeddings
@@ -89,6 +89,7 @@ class Engine:
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * self.context
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens_per_step = max(prefill_tokens_per_step, prefill_chunk)
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # Slack after the context: padding positions of a short row in a step with a prefill chunk land there.
@@ -224,6 +225,13 @@ class Engine:
             else:
                 feeds.append([r.output[-1]])
         decoding = sum(1 for r in batch if r._read >= len(r.prompt))  # the first rows (see _partition)
+        # Prompt tokens per step are bounded too: a burst of new requests is read over a few steps, each of which
+        # also advances every decoding row, instead of one long step that stalls them all.
+        end, used = decoding, 0
+        while end < n and (end == decoding or used + len(feeds[end]) <= self.prefill_tokens_per_step):
+            used += len(feeds[end])
+            end += 1
+        batch, feeds, n = batch[:end], feeds[:end], end
         parts = []
         for lo, hi in ((0, decoding), (decoding, n)):
             if lo == hi:
@@ -280,8 +288,9 @@ class Engine:
                 r._emit(TokenEvent(token, logprob, top))
             full = len(r.prompt) + len(r.output) >= self.context
             if stop or len(r.output) >= r.params.max_new_tokens or full or r.cancelled:
-                r._emit(TokenEvent(None, finish_reason="stop" if stop else "length"))
-                finished.append(r)
+                finished.append((r, TokenEvent(None, finish_reason="stop" if stop else "length")))
         if finished:
             with self.lock:
-                self._drop(finished)
+                self._drop([r for r, _ in finished])
+            for r, last in finished:  # after the row is free, so a client that sees its end sees it gone
+                r._emit(last)
