@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ember import __version__
@@ -52,6 +53,66 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None,
                      help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else a new "
                           "local instance)")
+    run.add_argument("--workdir", default=None, metavar="DIR",
+                     help="resolve the spec's relative paths against DIR instead of the current directory (what "
+                          "`ember submit` uses on the cluster)")
+
+    sub = verbs.add_parser(
+        "submit", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="submit a job spec to a Ray cluster (Ray Jobs API)",
+        description="Submit a job spec to a Ray cluster through the Ray Jobs API. The job runs `ember run` on the "
+                    "spec there, with this machine's Ember code. The spec is checked here first; its input paths are "
+                    "checked where the job runs.",
+        epilog="examples:\n  ember cluster up && ember submit jobs/tokenize-demo.yaml --wait\n"
+               "  ember submit jobs/pretrain-demo.yaml --address http://10.0.0.5:8265 --set train.max_steps=100\n"
+               "  ember submit jobs/finetune-demo.yaml --env HF_HOME=/mnt/cache --workdir /mnt/shared/ember")
+    sub.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec value (repeatable; passed on to `ember run` on the cluster)")
+    _address_arg(sub)
+    sub.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its result")
+    sub.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                     help="environment variable for the job (repeatable; NAME alone takes this shell's value)")
+    sub.add_argument("--workdir", default=None, metavar="DIR",
+                     help="directory on the cluster that the spec's relative paths resolve against (default: this "
+                          "directory when the cluster is on this machine, else the job's own working dir)")
+
+    jobs = verbs.add_parser("jobs", parents=[common], help="list, inspect, follow and stop jobs on a Ray cluster",
+                            description="Jobs on a Ray cluster (Ember's and any other), through the Ray Jobs API.")
+    jverbs = jobs.add_subparsers(dest="jobs_verb", metavar="ACTION")
+    jverbs.required = True
+    jl = jverbs.add_parser("list", parents=[common], help="all jobs, oldest first")
+    jl.add_argument("--ember", action="store_true", help="only Ember's jobs")
+    for name, text in (("status", "a job's status, progress and error"), ("logs", "a job's output"),
+                       ("stop", "stop a running job")):
+        j = jverbs.add_parser(name, parents=[common], help=text)
+        j.add_argument("job_id", metavar="ID", help="the submission id (`ember jobs list`)")
+        _address_arg(j)
+        if name == "logs":
+            j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
+    _address_arg(jl)
+
+    st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
+                          description="Nodes and resources, running and recent Ember jobs with their latest progress, "
+                                      "Serve applications with their replicas, and the dashboard URL.")
+    _address_arg(st)
+
+    clu = verbs.add_parser("cluster", parents=[common], help="a local multi-node Ray cluster on this machine",
+                           description="A real Ray cluster on this machine: a head and N worker nodes (separate "
+                                       "raylets), bound to 127.0.0.1, with Ray's token authentication on.")
+    cverbs = clu.add_subparsers(dest="cluster_verb", metavar="ACTION")
+    cverbs.required = True
+    cu = cverbs.add_parser("up", parents=[common], help="start the head and worker nodes")
+    cu.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default: 2)")
+    cu.add_argument("--cpus-per-node", type=float, default=1, help="CPUs each node offers Ray (default: 1)")
+    cu.add_argument("--head-cpus", type=float, default=None, help="CPUs of the head node (default: --cpus-per-node)")
+    cu.add_argument("--port", type=int, default=6379, help="GCS port (default: 6379)")
+    cu.add_argument("--dashboard-port", type=int, default=8265, help="dashboard port (default: 8265)")
+    cverbs.add_parser("status", parents=[common], help="nodes and resources of the local cluster")
+    cverbs.add_parser("down", parents=[common], help="stop exactly the processes `up` started")
+    for c in cverbs.choices.values():
+        c.add_argument("--dir", default=None, help="where the cluster's state is kept (default: $EMBER_CLUSTER_DIR, "
+                                                   "else ~/.ember/cluster)")
 
     srv = verbs.add_parser(
         "serve", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _address_arg(parser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="the cluster's Ray dashboard URL, e.g. http://10.0.0.5:8265 (default: "
+                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`)")
+
+
 def _runner(kind: str):
     module, _, name = JOB_RUNNERS[kind].partition(":")
     return getattr(importlib.import_module(module), name)
@@ -98,6 +165,11 @@ def cmd_run(args) -> int:
     from ember.config import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    if args.workdir:
+        try:
+            os.chdir(args.workdir)
+        except OSError as exc:
+            raise EmberError(f"--workdir {args.workdir}: {exc.strerror}") from None
     _runner(spec.kind)(spec, address=args.address)  # each runner checks its inputs before it connects to Ray
     return 0
 
@@ -150,6 +222,77 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from ember.cluster.jobs import submit
+
+    _, status = submit(args.spec, args.overrides, address=args.address, env=args.env, workdir=args.workdir,
+                       wait=args.wait)
+    return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def cmd_jobs(args) -> int:
+    from ember.cluster import jobs as J
+
+    client = J.Jobs(args.address)
+    if args.jobs_verb == "list":
+        print(J.format_jobs(J.list_jobs(client, ember_only=args.ember)))
+    elif args.jobs_verb == "status":
+        print(J.describe(client, args.job_id))
+    elif args.jobs_verb == "logs":
+        if args.follow:
+            client.follow(args.job_id)
+        else:
+            sys.stdout.write(client.call("get_job_logs", args.job_id))
+    else:
+        if str(client.info(args.job_id).status) in J.TERMINAL:
+            print(f"job {args.job_id} already ended: {client.info(args.job_id).status}")
+            return 0
+        client.call("stop_job", args.job_id)
+        info = client.wait(args.job_id, timeout=60)
+        print(f"job {args.job_id}: {info.status}")
+        return 0 if str(info.status) in J.TERMINAL else 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ember.cluster.status import render
+
+    print(render(args.address))
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from pathlib import Path
+
+    from ember.cluster import local
+
+    directory = Path(args.dir) if args.dir else None
+    if args.cluster_verb == "up":
+        info = local.up(args.workers, args.cpus_per_node, directory=directory, port=args.port,
+                        dashboard_port=args.dashboard_port, head_cpus=args.head_cpus)
+        print(f"local Ray cluster up: head + {info.workers} worker nodes (separate raylets), token auth on\n"
+              f"  dashboard:   {info.dashboard_url}\n"
+              f"  address:     {info.address}   (ember run --address / ember serve --address)\n"
+              f"  submit jobs: ember submit jobs/tokenize-demo.yaml --wait   (uses this cluster by default)\n"
+              f"  metrics:     Prometheus targets in {info.service_discovery_file}\n"
+              f"  Ray's own CLI: export RAY_ADDRESS={info.address} RAY_AUTH_MODE=token "
+              f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n"
+              f"  stop it:     ember cluster down")
+    elif args.cluster_verb == "status":
+        info = local.read_state(directory)
+        if info is None:
+            print("no local cluster is running (`ember cluster up` starts one)")
+            return 1
+        from ember.cluster.status import render
+
+        print(render(info.dashboard_url))
+    else:
+        info = local.down(directory)
+        print("no local cluster was running" if info is None else
+              f"local cluster stopped ({info.address}); its logs stay in {info.session_dir}/logs")
+    return 0
+
+
 def _setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -162,11 +305,18 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    from ember.runtime import use_loopback_node_address
+
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    use_loopback_node_address(address)  # both before anything imports Ray, which reads them once
+    if address or args.verb in ("submit", "jobs", "status", "cluster"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's clients send the cluster token only in token mode
     _setup_logging(debug)
     from ember.runtime import find_ember_error
 
     try:
-        return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve}[args.verb](args)
+        return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
+                "status": cmd_status, "cluster": cmd_cluster}[args.verb](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -32,3 +32,14 @@ class TrainMetrics:
             gauge = self.gauges.get(f"ember_train_{key}")
             if gauge is not None and value is not None:
                 gauge.set(float(value), tags=self.tags)
+
+
+# Serving metrics of each replica (Ray Serve adds the deployment, replica and application tags).
+SERVE_METRICS = {
+    "ember_serve_requests": "Requests answered, by route and HTTP status code.",
+    "ember_serve_time_to_first_token_seconds": "Seconds from a request's arrival to its first generated token.",
+    "ember_serve_time_per_output_token_seconds": "Seconds per generated token after the first, per request.",
+    "ember_serve_generated_tokens": "Tokens generated.",
+    "ember_serve_batch_size": "Rows in the engine's latest decoding step.",
+    "ember_serve_queue_depth": "Requests waiting for a row of the batch.",
+}

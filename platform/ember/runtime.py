@@ -14,6 +14,16 @@ from ember.errors import EmberError
 log = logging.getLogger("ember")
 
 
+def use_loopback_node_address(address: str | None) -> None:
+    """For a cluster bound to 127.0.0.1 (`ember cluster up`), keeps Ray from swapping 127.0.0.1 for this machine's
+    network address, where that cluster does not listen. Ray reads the variable at import: call this first."""
+    if not address:
+        return
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connects this process to Ray unless it already is; a new local instance binds to 127.0.0.1."""
     import ray
@@ -23,6 +33,7 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        use_loopback_node_address(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as exc:

@@ -183,6 +183,8 @@ class ScalingSpec(SpecModel):
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL, fused attention.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes (PACK fills nodes first; SPREAD one per node if it can).")
 
 
 class FailureSpec(SpecModel):

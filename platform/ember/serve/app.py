@@ -26,17 +26,10 @@ from ray.serve import Application
 
 from ember.config.specs import SpecModel
 from ember.errors import EmberError
+from ember.metrics import SERVE_METRICS
 
 log = logging.getLogger("ember")
 
-SERVE_METRICS = {
-    "ember_serve_requests": "Requests answered, by route and HTTP status code.",
-    "ember_serve_time_to_first_token_seconds": "Seconds from a request's arrival to its first generated token.",
-    "ember_serve_time_per_output_token_seconds": "Seconds per generated token after the first, per request.",
-    "ember_serve_generated_tokens": "Tokens generated.",
-    "ember_serve_batch_size": "Rows in the engine's latest decoding step.",
-    "ember_serve_queue_depth": "Requests waiting for a row of the batch.",
-}
 
 
 class AutoscalingArgs(SpecModel):

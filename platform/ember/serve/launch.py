@@ -94,6 +94,7 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
         s = ServeArgs.model_validate(args)
         http = {"host": s.host, "port": s.port}
         apps = [{"name": "ember", "route_prefix": "/", "import_path": "ember.serve.app:build_app", "args": args}]
+        proxy_location = None
     elif path.is_file():
         config = load_serve_config(path)
         http = dict(config.get("http_options") or {})
@@ -104,6 +105,7 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
         if port:
             http["port"] = port
         apps = config["applications"]
+        proxy_location = config.get("proxy_location")
     else:
         raise EmberError(f"{target}: neither a serve config file nor a model directory")
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
@@ -116,7 +118,10 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
             args.setdefault("port", http["port"])
         built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), _build(app["import_path"], args)))
     ensure_ray(address)
-    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
+    loopback = http["host"] in ("127.0.0.1", "localhost", "::1")
+    serve.start(http_options={"host": http["host"], "port": http["port"]},
+                proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"))
     for name, prefix, application in built:
         log.info("serve: deploying %s at %s", name, prefix)
         serve.run(application, name=name, route_prefix=prefix, blocking=False)

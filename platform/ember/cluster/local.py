@@ -1,0 +1,234 @@
+"""`ember cluster up | status | down`: a real multi-node Ray cluster on this machine, for development and tests.
+
+`up` starts one host process that runs a Ray head node and N worker nodes, each its own raylet with its own CPUs,
+object store and metrics agent (Ray's `ray.cluster_utils.Cluster`, the developer API Ray's own multi-node tests use).
+Every Ray process is a child of that host, so `down` stops exactly what `up` started and nothing else on the machine.
+
+Everything binds to 127.0.0.1: the GCS, the raylets, the dashboard and every node's Prometheus metrics endpoint. Ray
+binds a multi-node cluster to the machine's network address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes it
+treat 127.0.0.1 as the node address; the host sets it for the cluster's processes and Ember's clients set it when they
+talk to a loopback address. Ray's token authentication is on: the cluster uses the token in `~/.ray/auth_token` (or
+`RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), made with `ray get-auth-token --generate` when there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ember.errors import EmberError
+
+LOOPBACK = "127.0.0.1"
+LOCAL_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # 127.0.0.1 is the node address, see the docstring
+STATE_FILE = "cluster.json"
+
+
+def default_dir() -> Path:
+    """Where `ember cluster` keeps the state of the local cluster: $EMBER_CLUSTER_DIR, else ~/.ember/cluster."""
+    return Path(os.environ.get("EMBER_CLUSTER_DIR") or Path.home() / ".ember" / "cluster").expanduser()
+
+
+@dataclass
+class ClusterInfo:
+    """What `up` records in DIR/cluster.json and `status`/`down` and the job clients read back."""
+
+    pid: int  # the host process; every Ray process of the cluster descends from it
+    address: str  # GCS address, for `ray.init(address=...)`, `ember run --address`
+    dashboard_url: str  # Jobs, State and Serve APIs; `ember submit --address`
+    workers: int
+    cpus_per_node: float
+    metrics_ports: list[int]  # one Prometheus endpoint per node
+    session_dir: str  # Ray's session: logs/ of every node
+    service_discovery_file: str  # Prometheus file_sd targets, written by Ray
+    started: float = field(default_factory=time.time)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return True
+    return False
+
+
+def read_state(directory: Path | None = None) -> ClusterInfo | None:
+    """The running local cluster recorded in `directory`, or None when there is none (a stale record is removed)."""
+    path = (directory or default_dir()) / STATE_FILE
+    if not path.exists():
+        return None
+    info = ClusterInfo(**json.loads(path.read_text()))
+    if not _is_host(info.pid):
+        path.unlink(missing_ok=True)
+        return None
+    return info
+
+
+def _is_host(pid: int) -> bool:
+    import psutil
+
+    try:
+        return "ember.cluster.local" in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def ensure_token() -> None:
+    """Makes sure a token exists for the cluster to use (Ray's own `ray get-auth-token --generate`)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").exists():
+        return
+    ray_cli = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], check=True, capture_output=True)
+
+
+def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = None, port: int = 6379,
+       dashboard_port: int = 8265, head_cpus: float | None = None, object_store_mb: int | None = None,
+       timeout: float = 180) -> ClusterInfo:
+    """Starts the head and `workers` worker nodes in a background host process; returns once all nodes are up."""
+    directory = (directory or default_dir()).expanduser().resolve()
+    if workers < 0:
+        raise EmberError(f"--workers {workers}: must be 0 or more")
+    if cpus_per_node <= 0:
+        raise EmberError(f"--cpus-per-node {cpus_per_node}: must be more than 0")
+    running = read_state(directory)
+    if running is not None:
+        raise EmberError(f"a local cluster is already running from {directory} (GCS {running.address}, dashboard "
+                         f"{running.dashboard_url}); `ember cluster down` stops it")
+    for name, p in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if _port_taken(p):
+            raise EmberError(f"{name} {p}: port already in use on {LOOPBACK} (another Ray instance?); pick another")
+    directory.mkdir(parents=True, exist_ok=True)
+    ensure_token()
+    import psutil
+
+    nodes = workers + 1
+    total = psutil.virtual_memory().total
+    # Each raylet would otherwise claim the whole machine's memory; share it out (object store capped at 2 GiB).
+    store = (object_store_mb << 20) if object_store_mb else min(2 << 30, int(total * 0.25 / nodes))
+    ports = _free_ports(3 * nodes + 1)
+    plan = {
+        "directory": str(directory),
+        # Short, so Ray's unix socket paths (session dir + sockets/raylet.N) stay within the OS limit.
+        "temp_dir": tempfile.mkdtemp(prefix=f"ember-ray-{port}-"),
+        "port": port, "dashboard_port": dashboard_port, "client_port": ports[-1],
+        "nodes": [{"num_cpus": head_cpus if head_cpus is not None else cpus_per_node,
+                   "metrics_export_port": ports[3 * i], "dashboard_agent_listen_port": ports[3 * i + 1],
+                   "metrics_agent_port": ports[3 * i + 2],
+                   "object_store_memory": store, "memory": int(total * 0.8 / nodes)} for i in range(nodes)],
+        "workers": workers, "cpus_per_node": cpus_per_node,
+    }
+    for i in range(1, nodes):
+        plan["nodes"][i]["num_cpus"] = cpus_per_node
+    (directory / "plan.json").write_text(json.dumps(plan, indent=1))
+    log_path = directory / "cluster.log"
+    env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           # Job drivers inherit this environment: `python` there is this Python, with Ember's dependencies.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=directory, start_new_session=True)
+    deadline = time.time() + timeout
+    state = directory / STATE_FILE
+    while time.time() < deadline:
+        if state.exists():
+            return ClusterInfo(**json.loads(state.read_text()))
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise EmberError(f"the local cluster failed to start (log: {log_path}):\n  " + "\n  ".join(tail))
+        time.sleep(0.5)
+    proc.terminate()
+    raise EmberError(f"the local cluster did not come up within {timeout:.0f}s (log: {log_path})")
+
+
+def down(directory: Path | None = None, timeout: float = 60) -> ClusterInfo | None:
+    """Stops the cluster recorded in `directory`: the host shuts its nodes down, stragglers are killed."""
+    import psutil
+
+    directory = (directory or default_dir()).expanduser().resolve()
+    info = read_state(directory)
+    if info is None:
+        return None
+    host = psutil.Process(info.pid)
+    tree = [host, *host.children(recursive=True)]
+    host.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:  # whatever did not exit with the host: only processes it started
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    return info
+
+
+def _host(plan_path: str) -> None:
+    """The host process: starts the nodes, records the cluster, and stops the nodes on SIGTERM or SIGINT."""
+    plan = json.loads(Path(plan_path).read_text())
+    directory = Path(plan["directory"])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # handled below, after start-up
+    from ray.cluster_utils import Cluster
+
+    head, *rest = plan["nodes"]
+    common = {"node_ip_address": LOOPBACK, "temp_dir": plan["temp_dir"], "min_worker_port": 0, "max_worker_port": 0}
+    cluster = Cluster(shutdown_at_exit=True)
+    try:
+        cluster.add_node(**common, **head, gcs_server_port=plan["port"], include_dashboard=True,
+                         dashboard_host=LOOPBACK, dashboard_port=plan["dashboard_port"],
+                         ray_client_server_port=plan["client_port"])
+        for node in rest:
+            cluster.add_node(**common, **node)
+        # Cluster records its address as the machine's "current cluster", where a bare `ray.init()` would find and
+        # join it; Ember's cluster is used only by address, so the record goes (if it is still ours).
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip() == cluster.address:
+            current.unlink()
+        session = Path(cluster.head_node.get_session_dir_path())
+        info = ClusterInfo(pid=os.getpid(), address=cluster.address,
+                           dashboard_url=f"http://{LOOPBACK}:{plan['dashboard_port']}", workers=plan["workers"],
+                           cpus_per_node=plan["cpus_per_node"], metrics_ports=[n["metrics_export_port"]
+                                                                               for n in plan["nodes"]],
+                           session_dir=str(session),
+                           service_discovery_file=str(Path(plan["temp_dir"]) / "prom_metrics_service_discovery.json"))
+        tmp = directory / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=1))
+        tmp.rename(directory / STATE_FILE)
+        print(f"cluster up: {info.address}, dashboard {info.dashboard_url}, {len(plan['nodes'])} nodes", flush=True)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        print("stopping the cluster", flush=True)
+    finally:
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node)
+        if cluster.head_node is not None:
+            cluster.remove_node(cluster.head_node)
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        print("cluster stopped", flush=True)
+
+
+if __name__ == "__main__":
+    _host(sys.argv[1])

@@ -1,0 +1,129 @@
+"""The cluster definitions in cluster/ against the schemas Ray ships: the launcher's ray-schema.json, Ray Serve's
+config schema, and KubeRay's API versions and required fields; the Grafana dashboard's queries name Ember's metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+KUBERAY = REPO / "cluster" / "kuberay"
+
+
+def test_the_launcher_config_is_valid_for_the_ray_cluster_launcher():
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the file as written
+    validate_config(prepare_config(config))  # and as `ray up` sees it, with the provider's defaults filled in
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p")) and gpu["max_workers"] >= gpu["min_workers"]
+    assert any("pip install" in c and "ember" in c for c in config["setup_commands"])
+    assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands",
+                                                                     "worker_start_ray_commands"))
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_a_broken_launcher_config_is_refused_by_the_same_check():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
+    with pytest.raises(jsonschema.ValidationError, match="eight"):
+        validate_config(prepare_config(config))
+
+
+def _ray_containers(pod_template: dict) -> list[dict]:
+    containers = pod_template["spec"]["containers"]
+    assert containers and all(c.get("image") and c.get("name") for c in containers)
+    return containers
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    """The fields KubeRay's RayCluster CRD requires, and token auth on every Ray container."""
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    groups = [head["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    for g in spec.get("workerGroupSpecs", []):
+        assert g["groupName"] and g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values()), "rayStartParams values are strings"
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())
+    for template in groups:
+        for c in _ray_containers(template):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE") == "token", c["name"]
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            volumes = {v["name"] for v in template["spec"].get("volumes", [])}
+            assert mounts <= volumes, f"{c['name']} mounts a volume its pod does not define"
+
+
+@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"),
+                                       ("rayservice.yaml", "RayService")])
+def test_kuberay_resources_have_their_api_version_and_required_fields(name, kind):
+    doc = yaml.safe_load((KUBERAY / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind and doc["metadata"]["name"]
+    spec = doc["spec"]
+    if kind == "RayCluster":
+        _check_ray_cluster_spec(spec)
+    elif kind == "RayJob":
+        assert "ember run jobs/pretrain-demo.yaml" in spec["entrypoint"]
+        assert spec["shutdownAfterJobFinishes"] is True
+        _check_ray_cluster_spec(spec["rayClusterSpec"])
+        _ray_containers(spec["submitterPodTemplate"])
+    else:
+        _check_ray_cluster_spec(spec["rayClusterConfig"])
+        assert isinstance(spec["serveConfigV2"], str), "serveConfigV2 is a YAML string"
+
+
+def test_the_rayservice_serve_config_is_valid_for_ray_serve_and_ember():
+    from ray.serve.schema import ServeDeploySchema
+
+    from ember.serve.app import ServeArgs
+
+    doc = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "ember.serve.app:build_app"
+    args = ServeArgs.model_validate(app["args"])  # unknown keys are refused
+    # Listening beyond loopback inside the pods, the app takes API keys from the secret the pods mount as env.
+    assert args.host == "0.0.0.0" and not args.allow_unauthenticated and args.api_keys_env == "EMBER_API_KEYS"
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert any(e["name"] == "EMBER_API_KEYS" and "secretKeyRef" in e.get("valueFrom", {}) for e in workers["env"])
+    # The volume the RayJob writes runs to is the one the RayService reads the model from.
+    job = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
+    assert "--workdir /mnt/ember" in job["spec"]["entrypoint"] and args.model_dir.startswith("/mnt/ember/runs/")
+
+
+def dashboard_metric_names() -> set[str]:
+    dash = json.loads((REPO / "cluster" / "monitoring" / "grafana" / "ember.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    return {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
+
+
+def test_the_grafana_dashboard_covers_training_and_serving():
+    from ember.metrics import TRAIN_GAUGES
+    from ember.metrics import SERVE_METRICS
+
+    names = dashboard_metric_names()
+    for wanted in ("loss", "tokens_per_second", "mfu", "step_time_seconds"):
+        assert f"ray_ember_train_{wanted}" in names
+    assert {f"ray_{n}" for n in TRAIN_GAUGES} >= {n for n in names if n.startswith("ray_ember_train_")}
+    served = {re.sub(r"_(bucket|total)$", "", n) for n in names if n.startswith("ray_ember_serve_")}
+    assert served == {f"ray_{n}" for n in SERVE_METRICS}, "every serving metric has a panel, and no panel a typo"
+    assert "ray_serve_deployment_replica_healthy" in names
+
+
+def test_the_prometheus_config_scrapes_ray_service_discovery():
+    config = yaml.safe_load((REPO / "cluster" / "monitoring" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
