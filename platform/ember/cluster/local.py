@@ -208,13 +208,24 @@ def _host(plan_path: str) -> None:
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.exists() and current.read_text().strip() == cluster.address:
             current.unlink()
+        # Ready means visible to Prometheus too: the head rewrites the discovery file every few seconds.
+        discovery = Path(plan["temp_dir"]) / "prom_metrics_service_discovery.json"
+        wanted = {f"{LOOPBACK}:{n['metrics_export_port']}" for n in plan["nodes"]}
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if wanted <= set(json.loads(discovery.read_text())[0]["targets"]):
+                    break
+            except (OSError, ValueError, LookupError):
+                pass
+            time.sleep(0.5)
         session = Path(cluster.head_node.get_session_dir_path())
         info = ClusterInfo(pid=os.getpid(), address=cluster.address,
                            dashboard_url=f"http://{LOOPBACK}:{plan['dashboard_port']}", workers=plan["workers"],
                            cpus_per_node=plan["cpus_per_node"], metrics_ports=[n["metrics_export_port"]
                                                                                for n in plan["nodes"]],
                            session_dir=str(session),
-                           service_discovery_file=str(Path(plan["temp_dir"]) / "prom_metrics_service_discovery.json"))
+                           service_discovery_file=str(discovery))
         tmp = directory / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(info), indent=1))
         tmp.rename(directory / STATE_FILE)
