@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -22,12 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/ember run jobs/tokenize-demo.yaml
-	$(BIN)/ember run jobs/pretrain-demo.yaml
-	$(BIN)/ember generate runs/pretrain-demo/model --prompt "The json module" --max-tokens 48 --seed 0
-	$(BIN)/ember run jobs/finetune-demo.yaml
-	$(BIN)/ember run jobs/evaluate-demo.yaml
-	$(BIN)/ember generate runs/finetune-demo/model --chat --prompt "What does the function \`json.dumps\` do?" --temperature 0 --max-tokens 48
+	$(BIN)/ember demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

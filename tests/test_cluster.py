@@ -125,8 +125,6 @@ def test_a_client_without_the_cluster_token_is_refused(cluster, tmp_path):
 
 
 def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, corpus, tmp_path_factory):
-    from ember.cluster.jobs import auth_headers
-
     out = tmp_path_factory.mktemp("jobs")
     cluster.data, cluster.run = out / "data", out / "run"
     tok = cluster.ember("submit", "jobs/tokenize-demo.yaml", "--wait", "--set", f"source.inputs=[{corpus}]",
@@ -152,15 +150,21 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, corpus, tmp_path_f
     # Validation runs at every log step, so its gauge is set together with the loss's: both reach each export that
     # Ray's metrics agent makes while the job runs (a gauge set only at a short run's end may miss the last one).
     # The two training workers (1 CPU each, nodes of 1 CPU) ran on different nodes: Ray's State API says where.
-    r = requests.get(f"{cluster.info.dashboard_url}/api/v0/actors", headers=auth_headers(), timeout=30,
-                     params={"filter_keys": "class_name", "filter_predicates": "=", "filter_values": "RayTrainWorker",
-                             "detail": "1", "limit": "100"})
-    r.raise_for_status()
-    actors = r.json()["data"]["result"]["result"]
-    nodes = {a["node_id"] for a in actors if a["job_id"] == _ray_job_id(cluster, job)}
+    workers = [a for a in _actors(cluster) if a["class_name"] == "RayTrainWorker"]
+    nodes = {a["node_id"] for a in workers if a["job_id"] == _ray_job_id(cluster, job)}
     assert len(nodes) == 2
     listed = cluster.ember("jobs", "list", "--ember", check=True).stdout
     assert job in listed and "tokenize" in listed
+
+
+def _actors(cluster) -> list[dict]:
+    """Every actor the cluster knows, alive or dead, from Ray's State API (over the dashboard, with the token)."""
+    from ember.cluster.jobs import auth_headers
+
+    r = requests.get(f"{cluster.info.dashboard_url}/api/v0/actors", headers=auth_headers(), timeout=30,
+                     params={"detail": "1", "limit": "1000"})
+    r.raise_for_status()
+    return r.json()["data"]["result"]["result"]
 
 
 def _ray_job_id(cluster, submission_id: str) -> str:
@@ -220,6 +224,16 @@ def test_a_running_job_can_be_stopped(cluster, tmp_path):
     stopped = cluster.ember("jobs", "stop", job, check=True)
     assert f"job {job}: STOPPED" in stopped.stdout
     assert "STOPPED" in cluster.ember("jobs", "status", job, check=True).stdout
+    # The job's processes go with it: no actor of it (trainer controller, training workers) stays alive.
+    ray_job = _ray_job_id(cluster, job)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        alive = [a for a in _actors(cluster) if a["job_id"] == ray_job and a["state"] != "DEAD"]
+        if not alive:
+            break
+        time.sleep(1)
+    assert not alive, [a["class_name"] for a in alive]
+    assert "already ended" in cluster.ember("jobs", "stop", job, check=True).stdout
 
 
 def test_specs_are_checked_before_submission_and_inputs_where_the_job_runs(cluster, tmp_path):

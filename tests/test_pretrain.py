@@ -57,9 +57,9 @@ def rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def reference_run(dataset, tmp_path_factory) -> Path:
-    """8 uninterrupted steps, ZeRO 2, 2 workers."""
+    """8 uninterrupted steps, ZeRO 2, 2 workers; metrics also to TensorBoard."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    train(dataset, run_dir, train={"decay_steps": 8})
+    train(dataset, run_dir, train={"decay_steps": 8, "tensorboard": True})
     return run_dir
 
 
@@ -80,6 +80,39 @@ def test_a_run_logs_metrics_checkpoints_and_exports_a_model(reference_run):
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     model = load_model(reference_run / "model")
     assert model.config.hidden_size == 32 and (reference_run / "model" / "tokenizer.json").is_file()
+
+
+def test_a_finished_run_is_reused_and_reported(dataset, reference_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ember.train.report import write_report
+
+    before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
+    metrics = train(dataset, reference_run, train={"decay_steps": 8, "tensorboard": True})  # the same spec again
+    assert metrics["step"] == 8 and metrics["loss"] == rows(reference_run)[-1]["loss"]
+    assert {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()} == before, "nothing retrained"
+
+    # TensorBoard events hold what metrics.jsonl holds.
+    events = EventAccumulator(str(reference_run / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows(reference_run)]
+    assert [e.step for e in events.Scalars("train/val_loss")] == [4, 8]
+
+    summary = write_report(reference_run)
+    assert "steps: 8 of 8, 2,048 tokens seen" in summary and "validation loss:" in summary
+    for name in ("loss.png", "learning_rate.png", "tokens_per_second.png"):
+        png = (reference_run / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (reference_run / "report" / "summary.txt").read_text().startswith(f"run: {reference_run}")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n')
+    with pytest.raises(EmberError, match=r"metrics.jsonl:2: not JSON"):
+        write_report(broken)
+    with pytest.raises(EmberError, match="no metrics.jsonl"):
+        write_report(tmp_path)
 
 
 def test_a_resumed_run_repeats_the_same_losses_and_samples(dataset, reference_run, tmp_path):

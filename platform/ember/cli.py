@@ -92,6 +92,27 @@ def _parser() -> argparse.ArgumentParser:
             j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
     _address_arg(jl)
 
+    demo = verbs.add_parser(
+        "demo", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the whole pipeline on the built-in corpus: tokenize → pretrain → fine-tune → evaluate → serve → ask",
+        description="Runs jobs/tokenize-demo.yaml, pretrain-demo, finetune-demo and evaluate-demo, writes reports, "
+                    "serves the fine-tuned model with serve/demo.yaml (autoscaling), asks it a question through the "
+                    "OpenAI API and shuts it down. A rerun reuses finished stages. Relative paths (data/, runs/) "
+                    "resolve against the current directory.",
+        epilog="examples:\n  ember demo\n  ember demo --keep-serving --port 8001\n"
+               "  ember demo --set pretrain.train.max_steps=100 --set finetune.method=lora")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the app up at the end (Ctrl-C stops it)")
+    demo.add_argument("--port", type=int, default=None, help="HTTP port of the app (default: serve/demo.yaml's)")
+    demo.add_argument("--address", default=None, help="Ray cluster (GCS) address (default: RAY_ADDRESS, else a new "
+                                                      "local instance)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                      help="override a stage's spec, e.g. --set pretrain.train.max_steps=100 (repeatable)")
+
+    rep = verbs.add_parser("report", parents=[common], help="plots and a summary of a training run",
+                           description="Writes RUN_DIR/report/{loss,learning_rate,tokens_per_second}.png and "
+                                       "summary.txt from the run's metrics.jsonl, and prints the summary.")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a pretrain or finetune output dir")
+
     st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
                           description="Nodes and resources, running and recent Ember jobs with their latest progress, "
                                       "Serve applications with their replicas, and the dashboard URL.")
@@ -254,6 +275,21 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from ember.demo import Demo, parse_overrides
+
+    Demo(parse_overrides(args.overrides), address=args.address, port=args.port,
+         keep_serving=args.keep_serving).run()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ember.train.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
 def cmd_status(args) -> int:
     from ember.cluster.status import render
 
@@ -316,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
-                "status": cmd_status, "cluster": cmd_cluster}[args.verb](args)
+                "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,
+                "report": cmd_report}[args.verb](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -144,9 +145,16 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
         plan["nodes"][i]["num_cpus"] = cpus_per_node
     (directory / "plan.json").write_text(json.dumps(plan, indent=1))
     log_path = directory / "cluster.log"
+    # Job drivers inherit this environment: `python` there must be this Python, with Ember's dependencies. Only
+    # `python` is put first on PATH, not the whole venv bin: the rest (ninja, which DeepSpeed's op builds use) stays
+    # what `ember run` here finds, or the ops would be rebuilt each time work moves between the two.
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    launcher = bin_dir / "python"  # a script, not a symlink: Python finds its venv from the path it is run by
+    launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    launcher.chmod(0o755)
     env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           # Job drivers inherit this environment: `python` there is this Python, with Ember's dependencies.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],

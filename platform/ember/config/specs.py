@@ -152,6 +152,8 @@ class TrainSpec(SpecModel):
     eval_every: int = Field(50, ge=0, description="Evaluate on val/ every N steps (0 = only at the end).")
     eval_batches: int = Field(4, ge=1, description="Micro batches per worker in one evaluation.")
     log_every: int = Field(5, ge=1, description="Report metrics every N steps.")
+    tensorboard: bool = Field(False, description="Also write the metrics as TensorBoard event files in "
+                                                 "RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`).")
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
 

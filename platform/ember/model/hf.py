@@ -8,6 +8,7 @@ RoPE scalings) is refused with the field and value named, as are missing, unexpe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -249,3 +250,10 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
         if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
             ids.add(tokenizer.token_to_id(eos))
     return ids
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """Names, sizes and modification times of a model dir's weight files: changes when the weights are rewritten."""
+    files = sorted(Path(model_dir).glob("model*.safetensors*"))
+    return hashlib.sha256(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
+                          ).hexdigest()[:16]

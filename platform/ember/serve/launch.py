@@ -78,8 +78,9 @@ def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> di
 
 
 def serve_target(target: str, *, address: str | None = None, detach: bool = False, host: str | None = None,
-                 port: int | None = None) -> tuple[str, list[str]]:
-    """Deploys a config file or a model dir; returns (base URL, application names)."""
+                 port: int | None = None, args: dict | None = None) -> tuple[str, list[str]]:
+    """Deploys a config file or a model dir; returns (base URL, application names). `args` override the args of
+    Ember's apps in a config."""
     from ray import serve
 
     path = Path(target).expanduser()
@@ -112,11 +113,13 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
         raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
     built = []
     for i, app in enumerate(apps):
-        args = dict(app.get("args") or {})
+        app_args = dict(app.get("args") or {})
         if app.get("import_path", "").startswith("ember.serve.app"):
-            args.setdefault("host", http["host"])
-            args.setdefault("port", http["port"])
-        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), _build(app["import_path"], args)))
+            app_args.update(args or {})
+            app_args.setdefault("host", http["host"])
+            app_args.setdefault("port", http["port"])
+        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"),
+                      _build(app["import_path"], app_args)))
     ensure_ray(address)
     # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
     loopback = http["host"] in ("127.0.0.1", "localhost", "::1")

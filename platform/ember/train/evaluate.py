@@ -13,6 +13,7 @@ The evaluation runs in the job's driver process (CPU or one GPU); results go to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.tokenizer import load_tokenizer, tokenizer_config
 from ember.errors import EmberError
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
+from ember.model.hf import weights_fingerprint
 from ember.train.loop import lm_loss
 
 log = logging.getLogger("ember")
@@ -157,6 +159,16 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
     return result
 
 
+def _identity(spec: EvaluateSpec) -> str:
+    """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
+    models = {name: weights_fingerprint(Path(path).expanduser()) for name, path in spec.models.items()}
+    data = (Path(spec.data.dir).expanduser() / "manifest.json").read_text() if spec.data.dir else ""
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, spec.data.conversations or [])
+             if p.is_file()]
+    return json.dumps({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files,
+                       "data": hashlib.sha256(data.encode()).hexdigest()}, sort_keys=True)
+
+
 def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
     """Evaluates every model of the spec; writes and returns {model name: figures}."""
     t0 = time.perf_counter()
@@ -165,6 +177,12 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
             raise EmberError(f"models.{name}: model directory not found: {path}")
     if spec.data.dir:
         load_manifest(spec.data.dir)
+    out = Path(spec.output.file).expanduser()
+    identity = _identity(spec)
+    stamp = out.with_name(out.name + ".identity")
+    if out.is_file() and stamp.is_file() and stamp.read_text() == identity:
+        log.info("evaluate: %s already holds these results (same spec, models and data): reusing them", out)
+        return json.loads(out.read_text())
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
@@ -192,8 +210,8 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
                 parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
                              f"over {c['answered']} answers")
         log.info("evaluate: %-10s %s", name, "; ".join(parts))
-    out = Path(spec.output.file).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    stamp.write_text(identity)
     log.info("evaluate: results in %s (%.1fs)", out, time.perf_counter() - t0)
     return results

@@ -15,7 +15,7 @@ from ember.config.specs import FinetuneSpec
 from ember.data.sft import prepare_chat_dataset
 from ember.data.tokenizer import CHAT_TOKENS, load_tokenizer, tokenizer_file
 from ember.errors import EmberError
-from ember.model.hf import config_from_hf, read_json
+from ember.model.hf import config_from_hf, read_json, weights_fingerprint
 from ember.train.pretrain import SNAPSHOT, launch
 
 log = logging.getLogger("ember")
@@ -48,4 +48,6 @@ def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:
     log.info("finetune: %s from %s, %s", spec.method, base,
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")
-    return launch(spec, cfg, manifest, str(data_dir), address, extra={"eos_ids": sorted(set(eos_ids))})
+    # The base's weights are part of what the run is: a base retrained in place makes this another run.
+    return launch(spec, cfg, manifest, str(data_dir), address,
+                  extra={"eos_ids": sorted(set(eos_ids)), "base_weights": weights_fingerprint(base)})

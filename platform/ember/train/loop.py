@@ -98,18 +98,30 @@ def _peak_flops(use_gpu: bool) -> float | None:
 
 
 class MetricsLog:
-    """Rank 0's metrics.jsonl: on resume, rows after the restored step are dropped so no step appears twice."""
+    """Rank 0's metrics.jsonl (and TensorBoard events, by option): on resume, rows after the restored step are
+    dropped so no step appears twice."""
 
-    def __init__(self, path: Path, resumed_step: int):
+    def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False):
         self.path = path
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= resumed_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed attempt wrote past the checkpoint this run resumes from.
+            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{key}", value, row["step"])
+            self.board.flush()
 
 
 def zero_partitions(engine, stage: int) -> dict:
@@ -266,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_reader = (ShardReader(data_dir, "val", seed=tr.seed, rank=rank, world_size=world)
                   if manifest["splits"]["val"]["rows"] else None)
     batches = train_reader.batches(tr.micro_batch_size, start=samples)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if rank == 0 else None
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step, tr.tensorboard) if rank == 0 else None
     if rank == 0:
         from ember.metrics import TrainMetrics
 

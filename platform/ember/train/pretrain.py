@@ -6,6 +6,7 @@ give, a run dir that should not be resumed) fails here with one clear message, b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -85,12 +86,43 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     return launch(spec, cfg, manifest, spec.data.dir, address)
 
 
+RESULT_FILE = "result.json"  # written when a run finishes: its spec, length and last metrics
+
+
+def _identity(spec: TrainingJobSpec, manifest: dict, extra: dict | None) -> dict:
+    """What makes two runs the same run: the spec (without how to resume), the dataset's manifest (a dataset rebuilt
+    in the same dir is other data) and what the caller adds."""
+    data = json.loads(spec.model_dump_json())
+    data.pop("resume", None)
+    dataset = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    return {"spec": data, "dataset": dataset, "extra": json.loads(json.dumps(extra or {}, default=str))}
+
+
+def finished_run(run_dir: Path, spec: TrainingJobSpec, manifest: dict, extra: dict | None) -> dict | None:
+    """The last metrics of a run that finished in run_dir with this same spec and data and exported its model."""
+    try:
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("spec") != _identity(spec, manifest, extra) or not (run_dir / "model" / "config.json").is_file():
+        return None
+    return result.get("metrics") or {}
+
+
 def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: str, address: str | None,
            extra: dict | None = None) -> dict:
     """Runs the training loop of a pretrain or finetune spec on Ray Train; returns the last reported metrics."""
     steps = total_steps(spec, manifest)
     deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers)  # batch arithmetic and offload checks
     run_dir = Path(spec.output.dir).expanduser().resolve()
+    spec = spec.model_copy(deep=True)
+    spec.output.dir = str(run_dir)
+    finished = finished_run(run_dir, spec, manifest, extra)
+    if finished is not None:
+        log.info("%s: %s already holds this run, finished at step %s (same spec): reusing its model %s (delete the "
+                 "directory or choose another output.dir to train again)", spec.kind, run_dir,
+                 finished.get("step"), run_dir / "model")
+        return finished
     restarting = (run_dir / SNAPSHOT).is_file()
     start_from = None
     if spec.resume == "never" and restarting:
@@ -100,8 +132,7 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
         start_from = Path(spec.resume).expanduser().resolve()
         if not (start_from / STATE_FILE).is_file():
             raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no ember_state.json)")
-    spec = spec.model_copy(deep=True)
-    spec.output.dir = str(run_dir)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
@@ -145,6 +176,8 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
     metrics = dict(result.metrics or {})
     if (run_dir / ERROR_FILE).is_file():
         raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
+    (run_dir / RESULT_FILE).write_text(json.dumps({"spec": _identity(spec, manifest, extra), "total_steps": steps,
+                                                   "metrics": metrics}, indent=1, default=str))
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", spec.kind, metrics.get("step"),
              metrics.get("loss", float("nan")), val, run_dir / "model")

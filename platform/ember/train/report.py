@@ -1,0 +1,115 @@
+"""`ember report RUN_DIR`: plots and a short summary of a training run, read from its `metrics.jsonl`.
+
+Writes RUN_DIR/report/loss.png (training and validation loss), learning_rate.png, tokens_per_second.png and
+summary.txt, and returns the summary text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from ember.errors import EmberError
+
+PLOTS = {
+    "loss.png": ("Loss", [("loss", "train"), ("val_loss", "validation")], "loss"),
+    "learning_rate.png": ("Learning rate", [("lr", "learning rate")], "lr"),
+    "tokens_per_second.png": ("Throughput", [("tokens_per_s", "tokens/s, all workers")], "tokens/s"),
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a malformed line is named by its number."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise EmberError(f"{run_dir}: no metrics.jsonl (is it a training run dir, and did it reach its first log "
+                         "step?)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EmberError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise EmberError(f"{path}:{n}: a metrics row is an object with an integer 'step'")
+        rows.append(row)
+    if not rows:
+        raise EmberError(f"{path}: empty")
+    return rows
+
+
+def _plot(rows: list[dict], title: str, series: list[tuple[str, str]], ylabel: str, out: Path, log_y: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in series:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def summarize(run_dir: Path, rows: list[dict]) -> str:
+    spec_path = run_dir / "spec.yaml"
+    spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+    last = rows[-1]
+    kind = f" ({spec.get('kind')}{' ' + spec['name'] if spec.get('name') else ''})" if spec else ""
+    lines = [f"run: {run_dir}{kind}"]
+    total = None
+    result = run_dir / "result.json"
+    if result.is_file():
+        total = json.loads(result.read_text()).get("total_steps")
+    lines.append(f"steps: {last['step']}" + (f" of {total}" if total else "")
+                 + (f", {last['tokens']:,} tokens seen" if "tokens" in last else ""))
+    lines.append(f"training loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {last['loss']:.4f} at step "
+                 f"{last['step']}")
+    vals = [r for r in rows if isinstance(r.get("val_loss"), (int, float))]
+    if vals:
+        best = min(vals, key=lambda r: r["val_loss"])
+        lines.append(f"validation loss: {vals[-1]['val_loss']:.4f} (ppl {math.exp(min(vals[-1]['val_loss'], 50)):.1f})"
+                     f" at step {vals[-1]['step']}; best {best['val_loss']:.4f} at step {best['step']}")
+    rates = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
+    if rates:
+        lines.append(f"tokens/s: median {sorted(rates)[len(rates) // 2]:,.0f}, last {rates[-1]:,.0f}"
+                     + (f"; MFU {last['mfu']:.1%}" if isinstance(last.get("mfu"), (int, float)) else ""))
+    lrs = [r["lr"] for r in rows if isinstance(r.get("lr"), (int, float))]
+    if lrs:
+        lines.append(f"learning rate: peak {max(lrs):.2e}, last {lrs[-1]:.2e}")
+    if (run_dir / "model" / "config.json").is_file():
+        lines.append(f"model: {run_dir / 'model'}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Writes the plots and summary.txt under RUN_DIR/report; returns the summary."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise EmberError(f"{run_dir}: no such run directory")
+    rows = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    for name, (title, series, ylabel) in PLOTS.items():
+        _plot(rows, title, series, ylabel, out / name, log_y=name == "loss.png")
+    text = summarize(run_dir, rows)
+    text += f"\nplots: {', '.join(str(out / n) for n in PLOTS)}"
+    (out / "summary.txt").write_text(text + "\n")
+    return text
