@@ -50,10 +50,15 @@ class Demo:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def spec(self, stage: str):
+    def spec(self, stage: str, follow: dict | None = None):
+        """The stage's shipped spec with --set overrides; `follow` points it at what earlier stages made, unless the
+        user set those keys."""
         from ember.config import load_spec
 
-        return load_spec(repo_file(f"jobs/{stage}-demo.yaml"), self.overrides.get(stage, []))
+        given = self.overrides.get(stage, [])
+        keys = {item.split("=", 1)[0] for item in given}
+        derived = [f"{k}={v}" for k, v in (follow or {}).items() if k not in keys]
+        return load_spec(repo_file(f"jobs/{stage}-demo.yaml"), derived + given)
 
     def run(self) -> dict:
         from ember.runtime import ensure_ray
@@ -92,12 +97,12 @@ class Demo:
         manifest = run_tokenize(spec, self.address)
         self.artefacts["dataset"] = str(Path(spec.output.dir).resolve())
         self.figures["tokens"] = {s: manifest["splits"][s]["tokens"] for s in ("train", "val")}
-        self.data_dir = spec.output.dir
+        self.data_dir = Path(spec.output.dir).resolve()
 
     def stage_pretrain(self) -> None:
         from ember.train.pretrain import run_pretrain
 
-        spec = self.spec("pretrain")
+        spec = self.spec("pretrain", {"data.dir": self.data_dir})
         metrics = run_pretrain(spec, self.address)
         self.pretrain_dir = Path(spec.output.dir).resolve()
         self.artefacts["pretrained model"] = str(self.pretrain_dir / "model")
@@ -106,7 +111,7 @@ class Demo:
     def stage_finetune(self) -> None:
         from ember.train.finetune import run_finetune
 
-        spec = self.spec("finetune")
+        spec = self.spec("finetune", {"base": self.pretrain_dir / "model"})
         metrics = run_finetune(spec, self.address)
         self.finetune_dir = Path(spec.output.dir).resolve()
         self.artefacts["fine-tuned model"] = str(self.finetune_dir / "model")
@@ -115,7 +120,9 @@ class Demo:
     def stage_evaluate(self) -> None:
         from ember.train.evaluate import run_evaluate
 
-        spec = self.spec("evaluate")
+        spec = self.spec("evaluate", {"models.base": self.pretrain_dir / "model",
+                                      "models.finetuned": self.finetune_dir / "model",
+                                      "data.dir": self.finetune_dir / "data"})
         results = run_evaluate(spec, self.address)
         self.artefacts["evaluation"] = str(Path(spec.output.file).resolve())
         scores = {}
@@ -140,7 +147,7 @@ class Demo:
         apps = yaml.safe_load(config.read_text())["applications"]
         # serve/demo.yaml as shipped, serving the model the fine-tune stage made (wherever --set put it).
         base, names = serve_target(str(config), address=self.address, port=self.port,
-                                   args={"model_dir": str(self.finetune_dir / "model")})
+                                   args={"model_dir": str(self.finetune_dir / "model")}, quiet=True)
         self.artefacts["server"] = f"{base}/v1"
         answer, latency = ask(base, apps[0]["args"].get("model_name", "ember"), QUESTION)
         self.say(f"Q: {QUESTION}\nA: {answer}")

@@ -78,9 +78,9 @@ def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> di
 
 
 def serve_target(target: str, *, address: str | None = None, detach: bool = False, host: str | None = None,
-                 port: int | None = None, args: dict | None = None) -> tuple[str, list[str]]:
+                 port: int | None = None, args: dict | None = None, quiet: bool = False) -> tuple[str, list[str]]:
     """Deploys a config file or a model dir; returns (base URL, application names). `args` override the args of
-    Ember's apps in a config."""
+    Ember's apps in a config; `quiet` keeps Ray Serve's own INFO lines and access logs out of the output."""
     from ray import serve
 
     path = Path(target).expanduser()
@@ -123,11 +123,15 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
     ensure_ray(address)
     # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
     loopback = http["host"] in ("127.0.0.1", "localhost", "::1")
+    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": http["host"], "port": http["port"]},
-                proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"))
+                proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"),
+                logging_config=logging_config)
     for name, prefix, application in built:
         log.info("serve: deploying %s at %s", name, prefix)
-        serve.run(application, name=name, route_prefix=prefix, blocking=False)
+        serve.run(application, name=name, route_prefix=prefix, blocking=False, logging_config=logging_config)
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     base = f"http://{shown}:{http['port']}"
     keys = os.environ.get("EMBER_API_KEYS", "").split(",")[0] or None

@@ -48,6 +48,14 @@ def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:
     log.info("finetune: %s from %s, %s", spec.method, base,
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")
-    # The base's weights are part of what the run is: a base retrained in place makes this another run.
+    # The base's weights are part of what the run is: checkpoints made from another version of the base (one
+    # retrained in place since) must not be continued, nor a finished run of it reused.
+    fingerprint = weights_fingerprint(base)
+    stamp = run_dir / "base_weights"
+    if resuming and stamp.is_file() and stamp.read_text() != fingerprint:
+        raise EmberError(f"{run_dir} holds a fine-tune of an earlier version of {base} (its weights changed since); "
+                         "delete that directory or choose another output.dir to fine-tune the new base")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
     return launch(spec, cfg, manifest, str(data_dir), address,
-                  extra={"eos_ids": sorted(set(eos_ids)), "base_weights": weights_fingerprint(base)})
+                  extra={"eos_ids": sorted(set(eos_ids)), "base_weights": fingerprint})
