@@ -21,7 +21,8 @@ import yaml
 
 from conftest import EMBER, REPO, free_port, sentences
 
-pytestmark = pytest.mark.slow
+# Another Ray instance runs on the machine meanwhile (the suite's shared one): jobs must still reach their cluster.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def run_ember(*args, env=None, timeout=300, check=False):
@@ -131,6 +132,7 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, corpus, tmp_path_f
                         "--set", "source.text_unit=paragraph", "--set", "tokenizer.vocab_size=512", "--set", "pack.seq_len=64",
                         "--set", f"output.dir={cluster.data}", check=True)
     assert "dataset: " in tok.stdout and tok.stdout.rstrip().endswith("SUCCEEDED")
+    assert f"ray: {cluster.info.address} (3 CPUs)" in tok.stdout
     assert (cluster.data / "manifest.json").exists()
 
     train = cluster.ember("submit", "jobs/pretrain-demo.yaml", "--wait", "--set", f"data.dir={cluster.data}",
@@ -144,6 +146,7 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, corpus, tmp_path_f
 
     logs = cluster.ember("jobs", "logs", job, check=True).stdout
     assert "step 12/12" in logs and "pretrain: done at step 12" in logs and "val loss" in logs
+    assert f"ray: {cluster.info.address} (3 CPUs)" in logs, "the job's driver joined its own cluster"
     status = cluster.ember("jobs", "status", job, check=True).stdout
     assert "SUCCEEDED" in status and "kind: pretrain" in status and "progress: step 12/12" in status
 

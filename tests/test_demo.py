@@ -39,8 +39,8 @@ def test_the_demo_runs_every_stage_then_reuses_them_and_stops_at_a_failing_one(t
     out = first.stdout
     for n, stage in enumerate(("tokenize", "pretrain", "finetune", "evaluate", "report", "serve"), 1):
         assert f"=== [{n}/6] {stage} " in out and f"--- {stage} done in" in out
-    answer = next(line[3:] for line in out.splitlines() if line.startswith("A: "))
-    assert answer.strip(), "the served model answered"
+    answer = next(line[3:] for line in out.splitlines() if line.startswith("A: "))  # this tiny model's answer
+    assert answer.strip()
     assert "app shut down" in out
     summary = out[out.index("=== summary"):]
     for words in ("dataset:", "fine-tuned model:", "evaluation:", "tokens:", "pretrain: loss", "finetune: loss",

@@ -150,7 +150,7 @@ class Demo:
                                    args={"model_dir": str(self.finetune_dir / "model")}, quiet=True)
         self.artefacts["server"] = f"{base}/v1"
         answer, latency = ask(base, apps[0]["args"].get("model_name", "ember"), QUESTION)
-        self.say(f"Q: {QUESTION}\nA: {answer}")
+        self.say(f"Q: {QUESTION}\nA: {answer or '(nothing: the model ended its turn at once)'}")
         self.figures["serving"] = latency
         self.figures["answer"] = answer
         if self.keep_serving:

@@ -211,11 +211,14 @@ def _host(plan_path: str) -> None:
                          ray_client_server_port=plan["client_port"])
         for node in rest:
             cluster.add_node(**common, **node)
-        # Cluster records its address as the machine's "current cluster", where a bare `ray.init()` would find and
-        # join it; Ember's cluster is used only by address, so the record goes (if it is still ours).
+        # Cluster records its address as the machine's "current cluster" (/tmp/ray), where a bare `ray.init()`
+        # would find and join it: Ember's cluster is used only by address, so that record goes (if it is ours). The
+        # record in the cluster's own temp dir is what its job supervisors read to connect a job's driver; without
+        # it they pick any Ray instance running on the machine.
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.exists() and current.read_text().strip() == cluster.address:
             current.unlink()
+        (Path(plan["temp_dir"]) / "ray_current_cluster").write_text(cluster.address)
         # Ready means visible to Prometheus too: the head rewrites the discovery file every few seconds.
         discovery = Path(plan["temp_dir"]) / "prom_metrics_service_discovery.json"
         wanted = {f"{LOOPBACK}:{n['metrics_export_port']}" for n in plan["nodes"]}
