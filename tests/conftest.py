@@ -13,6 +13,10 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "ember-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
+# Ray Train's controller polls its workers every 2 s by default; polling faster only makes the many short training
+# runs of the suite notice their end (or a killed worker) sooner. Set before any Ray process starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

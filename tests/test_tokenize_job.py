@@ -200,14 +200,26 @@ def test_a_killed_run_resumes_redoing_only_unfinished_units(tmp_path, ray_sessio
     assert not list(out.rglob(".tmp-*")) and not (out / ".ember").exists()
 
 
+def _still_runs(pid: int | None, title: str) -> bool:
+    """Whether process `pid` still runs as the actor (a reused pid belongs to another process title)."""
+    import psutil
+
+    try:
+        return bool(pid) and title in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def _wait_for_dead_job_actors(ray_session, timeout: float = 60) -> None:
-    """Ray stops a dead driver's actors within moments; wait so none still writes while the rerun starts."""
+    """Ray stops a dead driver's actors within moments; wait so none still writes while the rerun starts. The GCS
+    marks an actor dead before its process has exited, so wait for the processes too."""
     from ray.util.state import list_actors
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        alive = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-        if not [a for a in alive if "UnitTokenizer" in (a.class_name or "")]:
+        actors = [a for a in list_actors(detail=True, raise_on_missing_output=False, limit=10000)
+                  if "UnitTokenizer" in (a.class_name or "")]
+        if all(a.state == "DEAD" and not _still_runs(a.pid, "UnitTokenizer") for a in actors):
             return
         time.sleep(0.2)
     raise AssertionError("the killed job's actors are still alive")
