@@ -236,15 +236,21 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(
 def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, reference_run, tmp_path):
     from ember.train.evaluate import run_evaluate
 
-    results = run_evaluate(parse_spec({
-        "kind": "evaluate", "models": {"trained": str(reference_run / "model")},
-        "data": {"dir": str(dataset), "split": "val", "batches": 2, "batch_size": 2},
-        "output": {"file": str(tmp_path / "eval.json")}}))
+    spec = {"kind": "evaluate", "models": {"trained": str(reference_run / "model")},
+            "data": {"dir": str(dataset), "split": "val", "batches": 2, "batch_size": 2},
+            "output": {"file": str(tmp_path / "eval.json")}}
+    results = run_evaluate(parse_spec(spec))
     figures = results["trained"]["dataset"]
     assert figures["rows"] == 4 and figures["target_tokens"] == 4 * 32
     assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
     # Other rows of the same val split than the run's own last evaluation read: a close figure.
     assert abs(figures["loss"] - rows(reference_run)[-1]["val_loss"]) < 0.3
+
+    # The same spec, models and data again: the results are reused, not recomputed; another spec recomputes.
+    written = (tmp_path / "eval.json").stat().st_mtime_ns
+    assert run_evaluate(parse_spec(spec)) == results and (tmp_path / "eval.json").stat().st_mtime_ns == written
+    spec["data"]["batches"] = 1
+    assert run_evaluate(parse_spec(spec))["trained"]["dataset"]["rows"] == 2
 
 
 def test_resume_honours_never_and_checks_the_path(dataset, reference_run):
