@@ -265,8 +265,9 @@ def cmd_jobs(args) -> int:
         else:
             sys.stdout.write(client.call("get_job_logs", args.job_id))
     else:
-        if str(client.info(args.job_id).status) in J.TERMINAL:
-            print(f"job {args.job_id} already ended: {client.info(args.job_id).status}")
+        status = str(client.info(args.job_id).status)
+        if status in J.TERMINAL:
+            print(f"job {args.job_id} already ended: {status}")
             return 0
         client.call("stop_job", args.job_id)
         info = client.wait(args.job_id, timeout=60)
