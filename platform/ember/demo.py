@@ -71,8 +71,6 @@ class Demo:
             t0 = time.perf_counter()
             try:
                 getattr(self, f"stage_{stage}")()
-            except KeyboardInterrupt:
-                raise
             except Exception as exc:
                 from ember.runtime import find_ember_error
 

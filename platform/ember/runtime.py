@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlparse
 
 from ember.errors import EmberError
 
 log = logging.getLogger("ember")
 
 
+def is_loopback(address: str | None) -> bool:
+    """Whether a host, host:port or URL names this machine's loopback interface."""
+    if not address:
+        return False
+    host = urlparse(address if "://" in address else f"//{address}").hostname or address
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def use_loopback_node_address(address: str | None) -> None:
     """For a cluster bound to 127.0.0.1 (`ember cluster up`), keeps Ray from swapping 127.0.0.1 for this machine's
     network address, where that cluster does not listen. Ray reads the variable at import: call this first."""
-    if not address:
-        return
-    host = address.split("://")[-1].rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost"):
+    if is_loopback(address):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 

@@ -22,9 +22,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
-
 from ember.errors import EmberError
+from ember.runtime import is_loopback
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
@@ -50,17 +49,11 @@ def resolve_dashboard(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def is_loopback(url: str) -> bool:
-    host = urlparse(url if "://" in url else f"//{url}").hostname or ""
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
 def auth_headers() -> dict[str, str]:
     """The cluster token as Ray's clients send it, looked up where Ray looks for it."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if not token and os.path.exists(path):
-        token = Path(path).read_text().strip()
+    from ember.cluster.local import find_token
+
+    token = find_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

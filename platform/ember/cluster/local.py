@@ -95,11 +95,19 @@ def _is_host(pid: int) -> bool:
         return False
 
 
+def find_token() -> str | None:
+    """The cluster token where Ray looks for it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
 def ensure_token() -> None:
     """Makes sure a token exists for the cluster to use (Ray's own `ray get-auth-token --generate`)."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    if (Path.home() / ".ray" / "auth_token").exists():
+    if find_token() or os.environ.get("RAY_AUTH_TOKEN_PATH"):  # a named file that is missing is the user's to fix
         return
     ray_cli = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray_cli), "get-auth-token", "--generate"], check=True, capture_output=True)
@@ -135,14 +143,12 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
         # Short, so Ray's unix socket paths (session dir + sockets/raylet.N) stay within the OS limit.
         "temp_dir": tempfile.mkdtemp(prefix=f"ember-ray-{port}-"),
         "port": port, "dashboard_port": dashboard_port, "client_port": ports[-1],
-        "nodes": [{"num_cpus": head_cpus if head_cpus is not None else cpus_per_node,
+        "nodes": [{"num_cpus": head_cpus if i == 0 and head_cpus is not None else cpus_per_node,
                    "metrics_export_port": ports[3 * i], "dashboard_agent_listen_port": ports[3 * i + 1],
                    "metrics_agent_port": ports[3 * i + 2],
                    "object_store_memory": store, "memory": int(total * 0.8 / nodes)} for i in range(nodes)],
         "workers": workers, "cpus_per_node": cpus_per_node,
     }
-    for i in range(1, nodes):
-        plan["nodes"][i]["num_cpus"] = cpus_per_node
     (directory / "plan.json").write_text(json.dumps(plan, indent=1))
     log_path = directory / "cluster.log"
     # Job drivers inherit this environment: `python` there must be this Python, with Ember's dependencies. Only

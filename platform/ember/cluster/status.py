@@ -3,7 +3,6 @@ Serve applications with their replicas, and where the dashboard is. Read over th
 
 from __future__ import annotations
 
-import os
 
 import requests
 
@@ -74,6 +73,5 @@ def render(address: str | None = None) -> str:
     count, rows = _serve_apps(url)
     out.append(f"serve apps: {count or 'none'}")
     out += rows
-    out.append(f"dashboard: {url}" + ("  (metrics: Prometheus over Ray's service discovery file, see "
-                                      "cluster/monitoring/)" if os.path.isdir("cluster/monitoring") else ""))
+    out.append(f"dashboard: {url}")
     return "\n".join(out)

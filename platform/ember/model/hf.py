@@ -252,8 +252,12 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     return ids
 
 
+def files_fingerprint(files) -> str:
+    """Paths, sizes and modification times of files: changes when any of them is rewritten."""
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def weights_fingerprint(model_dir: str | Path) -> str:
-    """Names, sizes and modification times of a model dir's weight files: changes when the weights are rewritten."""
-    files = sorted(Path(model_dir).glob("model*.safetensors*"))
-    return hashlib.sha256(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
-                          ).hexdigest()[:16]
+    """The fingerprint of a model dir's weight files."""
+    return files_fingerprint(sorted(Path(model_dir).resolve().glob("model*.safetensors*")))

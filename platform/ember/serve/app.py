@@ -27,6 +27,7 @@ from ray.serve import Application
 from ember.config.specs import SpecModel
 from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
+from ember.runtime import is_loopback
 
 log = logging.getLogger("ember")
 
@@ -91,7 +92,7 @@ def load_api_keys(args: ServeArgs) -> set[str]:
 
 def check_exposure(args: ServeArgs) -> None:
     """A server reachable beyond this machine needs API keys, unless the config says otherwise."""
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not load_api_keys(args) \
+    if not is_loopback(args.host) and not load_api_keys(args) \
             and not args.allow_unauthenticated:
         raise EmberError(f"host {args.host} exposes the server beyond this machine and no API key is configured "
                          f"(set {args.api_keys_env} or api_keys_file), or set allow_unauthenticated: true")

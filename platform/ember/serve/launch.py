@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from ember.errors import EmberError
-from ember.runtime import ensure_ray
+from ember.runtime import ensure_ray, is_loopback
 
 log = logging.getLogger("ember")
 
@@ -122,7 +122,7 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
                       _build(app["import_path"], app_args)))
     ensure_ray(address)
     # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
-    loopback = http["host"] in ("127.0.0.1", "localhost", "::1")
+    loopback = is_loopback(http["host"])
     logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -33,7 +33,7 @@ from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.tokenizer import load_tokenizer, tokenizer_config
 from ember.errors import EmberError
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
-from ember.model.hf import weights_fingerprint
+from ember.model.hf import files_fingerprint, weights_fingerprint
 from ember.train.loop import lm_loss
 
 log = logging.getLogger("ember")
@@ -163,8 +163,7 @@ def _identity(spec: EvaluateSpec) -> str:
     """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
     models = {name: weights_fingerprint(Path(path).expanduser()) for name, path in spec.models.items()}
     data = (Path(spec.data.dir).expanduser() / "manifest.json").read_text() if spec.data.dir else ""
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, spec.data.conversations or [])
-             if p.is_file()]
+    files = files_fingerprint(p for p in map(Path, spec.data.conversations or []) if p.is_file())
     return json.dumps({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files,
                        "data": hashlib.sha256(data.encode()).hexdigest()}, sort_keys=True)
 

@@ -104,7 +104,7 @@ def finished_run(run_dir: Path, spec: TrainingJobSpec, manifest: dict, extra: di
         result = json.loads((run_dir / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if result.get("spec") != _identity(spec, manifest, extra) or not (run_dir / "model" / "config.json").is_file():
+    if result.get("identity") != _identity(spec, manifest, extra) or not (run_dir / "model" / "config.json").is_file():
         return None
     return result.get("metrics") or {}
 
@@ -176,7 +176,7 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
     metrics = dict(result.metrics or {})
     if (run_dir / ERROR_FILE).is_file():
         raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
-    (run_dir / RESULT_FILE).write_text(json.dumps({"spec": _identity(spec, manifest, extra), "total_steps": steps,
+    (run_dir / RESULT_FILE).write_text(json.dumps({"identity": _identity(spec, manifest, extra), "total_steps": steps,
                                                    "metrics": metrics}, indent=1, default=str))
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", spec.kind, metrics.get("step"),

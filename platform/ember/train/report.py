@@ -15,9 +15,10 @@ import yaml
 from ember.errors import EmberError
 
 PLOTS = {
-    "loss.png": ("Loss", [("loss", "train"), ("val_loss", "validation")], "loss"),
-    "learning_rate.png": ("Learning rate", [("lr", "learning rate")], "lr"),
-    "tokens_per_second.png": ("Throughput", [("tokens_per_s", "tokens/s, all workers")], "tokens/s"),
+    # file: (title, [(metrics key, legend)], y label, log scale)
+    "loss.png": ("Loss", [("loss", "train"), ("val_loss", "validation")], "loss", True),
+    "learning_rate.png": ("Learning rate", [("lr", "learning rate")], "lr", False),
+    "tokens_per_second.png": ("Throughput", [("tokens_per_s", "tokens/s, all workers")], "tokens/s", False),
 }
 
 
@@ -107,8 +108,8 @@ def write_report(run_dir: str | Path) -> str:
     rows = read_metrics(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    for name, (title, series, ylabel) in PLOTS.items():
-        _plot(rows, title, series, ylabel, out / name, log_y=name == "loss.png")
+    for name, (title, series, ylabel, log_y) in PLOTS.items():
+        _plot(rows, title, series, ylabel, out / name, log_y)
     text = summarize(run_dir, rows)
     text += f"\nplots: {', '.join(str(out / n) for n in PLOTS)}"
     (out / "summary.txt").write_text(text + "\n")
