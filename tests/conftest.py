@@ -67,3 +67,68 @@ def s3_server():
     client.create_bucket(Bucket="ember-corpus")
     yield "ember-corpus", f"127.0.0.1:{port}", client
     server.stop()
+
+
+# ----------------------------------------------------------------- serving: one tiny model and one app for the suite
+
+WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random model with a 96-token context and a tokenizer trained on WORDS."""
+    import torch
+
+    from ember.data.tokenizer import save_tokenizer, train_tokenizer
+    from ember.model import Transformer, preset, save_model
+
+    root = tmp_path_factory.mktemp("served")
+    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=96)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96))
+    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def deploy(name: str, prefix: str, **args):
+    from ray import serve
+
+    from ember.serve.app import build_app
+
+    serve.run(build_app({"num_cpus": 0, **args}), name=name, route_prefix=prefix, blocking=False)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, serve_port) -> str:
+    """The app most serving tests share: one replica of the tiny model at /main."""
+    deploy("main", "/main", model_dir=str(model_dir), model_name="tiny", num_replicas=1, max_batch_size=8,
+           max_body_bytes=300_000)
+    return f"http://127.0.0.1:{serve_port}/main"
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(model_dir: Path, text: str, n: int) -> str:
+    """What `ember generate` answers (greedy, the model's end-of-text stops it)."""
+    from ember.data.tokenizer import load_tokenizer
+    from ember.model import SamplingParams, generate_ids, load_model
+
+    tok = load_tokenizer(model_dir)
+    ids = generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
+                       SamplingParams(max_new_tokens=n, temperature=0.0), {0})[0]
+    return tok.decode(ids)

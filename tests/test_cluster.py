@@ -178,16 +178,23 @@ def _ray_job_id(cluster, submission_id: str) -> str:
 
 
 def test_serving_on_the_cluster_and_ember_status(cluster):
+    """The keys are in `ember serve`'s environment only, not the cluster's: the replicas still enforce them."""
     port = free_port()
     served = cluster.ember("serve", str(cluster.run / "model"), "--address", cluster.info.address, "--detach",
-                           "--port", str(port), check=True)
-    assert f"http://127.0.0.1:{port}/v1" in served.stdout
+                           "--port", str(port), env={"EMBER_API_KEYS": "cluster-key-1,cluster-key-2"}, check=True)
+    assert f"http://127.0.0.1:{port}/v1" in served.stdout and "cluster-key" not in served.stdout + served.stderr
     base = f"http://127.0.0.1:{port}/v1"
+    key = {"Authorization": "Bearer cluster-key-2"}
+    for headers in ({}, {"Authorization": "Bearer cluster-key-3"}):
+        r = requests.post(f"{base}/completions", json={"model": "model", "prompt": "The model", "max_tokens": 6},
+                          headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     for stream in (False, True, False):
         r = requests.post(f"{base}/completions", json={"model": "model", "prompt": "The model", "max_tokens": 6,
-                                                       "stream": stream}, timeout=60)
+                                                       "stream": stream}, headers=key, timeout=60)
         assert r.status_code == 200
-    bad = requests.post(f"{base}/completions", json={"model": "model", "prompt": "x", "max_tokens": -1}, timeout=30)
+    bad = requests.post(f"{base}/completions", json={"model": "model", "prompt": "x", "max_tokens": -1},
+                        headers=key, timeout=30)
     assert bad.status_code == 400
     status = cluster.ember("status", check=True).stdout
     assert "nodes: 3 alive" in status and "in use:" in status

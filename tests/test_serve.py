@@ -9,71 +9,16 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
-import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, WORDS, deploy, free_port, greedy
 from ember.data.chat import ChatTemplate
-from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, save_tokenizer, train_tokenizer
+from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
 from ember.errors import EmberError
-from ember.model import SamplingParams, Transformer, generate_ids, load_model, preset, save_model
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
-
-WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=96)
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96))
-    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
-
-
-@pytest.fixture(scope="session")
-def serve_port(ray_session) -> int:
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-
-
-def deploy(name: str, prefix: str, **args):
-    from ray import serve
-
-    from ember.serve.app import build_app
-
-    serve.run(build_app({"num_cpus": 0, **args}), name=name, route_prefix=prefix, blocking=False)
-
-
-@pytest.fixture(scope="session")
-def server(model_dir, serve_port) -> str:
-    deploy("main", "/main", model_dir=str(model_dir), model_name="tiny", num_replicas=1, max_batch_size=8,
-           max_body_bytes=4096)
-    return f"http://127.0.0.1:{serve_port}/main"
-
-
-@pytest.fixture()
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def greedy(model_dir: Path, text: str, n: int) -> str:
-    tok = load_tokenizer(model_dir)
-    ids = generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
-                       SamplingParams(max_new_tokens=n, temperature=0.0), {0})[0]
-    return tok.decode(ids)
-
 
 def test_the_openai_client_lists_completes_and_chats(client, model_dir):
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -145,13 +90,13 @@ def test_logprobs_of_completions(client):
 @pytest.mark.parametrize("body, status, param, words", [
     (b"{not json", 400, None, "not valid JSON"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "does not exist"),
-    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature", "'temperature' must be >= 0 and <= 2"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "must be an integer"),
-    ({"model": "tiny", "prompt": "the " * 200}, 400, "prompt", "this model's context is 96 tokens"),
-    ({"model": "tiny", "prompt": 5}, 400, "prompt", "must be a string"),
-    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n", "'n' must be >= 1"),
-    ({"model": "tiny", "prompt": "hi", "stop": [1]}, 400, "stop", "'stop' must be"),
-    ({"model": "tiny", "prompt": "x" * 5000}, 413, None, "at most 4096 are accepted"),
+    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature", "temperature: Input should be less than or equal to 2"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    ({"model": "tiny", "prompt": "the " * 200}, 400, "prompt", "this server's max_model_len is 96 tokens"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt", "must be a non-empty string"),
+    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n", "n: Input should be greater than or equal to 1"),
+    ({"model": "tiny", "prompt": "hi", "stop": [1]}, 400, "stop", "stop: must be a non-empty string"),
+    ({"model": "tiny", "prompt": "x" * 400_000}, 413, None, "larger than 300000 bytes"),
 ])
 def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, client, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -166,9 +111,9 @@ def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, cl
 def test_chat_errors(server):
     r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
                                                                                         "content": "x"}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
     r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
-    assert r.status_code == 400 and "non-empty list" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "messages: List should have at least 1 item" in r.json()["error"]["message"]
 
 
 def test_api_keys_are_required_when_configured(model_dir, serve_port, tmp_path):
@@ -193,15 +138,67 @@ def test_api_keys_are_required_when_configured(model_dir, serve_port, tmp_path):
     serve.delete("locked")
 
 
-def test_a_public_host_without_keys_refuses_to_start(model_dir):
+def test_a_public_host_without_keys_refuses_to_start(model_dir, tmp_path):
     from ember.serve.app import build_app
+    from ember.serve.guard import require_keys
+    from ember.serve.launch import serve_target
 
-    with pytest.raises(EmberError, match="host 0.0.0.0 exposes the server .* no API key is configured"):
-        build_app({"model_dir": str(model_dir), "host": "0.0.0.0", "api_keys_env": "EMBER_TEST_NO_SUCH_KEYS"})
-    build_app({"model_dir": str(model_dir), "host": "0.0.0.0", "api_keys_env": "EMBER_TEST_NO_SUCH_KEYS",
-               "allow_unauthenticated": True})
+    no_keys = {"model_dir": str(model_dir), "host": "0.0.0.0", "api_keys_env": "EMBER_TEST_NO_SUCH_KEYS"}
+    with pytest.raises(EmberError, match="the HTTP proxy listens on 0.0.0.0, beyond this machine, and no API key"):
+        build_app(no_keys)
+    build_app({**no_keys, "allow_unauthenticated": True})
+    # A Serve config whose proxy binds every interface: refused before anything is deployed or bound.
+    config = tmp_path / "public.yaml"
+    config.write_text(f"http_options: {{host: 0.0.0.0, port: {free_port()}}}\napplications:\n  - name: public\n"
+                      f"    import_path: ember.serve.app:build_app\n    args: {{model_dir: {model_dir}, "
+                      "api_keys_env: EMBER_TEST_NO_SUCH_KEYS}\n")
+    with pytest.raises(EmberError, match="listens on 0.0.0.0"):
+        serve_target(str(config))
+    # What each replica decides from the proxy's actual host (an unknown host counts as exposed).
+    for host in ("0.0.0.0", "10.1.2.3", None):
+        with pytest.raises(EmberError, match="EmberServer: the HTTP proxy listens on"):
+            require_keys(host, False, False, "EmberServer")
+        require_keys(host, True, False, "EmberServer")
+        require_keys(host, False, True, "EmberServer")
+    require_keys("127.0.0.1", False, False, "EmberServer")
     with pytest.raises(EmberError, match="is not a model directory"):
         build_app({"model_dir": "/nowhere"})
+
+
+def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir, serve_port, tmp_path,
+                                                                     monkeypatch):
+    """The replica's environment (Ray's workers started before this test) has no keys: it enforces the digests
+    build_app put in its args, and no key is in those args in clear."""
+    from ember.serve.app import build_app
+    from ember.serve.guard import read_api_keys
+    from ember.serve.launch import wait_ready
+
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's keys\nfile-key-1\n\n  # rotated out: old-key\n")
+    assert read_api_keys(None, str(keys)) == {"file-key-1"}
+    monkeypatch.setenv("EMBER_TEST_ENV_KEYS", "env-key-1, env-key-2")
+    app = build_app({"model_dir": str(model_dir), "model_name": "tiny", "num_replicas": 1, "num_cpus": 0,
+                     "api_keys_env": "EMBER_TEST_ENV_KEYS", "api_keys_file": str(keys)})
+    args = json.dumps(app._bound_deployment.init_args)
+    assert "env-key" not in args and "file-key" not in args and args.count('"api_key_sha256"') == 1
+    monkeypatch.delenv("EMBER_TEST_ENV_KEYS")
+    keys.unlink()
+    from ray import serve
+
+    serve.run(app, name="digests", route_prefix="/digests", blocking=False)
+    base = f"http://127.0.0.1:{serve_port}/digests"
+    try:
+        assert wait_ready(base, timeout=120) is None  # up, and it needs a key this caller lacks
+        with pytest.raises(EmberError, match="refused the configured API key"):
+            wait_ready(base, timeout=30, api_key="old-key")
+        for key in ("env-key-2", "file-key-1"):
+            assert wait_ready(base, timeout=30, api_key=key)["data"][0]["id"] == "tiny"
+        for key in ("# the team's keys", "old-key", "env-key-1, env-key-2", ""):
+            r = requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            assert r.status_code == 401, key
+        assert requests.get(f"{base}/health", timeout=30).status_code == 200  # for load balancers: no key
+    finally:
+        serve.delete("digests")
 
 
 def test_the_shipped_serve_config_is_valid_for_ray_serve():

@@ -94,9 +94,20 @@ class StopStrings:
         if hits:
             self.pending = ""
             return text[: min(hits)], True
-        hold = max((j for s in self.stops for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
+        hold = max((self._partial(text, s) for s in self.stops), default=0)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold], False
+
+    @staticmethod
+    def _partial(text: str, stop: str) -> int:
+        """The length of the longest tail of `text` that `stop` starts with (and is shorter than it). Only tails
+        beginning with the stop's first character are tried, so the scan is linear in the stop's length for text
+        that does not repeat that character."""
+        first = stop[0]
+        for start in range(max(0, len(text) - len(stop) + 1), len(text)):
+            if text[start] == first and stop.startswith(text[start:]):
+                return len(text) - start
+        return 0
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""

@@ -3,8 +3,10 @@ Ray's own `serve run` / `serve deploy`.
 
 Each replica of `EmberServer` loads the model dir once (safetensors only), runs an `Engine` (continuous batching) and
 answers `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events in
-OpenAI's chunk format, ending with `data: [DONE]`) and `GET /health`. A bad request gets OpenAI's error JSON with a
-4xx status naming the field; nothing a client sends can stop a replica.
+OpenAI's chunk format, ending with `data: [DONE]`) and `GET /health`. Request bodies are the typed models of
+`ember.serve.protocol`; `RequestGuard` (`ember.serve.guard`) enforces API keys and the body limit in the replica.
+A bad request gets OpenAI's error JSON with a 4xx status naming the field; a request whose generation fails gets a
+5xx error JSON (or an error event in its stream) while the others go on; nothing a client sends can stop a replica.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
@@ -12,25 +14,30 @@ OpenAI's chunk format, ending with `data: [DONE]`) and `GET /health`. A bad requ
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.config.specs import SpecModel
 from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
-from ember.runtime import is_loopback
+from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, key_digest, read_api_keys, require_keys
+from ember.serve.protocol import MAX_N, APIError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, \
+    CompletionResponse, SamplingRequest, ServerLimits, body_parse_error, documented, sampling_params, validation_error
 
 log = logging.getLogger("ember")
 
+GIB = 1 << 30
 
 
 class AutoscalingArgs(SpecModel):
@@ -57,12 +64,25 @@ class ServeArgs(SpecModel):
     prefill_tokens_per_step: int = Field(512, ge=1, description="Prompt tokens read per step over all new requests "
                                                                  "(at least prefill_chunk).")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a chat request gives none.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
-    dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413 (read as a stream and "
+                                                              "refused as soon as they pass it).")
+    max_n: int = Field(16, ge=1, le=MAX_N, description="Choices per prompt (`n`) at most.")
+    max_model_len: Optional[int] = Field(None, ge=2, description="Prompt + output tokens of one request at most "
+                                                                 "(default: the model's context, capped so the KV "
+                                                                 "cache fits kv_cache_memory_gb).")
+    kv_cache_memory_gb: float = Field(4.0, gt=0, description="Memory the KV cache may take per replica (GiB): "
+                                                             "max_batch_size × max_model_len tokens must fit.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     api_keys_env: Optional[str] = Field("EMBER_API_KEYS", description="Environment variable with comma-separated API "
                                                                       "keys; when set, requests need one as Bearer.")
-    api_keys_file: Optional[str] = Field(None, description="A file with one API key per line.")
-    host: str = Field("127.0.0.1", description="Where the HTTP proxy listens (ember serve passes it to Ray Serve).")
+    api_keys_file: Optional[str] = Field(None, description="A file with one API key per line (`#` starts a "
+                                                           "comment line).")
+    api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of accepted keys; "
+                                                                        "build_app adds those of api_keys_env and "
+                                                                        "api_keys_file, so replicas get no key in "
+                                                                        "clear.")
+    host: str = Field("127.0.0.1", description="Where the HTTP proxy listens (ember serve passes it to Ray Serve; "
+                                               "each replica checks the proxy's actual host).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy.")
     allow_unauthenticated: bool = Field(False, description="Allow a host beyond 127.0.0.1 without API keys.")
     num_replicas: Optional[int] = Field(None, ge=1, description="A fixed replica count (instead of autoscaling).")
@@ -75,73 +95,45 @@ class ServeArgs(SpecModel):
     def _checks(self):
         if self.autoscaling.min_replicas > self.autoscaling.max_replicas:
             raise ValueError("autoscaling.min_replicas is above autoscaling.max_replicas")
+        bad = [d for d in self.api_key_sha256 if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
+        if bad:
+            raise ValueError(f"api_key_sha256: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not a "
+                             "SHA-256 hex digest (64 lowercase hex characters)")
         return self
 
-
-def load_api_keys(args: ServeArgs) -> set[str]:
-    keys = set()
-    if args.api_keys_env and os.environ.get(args.api_keys_env):
-        keys |= {k.strip() for k in os.environ[args.api_keys_env].split(",") if k.strip()}
-    if args.api_keys_file:
-        path = Path(args.api_keys_file).expanduser()
-        if not path.is_file():
-            raise EmberError(f"api_keys_file: {path} not found")
-        keys |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-    return keys
+    def key_digests(self, *, missing_ok: bool = False) -> list[str]:
+        """The accepted keys' digests: the configured ones and those of the keys this process can read."""
+        keys = read_api_keys(self.api_keys_env, self.api_keys_file, missing_ok=missing_ok)
+        return sorted(set(self.api_key_sha256) | {key_digest(k) for k in keys})
 
 
-def check_exposure(args: ServeArgs) -> None:
-    """A server reachable beyond this machine needs API keys, unless the config says otherwise."""
-    if not is_loopback(args.host) and not load_api_keys(args) \
-            and not args.allow_unauthenticated:
-        raise EmberError(f"host {args.host} exposes the server beyond this machine and no API key is configured "
-                         f"(set {args.api_keys_env} or api_keys_file), or set allow_unauthenticated: true")
+def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
+    """Keys and values of every layer for one token."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
-def _number(body: dict, key: str, default, lo=None, hi=None, integer=False, lo_open=False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok:
-        raise APIError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", key)
-    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
-        bounds = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise APIError(400, f"'{key}' must be {bounds}, got {value!r}", key)
-    return value
-
-
-def sampling_from(body: dict, default_max_tokens: int):
-    from ember.model.sampling import SamplingParams
-
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise APIError(400, f"'{key}' is not supported (use repetition_penalty)", key)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                             or len(stop) > 4):
-        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    return SamplingParams(
-        max_new_tokens=_number(body, "max_tokens", default_max_tokens, 1, integer=True),
-        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
-        top_k=_number(body, "top_k", 0, 0, integer=True) if body.get("top_k", 0) != -1 else 0,
-        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0, lo_open=True)),
-        stop=tuple(stop or ()),
-        seed=_number(body, "seed", None, integer=True),
-    )
+def plan_max_model_len(cfg, args: ServeArgs, dtype_bytes: int) -> int:
+    """`max_model_len`: as configured, or the model's context capped so that max_batch_size rows (plus the prefill
+    slack) fit `kv_cache_memory_gb`; raises EmberError naming the numbers when they do not."""
+    context = cfg.max_position_embeddings
+    per_row = kv_bytes_per_token(cfg, dtype_bytes) * args.max_batch_size
+    budget = int(args.kv_cache_memory_gb * GIB)
+    fits = budget // per_row - args.prefill_chunk
+    if args.max_model_len is not None:
+        if args.max_model_len > context:
+            raise EmberError(f"max_model_len: {args.max_model_len} is more than the model's context of {context} "
+                             "tokens")
+        need = per_row * (args.max_model_len + args.prefill_chunk)
+        if need > budget:
+            raise EmberError(f"max_model_len: {args.max_model_len} tokens × max_batch_size {args.max_batch_size} "
+                             f"need a KV cache of {need / GIB:.2f} GiB; kv_cache_memory_gb is "
+                             f"{args.kv_cache_memory_gb} (raise it, or lower max_model_len or max_batch_size)")
+        return args.max_model_len
+    if fits < min(context, 64):
+        raise EmberError(f"kv_cache_memory_gb: {args.kv_cache_memory_gb} GiB holds {max(fits, 0)} tokens per row "
+                         f"for max_batch_size {args.max_batch_size} ({per_row} bytes per token over the batch); "
+                         "raise it or lower max_batch_size")
+    return min(context, fits)
 
 
 class TextDecoder:
@@ -216,7 +208,7 @@ class _Metrics:
             m.set_default_tags(dict(tags))
         self._last_step = 0.0
 
-    def request(self, route: str, code: int) -> None:
+    def request(self, route: str, code: int) -> None:  # route: one of a fixed set (see guard.ROUTES)
         self.requests.inc(tags={"route": route, "code": str(code)})
 
     def finished(self, r) -> None:
@@ -237,12 +229,51 @@ class _Metrics:
 
 
 app = FastAPI(title="Ember", docs_url=None, redoc_url=None)
+app.add_middleware(RequestGuard)
 
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request, exc: RequestValidationError):
+    return validation_error(list(exc.errors())).response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request, exc: StarletteHTTPException):
+    if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+        return body_parse_error(exc.__cause__).response()
+    return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+
+
+@app.exception_handler(APIError)
+async def _api_error(request, exc: APIError):
+    return exc.response()
+
+
+class GenerationFailed(Exception):
+    """The engine ended a request with an error (its other choices, and other requests, are unaffected)."""
+
+
+def _failed(exc: GenerationFailed) -> APIError:
+    return APIError(500, f"generation failed for this request: {exc}", kind="server_error",
+                    code="generation_failed")
+
+
+async def proxy_host() -> Optional[str]:
+    """The host Ray Serve's HTTP proxy binds, from the Serve controller (None when it cannot be learned)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return (await controller.get_http_config.remote()).host
+    except Exception as exc:  # an unknown host counts as exposed (see require_keys)
+        log.warning("could not read the Serve proxy's host from the controller: %s", exc)
+        return None
 
 @serve.deployment(name="EmberServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(app)
 class EmberServer:
-    def __init__(self, args: dict):
+    async def __init__(self, args: dict):
         import torch
 
         from ember.data.chat import ChatTemplate, special_token_vars, template_source
@@ -253,192 +284,134 @@ class EmberServer:
 
         self.args = ServeArgs.model_validate(args)
         a = self.args
+        # Keys are decided here, where requests are served: those the deployment carries, and this node's own.
+        keys = APIKeys(a.key_digests(missing_ok=True))
+        require_keys(await proxy_host(), bool(keys), a.allow_unauthenticated, "EmberServer")
         torch.set_num_threads(a.torch_threads or max(1, int(a.num_cpus or 1)))
         device = "cuda" if a.num_gpus and torch.cuda.is_available() else "cpu"
         self.model_dir = Path(a.model_dir)
         self.name = a.model_name or self.model_dir.name
         self.model = load_model(self.model_dir, dtype=DTYPES[a.dtype], device=device)
+        self.max_model_len = plan_max_model_len(self.model.config, a, DTYPES[a.dtype].itemsize)
+        self.limits = ServerLimits(self.max_model_len, a.max_n, a.max_queue + a.max_batch_size)
         self.tokenizer = load_tokenizer(self.model_dir)
         config = tokenizer_config(self.model_dir)
         source = template_source(config)
         self.template = ChatTemplate(source, special_token_vars(config)) if source else None
         self.stop_ids = frozenset(stop_token_ids(self.model_dir, self.tokenizer) | {
             i for i in (self.tokenizer.token_to_id("<|im_end|>"),) if i is not None and source})
-        self.keys = load_api_keys(a)
-        self.context = self.model.config.max_position_embeddings
         self.created = int(time.time())
         self.metrics = _Metrics(self.name)
+        self.guard_policy = GuardPolicy(keys, a.max_body_bytes, self.metrics.request)
         self.engine = Engine(self.model, max_batch_size=a.max_batch_size, max_tokens_in_flight=a.max_tokens_in_flight,
                              max_queue=a.max_queue, prefill_chunk=a.prefill_chunk,
-                             prefill_tokens_per_step=a.prefill_tokens_per_step, on_step=self.metrics.step)
+                             prefill_tokens_per_step=a.prefill_tokens_per_step, max_model_len=self.max_model_len,
+                             on_step=self.metrics.step)
 
     def check_health(self):
-        if not self.engine.alive:
-            raise RuntimeError("the generation engine has stopped")
+        if not self.engine.healthy:
+            raise RuntimeError(f"the generation engine is unhealthy ({self.engine.failed_steps} failed steps in a "
+                               "row, or its loop has stopped)")
 
     # ----------------------------------------------------------------- routes
 
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "model": self.name, **self.engine.stats()}
+        body = {"status": "ok" if self.engine.healthy else "unhealthy", "model": self.name, **self.engine.stats()}
+        return JSONResponse(body, status_code=200 if self.engine.healthy else 503)
 
     @app.get("/v1/models")
-    async def models(self, request: HTTPRequest):
-        try:
-            self._authorize(request)
-        except APIError as exc:
-            return self._fail("/v1/models", exc)
+    async def models(self):
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "ember", "max_model_len": self.context}]}
+                                            "owned_by": "ember", "max_model_len": self.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(self, request: HTTPRequest):
-        return await self._handle(request, "/v1/completions", chat=False)
+    @app.post("/v1/completions", response_model=None, responses=documented(CompletionResponse))
+    async def completions(self, body: CompletionRequest, request: HTTPRequest):
+        prompt = body.prompt
+        texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+        self._check(body, len(texts) if texts is not None else 1)
+        if texts is None:
+            vocab = self.tokenizer.get_vocab_size()
+            if any(p >= vocab for p in prompt):
+                raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", "prompt")
+            prompts = [list(prompt)]
+        else:
+            prompts = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+        return await self._generate(body, prompts, request, chat=False, logprobs=body.logprobs)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: HTTPRequest):
-        return await self._handle(request, "/v1/chat/completions", chat=True)
+    @app.post("/v1/chat/completions", response_model=None, responses=documented(ChatCompletionResponse))
+    async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest):
+        self._check(body, 1)
+        if self.template is None:
+            raise APIError(400, f"the model {self.name!r} has no chat template; use /v1/completions", "messages")
+        from ember.data.chat import BadRecord
+
+        try:
+            text = self.template.render([{"role": m.role, "content": m.content} for m in body.messages],
+                                        add_generation_prompt=True)
+        except BadRecord as exc:
+            raise APIError(400, exc.detail, "messages") from None
+        prompts = [self.tokenizer.encode(text, add_special_tokens=False).ids]
+        return await self._generate(body, prompts, request, chat=True, logprobs=None)
 
     # ----------------------------------------------------------------- plumbing
 
-    def _fail(self, route: str, exc: APIError):
-        self.metrics.request(route, exc.status)
-        return exc.response()
+    def _check(self, body: SamplingRequest, prompts: int) -> None:
+        if body.model != self.name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.name!r}",
+                           "model", code="model_not_found")
+        self.limits.check(body, prompts)
 
-    def _authorize(self, request: HTTPRequest) -> None:
-        if not self.keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else None
-        if token not in self.keys:
-            raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                           kind="authentication_error", code="invalid_api_key")
+    def _choices(self, body: SamplingRequest, prompts: list[list[int]], chat: bool, logprobs):
+        """The engine requests of one client request: each prompt × n."""
+        from ember.serve.engine import Request
 
-    async def _body(self, request: HTTPRequest) -> dict:
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > self.args.max_body_bytes:
-            raise APIError(413, f"the request body is {size} bytes; at most {self.args.max_body_bytes} are accepted")
-        raw = await request.body()
-        if len(raw) > self.args.max_body_bytes:
-            raise APIError(413, f"the request body is {len(raw)} bytes; at most {self.args.max_body_bytes} are "
-                                "accepted")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model != self.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}", "model",
-                           code="model_not_found")
-        return body
-
-    def _prompts(self, body: dict, chat: bool) -> list[list[int]]:
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                        or not isinstance(m.get("content"), str):
-                    raise APIError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}",
-                                   f"messages[{i}]")
-            if self.template is None:
-                raise APIError(400, f"the model {self.name!r} has no chat template; use /v1/completions", "messages")
-            from ember.data.chat import BadRecord
-
-            try:
-                text = self.template.render([{"role": m["role"], "content": m["content"]} for m in messages],
-                                            add_generation_prompt=True)
-            except BadRecord as exc:
-                raise APIError(400, exc.detail, "messages") from None
-            prompts = [self.tokenizer.encode(text, add_special_tokens=False).ids]
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, str):
-                prompts = [self.tokenizer.encode(prompt, add_special_tokens=False).ids]
-            elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-                prompts = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompt]
-            elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool)
-                                                             for p in prompt):
-                vocab = self.tokenizer.get_vocab_size()
-                if any(not 0 <= p < vocab for p in prompt):
-                    raise APIError(400, f"'prompt' holds token ids outside the vocabulary (0..{vocab - 1})", "prompt")
-                prompts = [list(prompt)]
-            else:
-                raise APIError(400, "'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+        field = "messages" if chat else "prompt"
         for p in prompts:
             if not p:
-                raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
-            if len(p) >= self.context:
-                raise APIError(400, f"the prompt has {len(p)} tokens; this model's context is {self.context} tokens",
-                               "messages" if chat else "prompt", code="context_length_exceeded")
-        return prompts
-
-    async def _handle(self, request: HTTPRequest, route: str, chat: bool):
-        from ember.serve.engine import Overloaded, Request
-
-        try:
-            self._authorize(request)
-            body = await self._body(request)
-            prompts = self._prompts(body, chat)
-            params = sampling_from(body, self.args.default_max_tokens if chat else 16)
-            n = _number(body, "n", 1, 1, 16, integer=True)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise APIError(400, "'stream' must be true or false", "stream")
-            logprobs = None
-            if chat:
-                if body.get("logprobs"):
-                    raise APIError(400, "'logprobs' is not supported for chat completions; use /v1/completions",
-                                   "logprobs")
-            else:
-                logprobs = _number(body, "logprobs", None, 0, 5, integer=True)
-            params.max_new_tokens = min(params.max_new_tokens, self.context - max(len(p) for p in prompts))
-            ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate max_tokens whatever comes
-            if not isinstance(ignore_eos, bool):
-                raise APIError(400, "'ignore_eos' must be true or false", "ignore_eos")
-            stream_options = body.get("stream_options") or {}
-            include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
-        except APIError as exc:
-            return self._fail(route, exc)
-        loop = asyncio.get_running_loop()
+                raise APIError(400, "the prompt is empty", field)
+            if len(p) >= self.max_model_len:
+                raise APIError(400, f"the prompt has {len(p)} tokens; this server's max_model_len is "
+                                    f"{self.max_model_len} tokens", field, code="context_length_exceeded")
+        params = sampling_params(body, self.args.default_max_tokens if chat else 16)
+        params.max_new_tokens = min(params.max_new_tokens, self.max_model_len - max(len(p) for p in prompts))
+        stop_ids = frozenset() if body.ignore_eos else self.stop_ids
         jobs = []
-        try:
-            for p in prompts:
-                for k in range(n):
-                    choice_params = params
-                    if params.seed is not None and n > 1:  # n samples with one seed must still differ
-                        from dataclasses import replace
+        for p in prompts:
+            for k in range(body.n):
+                # n samples with one seed must still differ
+                choice = replace(params, seed=params.seed + k) if params.seed is not None and body.n > 1 else params
+                jobs.append(Request(prompt=p, params=choice, logprobs=logprobs, stop_ids=stop_ids))
+        return jobs
 
-                        choice_params = replace(params, seed=params.seed + k)
-                    r = Request(prompt=p, params=choice_params, logprobs=logprobs,
-                                stop_ids=frozenset() if ignore_eos else self.stop_ids)
-                    r.attach(loop)
-                    jobs.append(r)
-            for r in jobs:
-                self.engine.submit(r)
+    async def _generate(self, body: SamplingRequest, prompts, request: HTTPRequest, chat: bool, logprobs):
+        from ember.serve.engine import Overloaded
+
+        jobs = self._choices(body, prompts, chat, logprobs)
+        loop = asyncio.get_running_loop()
+        for r in jobs:
+            r.attach(loop)
+        try:
+            self.engine.submit(*jobs)  # all choices or none
         except Overloaded as exc:
-            for r in jobs:
-                self.engine.cancel(r)
-            return self._fail(route, APIError(503, str(exc), kind="server_error", code="overloaded"))
+            raise APIError(503, str(exc), kind="server_error", code="overloaded") from None
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.metrics.request(route, 200)
-        if stream:
-            return StreamingResponse(self._stream(jobs, ident, chat, include_usage, request),
-                                     media_type="text/event-stream")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(jobs, ident, chat, include_usage), media_type="text/event-stream")
         return await self._complete(jobs, ident, chat)
 
     def _choice_texts(self, r):
         return TextDecoder(self.tokenizer, r.params.stop, r.prompt)
 
     async def _run_choice(self, r, decoder, on_text):
-        """Feeds one request's tokens through its decoder; returns its finish reason."""
+        """Feeds one request's tokens through its decoder; returns its finish reason (raises GenerationFailed)."""
         finish = "length"
         async for event in r.events():
             if event.token is None:
-                finish = event.finish_reason if event.finish_reason in ("stop", "length") else "length"
+                if event.finish_reason not in ("stop", "length"):
+                    raise GenerationFailed(event.error or "the server stopped before the request finished")
+                finish = event.finish_reason
                 tail = decoder.flush()
                 if tail:
                     await on_text(tail, None)
@@ -453,9 +426,11 @@ class EmberServer:
         self.metrics.finished(r)
         return finish
 
-    async def _complete(self, jobs, ident: str, chat: bool):
-        choices = []
+    def _logprobs(self, event) -> tuple[str, float, dict]:
+        return (self.tokenizer.decode([event.token]), event.logprob,
+                {self.tokenizer.decode([t]): v for t, v in (event.top_logprobs or [])})
 
+    async def _complete(self, jobs, ident: str, chat: bool):
         async def one(index, r):
             decoder = self._choice_texts(r)
             parts, lp = [], {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -465,9 +440,8 @@ class EmberServer:
                 nonlocal offset
                 parts.append(text)
                 if event is not None and event.logprob is not None:
-                    lp["tokens"].append(self.tokenizer.decode([event.token]))
-                    lp["token_logprobs"].append(event.logprob)
-                    lp["top_logprobs"].append({self.tokenizer.decode([t]): v for t, v in (event.top_logprobs or [])})
+                    for key, value in zip(("tokens", "token_logprobs", "top_logprobs"), self._logprobs(event)):
+                        lp[key].append(value)
                     lp["text_offset"].append(offset)
                 offset += len(text)
 
@@ -481,12 +455,13 @@ class EmberServer:
 
         try:
             choices = await asyncio.gather(*(one(i, r) for i, r in enumerate(jobs)))
+        except GenerationFailed as exc:
+            raise _failed(exc) from None
         finally:
             for r in jobs:
                 self.engine.cancel(r)
-        usage = self._usage(jobs)
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.name, "choices": list(choices), "usage": usage}
+                "model": self.name, "choices": list(choices), "usage": self._usage(jobs)}
 
     def _usage(self, jobs) -> dict:
         prompt_tokens = sum(len(p) for p in {id(r.prompt): r.prompt for r in jobs}.values())
@@ -494,7 +469,7 @@ class EmberServer:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    async def _stream(self, jobs, ident: str, chat: bool, include_usage: bool, request: HTTPRequest):
+    async def _stream(self, jobs, ident: str, chat: bool, include_usage: bool):
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
@@ -506,10 +481,9 @@ class EmberServer:
             else:
                 logprobs = None
                 if event is not None and event.logprob is not None:
-                    logprobs = {"tokens": [self.tokenizer.decode([event.token])],
-                                "token_logprobs": [event.logprob],
-                                "top_logprobs": [{self.tokenizer.decode([t]): v
-                                                  for t, v in (event.top_logprobs or [])}], "text_offset": [0]}
+                    token, logprob, top = self._logprobs(event)
+                    logprobs = {"tokens": [token], "token_logprobs": [logprob], "top_logprobs": [top],
+                                "text_offset": [0]}
                 choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             return {"id": ident, "object": kind, "created": created, "model": self.name, "choices": [choice]}
 
@@ -522,6 +496,8 @@ class EmberServer:
             try:
                 finish = await self._run_choice(r, decoder, on_text)
                 queue.put_nowait(chunk(index, finish=finish))
+            except GenerationFailed as exc:  # as vLLM does: an error event, then the stream ends
+                queue.put_nowait(_failed(exc).body())
             finally:
                 queue.put_nowait(None)  # this choice is done
 
@@ -530,19 +506,18 @@ class EmberServer:
                 yield f"data: {json.dumps(chunk(i, role=True))}\n\n"
         tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(jobs)]
         try:
-            running = len(tasks)
-            while running:
+            running, failed = len(tasks), False
+            while running and not failed:
                 # Everything already waiting goes out in one write: under load, fewer, larger messages.
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 running -= sum(1 for item in items if item is None)
+                failed = any(item is not None and "error" in item for item in items)
                 text = "".join(f"data: {json.dumps(item)}\n\n" for item in items if item is not None)
                 if text:
                     yield text
-            for t in tasks:
-                t.result()  # a failed choice fails the stream
-            if include_usage:
+            if include_usage and not failed:
                 yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': self.name, 'choices': [], 'usage': self._usage(jobs)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free the rows at once
@@ -568,12 +543,18 @@ def deployment_options(args: ServeArgs) -> dict:
 
 
 def build_app(args: ServeArgs) -> Application:
-    """The Ray Serve application for a model dir (Ray validates `args` against ServeArgs)."""
+    """The Ray Serve application for a model dir (Ray validates `args` against ServeArgs). The keys this process can
+    read travel to the replicas as digests; the KV plan and the key requirement are checked here first, so a bad
+    config fails before anything is deployed."""
     if isinstance(args, dict):
         args = ServeArgs.model_validate(args)
     path = Path(args.model_dir).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise EmberError(f"model_dir: {path} is not a model directory (no config.json)")
-    check_exposure(args)
-    args = args.model_copy(update={"model_dir": str(path)})
+    from ember.model.hf import DTYPES, config_from_hf, read_json
+
+    plan_max_model_len(config_from_hf(read_json(path / "config.json")), args, DTYPES[args.dtype].itemsize)
+    digests = args.key_digests()
+    require_keys(args.host, bool(digests), args.allow_unauthenticated, "build_app")
+    args = args.model_copy(update={"model_dir": str(path), "api_key_sha256": digests})
     return EmberServer.options(**deployment_options(args)).bind(args.model_dump())

@@ -7,12 +7,16 @@ A background thread runs the step loop. Each step it
    prompt (each feeds its next `prefill_chunk` prompt tokens, up to `prefill_tokens_per_step` in all), so a long
    prompt or a burst of new ones is read over several steps while the others keep decoding;
 3. samples the next token of every row that has read its whole prompt, with that request's own sampling parameters
-   and seed, and hands it to the request's consumer;
+   and seed, and hands it to the request's consumer. Each row is sampled under its own guard: a row whose logits
+   are not finite or whose sampling fails ends alone with an error event, and the other rows' tokens are exactly
+   what they would be without it;
 4. drops finished or cancelled rows at once, moving the last active row into the freed one so active rows are
    always the first rows of the cache (the forward pass then runs over exactly the active rows).
 
-The queue in front is bounded (`max_queue`): `submit` raises `Overloaded` beyond it, never queueing without limit.
-Consumers read tokens from `Request.events()`, an asyncio iterator fed from the engine thread.
+The queue in front is bounded (`max_queue`): `submit` takes all the choices of one client request or none of them,
+raising `Overloaded` when they do not fit, never queueing without limit. A step whose forward pass fails ends its
+rows with an error, and so does a step in which every row's logits are non-finite; after `max_failed_steps` such
+steps in a row the engine reports itself unhealthy, so Ray Serve replaces the replica. Consumers read tokens from `Request.events()`, an asyncio iterator fed from the engine thread.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from ember.model.sampling import SamplingParams, make_generator, next_tokens
 
 log = logging.getLogger("ember")
 
+NON_FINITE = "the model produced non-finite logits for this request"
+
 
 class Overloaded(Exception):
     """The engine's queue is full; the caller should answer 503 and the client retry later."""
@@ -44,7 +50,8 @@ class TokenEvent:
     token: int | None  # None: the request has finished
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" or "length" with the last event
+    finish_reason: str | None = None  # with the last event: "stop", "length", "error" or "abort"
+    error: str | None = None  # what failed, with finish_reason "error"
 
 
 @dataclass(eq=False)
@@ -81,10 +88,11 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 128, prefill_tokens_per_step: int = 512, on_step=None):
+                 max_queue: int = 64, prefill_chunk: int = 128, prefill_tokens_per_step: int = 512,
+                 max_model_len: int | None = None, max_failed_steps: int = 3, on_step=None):
         self.model = model.eval()
         self.cfg = model.config
-        self.context = self.cfg.max_position_embeddings
+        self.context = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight or max_batch_size * self.context
         self.max_queue = max_queue
@@ -99,22 +107,27 @@ class Engine:
         self.lock = threading.Condition()
         self.on_step = on_step  # callback(batch_size, queue_depth) for metrics
         self.steps = 0
+        self.max_failed_steps = max_failed_steps
+        self.failed_steps = 0  # consecutive steps whose forward pass failed or whose every row's logits were not finite
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ public
 
-    def submit(self, request: Request) -> Request:
-        """Queues a request (its prompt must fit the context; the caller checks); raises Overloaded when full."""
+    def submit(self, *requests: Request) -> None:
+        """Queues the choices of one client request, all or none (each prompt must fit the context; the caller
+        checks); raises Overloaded when they do not fit in the free rows and the queue's room."""
+        generators = [make_generator(r.params.seed, self.device) for r in requests]  # may raise: nothing queued yet
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            room = self.max_queue + self.max_batch_size - len(self.active) - len(self.waiting)
+            if len(requests) > room:
                 raise Overloaded(f"the server is at capacity ({len(self.active)} running, {len(self.waiting)} "
-                                 "queued); retry later")
-            request._generator = make_generator(request.params.seed, self.device)
-            self.waiting.append(request)
+                                 f"queued, room for {max(room, 0)} more); retry later")
+            for r, g in zip(requests, generators):
+                r._generator = g
+                self.waiting.append(r)
             self.lock.notify()
-        return request
 
     def cancel(self, request: Request) -> None:
         """Frees the request's row at the next step (a client went away)."""
@@ -135,13 +148,14 @@ class Engine:
         self._thread.join(timeout=10)
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def healthy(self) -> bool:
+        """The step loop runs and fewer than `max_failed_steps` steps in a row have failed."""
+        return self._thread.is_alive() and self.failed_steps < self.max_failed_steps
 
     # ------------------------------------------------------------------ the loop
 
     def _budget(self, r: Request) -> int:
-        return len(r.prompt) + r.params.max_new_tokens
+        return min(len(r.prompt) + r.params.max_new_tokens, self.context)
 
     def _admit(self) -> None:
         in_flight = sum(self._budget(r) for r in self.active)
@@ -172,11 +186,13 @@ class Engine:
                 try:
                     self._step(batch)
                 except Exception as exc:  # a failed step must not leave clients waiting forever
-                    log.exception("engine step failed; its %d requests end with an error", len(batch))
+                    self.failed_steps += 1
+                    log.exception("engine step failed (%d in a row); its %d requests end with an error",
+                                  self.failed_steps, len(batch))
                     with self.lock:
-                        for r in batch:
-                            r._emit(TokenEvent(None, finish_reason=f"error: {exc}"))
                         self._drop(batch)
+                    for r in batch:
+                        r._emit(TokenEvent(None, finish_reason="error", error=f"generation failed ({exc})"))
                     continue
             if self.on_step is not None:
                 self.on_step(len(batch), queued)
@@ -217,6 +233,53 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, batch: list[Request]) -> None:
+        """One step. A step in which every row that was to get a token has non-finite logits (the model, not a
+        request, is at fault) counts towards `max_failed_steps` like a failed forward pass."""
+        batch, feeds, logits = self._forward(batch)
+        self.steps += 1
+        finished = []
+        now = time.perf_counter()
+        ready = []
+        for i, r in enumerate(batch):
+            if r._read < len(r.prompt):
+                r._read += len(feeds[i])
+                if r._read < len(r.prompt):
+                    continue  # still reading its prompt
+            ready.append(i)
+        chosen, failed = self._choose(batch, ready, logits)
+        wants = [i for i in chosen if batch[i].logprobs is not None]
+        logprobs = dict(zip(wants, torch.log_softmax(logits[wants].float(), -1))) if wants else {}
+        for i, error in failed.items():
+            finished.append((batch[i], TokenEvent(None, finish_reason="error", error=error)))
+        for i, token in chosen.items():
+            r = batch[i]
+            logprob = top = None
+            if i in logprobs:
+                lp = logprobs[i]
+                logprob = float(lp[token])
+                if r.logprobs:
+                    values, ids = torch.topk(lp, min(r.logprobs, lp.shape[-1]))
+                    top = list(zip(ids.tolist(), values.tolist()))
+            if r.first_token_at is None:
+                r.first_token_at = now
+            stop = token in r.stop_ids or token in r.params.stop_token_ids
+            if not stop:
+                r.output.append(token)
+                r._emit(TokenEvent(token, logprob, top))
+            full = len(r.prompt) + len(r.output) >= self.context
+            if stop or len(r.output) >= r.params.max_new_tokens or full or r.cancelled:
+                finished.append((r, TokenEvent(None, finish_reason="stop" if stop else "length")))
+        poisoned = failed and not chosen and all(why == NON_FINITE for why in failed.values())
+        self.failed_steps = self.failed_steps + 1 if poisoned else 0
+        if finished:
+            with self.lock:
+                self._drop([r for r, _ in finished])
+            for r, last in finished:  # after the row is free, so a client that sees its end sees it gone
+                r._emit(last)
+
+    def _forward(self, batch: list[Request]) -> tuple[list[Request], list[list[int]], torch.Tensor]:
+        """One forward pass over the decoding rows and one over the prompt chunks: (rows run, their feeds, (rows, V)
+        logits of each row's last fed token)."""
         n = len(batch)
         feeds = []
         for r in batch:
@@ -245,52 +308,30 @@ class Engine:
             view.k, view.v, view.lengths, view.max_len = (self.cache.k[:, lo:hi], self.cache.v[:, lo:hi],
                                                           self.cache.lengths[lo:hi], self.cache.max_len)
             parts.append(self.model(tokens, cache=view, num_new=num_new, last_only=True))  # (rows, V)
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self.steps += 1
-        finished = []
-        now = time.perf_counter()
-        ready = []
-        for i, r in enumerate(batch):
-            if r._read < len(r.prompt):
-                r._read += len(feeds[i])
-                if r._read < len(r.prompt):
-                    continue  # still reading its prompt
-            ready.append(i)
-        # Greedy rows in one argmax; sampled rows one by one (each has its own parameters and generator).
+        return batch, feeds, torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _choose(self, batch: list[Request], ready: list[int], logits: torch.Tensor) -> tuple[dict, dict]:
+        """The next token of each ready row ({row: token}) and the rows that failed ({row: why}).
+
+        Greedy rows take one argmax over the batch, fetched with every row's finiteness in one transfer; sampled
+        rows go one by one (each has its own parameters and generator), each under its own guard, so a row whose
+        sampling fails ends alone and the others' tokens are the same as without it."""
+        top, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
         chosen: dict[int, int] = {}
-        plain = [i for i in ready if batch[i].params.greedy and batch[i].params.repetition_penalty == 1.0]
-        if plain:
-            chosen.update(zip(plain, logits[plain].argmax(-1).tolist()))
+        failed: dict[int, str] = {}
         for i in ready:
-            if i in chosen:
-                continue
             r = batch[i]
-            history = None
-            if r.params.repetition_penalty != 1.0:
-                history = torch.tensor([r.prompt + r.output], device=self.device)
-            chosen[i] = int(next_tokens(logits[i: i + 1], r.params, history, r._generator)[0])
-        wants = [i for i in ready if batch[i].logprobs is not None]
-        logprobs = dict(zip(wants, torch.log_softmax(logits[wants].float(), -1))) if wants else {}
-        for i in ready:
-            r, token = batch[i], chosen[i]
-            logprob = top = None
-            if i in logprobs:
-                lp = logprobs[i]
-                logprob = float(lp[token])
-                if r.logprobs:
-                    values, ids = torch.topk(lp, min(r.logprobs, lp.shape[-1]))
-                    top = list(zip(ids.tolist(), values.tolist()))
-            if r.first_token_at is None:
-                r.first_token_at = now
-            stop = token in r.stop_ids or token in r.params.stop_token_ids
-            if not stop:
-                r.output.append(token)
-                r._emit(TokenEvent(token, logprob, top))
-            full = len(r.prompt) + len(r.output) >= self.context
-            if stop or len(r.output) >= r.params.max_new_tokens or full or r.cancelled:
-                finished.append((r, TokenEvent(None, finish_reason="stop" if stop else "length")))
-        if finished:
-            with self.lock:
-                self._drop([r for r, _ in finished])
-            for r, last in finished:  # after the row is free, so a client that sees its end sees it gone
-                r._emit(last)
+            if not finite[i]:
+                failed[i] = NON_FINITE
+            elif r.params.greedy and r.params.repetition_penalty == 1.0:
+                chosen[i] = top[i]
+            else:
+                history = None
+                if r.params.repetition_penalty != 1.0:
+                    history = torch.tensor([r.prompt + r.output], device=self.device)
+                try:
+                    chosen[i] = int(next_tokens(logits[i: i + 1], r.params, history, r._generator)[0])
+                except Exception as exc:  # this request's parameters or logits; the other rows go on
+                    log.warning("sampling failed for one request (%s); it ends with an error", exc)
+                    failed[i] = f"sampling failed ({exc})"
+        return chosen, failed

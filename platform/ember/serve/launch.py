@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def _build(import_path: str, args: dict):
         raise EmberError(f"args.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
-def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> dict:
-    """Polls GET /v1/models until it answers."""
+def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> dict | None:
+    """Polls GET /v1/models until it answers: its JSON, or None when the app is up but refuses requests without a
+    key and none was given (401). A key the app refuses is an EmberError."""
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
@@ -71,10 +73,26 @@ def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> di
                                          if api_key else {})
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                if api_key is None:
+                    return None
+                raise EmberError(f"the app at {url} is up but refused the configured API key (401)") from None
+            last = exc
         except Exception as exc:  # not up yet
             last = exc
-            time.sleep(0.5)
+        time.sleep(0.5)
     raise EmberError(f"the app did not answer at {url} within {timeout:.0f}s ({last})")
+
+
+def _readiness_key(app_args: dict) -> str | None:
+    """A key the app accepts, read as the app reads its keys (for the readiness check only; never printed)."""
+    from ember.serve.app import ServeArgs
+    from ember.serve.guard import read_api_keys
+
+    args = ServeArgs.model_validate(app_args)
+    keys = sorted(read_api_keys(args.api_keys_env, args.api_keys_file, missing_ok=True))
+    return keys[0] if keys else None
 
 
 def serve_target(target: str, *, address: str | None = None, detach: bool = False, host: str | None = None,
@@ -113,13 +131,15 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
         raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
     built = []
     for i, app in enumerate(apps):
-        app_args = dict(app.get("args") or {})
+        app_args, key = dict(app.get("args") or {}), None
         if app.get("import_path", "").startswith("ember.serve.app"):
             app_args.update(args or {})
-            app_args.setdefault("host", http["host"])
+            app_args["host"] = http["host"]  # where the proxy really listens decides whether keys are required
             app_args.setdefault("port", http["port"])
-        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"),
-                      _build(app["import_path"], app_args)))
+        application = _build(app["import_path"], app_args)
+        if app.get("import_path", "").startswith("ember.serve.app"):
+            key = _readiness_key(app_args)
+        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), application, key))
     ensure_ray(address)
     # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
     loopback = is_loopback(http["host"])
@@ -129,17 +149,20 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
     serve.start(http_options={"host": http["host"], "port": http["port"]},
                 proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"),
                 logging_config=logging_config)
-    for name, prefix, application in built:
+    for name, prefix, application, _ in built:
         log.info("serve: deploying %s at %s", name, prefix)
         serve.run(application, name=name, route_prefix=prefix, blocking=False, logging_config=logging_config)
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     base = f"http://{shown}:{http['port']}"
-    keys = os.environ.get("EMBER_API_KEYS", "").split(",")[0] or None
-    for name, prefix, _ in built:
+    for name, prefix, _, key in built:
         url = base + (prefix.rstrip("/") if prefix and prefix != "/" else "")
-        models = wait_ready(url, api_key=keys)
-        log.info("serve: %s is up at %s/v1 (model %s)", name, url, models["data"][0]["id"])
-    return base, [name for name, _, _ in built]
+        models = wait_ready(url, api_key=key)
+        if models is None:
+            log.info("serve: %s is up at %s/v1; it needs an API key (Authorization: Bearer KEY) that this shell "
+                     "does not have", name, url)
+        else:
+            log.info("serve: %s is up at %s/v1 (model %s)", name, url, models["data"][0]["id"])
+    return base, [name for name, _, _, _ in built]
 
 
 def serve_forever(names: list[str]) -> None:

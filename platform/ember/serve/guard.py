@@ -1,0 +1,196 @@
+"""What stands in front of the routes in each replica: API keys, the body limit, and an error JSON for the unexpected.
+
+`RequestGuard` is a plain ASGI middleware of the app, so it runs in the replica, where requests are served, whatever
+started the app (`ember serve`, Ray's `serve run` / `serve deploy`, a KubeRay RayService). Per request it
+1. refuses a missing or wrong API key (401) on every path but `/health` and `/openapi.json`;
+2. reads the body as a stream and stops at `max_body_bytes` (413), chunked or not, so no body is held whole beyond
+   the limit;
+3. turns anything a route did not handle into OpenAI's error JSON (500), logging the traceback here and sending none;
+4. counts the response by route and status (`ember_serve_requests`).
+
+Keys reach replicas as SHA-256 digests in the deployment's args (`api_key_sha256`), never in clear, and are compared
+in constant time; a replica also reads its own `api_keys_env` / `api_keys_file` when its node has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ember.errors import EmberError
+from ember.runtime import is_loopback
+from ember.serve.protocol import APIError
+
+log = logging.getLogger("ember")
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/openapi.json")
+PUBLIC = ("/health", "/openapi.json")  # answered without a key
+
+
+def read_api_keys(env_name: Optional[str], file: Optional[str], *, missing_ok: bool = False) -> set[str]:
+    """Keys from an environment variable (comma-separated) and a file (one per line; blank lines and `#` comments
+    are not keys)."""
+    keys = set()
+    if env_name and os.environ.get(env_name):
+        keys |= {k.strip() for k in os.environ[env_name].split(",") if k.strip()}
+    if file:
+        path = Path(file).expanduser()
+        if path.is_file():
+            keys |= {line.strip() for line in path.read_text().splitlines()
+                     if line.strip() and not line.strip().startswith("#")}
+        elif not missing_ok:
+            raise EmberError(f"api_keys_file: {path} not found")
+    return keys
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class APIKeys:
+    """The accepted keys as SHA-256 digests; a presented key is compared with every one in constant time."""
+
+    def __init__(self, digests):
+        self.digests = sorted({bytes.fromhex(d) for d in digests})
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def allows(self, authorization: Optional[str]) -> bool:
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            return False
+        presented = hashlib.sha256(authorization[7:].strip().encode("utf-8", "surrogatepass")).digest()
+        matches = [hmac.compare_digest(presented, d) for d in self.digests]  # no early exit
+        return any(matches)
+
+
+def require_keys(proxy_host: Optional[str], has_keys: bool, allow_unauthenticated: bool, where: str) -> None:
+    """A server its proxy exposes beyond this machine needs API keys unless the config says otherwise."""
+    if has_keys or allow_unauthenticated or is_loopback(proxy_host):
+        return
+    shown = proxy_host or "an unknown host"
+    raise EmberError(f"{where}: the HTTP proxy listens on {shown}, beyond this machine, and no API key is "
+                     "configured (set api_keys_env's variable, api_keys_file or api_key_sha256), or set "
+                     "allow_unauthenticated: true")
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """What a replica's guard enforces."""
+
+    keys: APIKeys
+    max_body_bytes: int
+    on_response: Optional[Callable[[str, int], None]] = None  # (route, status) of every response
+
+
+def _route(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path if path in ROUTES else "other"  # a bounded set of metric tags, whatever clients send
+
+
+def _header(scope, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware: keys, the streamed body limit, a catch-all error JSON, metrics (see the module docstring).
+
+    The policy comes from the replica this app runs in (`policy()` of Serve's replica context), read at the first
+    request; outside a replica every request fails closed with a 500."""
+
+    def __init__(self, app, policy: Optional[Callable[[], GuardPolicy]] = None):
+        self.app = app
+        self._policy_source = policy or _replica_policy
+        self._policy: Optional[GuardPolicy] = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, state = _route(scope), {"status": 500, "started": False}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                state["started"], state["status"] = True, message["status"]
+            await send(message)
+
+        policy = None
+        try:
+            policy = self._policy or self._load_policy()
+            error = None
+            if policy.keys and route not in PUBLIC and not policy.keys.allows(_header(scope, b"authorization")):
+                error = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                                 kind="authentication_error", code="invalid_api_key")
+            body = b""
+            if error is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                body, error = await self._read_body(scope, receive, policy.max_body_bytes)
+            if error is not None:
+                await error.response()(scope, receive, tracked)
+            elif body is None:
+                return  # the client went away while sending its body
+            else:
+                await self.app(scope, _replay(body, receive) if scope.get("method") in ("POST", "PUT", "PATCH")
+                               else receive, tracked)
+        except Exception:
+            log.exception("request to %s failed", scope.get("path"))
+            if not state["started"]:
+                await APIError(500, "internal error: the server logged it; the request can be retried",
+                               kind="server_error", code="internal_error").response()(scope, receive, tracked)
+            else:  # a stream had begun: end it
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if policy is not None and policy.on_response is not None:
+                policy.on_response(route, state["status"])
+
+    def _load_policy(self) -> GuardPolicy:
+        self._policy = self._policy_source()
+        return self._policy
+
+    @staticmethod
+    async def _read_body(scope, receive, limit: int) -> tuple[Optional[bytes], Optional[APIError]]:
+        """The whole body, read chunk by chunk and refused as soon as it passes `limit` bytes."""
+        declared = _header(scope, b"content-length")
+        too_large = f"the request body is larger than {limit} bytes, the most this server accepts"
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            return b"", APIError(413, too_large, code="body_too_large")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", APIError(413, too_large, code="body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    """A receive that hands the app the body already read, then the client's later messages (a disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _replica_policy() -> GuardPolicy:
+    from ray import serve
+
+    return serve.get_replica_context().servable_object.guard_policy
