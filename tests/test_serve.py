@@ -214,6 +214,16 @@ def test_the_shipped_serve_config_is_valid_for_ray_serve():
     ServeArgs.model_validate(app["args"])
 
 
+def test_the_serve_readme_lists_every_key_of_serve_args():
+    """serve/README.md's table of `args` is the one the code generates (regenerate with key_rows(ServeArgs))."""
+    from ember.config.reference import key_rows
+    from ember.serve.app import ServeArgs
+
+    text = (REPO / "serve" / "README.md").read_text()
+    table = text[text.index("<!-- serve-args -->"): text.index("<!-- /serve-args -->")]
+    assert table.splitlines()[3:] == key_rows(ServeArgs)
+
+
 def _replicas(app: str) -> int:
     from ray import serve
 

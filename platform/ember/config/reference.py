@@ -33,7 +33,8 @@ def _nested(annotation) -> type[BaseModel] | None:
     return None
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def key_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One Markdown table row per key of a model (nested models as dotted keys): key, type, default, description."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -47,7 +48,7 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         kind = "section" if nested else _type_name(field.annotation)
         rows.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
         if nested:
-            rows.extend(_rows(nested, f"{key}."))
+            rows.extend(key_rows(nested, f"{key}."))
     return rows
 
 
@@ -57,7 +58,7 @@ def render_reference() -> str:
              "current. Override any key on the command line with `--set key=value` (values are read as YAML).", ""]
     for kind, model in SPEC_KINDS.items():
         parts += [f"## kind: {kind}", "", (model.__doc__ or "").strip(), "",
-                  "| key | type | default | description |", "|---|---|---|---|", *_rows(model), ""]
+                  "| key | type | default | description |", "|---|---|---|---|", *key_rows(model), ""]
     return "\n".join(parts)
 
 

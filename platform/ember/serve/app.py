@@ -57,7 +57,8 @@ class ServeArgs(SpecModel):
     model_name: Optional[str] = Field(None, description="The model id clients send (default: the dir's name).")
     max_batch_size: int = Field(16, ge=1, description="Rows decoded together in one replica.")
     max_tokens_in_flight: Optional[int] = Field(None, ge=1, description="Prompt + output tokens of the running "
-                                                                        "requests at most (default: batch × context).")
+                                                                        "requests at most (default: batch × "
+                                                                        "max_model_len).")
     max_queue: int = Field(64, ge=0, description="Requests waiting for a row at most; beyond it: 503.")
     prefill_chunk: int = Field(128, ge=1, description="Prompt tokens read per step, so long prompts do not stall "
                                                       "the others.")
@@ -74,7 +75,9 @@ class ServeArgs(SpecModel):
                                                              "max_batch_size × max_model_len tokens must fit.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     api_keys_env: Optional[str] = Field("EMBER_API_KEYS", description="Environment variable with comma-separated API "
-                                                                      "keys; when set, requests need one as Bearer.")
+                                                                      "keys; when set, requests need one as Bearer "
+                                                                      "(read where build_app runs, and on each "
+                                                                      "replica's node).")
     api_keys_file: Optional[str] = Field(None, description="A file with one API key per line (`#` starts a "
                                                            "comment line).")
     api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of accepted keys; "
