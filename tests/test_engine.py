@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ember.model import SamplingParams, Transformer, generate_ids, preset
-from ember.serve.engine import Engine, Overloaded, Request
+from ember.serve.engine import Engine, Overloaded, Request, StepRecord
 
 
 @pytest.fixture(scope="module")
@@ -36,80 +36,117 @@ async def drain(request: Request) -> list:
     return [e async for e in request.events()]
 
 
-def test_requests_joining_a_running_batch_get_what_they_would_alone(model):
+async def drain_tokens(events) -> list[int]:
+    return [e.token async for e in events if e.token is not None]
+
+
+@pytest.fixture()
+def engines(model):
+    """Makes engines of the module's model (`engines(**options)`) and shuts every one down after the test."""
+    made = []
+
+    def make(inner=None, **options) -> Engine:
+        made.append(Engine(inner or model, **options))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def test_requests_joining_a_running_batch_get_what_they_would_alone(engines, model):
+    """Four requests decode; six more arrive while they do, join the running batch between its steps and read their
+    prompts 4 tokens at a time (8 in all per step) beside the decoding rows. Each gets what it gets alone."""
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    # Long prompts are read 4 tokens per step, and at most 8 prompt tokens are read per step in all.
-    engine = Engine(model, max_batch_size=4, prefill_chunk=4, prefill_tokens_per_step=8)
-    try:
-        ps = prompts(10)
+    steps: list[StepRecord] = []
+    engine = engines(max_batch_size=4, prefill_chunk=4, prefill_tokens_per_step=8, on_step=steps.append)
+    ps = prompts(10)
 
-        async def main():
-            # Staggered arrivals: later requests join between the decoding steps of earlier ones.
-            return await asyncio.gather(*(collect(engine, Request(p, params, frozenset()), delay=0.003 * i)
-                                          for i, p in enumerate(ps)))
+    async def main():
+        loop = asyncio.get_running_loop()
+        rs = [Request(p, params, frozenset()) for p in ps]
+        for r in rs:
+            r.attach(loop)
+        engine.submit(*rs[:4])
+        streams = [r.events() for r in rs]
+        firsts = [[(await s.__anext__()).token] for s in streams[:4]]  # the first four are decoding now
+        engine.submit(*rs[4:])
+        rest = await asyncio.gather(*(drain_tokens(s) for s in streams))
+        return rs, [first + more for first, more in zip(firsts + [[]] * 6, rest)]
 
-        got = asyncio.run(main())
-        for p, out in zip(ps, got):
-            assert out == generate_ids(model, [p], params)[0]
-        assert engine.stats()["running"] == 0
-    finally:
-        engine.shutdown()
+    rs, got = asyncio.run(main())
+    for p, out in zip(ps, got):
+        assert out == generate_ids(model, [p], params)[0]
+    assert engine.stats()["running"] == 0
+    late = {r.id for r in rs[4:]}
+    # A late request read part of its prompt in a step where rows of the first four decoded: it joined them.
+    joined = [s for s in steps if {i for i, _ in s.prefilled} & late and set(s.decoded) - late]
+    assert joined, steps
+    long_prompts = {r.id for r in rs if len(r.prompt) > 4}
+    chunks = [n for s in steps for i, n in s.prefilled if i in long_prompts]
+    assert chunks and max(chunks) == 4  # long prompts were read in chunks of 4
+    assert all(sum(n for _, n in s.prefilled) <= 8 or len(s.prefilled) == 1 for s in steps)
+    assert max(s.rows for s in steps) == 4
 
 
-def test_seeded_sampling_is_per_request_and_repeatable(model):
+def test_seeded_sampling_is_per_request_and_repeatable(engines, model):
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
-    engine = Engine(model, max_batch_size=3)
-    try:
-        async def main():
-            return await asyncio.gather(*(collect(engine, Request(prompts(1)[0], params, frozenset()))
-                                          for _ in range(3)))
+    engine = engines(max_batch_size=3)
 
-        a, b, c = asyncio.run(main())
-        assert a == b == c == generate_ids(model, prompts(1), params)[0]
-    finally:
-        engine.shutdown()
+    async def main():
+        return await asyncio.gather(*(collect(engine, Request(prompts(1)[0], params, frozenset()))
+                                      for _ in range(3)))
+
+    a, b, c = asyncio.run(main())
+    assert a == b == c == generate_ids(model, prompts(1), params)[0]
 
 
-def test_stop_tokens_end_a_request_with_reason_stop(model):
+def test_stop_tokens_end_a_request_with_reason_stop(engines, model):
     p = prompts(1)[0]
     free = generate_ids(model, [p], SamplingParams(max_new_tokens=8, temperature=0.0))[0]
-    engine = Engine(model)
-    try:
-        async def main():
-            r = Request(p, SamplingParams(max_new_tokens=8, temperature=0.0), frozenset({free[3]}))
-            r.attach(asyncio.get_running_loop())
-            engine.submit(r)
-            return [e async for e in r.events()]
+    engine = engines()
 
-        events = asyncio.run(main())
-        assert [e.token for e in events[:-1]] == free[: free.index(free[3])]
-        assert events[-1].token is None and events[-1].finish_reason == "stop"
-    finally:
-        engine.shutdown()
+    async def main():
+        r = Request(p, SamplingParams(max_new_tokens=8, temperature=0.0), frozenset({free[3]}))
+        r.attach(asyncio.get_running_loop())
+        engine.submit(r)
+        return [e async for e in r.events()]
+
+    events = asyncio.run(main())
+    assert [e.token for e in events[:-1]] == free[: free.index(free[3])]
+    assert events[-1].token is None and events[-1].finish_reason == "stop"
 
 
-def test_a_cancelled_request_frees_its_row_and_a_full_queue_is_refused(model):
-    engine = Engine(model, max_batch_size=1, max_queue=1)
-    try:
-        async def main():
-            loop = asyncio.get_running_loop()
-            long = Request(prompts(1)[0], SamplingParams(max_new_tokens=50, temperature=0.0), frozenset())
-            long.attach(loop)
-            engine.submit(long)
-            first = await long.events().__anext__()
-            assert first.token is not None
-            waiting = Request(prompts(2)[1], SamplingParams(max_new_tokens=3, temperature=0.0), frozenset())
-            waiting.attach(loop)
-            engine.submit(waiting)  # the one queue place
-            with pytest.raises(Overloaded, match="at capacity"):
-                engine.submit(Request([1, 2], SamplingParams(max_new_tokens=1), frozenset()))
-            engine.cancel(long)  # the client went away: its row goes to the waiting request
-            return [e.token async for e in waiting.events() if e.token is not None]
+def test_a_cancelled_request_frees_its_row_and_a_full_queue_is_refused(engines):
+    """A request that could decode ~57 more tokens is cancelled after its first: it takes at most one more step
+    (one may be under way), and the one waiting for its row gets the row."""
+    steps: list[StepRecord] = []
+    engine = engines(max_batch_size=1, max_queue=1, on_step=steps.append)
 
-        assert len(asyncio.run(main())) == 3
-        assert engine.stats() == {"running": 0, "queued": 0, "steps": engine.stats()["steps"]}
-    finally:
-        engine.shutdown()
+    async def main():
+        loop = asyncio.get_running_loop()
+        long = Request([3, 1, 4, 1, 5], SamplingParams(max_new_tokens=60, temperature=0.0), frozenset())
+        long.attach(loop)
+        engine.submit(long)
+        first = await long.events().__anext__()
+        assert first.token is not None
+        waiting = Request(prompts(2)[1], SamplingParams(max_new_tokens=3, temperature=0.0), frozenset())
+        waiting.attach(loop)
+        engine.submit(waiting)  # the one queue place
+        with pytest.raises(Overloaded, match="at capacity"):
+            engine.submit(Request([1, 2], SamplingParams(max_new_tokens=1), frozenset()))
+        at_cancel = len(steps)
+        engine.cancel(long)  # the client went away: its row goes to the waiting request
+        tokens = [e.token async for e in waiting.events() if e.token is not None]
+        return long, waiting, at_cancel, tokens
+
+    long, waiting, at_cancel, tokens = asyncio.run(main())
+    assert len(tokens) == 3
+    after = steps[at_cancel:]
+    assert sum(long.id in s.decoded for s in after) <= 1, after
+    assert len(long.output) <= 3  # of the 59 it could have had
+    assert sum(waiting.id in s.decoded or waiting.id in dict(s.prefilled) for s in steps) == 3
+    assert engine.stats() | {"steps": None} == {"running": 0, "queued": 0, "steps": None}
 
 
 def test_incremental_detokenization_equals_decoding_everything_and_honours_stop_strings():
@@ -125,65 +162,61 @@ def test_incremental_detokenization_equals_decoding_everything_and_honours_stop_
     assert "".join(decoder.feed(i) for i in ids) + decoder.flush() == "the café 日本語 is " and decoder.stopped
 
 
-def test_a_failing_row_ends_alone_and_the_rows_beside_it_are_unchanged(model):
+def test_a_failing_row_ends_alone_and_the_rows_beside_it_are_unchanged(engines, model):
     """Three requests submitted together run in the same steps; the middle one's sampling fails (a NaN temperature
     that validation would refuse over HTTP), and it alone ends with an error."""
     ps = prompts(3)
     good = SamplingParams(max_new_tokens=10, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=10, temperature=0.8, seed=5)
-    steps = []
-    engine = Engine(model, max_batch_size=4, on_step=lambda rows, queued: steps.append(rows))
-    try:
-        async def main():
-            loop = asyncio.get_running_loop()
-            rows = [Request(ps[0], good, frozenset()), Request(ps[1], SamplingParams(temperature=float("nan")),
-                                                                frozenset()), Request(ps[2], sampled, frozenset())]
-            for r in rows:
-                r.attach(loop)
-            engine.submit(*rows)
-            return await asyncio.gather(*(drain(r) for r in rows))
+    steps: list[StepRecord] = []
+    engine = engines(max_batch_size=4, on_step=steps.append)
 
-        first, bad, third = asyncio.run(main())
-        assert steps[0] == 3  # all three were in the first step
-        assert [e.token for e in bad] == [None] and bad[0].finish_reason == "error" and "sampling failed" in bad[0].error
-        assert [e.token for e in first[:-1]] == generate_ids(model, [ps[0]], good)[0]
-        assert [e.token for e in third[:-1]] == generate_ids(model, [ps[2]], sampled)[0]
-        assert first[-1].finish_reason == third[-1].finish_reason == "length"
-        assert engine.healthy and engine.stats()["running"] == 0
-    finally:
-        engine.shutdown()
+    async def main():
+        loop = asyncio.get_running_loop()
+        rows = [Request(ps[0], good, frozenset()), Request(ps[1], SamplingParams(temperature=float("nan")),
+                                                            frozenset()), Request(ps[2], sampled, frozenset())]
+        for r in rows:
+            r.attach(loop)
+        engine.submit(*rows)
+        return await asyncio.gather(*(drain(r) for r in rows))
+
+    first, bad, third = asyncio.run(main())
+    assert steps[0].rows == 3  # all three were in the first step
+    assert [e.token for e in bad] == [None] and bad[0].finish_reason == "error" and "sampling failed" in bad[0].error
+    assert [e.token for e in first[:-1]] == generate_ids(model, [ps[0]], good)[0]
+    assert [e.token for e in third[:-1]] == generate_ids(model, [ps[2]], sampled)[0]
+    assert first[-1].finish_reason == third[-1].finish_reason == "length"
+    assert engine.healthy and engine.stats()["running"] == 0
 
 
-def test_the_choices_of_one_request_are_submitted_all_or_none(model):
-    engine = Engine(model, max_batch_size=1, max_queue=2)
-    try:
-        async def main():
-            loop = asyncio.get_running_loop()
-            long = Request(prompts(1)[0], SamplingParams(max_new_tokens=40, temperature=0.0), frozenset())
-            long.attach(loop)
-            engine.submit(long)
-            await long.events().__anext__()  # decoding: the one row is taken, two queue places are left
-            three = [Request([1, 2, 3], SamplingParams(max_new_tokens=2), frozenset()) for _ in range(3)]
-            with pytest.raises(Overloaded, match="room for 2 more"):
-                engine.submit(*three)
-            queued = engine.stats()["queued"]
-            with pytest.raises((OverflowError, ValueError)):  # a seed torch refuses: nothing is queued either
-                engine.submit(Request([1], SamplingParams(seed=2 ** 70), frozenset()))
-            after_bad_seed = engine.stats()["queued"]
-            two = three[:2]
-            for r in two:
-                r.attach(loop)
-            engine.submit(*two)
-            engine.cancel(long)
-            outs = [[e.token for e in events if e.token is not None]
-                    for events in await asyncio.gather(*(drain(r) for r in two))]
-            return queued, after_bad_seed, outs
+def test_the_choices_of_one_request_are_submitted_all_or_none(engines, model):
+    engine = engines(max_batch_size=1, max_queue=2)
 
-        queued, after_bad_seed, outs = asyncio.run(main())
-        assert queued == 0 and after_bad_seed == 0
-        assert [len(o) for o in outs] == [2, 2]
-    finally:
-        engine.shutdown()
+    async def main():
+        loop = asyncio.get_running_loop()
+        long = Request(prompts(1)[0], SamplingParams(max_new_tokens=40, temperature=0.0), frozenset())
+        long.attach(loop)
+        engine.submit(long)
+        await long.events().__anext__()  # decoding: the one row is taken, two queue places are left
+        three = [Request([1, 2, 3], SamplingParams(max_new_tokens=2), frozenset()) for _ in range(3)]
+        with pytest.raises(Overloaded, match="room for 2 more"):
+            engine.submit(*three)
+        queued = engine.stats()["queued"]
+        with pytest.raises((OverflowError, ValueError)):  # a seed torch refuses: nothing is queued either
+            engine.submit(Request([1], SamplingParams(seed=2 ** 70), frozenset()))
+        after_bad_seed = engine.stats()["queued"]
+        two = three[:2]
+        for r in two:
+            r.attach(loop)
+        engine.submit(*two)
+        engine.cancel(long)
+        outs = [[e.token for e in events if e.token is not None]
+                for events in await asyncio.gather(*(drain(r) for r in two))]
+        return queued, after_bad_seed, outs
+
+    queued, after_bad_seed, outs = asyncio.run(main())
+    assert queued == 0 and after_bad_seed == 0
+    assert [len(o) for o in outs] == [2, 2]
 
 
 class Flaky(torch.nn.Module):
@@ -201,9 +234,9 @@ class Flaky(torch.nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_repeated_failed_steps_make_the_engine_unhealthy_and_a_good_step_heals_it(model, mode):
+def test_repeated_failed_steps_make_the_engine_unhealthy_and_a_good_step_heals_it(engines, model, mode):
     flaky = Flaky(model)
-    engine = Engine(flaky, max_failed_steps=2)
+    engine = engines(flaky, max_failed_steps=2)
 
     async def ask():
         r = Request(prompts(1)[0], SamplingParams(max_new_tokens=3, temperature=0.0), frozenset())
@@ -211,18 +244,15 @@ def test_repeated_failed_steps_make_the_engine_unhealthy_and_a_good_step_heals_i
         engine.submit(r)
         return [e async for e in r.events()]
 
-    try:
-        flaky.mode = mode
-        events = asyncio.run(ask())
-        assert [e.token for e in events] == [None] and events[0].finish_reason == "error"
-        assert engine.healthy  # one failed step is not yet a broken replica
-        asyncio.run(ask())
-        assert not engine.healthy and engine.failed_steps == 2
-        flaky.mode = None
-        events = asyncio.run(ask())
-        assert len(events) == 4 and events[-1].finish_reason == "length" and engine.healthy
-    finally:
-        engine.shutdown()
+    flaky.mode = mode
+    events = asyncio.run(ask())
+    assert [e.token for e in events] == [None] and events[0].finish_reason == "error"
+    assert engine.healthy  # one failed step is not yet a broken replica
+    asyncio.run(ask())
+    assert not engine.healthy and engine.failed_steps == 2
+    flaky.mode = None
+    events = asyncio.run(ask())
+    assert len(events) == 4 and events[-1].finish_reason == "length" and engine.healthy
 
 
 def test_max_model_len_defaults_to_what_the_kv_memory_budget_holds():
@@ -245,18 +275,15 @@ def test_max_model_len_defaults_to_what_the_kv_memory_budget_holds():
     assert plan_max_model_len(cfg, args.model_copy(update={"max_model_len": 2048}), 2) == 2048
 
 
-def test_an_engine_with_max_model_len_ends_requests_there(model):
-    engine = Engine(model, max_model_len=20)
-    try:
-        assert engine.cache.k.shape[3] == 20 + engine.prefill_chunk
+def test_an_engine_with_max_model_len_ends_requests_there(engines, model):
+    engine = engines(max_model_len=20)
+    assert engine.cache.k.shape[3] == 20 + engine.prefill_chunk
 
-        async def main():
-            r = Request(list(range(1, 16)), SamplingParams(max_new_tokens=50, temperature=0.0), frozenset())
-            r.attach(asyncio.get_running_loop())
-            engine.submit(r)
-            return await drain(r)
+    async def main():
+        r = Request(list(range(1, 16)), SamplingParams(max_new_tokens=50, temperature=0.0), frozenset())
+        r.attach(asyncio.get_running_loop())
+        engine.submit(r)
+        return await drain(r)
 
-        events = asyncio.run(main())
-        assert len(events) - 1 == 5 and events[-1].finish_reason == "length"  # 15 prompt + 5 new = 20
-    finally:
-        engine.shutdown()
+    events = asyncio.run(main())
+    assert len(events) - 1 == 5 and events[-1].finish_reason == "length"  # 15 prompt + 5 new = 20

@@ -223,12 +223,12 @@ class _Metrics:
         if r.output:
             self.tokens.inc(len(r.output))
 
-    def step(self, batch: int, queued: int) -> None:
+    def step(self, record) -> None:  # an engine StepRecord
         now = time.perf_counter()
         if now - self._last_step > 0.25:  # gauges at most 4 times a second
             self._last_step = now
-            self.batch.set(batch)
-            self.queue.set(queued)
+            self.batch.set(record.rows)
+            self.queue.set(record.queued)
 
 
 app = FastAPI(title="Ember", docs_url=None, redoc_url=None)

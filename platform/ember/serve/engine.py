@@ -54,6 +54,19 @@ class TokenEvent:
     error: str | None = None  # what failed, with finish_reason "error"
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step ran, handed to `on_step`: for the metrics, and for tests that observe the batching."""
+
+    decoded: tuple[int, ...]  # ids of the requests that fed their last token and got their next one
+    prefilled: tuple[tuple[int, int], ...]  # (request id, prompt tokens fed) of the requests reading their prompt
+    queued: int  # requests still waiting for a row
+
+    @property
+    def rows(self) -> int:
+        return len(self.decoded) + len(self.prefilled)
+
+
 @dataclass(eq=False)
 class Request:
     prompt: list[int]
@@ -105,7 +118,7 @@ class Engine:
         self.active: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
-        self.on_step = on_step  # callback(batch_size, queue_depth) for metrics
+        self.on_step = on_step  # called with each step's StepRecord (metrics, tests)
         self.steps = 0
         self.max_failed_steps = max_failed_steps
         self.failed_steps = 0  # consecutive steps whose forward pass failed or whose every row's logits were not finite
@@ -182,9 +195,10 @@ class Engine:
                 self._partition()
                 batch = list(self.active)
                 queued = len(self.waiting)
+            record = StepRecord((), (), queued)
             if batch:
                 try:
-                    self._step(batch)
+                    record = self._step(batch, queued)
                 except Exception as exc:  # a failed step must not leave clients waiting forever
                     self.failed_steps += 1
                     log.exception("engine step failed (%d in a row); its %d requests end with an error",
@@ -195,7 +209,7 @@ class Engine:
                         r._emit(TokenEvent(None, finish_reason="error", error=f"generation failed ({exc})"))
                     continue
             if self.on_step is not None:
-                self.on_step(len(batch), queued)
+                self.on_step(record)
 
     def _swap(self, i: int, j: int) -> None:
         """Exchanges two rows of the batch, their cached keys and values included."""
@@ -232,11 +246,14 @@ class Engine:
             self.active.pop()
 
     @torch.inference_mode()
-    def _step(self, batch: list[Request]) -> None:
+    def _step(self, batch: list[Request], queued: int) -> StepRecord:
         """One step. A step in which every row that was to get a token has non-finite logits (the model, not a
         request, is at fault) counts towards `max_failed_steps` like a failed forward pass."""
         batch, feeds, logits = self._forward(batch)
         self.steps += 1
+        reading = [r._read < len(r.prompt) for r in batch]
+        record = StepRecord(tuple(r.id for r, p in zip(batch, reading) if not p),
+                            tuple((r.id, len(f)) for r, f, p in zip(batch, feeds, reading) if p), queued)
         finished = []
         now = time.perf_counter()
         ready = []
@@ -276,6 +293,7 @@ class Engine:
                 self._drop([r for r, _ in finished])
             for r, last in finished:  # after the row is free, so a client that sees its end sees it gone
                 r._emit(last)
+        return record
 
     def _forward(self, batch: list[Request]) -> tuple[list[Request], list[list[int]], torch.Tensor]:
         """One forward pass over the decoding rows and one over the prompt chunks: (rows run, their feeds, (rows, V)
