@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -72,21 +73,22 @@ def s3_server():
 # ----------------------------------------------------------------- serving: one tiny model and one app for the suite
 
 WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()
+CONTEXT = 1024  # the served tiny model's context: long enough that a request can outlast any client's reaction
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random model with a 96-token context and a tokenizer trained on WORDS."""
+    """A tiny random model with a CONTEXT-token context and a tokenizer trained on WORDS."""
     import torch
 
     from ember.data.tokenizer import save_tokenizer, train_tokenizer
     from ember.model import Transformer, preset, save_model
 
     root = tmp_path_factory.mktemp("served")
-    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=96)
+    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=CONTEXT)
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96))
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT))
     return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
 
 
@@ -106,6 +108,23 @@ def deploy(name: str, prefix: str, **args):
     from ember.serve.app import build_app
 
     serve.run(build_app({"num_cpus": 0, **args}), name=name, route_prefix=prefix, blocking=False)
+
+
+@contextlib.contextmanager
+def deployed(name: str, port: int, api_key: str | None = None, **args):
+    """A Serve app of its own at /NAME for one test: deployed, answering, and deleted afterwards whatever happens.
+    Yields its base URL."""
+    from ray import serve
+
+    from ember.serve.launch import wait_ready
+
+    try:
+        deploy(name, f"/{name}", **args)
+        base = f"http://127.0.0.1:{port}/{name}"
+        wait_ready(base, timeout=120, api_key=api_key)
+        yield base
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")

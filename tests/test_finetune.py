@@ -170,6 +170,27 @@ def test_resuming_a_run_whose_conversations_changed_is_refused(full_run, hf_base
     assert (full_run / "data" / "manifest.json").read_text() == before  # the run's data is untouched
 
 
+def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_base, chat_data, tmp_path):
+    """The run's checkpoints were made from the base as it was: once the base's weights are rewritten in place,
+    continuing them is refused before anything is touched (a copy of the run and its base, so others keep theirs)."""
+    import shutil
+
+    from ember.model.hf import weights_fingerprint
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(hf_base, base)
+    shutil.copytree(full_run, run, symlinks=True)
+    (run / "base_weights").write_text(weights_fingerprint(base))  # the copy was made from this base
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    model = load_model(base)
+    with torch.no_grad():
+        model.norm.weight.add_(0.5)  # retrained in place
+    save_model(model, base)
+    with pytest.raises(EmberError, match="holds a fine-tune of an earlier version of .* \\(its weights changed"):
+        run_finetune(parse_spec(spec(base, chat_data["train"], run, train={"max_steps": 40})))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(lora_run, ember_base):
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -269,3 +269,24 @@ def test_on_a_gpu_bf16_matches_fp32_and_the_cache_matches_a_full_forward():
         gpu(x[:, :40].cuda(), cache=cache)
         step = gpu(x[:, 40:41].cuda(), cache=cache)[:, 0].cpu()
         assert torch.allclose(step, gpu(x[:, :41].cuda())[:, -1].cpu(), atol=0.1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_grown_vocabulary_rows_start_at_the_mean_of_the_old_ones(tied):
+    """Tokens added for chat templates get embedding and output rows equal to the mean of the existing rows; the
+    old rows are unchanged, and a tied head stays tied."""
+    from ember.model import resize_vocab
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=50, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, tie_word_embeddings=tied))
+    emb, head = model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    resize_vocab(model, 53)
+    assert model.config.vocab_size == 53 and model.embed_tokens.weight.shape == (53, 32)
+    assert torch.equal(model.embed_tokens.weight[:50], emb) and torch.equal(model.lm_head.weight[:50], head)
+    for new in range(50, 53):
+        assert torch.allclose(model.embed_tokens.weight[new], emb.mean(0), atol=1e-7)
+        assert torch.allclose(model.lm_head.weight[new], head.mean(0), atol=1e-7)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    logits = model(torch.tensor([[1, 51, 2]]))
+    assert logits.shape == (1, 3, 53) and torch.isfinite(logits).all()

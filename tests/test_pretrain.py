@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,8 +138,10 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
           train={"decay_steps": 8})
     zero3 = rows(tmp_path / "z3")[0]["zero_partitions"]
     assert all(abs(p - n_params / 2) <= 64 for p in zero3["params"]) and sum(zero3["params"]) >= n_params
-    final = {2: rows(reference_run)[-1]["loss"], 3: rows(tmp_path / "z3")[-1]["loss"]}
-    assert abs(final[3] - final[2]) < 0.02 * final[2]
+    # DeepSpeed's CPU Adam on the offloaded fp32 master weights does the arithmetic of ZeRO 2's Adam, up to the
+    # order of the sums: the same losses step by step.
+    for a, b in zip(rows(reference_run), rows(tmp_path / "z3"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
     exported = load_model(tmp_path / "z3" / "model")  # ZeRO-3 shards gathered into a whole model
     assert sum(p.numel() for p in exported.parameters()) == n_params
     # Its parameter and optimizer partitions re-cut for one worker continue the same losses.
@@ -148,16 +151,19 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
         assert a["step"] == b["step"] and a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 5e-4
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_every_zero_stage_trains_to_a_similar_loss(dataset, reference_run, tmp_path, stage):
-    # Stage 1 also recomputes activations in backward: the same arithmetic, so the same losses.
-    train(dataset, tmp_path / f"z{stage}", deepspeed={"zero_stage": stage, "activation_checkpointing": stage == 1},
-          train={"decay_steps": 8})
-    assert abs(rows(tmp_path / f"z{stage}")[-1]["loss"] - rows(reference_run)[-1]["loss"]) < 1e-3
+def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tmp_path):
+    """Stage 0 (plain data parallelism) does the arithmetic of stage 2 up to the order of the sums. (Stage 1 is shown
+    in the killed-worker run.)"""
+    train(dataset, tmp_path / "z0", deepspeed={"zero_stage": 0}, train={"decay_steps": 8})
+    for a, b in zip(rows(reference_run), rows(tmp_path / "z0"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
 
 
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, tmp_path, ray_session):
-    """SIGKILL one training worker (found through Ray's state API) mid-run; the run resumes and finishes."""
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, tmp_path, ray_session):
+    """SIGKILL one training worker (found through Ray's state API) between the checkpoints of steps 8 and 12: Ray
+    Train restarts the workers, they restore step 8 (recorded in restores.jsonl), redo the steps the killed attempt
+    had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its first 8 steps are also
+    the reference run's (ZeRO 2) up to the order of the sums."""
     from ray.util.state import list_actors
 
     run_dir = tmp_path / "killed"
@@ -177,16 +183,27 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, tmp_path, 
                     return
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_when_past_step, args=(10,), daemon=True)
+    killer = threading.Thread(target=kill_when_past_step, args=(9,), daemon=True)
     killer.start()
-    train(dataset, run_dir, train={"max_steps": 24, "checkpoint_every": 8, "eval_every": 0}, failure={"max_failures": 2})
+    train(dataset, run_dir, train={"max_steps": 16, "decay_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 3,
+                                   "eval_every": 0},
+          deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
     killer.join()
-    assert killed and 10 <= killed["at"] < 24
+    assert killed and 9 <= killed["at"] < 12, killed
     metrics = rows(run_dir)
-    assert [r["step"] for r in metrics] == list(range(1, 25))  # every step once: rows after the restore point redone
-    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 25)]
-    state = json.loads(sorted(run_dir.glob("checkpoint_2*"))[-1].joinpath("ember_state.json").read_text())
-    assert state["step"] == 24
+    assert [r["step"] for r in metrics] == list(range(1, 17))  # every step once: rows after the restore point redone
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 17)]
+    [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
+    assert restore["why"] == "restart" and restore["step"] == 8 and restore["samples"] == 64
+    redone = {r["step"]: r["loss"] for r in metrics}
+    assert [r["step"] for r in restore["superseded"]][:1] == [9]  # the killed attempt had logged it
+    for before in restore["superseded"]:
+        assert abs(before["loss"] - redone[before["step"]]) < 1e-5, before  # the same steps again
+    for a, b in zip(rows(reference_run), metrics[:8]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+    # Checkpoints at 4, 8, 12 and 16; train.keep_checkpoints: 3 keeps the newest three, across the restart.
+    kept = sorted(json.loads((p / "ember_state.json").read_text())["step"] for p in run_dir.glob("checkpoint_2*"))
+    assert kept == [8, 12, 16]
 
 
 def test_errors_before_any_worker_starts(dataset, tmp_path):
@@ -212,7 +229,13 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     with pytest.raises(EmberError, match=r"the (training loss|gradient norm) is (nan|inf) at step \d+; stopped there"):
         train(dataset, tmp_path / "nan", train={"lr": 1e30, "min_lr": 1e29, "warmup_steps": 0, "grad_clip": 0,
                                                 "max_steps": 30, "checkpoint_every": 1})
-    assert list((tmp_path / "nan").glob("checkpoint_2*"))  # the last good checkpoint stays
+    # The run says where it stopped (error.json is data); every step before it was checkpointed and stays, the
+    # latest one at the step before, with its DeepSpeed state.
+    failed_at = json.loads((tmp_path / "nan" / "error.json").read_text())["step"]
+    kept = sorted(json.loads((p / "ember_state.json").read_text())["step"]
+                  for p in (tmp_path / "nan").glob("checkpoint_2*"))
+    assert failed_at >= 2 and kept and kept[-1] == failed_at - 1
+    assert (at_step(tmp_path / "nan", kept[-1]) / "deepspeed").is_dir()
 
 
 def at_step(run_dir: Path, step: int) -> Path:
@@ -243,8 +266,23 @@ def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, referenc
     figures = results["trained"]["dataset"]
     assert figures["rows"] == 4 and figures["target_tokens"] == 4 * 32
     assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
-    # Other rows of the same val split than the run's own last evaluation read: a close figure.
-    assert abs(figures["loss"] - rows(reference_run)[-1]["val_loss"]) < 0.3
+    # transformers' own Llama on the same rows (the val split's first 4, in file order) gives the same loss; and on
+    # the 8 rows the training run's last evaluation read (its seeded order, 2 ranks × 2 batches × 2), the run's
+    # val_loss: the exported model is the one training evaluated.
+    from transformers import LlamaForCausalLM
+
+    from ember.data.shards import ShardReader
+
+    hf = LlamaForCausalLM.from_pretrained(reference_run / "model").eval()
+    reader = ShardReader(dataset, "val", seed=0)
+
+    def hf_loss(indices) -> float:
+        ids = torch.from_numpy(np.stack([reader.row(i) for i in indices]).astype("int64"))
+        with torch.no_grad():
+            return float(hf(input_ids=ids, labels=ids).loss)
+
+    assert abs(figures["loss"] - hf_loss(range(4))) < 1e-5
+    assert abs(rows(reference_run)[-1]["val_loss"] - hf_loss([reader.sample_row(k) for k in range(8)])) < 1e-5
 
     # The same spec, models and data again: the results are reused, not recomputed; another spec recomputes.
     written = (tmp_path / "eval.json").stat().st_mtime_ns

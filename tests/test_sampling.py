@@ -135,8 +135,26 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
     expected = TextStream(model, tok, "the model reads", SamplingParams(max_new_tokens=12, temperature=0), {0})
     assert greedy.stdout == "".join(expected) + "\n"
     assert "tokens/s" in greedy.stderr
-    seeded = [generate("--prompt", "the model", "--max-tokens", "10", "--seed", "4").stdout for _ in range(2)]
-    assert seeded[0] == seeded[1]
+    # Each sampling flag reaches the sampler: the CLI prints what the library gives for the same parameters (the
+    # CLI's defaults: temperature 0.8, top_p 0.95), and the flags change the answer.
+    plain = "".join(TextStream(model, tok, "the model", SamplingParams(max_new_tokens=10, temperature=0), {0}))
+    stop = plain.strip()[3:6]  # a string the greedy answer holds: it must end the answer before it
+    flags = [(("--temperature", "0"), {"temperature": 0.0}),
+             (("--seed", "4"), {"seed": 4}),
+             (("--seed", "4", "--top-p", "0.5"), {"seed": 4, "top_p": 0.5}),
+             (("--seed", "4", "--top-k", "3", "--top-p", "1"), {"seed": 4, "top_k": 3, "top_p": 1.0}),
+             (("--temperature", "0", "--repetition-penalty", "0.05"), {"temperature": 0.0, "repetition_penalty": 0.05}),
+             (("--temperature", "0", "--stop", "zzz", "--stop", stop), {"temperature": 0.0, "stop": ("zzz", stop)})]
+    answers = []
+    for args, fields in flags:
+        done = generate("--prompt", "the model", "--max-tokens", "10", *args)
+        assert done.returncode == 0, (args, done.stderr)
+        params = SamplingParams(**{"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, **fields})
+        assert done.stdout == "".join(TextStream(model, tok, "the model", params, {0})) + "\n", args
+        answers.append(done.stdout)
+    assert answers[0] == plain + "\n" and answers[-1] == plain[: plain.index(stop)] + "\n"
+    assert generate("--prompt", "the model", "--max-tokens", "10", "--seed", "4").stdout == answers[1]  # repeatable
+    assert len(set(answers)) == len(answers), answers  # every flag changed the answer
     bad = generate("--prompt", "x", "--temperature", "-1")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: invalid sampling value temperature=-1.0: " \
                                                          "expected a number >= 0"

@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from conftest import greedy
+from conftest import CONTEXT, deployed, greedy
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -56,7 +56,8 @@ HOSTILE = [
     ("prompts-times-n", "completions", body(prompt=["the fox"] * 10, n=16), 400, "n", "160 choices"),
     ("n-over-max", "completions", body(n=17), 400, "n", "at most 16 choices"),
     ("logprobs-21", "completions", body(logprobs=21), 400, "logprobs", "less than or equal to 20"),
-    ("max-tokens-over-context", "completions", body(max_tokens=97), 400, "max_tokens", "context of 96 tokens"),
+    ("max-tokens-over-context", "completions", body(max_tokens=CONTEXT + 1), 400, "max_tokens",
+     f"context of {CONTEXT} tokens"),
     ("top-p-zero", "completions", body(top_p=0), 400, "top_p", "greater than 0"),
     ("string-number", "completions", body(max_tokens="10"), 400, "max_tokens", "valid integer"),
     ("bool-as-int", "completions", body(n=True), 400, "n", "valid integer"),
@@ -219,9 +220,7 @@ def test_a_poisoned_model_answers_errors_and_its_replica_reports_unhealthy(model
     import shutil
 
     import torch
-    from ray import serve
 
-    from conftest import deploy
     from ember.model import load_model, save_model
 
     poisoned = load_model(model_dir)
@@ -229,12 +228,7 @@ def test_a_poisoned_model_answers_errors_and_its_replica_reports_unhealthy(model
         poisoned.norm.weight.fill_(float("nan"))
     target = save_model(poisoned, tmp_path / "poisoned", tokenizer_dir=model_dir, eos_token_id=0)
     shutil.copy(model_dir / "generation_config.json", target / "generation_config.json")
-    deploy("poisoned", "/poisoned", model_dir=str(target), model_name="tiny", num_replicas=1)
-    base = f"http://127.0.0.1:{serve_port}/poisoned"
-    try:
-        from ember.serve.launch import wait_ready
-
-        wait_ready(base, timeout=120)
+    with deployed("poisoned", serve_port, model_dir=str(target), model_name="tiny", num_replicas=1) as base:
         r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 4},
                           timeout=60)
         assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
@@ -251,5 +245,3 @@ def test_a_poisoned_model_answers_errors_and_its_replica_reports_unhealthy(model
         assert r.status_code == 500
         health = requests.get(f"{base}/health", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-    finally:
-        serve.delete("poisoned")

@@ -114,9 +114,13 @@ def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path, mixed_cor
     out = tmp_path / "ds"
     first = run([corpus], out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    ember_log = logging.getLogger("ember")
     with caplog.at_level(logging.INFO, logger="ember"):
-        logging.getLogger("ember").propagate = True
-        assert run([corpus], out, workers=1) == first
+        propagate, ember_log.propagate = ember_log.propagate, True  # caplog reads the root logger's handlers
+        try:
+            assert run([corpus], out, workers=1) == first
+        finally:
+            ember_log.propagate = propagate
     assert "already holds this dataset" in caplog.text and "nothing to do" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(EmberError, match="holds a different dataset .*output.overwrite: true"):

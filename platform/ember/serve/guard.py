@@ -140,7 +140,9 @@ class RequestGuard:
             else:
                 await self.app(scope, _replay(body, receive) if scope.get("method") in ("POST", "PUT", "PATCH")
                                else receive, tracked)
-        except Exception:
+        except Exception as exc:
+            if _cancelled(exc):  # the client went away and Serve cancelled the request: nothing to answer
+                raise
             log.exception("request to %s failed", scope.get("path"))
             if not state["started"]:
                 await APIError(500, "internal error: the server logged it; the request can be retried",
@@ -174,6 +176,12 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def _cancelled(exc: BaseException) -> bool:
+    from ray.exceptions import TaskCancelledError
+
+    return isinstance(exc, TaskCancelledError)
 
 
 def _replay(body: bytes, receive):

@@ -32,6 +32,7 @@ log = logging.getLogger("ember")
 DS_TAG = "deepspeed"  # DeepSpeed's checkpoint sub-directory inside each Ray Train checkpoint
 STATE_FILE = "ember_state.json"
 ERROR_FILE = "error.json"  # a run that stopped itself (non-finite loss) says why here; the driver raises it
+RESTORES_FILE = "restores.jsonl"  # one record per restore of a checkpoint (see MetricsLog)
 # Dense bf16 peak FLOP/s per device, for MFU; a device not listed gets no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
@@ -99,14 +100,21 @@ def _peak_flops(use_gpu: bool) -> float | None:
 
 class MetricsLog:
     """Rank 0's metrics.jsonl (and TensorBoard events, by option): on resume, rows after the restored step are
-    dropped so no step appears twice."""
+    dropped so no step appears twice. Each restore appends one record to restores.jsonl: the step and samples it
+    restored, from which checkpoint and why (`restart` after a failure, `resume` of a finished part), and the steps
+    of the dropped rows with their losses, which the redone steps must repeat."""
 
-    def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False):
+    def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
         self.path = path
+        superseded = []
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= resumed_step]
+            superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if restored is not None:
+            with open(path.with_name(RESTORES_FILE), "a") as f:
+                f.write(json.dumps({**restored, "superseded": superseded}) + "\n")
         self.board = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -252,8 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
     ds_config = deepspeed_config(tr, spec.deepspeed, world)
     step, samples = 0, 0
     # The run's own latest checkpoint (after a restart) comes first; otherwise the one `resume: PATH` names.
-    checkpoint = ray.train.get_checkpoint() or (
-        ray.train.Checkpoint(config["start_from"]) if config.get("start_from") else None)
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint(config["start_from"]) if config.get("start_from") else None)
+    restored = None
     with contextlib.ExitStack() as stack:
         if checkpoint is not None:
             directory = Path(stack.enter_context(checkpoint.as_directory()))
@@ -272,13 +281,16 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 how = f", re-partitioned from {state['world_size']} workers to {world}" if tag != DS_TAG else ""
                 log.info("resumed at step %d (%d samples consumed) from %s%s", step, samples, checkpoint.path, how)
+            restored = {"step": step, "samples": samples, "checkpoint": str(checkpoint.path),
+                        "why": "restart" if own is not None else "resume", "world_size": world,
+                        "checkpoint_world_size": state.get("world_size", world), "time": time.time()}
     accum = ds_config["gradient_accumulation_steps"]
 
     train_reader = ShardReader(data_dir, "train", seed=tr.seed, rank=rank, world_size=world)
     val_reader = (ShardReader(data_dir, "val", seed=tr.seed, rank=rank, world_size=world)
                   if manifest["splits"]["val"]["rows"] else None)
     batches = train_reader.batches(tr.micro_batch_size, start=samples)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step, tr.tensorboard) if rank == 0 else None
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step, tr.tensorboard, restored) if rank == 0 else None
     if rank == 0:
         from ember.metrics import TrainMetrics
 
