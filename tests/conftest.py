@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 EMBER = str(Path(sys.executable).with_name("ember"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray instances of their own (marked `own_ray`) run first, before the suite's shared instance
+    exists, so that two Ray instances never share this machine's two cores. The order within a module is kept."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_ray") else 1)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that needs one (token auth on, as Ray starts it by default)."""
@@ -55,6 +61,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def merged(spec: dict, **sections) -> dict:
+    """A test's spec with sections changed: a dict merges into the section of that name, anything else replaces it."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.items()}
+    for key, value in sections.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    """A small random Llama (2 layers of 32, GQA 4/2 heads) in eval mode; `overrides` are ModelConfig fields."""
+    import torch
+
+    from ember.model import Transformer, preset
+
+    torch.manual_seed(seed)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, **overrides}
+    return Transformer(preset("tiny", vocab_size=vocab_size, **shape)).eval()
+
+
+def tiny_model_dir(root: Path, texts: list[str], vocab_size: int, context: int, **overrides) -> Path:
+    """A model dir of a tiny_model with a tokenizer trained on `texts` (end of text: token 0)."""
+    from ember.data.tokenizer import save_tokenizer, train_tokenizer
+    from ember.model import save_model
+
+    save_tokenizer(train_tokenizer(texts, vocab_size), root / "tok", model_max_length=context)
+    model = tiny_model(vocab_size, max_position_embeddings=context, **overrides)
+    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+
+
+def run_ember(*args, env: dict | None = None, cwd=REPO, timeout: float = 300, check: bool = False):
+    """`ember ARGS` in a subprocess, as a user runs it: (stdout, stderr) captured as text, `env` added to this
+    process's environment; `check` fails the test with both outputs when it exits non-zero."""
+    import subprocess
+
+    result = subprocess.run([EMBER, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"ember {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API on 127.0.0.1 (moto in server mode) with one bucket: (bucket, host:port, boto3 client)."""
@@ -79,17 +128,8 @@ CONTEXT = 1024  # the served tiny model's context: long enough that a request ca
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random model with a CONTEXT-token context and a tokenizer trained on WORDS."""
-    import torch
-
-    from ember.data.tokenizer import save_tokenizer, train_tokenizer
-    from ember.model import Transformer, preset, save_model
-
-    root = tmp_path_factory.mktemp("served")
-    save_tokenizer(train_tokenizer([" ".join(WORDS)] * 50, 300), root / "tok", model_max_length=CONTEXT)
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT))
-    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+    return tiny_model_dir(tmp_path_factory.mktemp("served"), [" ".join(WORDS)] * 50, 300, CONTEXT, hidden_size=64,
+                          intermediate_size=128)
 
 
 @pytest.fixture(scope="session")

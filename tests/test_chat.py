@@ -10,7 +10,7 @@ import torch
 from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, SFTPacker, chat_tokenizer, special_token_vars, \
     template_source, to_messages
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
-from ember.model import Transformer, preset
+from conftest import tiny_model
 from ember.train.loop import lm_loss, masked_cross_entropy
 
 QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),
@@ -91,9 +91,7 @@ def test_the_loss_mask_covers_assistant_turns_and_their_end_marker(tok, encoder)
 
 
 def test_a_prompt_tokens_label_cannot_change_the_loss_and_an_assistant_tokens_can(encoder):
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)).requires_grad_(False)
+    model = tiny_model(300).requires_grad_(False)
     ids, mask = encoder.encode(conversation(1, system=True))
     batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype(np.int64))[None],
              "segments": torch.ones(1, len(ids), dtype=torch.long)}
@@ -112,9 +110,7 @@ def test_a_prompt_tokens_label_cannot_change_the_loss_and_an_assistant_tokens_ca
 
 
 def test_packed_conversations_never_see_or_score_each_other(encoder):
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = tiny_model(300)
     convs = [encoder.encode(conversation(i, system=i == 1)) for i in range(3)]
     row_len = sum(len(ids) for ids, _ in convs) + 5
     packer = SFTPacker(row_len, pad_id=1)

@@ -2,11 +2,9 @@
 
 import subprocess
 
-from conftest import EMBER, REPO
+import pytest
 
-
-def ember(*args, **kw):
-    return subprocess.run([EMBER, *args], capture_output=True, text=True, cwd=kw.pop("cwd", REPO), timeout=120, **kw)
+from conftest import run_ember as ember
 
 
 def test_help_lists_verbs_and_examples():
@@ -41,3 +39,34 @@ def test_usage_errors_come_from_argparse():
     out = ember("run")
     assert out.returncode == 2 and "SPEC.yaml" in out.stderr
     assert ember("frobnicate").returncode == 2
+
+
+LOCAL_RAY = """
+import json, urllib.parse
+import ray, requests
+from ember.cluster.jobs import auth_headers
+from ember.runtime import ensure_ray
+
+ensure_ray(None)  # what `ember run` does without --address or RAY_ADDRESS
+url = "http://" + ray._private.worker.get_dashboard_url()
+out = {"url": url, "anonymous": requests.get(url + "/api/jobs/", timeout=30).status_code,
+       "with_token": requests.get(url + "/api/jobs/", headers=auth_headers(), timeout=30).status_code}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.own_ray
+def test_ember_run_starts_a_local_ray_whose_dashboard_is_on_loopback_with_token_auth():
+    """`ember run` without a cluster starts a local Ray instance: its dashboard listens on 127.0.0.1 and refuses a
+    client without the token (Ray's token auth stays on)."""
+    import json
+    import os
+    import sys
+    import urllib.parse
+
+    done = subprocess.run([sys.executable, "-c", LOCAL_RAY], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert urllib.parse.urlparse(out["url"]).hostname == "127.0.0.1"
+    assert out["anonymous"] == 401 and out["with_token"] == 200

@@ -15,23 +15,16 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from conftest import EMBER, REPO, free_port, sentences
+from conftest import REPO, free_port, run_ember, sentences
 
-# Another Ray instance runs on the machine meanwhile (the suite's shared one): jobs must still reach their cluster.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
-
-
-def run_ember(*args, env=None, timeout=300, check=False):
-    result = subprocess.run([EMBER, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                            env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"ember {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
+# The cluster is this module's only Ray instance (own_ray: it runs before the suite's shared one starts).
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 
 class Cluster:
@@ -171,6 +164,9 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     logs = cluster.ember("jobs", "logs", job, check=True).stdout
     assert "step 12/12" in logs and "pretrain: done at step 12" in logs and "val loss" in logs
     assert f"ray: {cluster.info.address} (3 CPUs)" in logs, "the job's driver joined its own cluster"
+    # Job supervisors find their cluster through its own record, whatever other Ray instance the machine runs.
+    record = Path(cluster.info.service_discovery_file).with_name("ray_current_cluster")
+    assert record.read_text().strip() == cluster.info.address
     status = cluster.ember("jobs", "status", job, check=True).stdout
     assert "SUCCEEDED" in status and "kind: pretrain" in status and "progress: step 12/12" in status
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import EMBER, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # `ember demo` starts its own Ray instance
 
 SMALL = [
     "tokenize.tokenizer.vocab_size=512", "tokenize.pack.seq_len=128",
@@ -25,12 +25,30 @@ SMALL = [
 ]
 
 
-def demo(cwd, *extra, timeout=600):
-    args = [EMBER, "demo", "--port", str(free_port())]
+def demo_args(*extra, port=None) -> list[str]:
+    args = [EMBER, "demo", "--port", str(port or free_port())]
     for item in [*SMALL, *extra]:
         args += ["--set", item]
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return args
+
+
+def demo(cwd, *extra, timeout=600):
+    return subprocess.run(demo_args(*extra), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
+    """What `ember generate --chat --temperature 0` answers."""
+    from ember.data.chat import ChatTemplate, special_token_vars, template_source
+    from ember.data.tokenizer import load_tokenizer, tokenizer_config
+    from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
+
+    tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
+    prompt = ChatTemplate(template_source(config), special_token_vars(config)).render(
+        [{"role": "user", "content": question}], add_generation_prompt=True)
+    stream = TextStream(load_model(model_dir), tok, prompt, SamplingParams(max_new_tokens=max_tokens, temperature=0),
+                        stop_token_ids(model_dir, tok) | {tok.token_to_id("<|im_end|>")})
+    return "".join(stream).strip()
 
 
 def test_the_demo_runs_every_stage_then_reuses_them_and_stops_at_a_failing_one(tmp_path):
@@ -63,3 +81,59 @@ def test_the_demo_runs_every_stage_then_reuses_them_and_stops_at_a_failing_one(t
     assert "kept from the earlier stages (tokenize, pretrain, finetune)" in broken.stderr
     assert (runs / "finetune-demo" / "model" / "model.safetensors").is_file()
     assert json.loads((runs / "evaluate-demo" / "results.json").read_text()) == results
+
+
+def test_a_longer_pretraining_trains_on_and_the_kept_server_serves_the_new_fine_tune(tmp_path):
+    """README: `ember demo --set pretrain.train.max_steps=600 --set finetune.output.dir=runs/finetune-600` trains on
+    from step 300 and the later stages use the new model; `--keep-serving` leaves the app up until Ctrl-C. Here with
+    6 → 9 steps: the first run as in the test above (without serving), then the longer one, kept serving."""
+    import signal
+    import time
+
+    import requests
+
+    from ember.demo import QUESTION, ask
+
+    first = demo(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = tmp_path / "runs"
+    results = json.loads((runs / "evaluate-demo" / "results.json").read_text())
+    port = free_port()
+    kept = subprocess.Popen(demo_args("pretrain.train.max_steps=9", "finetune.output.dir=runs/finetune-9",
+                                      port=port), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    lines, deadline = [], time.time() + 600
+    try:
+        while time.time() < deadline:
+            line = kept.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("kept serving at "):
+                break
+        out = "".join(lines)
+        assert "kept serving at " in out, out[-3000:]
+        base = line.split()[3].removesuffix("/v1")
+        assert base == f"http://127.0.0.1:{port}"
+        assert "already holds this dataset" in out and "already holds this run" not in out  # both runs are new
+        # Pretraining restored its step-6 checkpoint and trained on to 9.
+        restores = [json.loads(x) for x in (runs / "pretrain-demo" / "restores.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["source"]) for r in restores] == [(6, "latest")]
+        steps = [json.loads(x)["step"] for x in (runs / "pretrain-demo" / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1] == 9 and steps == sorted(set(steps))
+        # The new fine-tune started from the new pretrained model; evaluation and the server used the new fine-tune.
+        spec = (runs / "finetune-9" / "spec.yaml").read_text()
+        assert f"base: {runs / 'pretrain-demo' / 'model'}" in spec
+        assert json.loads((runs / "evaluate-demo" / "results.json").read_text()) != results
+        answer, _ = ask(base, "ember-demo", QUESTION)
+        assert answer == greedy_chat(runs / "finetune-9" / "model", QUESTION)
+        assert kept.poll() is None  # still serving
+    finally:
+        kept.send_signal(signal.SIGINT)  # Ctrl-C: the app is deleted and the demo exits
+        code = kept.wait(timeout=120)
+    assert code == 0
+    try:
+        gone = requests.get(f"{base}/v1/models", timeout=5).status_code
+    except requests.RequestException:
+        gone = "refused"
+    assert gone != 200

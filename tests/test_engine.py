@@ -8,15 +8,14 @@ import asyncio
 import pytest
 import torch
 
-from ember.model import SamplingParams, Transformer, generate_ids, preset
+from conftest import tiny_model
+from ember.model import SamplingParams, Transformer, generate_ids
 from ember.serve.engine import Engine, Overloaded, Request, StepRecord
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(preset("tiny", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return tiny_model(97, max_position_embeddings=64)
 
 
 def prompts(n: int) -> list[list[int]]:

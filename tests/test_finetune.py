@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import merged, tiny_model_dir
 from ember.config import parse_spec
 from ember.errors import EmberError
 from ember.train.evaluate import run_evaluate
-from ember.model import Transformer, load_model, preset, save_model
+from ember.model import load_model, save_model
 from ember.train.finetune import run_finetune
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -63,14 +64,8 @@ def _tokenizer_text() -> list[str]:
 @pytest.fixture(scope="session")
 def ember_base(tmp_path_factory) -> Path:
     """An Ember model dir: tiny random weights, a tokenizer with ChatML tokens and Ember's template."""
-    from ember.data.tokenizer import save_tokenizer, train_tokenizer
-
-    root = tmp_path_factory.mktemp("ember-base")
-    save_tokenizer(train_tokenizer(_tokenizer_text(), 320), root / "tok", model_max_length=128)
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    return save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
+    return tiny_model_dir(tmp_path_factory.mktemp("ember-base"), _tokenizer_text(), 320, 128, hidden_size=64,
+                          intermediate_size=128)
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +97,7 @@ def spec(base: Path, train_file: Path, run_dir: Path, **sections) -> dict:
                       "warmup_steps": 3, "log_every": 5, "eval_every": 15, "eval_batches": 2,
                       "checkpoint_every": 15},
             "deepspeed": {"zero_stage": 2}, "scaling": {"workers": 2}, "output": {"dir": str(run_dir)}}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
+    return merged(data, **sections)
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sentences
+from conftest import merged, sentences
 from ember.config import parse_spec
 from ember.errors import EmberError
 from ember.model import load_model
@@ -43,9 +43,7 @@ def spec(dataset: Path, run_dir: Path, **sections) -> dict:
             "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 8, "lr": 3e-3, "min_lr": 3e-4,
                       "warmup_steps": 2, "log_every": 1, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4},
             "deepspeed": {"zero_stage": 2}, "scaling": {"workers": 2}, "output": {"dir": str(run_dir)}}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
+    return merged(data, **sections)
 
 
 def train(*args, **kw) -> dict:
@@ -194,7 +192,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     assert [r["step"] for r in metrics] == list(range(1, 17))  # every step once: rows after the restore point redone
     assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 17)]
     [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
-    assert restore["why"] == "restart" and restore["step"] == 8 and restore["samples"] == 64
+    assert restore["source"] == "latest" and restore["step"] == 8 and restore["samples"] == 64
     redone = {r["step"]: r["loss"] for r in metrics}
     assert [r["step"] for r in restore["superseded"]][:1] == [9]  # the killed attempt had logged it
     for before in restore["superseded"]:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 
 import pytest
 
-from conftest import EMBER, REPO
+from conftest import REPO, run_ember
 
 DOCS = ["README.md", "cluster/README.md", "serve/README.md", "benchmarks/README.md"]
 
@@ -70,5 +69,5 @@ def test_the_docs_mention_every_verb_and_the_cheap_ones_run():
     verbs = {args[0] for _, args in ember_commands() if args}
     assert {"run", "submit", "jobs", "status", "cluster", "serve", "generate", "demo", "report"} <= verbs
     for verb in sorted(verbs):
-        result = subprocess.run([EMBER, verb, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = run_ember(verb, "--help", timeout=60)
         assert result.returncode == 0 and "usage: ember" in result.stdout, verb

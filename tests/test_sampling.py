@@ -116,9 +116,7 @@ def test_generation_stops_at_the_context_limit(tiny):
 
 
 def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
-    import subprocess
-
-    from conftest import EMBER
+    from conftest import run_ember
     from ember.data.tokenizer import save_tokenizer
     from ember.model import save_model
 
@@ -127,8 +125,7 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
     save_model(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok", eos_token_id=0)
 
     def generate(*args):
-        return subprocess.run([EMBER, "generate", str(tmp_path / "m"), *args], capture_output=True, text=True,
-                              timeout=120)
+        return run_ember("generate", tmp_path / "m", *args, timeout=120)
 
     greedy = generate("--prompt", "the model reads", "--max-tokens", "12", "--temperature", "0")
     assert greedy.returncode == 0, greedy.stderr
@@ -160,6 +157,5 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
                                                          "expected a number >= 0"
     long = generate("--prompt", "the model reads " * 40)
     assert long.returncode == 1 and "the model's context is 64 tokens" in long.stderr
-    missing = subprocess.run([EMBER, "generate", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True,
-                             text=True)
+    missing = run_ember("generate", tmp_path / "nope", "--prompt", "x", timeout=120)
     assert missing.returncode == 1 and missing.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from conftest import EMBER, sentences
+from conftest import EMBER, merged, run_ember, sentences
 from ember.config import parse_spec
 from ember.data.pipeline import run_tokenize
 from ember.data.shards import ShardReader, load_manifest
@@ -32,12 +31,7 @@ def spec_dict(inputs, out, **sections) -> dict:
     data = {"kind": "tokenize", "source": {"inputs": [str(i) for i in inputs]},
             "tokenizer": {"vocab_size": 600, "sample_bytes": 400_000}, "pack": {"seq_len": 32, "val_fraction": 0.1},
             "filter": {"min_chars": 10}, "output": {"dir": str(out)}}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
-    return data
+    return merged(data, **sections)
 
 
 def run(inputs, out, **sections) -> dict:
@@ -192,8 +186,7 @@ def test_a_killed_run_resumes_redoing_only_unfinished_units(tmp_path, ray_sessio
     finished_before = len(list(markers.glob("u*.json")))
     assert not (out / "manifest.json").exists() and 3 <= finished_before < 40
 
-    result = subprocess.run([EMBER, "run", str(spec_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_ember("run", spec_path, env=env, check=True)
     reused, total = (int(x) for x in result.stdout.split("resuming: ")[1].split(" units")[0].split(" of "))
     assert reused == finished_before < total and f"{reused} of {total} units reused" in result.stdout
     assert "tokenizer: reusing" in result.stdout
@@ -233,14 +226,12 @@ def test_cli_runs_a_spec_and_reports_errors_in_one_line(tmp_path, mixed_corpus, 
     corpus, _ = mixed_corpus
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec_dict([corpus], tmp_path / "ds")))
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    ok = subprocess.run([EMBER, "run", str(spec_path), "--set", "pack.seq_len=24"], env=env, capture_output=True,
-                        text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    ok = run_ember("run", spec_path, "--set", "pack.seq_len=24", env=env, check=True)
     assert "documents:" in ok.stdout and "tokens/s" in ok.stdout
     assert load_manifest(tmp_path / "ds")["seq_len"] == 24
-    missing = subprocess.run([EMBER, "run", str(spec_path), "--set", f"source.inputs=[{tmp_path}/gone.jsonl]",
-                              "--set", f"output.dir={tmp_path}/other"], env=env, capture_output=True, text=True)
+    missing = run_ember("run", spec_path, "--set", f"source.inputs=[{tmp_path}/gone.jsonl]",
+                        "--set", f"output.dir={tmp_path}/other", env=env)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: input not found: {tmp_path}/gone.jsonl"
     assert "Traceback" not in missing.stderr and "ray:" not in missing.stdout  # failed before any Ray work

@@ -101,8 +101,9 @@ def _peak_flops(use_gpu: bool) -> float | None:
 class MetricsLog:
     """Rank 0's metrics.jsonl (and TensorBoard events, by option): on resume, rows after the restored step are
     dropped so no step appears twice. Each restore appends one record to restores.jsonl: the step and samples it
-    restored, from which checkpoint and why (`restart` after a failure, `resume` of a finished part), and the steps
-    of the dropped rows with their losses, which the redone steps must repeat."""
+    restored, from which checkpoint (`source`: `latest`, the run's own latest, after a failed worker or when the run
+    dir is run again; `resume_path`, the one `resume: PATH` names), and the steps of the dropped rows with their
+    losses, which the redone steps must repeat."""
 
     def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
         self.path = path
@@ -282,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
                 how = f", re-partitioned from {state['world_size']} workers to {world}" if tag != DS_TAG else ""
                 log.info("resumed at step %d (%d samples consumed) from %s%s", step, samples, checkpoint.path, how)
             restored = {"step": step, "samples": samples, "checkpoint": str(checkpoint.path),
-                        "why": "restart" if own is not None else "resume", "world_size": world,
+                        "source": "latest" if own is not None else "resume_path", "world_size": world,
                         "checkpoint_world_size": state.get("world_size", world), "time": time.time()}
     accum = ds_config["gradient_accumulation_steps"]
 
