@@ -1,6 +1,6 @@
 """`ember demo` end to end as a user runs it (its own Ray instance, a real server, the OpenAI API), with the shipped
-demo specs shrunk by --set so it takes a minute and a half; then a rerun that reuses the finished stages and stops
-at a failing one, keeping the rest."""
+demo specs shrunk by --set so each run takes a minute or so: the demo, a longer pretraining kept serving, and a rerun
+that reuses the finished stages and stops at a failing one, keeping the rest."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def demo(cwd, *extra, timeout=600):
                           env={**os.environ, "RAY_ADDRESS": ""})
 
 
+def greedy_text(model_dir, prompt: str, max_tokens: int) -> str:
+    """The greedy continuation of `prompt`, ignoring end-of-text."""
+    from ember.data.tokenizer import load_tokenizer
+    from ember.model import SamplingParams, generate_ids, load_model
+
+    tok = load_tokenizer(model_dir)
+    ids = generate_ids(load_model(model_dir), [tok.encode(prompt, add_special_tokens=False).ids],
+                       SamplingParams(max_new_tokens=max_tokens, temperature=0))[0]
+    return tok.decode(ids)
+
+
 def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
     """What `ember generate --chat --temperature 0` answers."""
     from ember.data.chat import ChatTemplate, special_token_vars, template_source
@@ -51,7 +62,12 @@ def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
     return "".join(stream).strip()
 
 
-def test_the_demo_runs_every_stage_then_reuses_them_and_stops_at_a_failing_one(tmp_path):
+def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops_at_a_failing_stage(tmp_path):
+    """Three runs in one directory, as a user would make them: the demo; then README's longer pretraining
+    (`--set pretrain.train.max_steps=600 --set finetune.output.dir=runs/finetune-600`, here 6 → 9 steps) with
+    `--keep-serving`, which trains on from the last step, fine-tunes, evaluates and serves the new model until Ctrl-C;
+    then the same again with a stage that fails: the finished stages are reused and said to be, the failing one stops
+    the demo with its own error, and what the earlier stages made stays."""
     first = demo(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
@@ -70,23 +86,21 @@ def test_the_demo_runs_every_stage_then_reuses_them_and_stops_at_a_failing_one(t
     results = json.loads((runs / "evaluate-demo" / "results.json").read_text())
     assert set(results) == {"base", "finetuned"}
 
-    # Again, with a stage that fails: the finished stages are reused and said to be, the failing one stops the demo
-    # with its own error, and what the earlier stages made stays. (Evaluation results are reused like runs: see
-    # test_pretrain.py::test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset.)
-    broken = demo(tmp_path, "evaluate.models.base=runs/not-there/model")
+    longer = ("pretrain.train.max_steps=9", "finetune.output.dir=runs/finetune-9")
+    kept_serving(tmp_path, longer, results)
+
+    broken = demo(tmp_path, *longer, "evaluate.models.base=runs/not-there/model")
     assert broken.returncode == 1
     assert "already holds this dataset" in broken.stdout
     assert broken.stdout.count("already holds this run, finished at step") == 2
     assert "demo stopped at stage 4/6 (evaluate): models.base: model directory not found" in broken.stderr
     assert "kept from the earlier stages (tokenize, pretrain, finetune)" in broken.stderr
-    assert (runs / "finetune-demo" / "model" / "model.safetensors").is_file()
-    assert json.loads((runs / "evaluate-demo" / "results.json").read_text()) == results
+    assert (runs / "finetune-9" / "model" / "model.safetensors").is_file()
 
 
-def test_a_longer_pretraining_trains_on_and_the_kept_server_serves_the_new_fine_tune(tmp_path):
-    """README: `ember demo --set pretrain.train.max_steps=600 --set finetune.output.dir=runs/finetune-600` trains on
-    from step 300 and the later stages use the new model; `--keep-serving` leaves the app up until Ctrl-C. Here with
-    6 → 9 steps: the first run as in the test above (without serving), then the longer one, kept serving."""
+def kept_serving(tmp_path, longer: tuple[str, ...], results: dict) -> None:
+    """The longer run with --keep-serving: pretraining restores its step-6 checkpoint and trains to 9, the new
+    fine-tune starts from that model, evaluation and the kept server use the new fine-tune; Ctrl-C deletes the app."""
     import signal
     import time
 
@@ -94,15 +108,13 @@ def test_a_longer_pretraining_trains_on_and_the_kept_server_serves_the_new_fine_
 
     from ember.demo import QUESTION, ask
 
-    first = demo(tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs = tmp_path / "runs"
-    results = json.loads((runs / "evaluate-demo" / "results.json").read_text())
-    port = free_port()
-    kept = subprocess.Popen(demo_args("pretrain.train.max_steps=9", "finetune.output.dir=runs/finetune-9",
-                                      port=port), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "RAY_ADDRESS": ""})
-    lines, deadline = [], time.time() + 600
+    runs, port = tmp_path / "runs", free_port()
+    # Ctrl-C reaches a process whose SIGINT is not ignored: a test run started in the background ignores it, and
+    # its children would inherit that.
+    kept = subprocess.Popen(demo_args(*longer, port=port) + ["--keep-serving"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines, line, deadline = [], "", time.time() + 600
     try:
         while time.time() < deadline:
             line = kept.stdout.readline()
@@ -116,22 +128,30 @@ def test_a_longer_pretraining_trains_on_and_the_kept_server_serves_the_new_fine_
         base = line.split()[3].removesuffix("/v1")
         assert base == f"http://127.0.0.1:{port}"
         assert "already holds this dataset" in out and "already holds this run" not in out  # both runs are new
-        # Pretraining restored its step-6 checkpoint and trained on to 9.
         restores = [json.loads(x) for x in (runs / "pretrain-demo" / "restores.jsonl").read_text().splitlines()]
         assert [(r["step"], r["source"]) for r in restores] == [(6, "latest")]
         steps = [json.loads(x)["step"] for x in (runs / "pretrain-demo" / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1] == 9 and steps == sorted(set(steps))
-        # The new fine-tune started from the new pretrained model; evaluation and the server used the new fine-tune.
-        spec = (runs / "finetune-9" / "spec.yaml").read_text()
-        assert f"base: {runs / 'pretrain-demo' / 'model'}" in spec
+        assert f"base: {runs / 'pretrain-demo' / 'model'}" in (runs / "finetune-9" / "spec.yaml").read_text()
         assert json.loads((runs / "evaluate-demo" / "results.json").read_text()) != results
         answer, _ = ask(base, "ember-demo", QUESTION)
         assert answer == greedy_chat(runs / "finetune-9" / "model", QUESTION)
+        # The tiny model may end its answer at once; 8 tokens with no stop show whose weights are served.
+        served = requests.post(f"{base}/v1/completions", timeout=60, json={
+            "model": "ember-demo", "prompt": "The json module", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}).json()["choices"][0]["text"]
+        assert served == greedy_text(runs / "finetune-9" / "model", "The json module", 8)
+        assert served != greedy_text(runs / "finetune-demo" / "model", "The json module", 8)
         assert kept.poll() is None  # still serving
     finally:
         kept.send_signal(signal.SIGINT)  # Ctrl-C: the app is deleted and the demo exits
-        code = kept.wait(timeout=120)
-    assert code == 0
+        try:
+            code = kept.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            kept.kill()
+            code = "still running 120 s after Ctrl-C"
+        rest = kept.stdout.read()
+    assert code == 0, rest[-3000:]
     try:
         gone = requests.get(f"{base}/v1/models", timeout=5).status_code
     except requests.RequestException:

@@ -136,8 +136,7 @@ def test_full_finetune_of_a_transformers_model_adds_chat_tokens_and_loads_back_i
     c = manifest["conversations"]
     assert c["kept"] == 400 and c["skipped"] == {"malformed_json": 1, "no_assistant_turn": 1, "unknown_role": 1}
     assert any("train.jsonl:11: messages[0] has unknown role 'wizard'" in e for e in c["examples"])
-    assert any(e.startswith(str(Path(manifest["source"]["inputs"][0]).name)) or "train.jsonl:21" in e
-               for e in c["examples"])
+    assert any("train.jsonl:21: malformed JSON" in e for e in c["examples"]), c["examples"]
     metrics = rows(full_run)
     assert metrics[-1]["step"] == 30 and metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
     assert metrics[-1]["val_loss"] < metrics[2]["val_loss"]
@@ -177,8 +176,9 @@ def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model = load_model(base)
     with torch.no_grad():
-        model.norm.weight.add_(0.5)  # retrained in place
-    save_model(model, base)
+        model.norm.weight.add_(0.5)
+    for weights in save_model(model, tmp_path / "retrained").glob("model*.safetensors"):
+        shutil.copy(weights, base / weights.name)  # retrained in place: new weights, the same tokenizer
     with pytest.raises(EmberError, match="holds a fine-tune of an earlier version of .* \\(its weights changed"):
         run_finetune(parse_spec(spec(base, chat_data["train"], run, train={"max_steps": 40})))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -13,7 +13,8 @@ def test_platform_is_not_a_package():
 
 def test_import_platform_gives_the_standard_library_from_the_repo_root():
     code = "import platform, ember; print(platform.__file__); print(platform.python_version()); print(ember.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     platform_file, version, ember_file = out.split("\n")[:3]
     assert platform_file.endswith("platform.py") and str(REPO) not in platform_file
     assert version.count(".") == 2

@@ -115,15 +115,18 @@ def test_a_finished_run_is_reused_and_reported(dataset, reference_run, tmp_path)
 
 
 def test_a_resumed_run_repeats_the_same_losses_and_samples(dataset, reference_run, tmp_path):
+    """The reference run's step-4 checkpoint resumed in another run dir (`resume: PATH`, the same 2 workers) repeats
+    its steps 5-8 exactly. (A run dir run again continues its own latest checkpoint: the killed-worker test here and
+    the demo test, which trains on from its last step.)"""
     run_dir = tmp_path / "resumed"
-    train(dataset, run_dir, train={"max_steps": 4, "decay_steps": 8})
-    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
-    train(dataset, run_dir, train={"max_steps": 8, "decay_steps": 8})  # resume: auto
-    reference, resumed = rows(reference_run), rows(run_dir)
-    assert [r["step"] for r in resumed] == list(range(1, 9))
+    train(dataset, run_dir, train={"decay_steps": 8}, resume=str(at_step(reference_run, 4)))
+    reference, resumed = rows(reference_run)[4:], rows(run_dir)
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [r["samples"] for r in resumed] == [r["samples"] for r in reference]
     for a, b in zip(reference, resumed):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+    [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
+    assert restore["source"] == "resume_path" and restore["step"] == 4 and restore["superseded"] == []
 
 
 def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, reference_run, tmp_path):
@@ -158,50 +161,62 @@ def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tm
 
 
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, tmp_path, ray_session):
-    """SIGKILL one training worker (found through Ray's state API) between the checkpoints of steps 8 and 12: Ray
-    Train restarts the workers, they restore step 8 (recorded in restores.jsonl), redo the steps the killed attempt
-    had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its first 8 steps are also
-    the reference run's (ZeRO 2) up to the order of the sums."""
+    """SIGKILL one training worker (found through Ray's state API) once Ray Train has taken in a checkpoint past the
+    start: Ray Train restarts the workers, they restore its latest checkpoint (recorded in restores.jsonl), redo the
+    steps the killed attempt had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its
+    first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums."""
     from ray.util.state import list_actors
 
     run_dir = tmp_path / "killed"
     killed = {}
 
-    def kill_when_past_step(step: int):
+    def registered_steps() -> list[int]:
+        """The checkpoints Ray Train's controller has taken in (its snapshot in the run dir)."""
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
+
+    def kill_after_a_registered_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline:
             path = run_dir / "metrics.jsonl"
             done = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
-            if done and done[-1] >= step:
+            registered = registered_steps()
+            if done and registered and max(registered) >= 8 and done[-1] > max(registered):
                 workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                                       raise_on_missing_output=False)
                 if workers:
-                    killed["pid"], killed["at"] = workers[-1].pid, done[-1]
+                    killed.update(pid=workers[-1].pid, at=done[-1], registered=max(registered))
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     return
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_when_past_step, args=(9,), daemon=True)
+    killer = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
     killer.start()
-    train(dataset, run_dir, train={"max_steps": 16, "decay_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 3,
+    train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 3,
                                    "eval_every": 0},
           deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
     killer.join()
-    assert killed and 9 <= killed["at"] < 12, killed
+    assert killed and killed["registered"] < killed["at"] < 24, killed  # (the thread gives up after 300 s)
     metrics = rows(run_dir)
-    assert [r["step"] for r in metrics] == list(range(1, 17))  # every step once: rows after the restore point redone
-    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 17)]
+    assert [r["step"] for r in metrics] == list(range(1, 25))  # every step once: rows after the restore point redone
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 25)]
     [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
-    assert restore["source"] == "latest" and restore["step"] == 8 and restore["samples"] == 64
+    assert restore["source"] == "latest" and killed["registered"] <= restore["step"] < killed["at"]
+    assert restore["samples"] == 8 * restore["step"]
+    superseded = [r["step"] for r in restore["superseded"]]  # what the killed attempt had logged past the restore
+    assert superseded == list(range(restore["step"] + 1, restore["step"] + 1 + len(superseded)))
+    assert superseded and superseded[-1] >= killed["at"]
     redone = {r["step"]: r["loss"] for r in metrics}
-    assert [r["step"] for r in restore["superseded"]][:1] == [9]  # the killed attempt had logged it
     for before in restore["superseded"]:
         assert abs(before["loss"] - redone[before["step"]]) < 1e-5, before  # the same steps again
     for a, b in zip(rows(reference_run), metrics[:8]):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
-    # Checkpoints at 4, 8, 12 and 16; train.keep_checkpoints: 3 keeps the newest three, across the restart.
+    # Checkpoints every 4 steps; train.keep_checkpoints: 3 keeps the newest three, across the restart.
     kept = sorted(json.loads((p / "ember_state.json").read_text())["step"] for p in run_dir.glob("checkpoint_2*"))
-    assert kept == [8, 12, 16]
+    assert kept[-3:] == [16, 20, 24] and sorted(registered_steps()) == [16, 20, 24]
 
 
 def test_errors_before_any_worker_starts(dataset, tmp_path):
@@ -226,7 +241,7 @@ def test_errors_before_any_worker_starts(dataset, tmp_path):
 def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     with pytest.raises(EmberError, match=r"the (training loss|gradient norm) is (nan|inf) at step \d+; stopped there"):
         train(dataset, tmp_path / "nan", train={"lr": 1e30, "min_lr": 1e29, "warmup_steps": 0, "grad_clip": 0,
-                                                "max_steps": 30, "checkpoint_every": 1})
+                                                "max_steps": 6, "checkpoint_every": 1})
     # The run says where it stopped (error.json is data); every step before it was checkpointed and stays, the
     # latest one at the step before, with its DeepSpeed state.
     failed_at = json.loads((tmp_path / "nan" / "error.json").read_text())["step"]

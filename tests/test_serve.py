@@ -133,8 +133,8 @@ def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, cl
 
 
 def test_chat_errors(server):
-    r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
-                                                                                        "content": "x"}]})
+    r = requests.post(f"{server}/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
     r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
     assert r.status_code == 400 and "messages: List should have at least 1 item" in r.json()["error"]["message"]

@@ -180,7 +180,7 @@ def test_a_killed_run_resumes_redoing_only_unfinished_units(tmp_path, ray_sessio
         time.sleep(0.02)
     assert proc.poll() is None, proc.stdout.read().decode()
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     # The killed driver's actors are separate processes: a unit in flight may still finish before Ray stops them.
     _wait_for_dead_job_actors(ray_session)
     finished_before = len(list(markers.glob("u*.json")))

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import re
+import signal
+import threading
 from pathlib import Path
 
 import yaml
@@ -162,6 +164,9 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
                              failure_config=FailureConfig(max_failures=spec.failure.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
     )
+    # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it installed after the run:
+    # Ctrl-C must then mean again what it meant before (`ember demo --keep-serving` serves after training).
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -173,6 +178,9 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
         if messages:
             raise EmberError(messages[-1].strip()) from None
         raise
+    finally:
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
     metrics = dict(result.metrics or {})
     if (run_dir / ERROR_FILE).is_file():
         raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
