@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/ember demo $(DEMO_ARGS)
 
-test: install
+lint: install
+	$(BIN)/ruff check platform tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The tests that need no Ray instance, training run or server: a quick check while developing (not a substitute).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not gpu and not slow and not ray and not own_ray" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/tokenize_bench.py

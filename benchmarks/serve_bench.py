@@ -18,10 +18,8 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +37,8 @@ def pct(values, q):
 
 def line(name, tokens, seconds, ttft, tpot):
     print(f"{name:<34} {tokens / seconds:>10,.0f} tok/s   TTFT p50 {pct(ttft, 50) * 1e3:7.1f} ms  "
-          f"p99 {pct(ttft, 99) * 1e3:7.1f} ms   TPOT p50 {pct(tpot, 50) * 1e3:6.1f} ms  p99 {pct(tpot, 99) * 1e3:6.1f} ms")
+          f"p99 {pct(ttft, 99) * 1e3:7.1f} ms   TPOT p50 {pct(tpot, 50) * 1e3:6.1f} ms  "
+          f"p99 {pct(tpot, 99) * 1e3:6.1f} ms")
     return tokens / seconds
 
 
@@ -174,7 +173,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads everywhere")
-    parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the replica (default: --threads)")
+    parser.add_argument("--server-threads", type=int, default=None,
+                        help="torch threads of the replica (default: --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:

@@ -18,15 +18,19 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # runs of the suite notice their end (or a killed worker) sooner. Set before any Ray process starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402 (after the environment above, which Ray's processes inherit)
 
 REPO = Path(__file__).resolve().parent.parent
 EMBER = str(Path(sys.executable).with_name("ember"))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start Ray instances of their own (marked `own_ray`) run first, before the suite's shared instance
-    exists, so that two Ray instances never share this machine's two cores. The order within a module is kept."""
+    """Tests that use the suite's Ray instance are marked `ray` (`make test-fast` leaves them out). Tests that start
+    Ray instances of their own (marked `own_ray`) run first, before the suite's instance exists, so that two Ray
+    instances never share this machine's two cores. The order within a module is kept."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: 0 if item.get_closest_marker("own_ray") else 1)
 
 

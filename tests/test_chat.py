@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, SFTPacker, chat_tokenizer, special_token_vars, \
-    template_source, to_messages
-from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
 from conftest import tiny_model
+from ember.data.chat import (
+    BadRecord,
+    ChatEncoder,
+    ChatTemplate,
+    SFTPacker,
+    chat_tokenizer,
+    special_token_vars,
+    template_source,
+    to_messages,
+)
+from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
 from ember.train.loop import lm_loss, masked_cross_entropy
 
 QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),

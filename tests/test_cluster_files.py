@@ -111,8 +111,7 @@ def dashboard_metric_names() -> set[str]:
 
 
 def test_the_grafana_dashboard_covers_training_and_serving():
-    from ember.metrics import TRAIN_GAUGES
-    from ember.metrics import SERVE_METRICS
+    from ember.metrics import SERVE_METRICS, TRAIN_GAUGES
 
     names = dashboard_metric_names()
     for wanted in ("loss", "tokens_per_second", "mfu", "step_time_seconds"):

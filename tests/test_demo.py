@@ -50,15 +50,15 @@ def greedy_text(model_dir, prompt: str, max_tokens: int) -> str:
 
 def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
     """What `ember generate --chat --temperature 0` answers."""
-    from ember.data.chat import ChatTemplate, special_token_vars, template_source
-    from ember.data.tokenizer import load_tokenizer, tokenizer_config
+    from ember.data.chat import ChatTemplate
+    from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
     from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
 
     tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
-    prompt = ChatTemplate(template_source(config), special_token_vars(config)).render(
+    prompt = ChatTemplate.of(config).render(
         [{"role": "user", "content": question}], add_generation_prompt=True)
     stream = TextStream(load_model(model_dir), tok, prompt, SamplingParams(max_new_tokens=max_tokens, temperature=0),
-                        stop_token_ids(model_dir, tok) | {tok.token_to_id("<|im_end|>")})
+                        stop_token_ids(model_dir, tok) | turn_end_ids(tok))
     return "".join(stream).strip()
 
 

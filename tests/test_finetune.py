@@ -15,8 +15,8 @@ import torch
 from conftest import merged, tiny_model_dir
 from ember.config import parse_spec
 from ember.errors import EmberError
-from ember.train.evaluate import run_evaluate
 from ember.model import load_model, save_model
+from ember.train.evaluate import run_evaluate
 from ember.train.finetune import run_finetune
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -255,7 +255,6 @@ def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora
 
 def test_generate_with_chat_wraps_the_prompt_in_the_template(ember_full_run, hf_base, capsys):
     from ember.cli import main
-
     from ember.data.chat import ChatTemplate
     from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
     from ember.model import SamplingParams, generate_ids

@@ -9,8 +9,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ember.errors import EmberError
-from ember.model import (PRESETS, KVCache, ModelConfig, SamplingParams, Transformer, generate_ids, load_model,
-                         num_parameters, preset, save_model)
+from ember.model import (
+    PRESETS,
+    KVCache,
+    ModelConfig,
+    SamplingParams,
+    Transformer,
+    generate_ids,
+    load_model,
+    num_parameters,
+    preset,
+    save_model,
+)
 from ember.model.hf import config_from_hf
 
 CONFIGS = {

@@ -313,8 +313,8 @@ def test_resume_honours_never_and_checks_the_path(dataset, reference_run):
 
 @pytest.mark.gpu
 def test_the_demo_spec_trains_on_one_gpu_with_bf16_and_reports_mfu(dataset, tmp_path):
-    from ember.config import load_spec
     from conftest import REPO
+    from ember.config import load_spec
 
     demo = load_spec(REPO / "jobs" / "pretrain-demo.yaml", [
         f"data.dir={dataset}", f"output.dir={tmp_path / 'gpu'}", "scaling.workers=1", "scaling.use_gpu=true",

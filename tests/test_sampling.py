@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from conftest import sentences
 from ember.data.tokenizer import train_tokenizer
 from ember.errors import EmberError
 from ember.model import ModelConfig, SamplingParams, TextStream, Transformer, generate_ids
 from ember.model.generate import StopStrings
 from ember.model.sampling import process_logits
-from conftest import sentences
 
 
 @pytest.mark.parametrize("kw", [
@@ -158,4 +163,5 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
     long = generate("--prompt", "the model reads " * 40)
     assert long.returncode == 1 and "the model's context is 64 tokens" in long.stderr
     missing = run_ember("generate", tmp_path / "nope", "--prompt", "x", timeout=120)
-    assert missing.returncode == 1 and missing.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"

@@ -111,8 +111,10 @@ def test_completions_of_a_list_of_texts_and_of_token_ids(client, model_dir):
 @pytest.mark.parametrize("body, status, param, words", [
     (b"{not json", 400, None, "not valid JSON"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "does not exist"),
-    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature", "temperature: Input should be less than or equal to 2"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature",
+     "temperature: Input should be less than or equal to 2"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
     ({"model": "tiny", "prompt": "the " * (CONTEXT + 10)}, 400, "prompt",
      f"this server's max_model_len is {CONTEXT} tokens"),
     ({"model": "tiny", "prompt": 5}, 400, "prompt", "must be a non-empty string"),

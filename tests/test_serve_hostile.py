@@ -187,7 +187,8 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server, quiet):
     """schemathesis draws bodies from /openapi.json (the request models, with their bounds) for both routes,
     with the served model's name in about half of them so requests reach the engine. Bounded in count."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")

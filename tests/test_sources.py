@@ -66,7 +66,9 @@ def _paragraph_corpus(rng: random.Random) -> str:
     for text in sentences(400, seed=3):
         lines = [text[i:i + 37] for i in range(0, len(text), 37)]
         newline = "\r\n" if rng.random() < 0.2 else "\n"
-        parts.append(newline.join(lines) + newline + newline * rng.randint(1, 3) + (" \n" if rng.random() < 0.1 else ""))
+        gap = newline * rng.randint(1, 3)
+        trailing = " \n" if rng.random() < 0.1 else ""  # drawn after the gap, as the corpus always was
+        parts.append(newline.join(lines) + newline + gap + trailing)
     return "".join(parts)
 
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 
+from conftest import sentences
 from ember.config.specs import FilterSpec
 from ember.data.sources import SkipLog
 from ember.data.steps import Normalizer, Packer, Tokenize, doc_hash, split_of
 from ember.data.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, eos_token, train_tokenizer
-from conftest import sentences
 
 
 def test_normalizer_normalises_strips_and_counts_short_documents():

@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set pack.seq_len=256 (repeatable; values are read as YAML)")
     run.add_argument("--address", default=None,
-                     help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else a new "
-                          "local instance)")
+                     help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else "
+                          "a new local instance)")
     run.add_argument("--workdir", default=None, metavar="DIR",
                      help="resolve the spec's relative paths against DIR instead of the current directory (what "
                           "`ember submit` uses on the cluster)")
@@ -207,17 +207,17 @@ def cmd_generate(args) -> int:
                             seed=args.seed).validate()
     model = load_model(args.model_dir, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.model_dir)
-    prompt = args.prompt
+    prompt, stops = args.prompt, stop_token_ids(args.model_dir, tokenizer)
     if args.chat:
-        from ember.data.chat import ChatTemplate, special_token_vars, template_source
-        from ember.data.tokenizer import tokenizer_config
+        from ember.data.chat import ChatTemplate
+        from ember.data.tokenizer import tokenizer_config, turn_end_ids
 
-        config = tokenizer_config(args.model_dir)
-        if template_source(config) is None:
+        template = ChatTemplate.of(tokenizer_config(args.model_dir))
+        if template is None:
             raise EmberError(f"{args.model_dir} has no chat template (tokenizer_config.json); drop --chat")
-        prompt = ChatTemplate(template_source(config), special_token_vars(config)).render(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    stream = TextStream(model, tokenizer, prompt, params, stop_token_ids(args.model_dir, tokenizer))
+        prompt = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        stops |= turn_end_ids(tokenizer)  # the answer ends with its turn
+    stream = TextStream(model, tokenizer, prompt, params, stops)
     start = time.perf_counter()
     for chunk in stream:
         sys.stdout.write(chunk)
@@ -342,12 +342,12 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    from ember.runtime import use_loopback_node_address
+    from ember.runtime import use_loopback_node_address, use_token_auth
 
     address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
     use_loopback_node_address(address)  # both before anything imports Ray, which reads them once
     if address or args.verb in ("submit", "jobs", "status", "cluster"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's clients send the cluster token only in token mode
+        use_token_auth()
     _setup_logging(debug)
     from ember.runtime import find_ember_error
 

@@ -30,6 +30,12 @@ def use_loopback_node_address(address: str | None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def use_token_auth() -> None:
+    """Makes this process's Ray clients present the cluster's token (Ray sends it only with RAY_AUTH_MODE=token),
+    unless the user chose a mode. Call it before Ray is imported: Ray reads the variable once."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connects this process to Ray unless it already is; a new local instance binds to 127.0.0.1."""
     import ray
@@ -38,7 +44,7 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        use_token_auth()
         use_loopback_node_address(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)

@@ -22,8 +22,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
 from ember.errors import EmberError
-from ember.runtime import is_loopback
+from ember.runtime import is_loopback, use_token_auth
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
@@ -75,7 +76,7 @@ class Jobs:
 
     def __init__(self, address: str | None = None):
         self.url = resolve_dashboard(address)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's clients send the token only in token mode
+        use_token_auth()
         from ray.job_submission import JobSubmissionClient
 
         try:

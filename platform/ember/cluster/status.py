@@ -3,7 +3,6 @@ Serve applications with their replicas, and where the dashboard is. Read over th
 
 from __future__ import annotations
 
-
 import requests
 
 from ember.cluster.jobs import Jobs, _took, auth_headers, list_jobs, progress

@@ -125,7 +125,8 @@ def parse_spec(
         hint = difflib.get_close_matches(str(kind), list(SPEC_KINDS), n=1)
         did = f"did you mean '{hint[0]}'? " if hint else ""
         raise EmberError(
-            f"{_where(origin, ('kind',), lines, overrides)}: unknown kind {kind!r} ({did}known: {', '.join(SPEC_KINDS)})"
+            f"{_where(origin, ('kind',), lines, overrides)}: unknown kind {kind!r} "
+            f"({did}known: {', '.join(SPEC_KINDS)})"
         )
     model = SPEC_KINDS[kind]
     try:

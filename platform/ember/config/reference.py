@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -18,7 +19,7 @@ def _type_name(annotation) -> str:
     args = typing.get_args(annotation)
     if origin is typing.Literal:
         return " \\| ".join(repr(a).replace("'", "") for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in args if a is not type(None)]
         return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
     if origin is list:

@@ -121,7 +121,8 @@ class ModelSpec(SpecModel):
 
     preset: Optional[str] = Field("tiny", description="A shape from ember.model.PRESETS (tiny, small, 125m, 350m, 1b, "
                                                       "3b, 8b); vocab_size comes from the dataset's tokenizer.")
-    init_from: Optional[str] = Field(None, description="A Llama-format model dir to start from (its shape and weights).")
+    init_from: Optional[str] = Field(None, description="A Llama-format model dir to start from (its shape and "
+                                                       "weights).")
     hidden_size: Optional[int] = Field(None, ge=8, description="Override the preset's hidden size.")
     intermediate_size: Optional[int] = Field(None, ge=8, description="Override the preset's SwiGLU width.")
     num_hidden_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
@@ -186,7 +187,8 @@ class ScalingSpec(SpecModel):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How Ray places the workers on nodes (PACK fills nodes first; SPREAD one per node if it can).")
+        "PACK", description="How Ray places the workers on nodes (PACK fills nodes first; SPREAD one per node if it "
+                            "can).")
 
 
 class FailureSpec(SpecModel):

@@ -119,6 +119,12 @@ class ChatTemplate:
         self.source = source
         self.special = dict(special_tokens or {})
 
+    @classmethod
+    def of(cls, config: dict) -> "ChatTemplate | None":
+        """The chat template of a tokenizer_config.json, with its special tokens as variables; None without one."""
+        source = template_source(config)
+        return cls(source, special_token_vars(config)) if source else None
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         from jinja2.exceptions import TemplateError
 

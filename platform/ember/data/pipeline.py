@@ -29,11 +29,27 @@ import ray.data
 
 from ember.config.specs import TokenizeSpec
 from ember.data import shards as fmt
-from ember.data.sources import DocumentReader, Segment, SkipLog, WorkUnit, plan_units, read_sample, \
-    resolve_inputs, source_fingerprint
+from ember.data.sources import (
+    DocumentReader,
+    Segment,
+    SkipLog,
+    WorkUnit,
+    plan_units,
+    read_sample,
+    resolve_inputs,
+    source_fingerprint,
+)
 from ember.data.steps import Normalizer, Packer, Tokenize, doc_hash, split_of
-from ember.data.tokenizer import eos_token, file_sha256, load_tokenizer, save_tokenizer, tokenizer_config, \
-    tokenizer_file, train_tokenizer, write_tokenizer_config
+from ember.data.tokenizer import (
+    eos_token,
+    file_sha256,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_config,
+    tokenizer_file,
+    train_tokenizer,
+    write_tokenizer_config,
+)
 from ember.errors import EmberError
 from ember.runtime import ensure_ray
 

@@ -23,10 +23,24 @@ import ray.data
 
 from ember.config.specs import ChatDataSpec, SourceSpec
 from ember.data import shards as fmt
-from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, SFTPacker, chat_tokenizer, special_token_vars, \
-    template_source, to_messages
-from ember.data.sources import InputFile, RecordReader, SkipLog, WorkUnit, plan_units, resolve_inputs, \
-    source_fingerprint
+from ember.data.chat import (
+    BadRecord,
+    ChatEncoder,
+    ChatTemplate,
+    SFTPacker,
+    chat_tokenizer,
+    template_source,
+    to_messages,
+)
+from ember.data.sources import (
+    InputFile,
+    RecordReader,
+    SkipLog,
+    WorkUnit,
+    plan_units,
+    resolve_inputs,
+    source_fingerprint,
+)
 from ember.data.steps import doc_hash, split_of
 from ember.data.tokenizer import PAD_TOKEN, eos_token, load_tokenizer, save_tokenizer, tokenizer_config
 from ember.errors import EmberError
@@ -48,7 +62,7 @@ class ChatUnitEncoder:
         self.out = Path(out_dir)
         tok = load_tokenizer(self.out)
         config = tokenizer_config(self.out)
-        self.encoder = ChatEncoder(tok, ChatTemplate(template_source(config), special_token_vars(config)),
+        self.encoder = ChatEncoder(tok, ChatTemplate.of(config),
                                    self.data.train_on)
         self.pad_id = tok.token_to_id(PAD_TOKEN)
         if self.pad_id is None:
@@ -156,7 +170,7 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
         if isinstance(item, InputFile) and item.fmt == "text":
             raise EmberError(f"{item.name}: plain text holds no conversations; give JSONL, JSON or Parquet records")
     tok, config, added = chat_tokenizer(load_tokenizer(base_dir), tokenizer_config(base_dir))
-    ChatTemplate(template_source(config), special_token_vars(config))  # a template that does not compile fails here
+    ChatTemplate.of(config)  # a template that does not compile fails here
     fingerprint = source_fingerprint(resolved)
     identity = _identity(data, tok.to_str(), config, fingerprint)
     manifest_path = out / "manifest.json"

@@ -22,7 +22,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -181,7 +181,8 @@ def resolve_inputs(source: SourceSpec) -> list[InputFile | str]:
         if given.startswith(BUILTIN_PREFIX):
             corpus = given[len(BUILTIN_PREFIX):]
             if corpus not in BUILTINS:
-                raise EmberError(f"unknown built-in corpus {given!r} (known: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)})")
+                known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
+                raise EmberError(f"unknown built-in corpus {given!r} (known: {known})")
             resolved.append(corpus)
             continue
         fs_uri, path = _split_uri(given)
@@ -207,7 +208,8 @@ def resolve_inputs(source: SourceSpec) -> list[InputFile | str]:
         if info.type == pafs.FileType.Directory:
             files = [f for f in (_file_entry(fs_uri, fs, i, source.format, False) for i in _list(fs, path, shown)) if f]
             if not files:
-                raise EmberError(f"input directory {shown} holds no files of a known format ({', '.join(sorted(FORMATS))})")
+                raise EmberError(f"input directory {shown} holds no files of a known format "
+                                 f"({', '.join(sorted(FORMATS))})")
             resolved.extend(files)
         else:
             resolved.append(_file_entry(fs_uri, fs, info, source.format, True))
@@ -221,7 +223,9 @@ def _list(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
         raise EmberError(f"input not found: {shown}") from None
     except (pa.ArrowException, OSError) as exc:
         raise EmberError(f"cannot list input {shown}: {exc}") from None
-    hidden = lambda p: any(part.startswith((".", "_")) for part in p[len(base):].split("/") if part)  # noqa: E731
+    def hidden(path: str) -> bool:  # dot files and _SUCCESS-style markers below the listed directory
+        return any(part.startswith((".", "_")) for part in path[len(base):].split("/") if part)
+
     return sorted((i for i in infos if i.type == pafs.FileType.File and not hidden(i.path)), key=lambda i: i.path)
 
 
@@ -530,7 +534,7 @@ class DocumentReader:
             seen_any = True
             if not line.strip():
                 continue
-            at = lambda: where(pos, n)  # noqa: E731
+            at = partial(where, pos, n)  # the location, formatted only if something is wrong here
             text = _decode(line, at, self.skips, self.source.on_decode_error)
             if text is None:
                 continue
@@ -581,7 +585,8 @@ class DocumentReader:
             return
         schema = pfile.schema_arrow
         if column not in schema.names:
-            self.skips.skip("missing_field", seg.name, f"no column {column!r} (source.column); has: {', '.join(schema.names)}")
+            self.skips.skip("missing_field", seg.name,
+                            f"no column {column!r} (source.column); has: {', '.join(schema.names)}")
             return
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):

@@ -20,6 +20,7 @@ from ember.errors import EmberError
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+TURN_END = CHAT_TOKENS[1]  # ends every turn in ChatML: generation of an assistant turn stops there
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS)
 # End-of-text names used by other families, tried when a loaded tokenizer has no tokenizer_config.json.
 _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -134,3 +135,9 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_le
     _write_atomic(target, tok.to_str())
     write_tokenizer_config(tok, d, model_max_length=model_max_length, base_config=base_config)
     return target
+
+
+def turn_end_ids(tokenizer) -> set[int]:
+    """The id of ChatML's end-of-turn token, where the tokenizer has it: a chat answer stops there."""
+    found = tokenizer.token_to_id(TURN_END)
+    return {found} if found is not None else set()

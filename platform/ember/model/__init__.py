@@ -5,8 +5,16 @@ Imports neither Ray nor DeepSpeed.
 
 from ember.model.generate import Completion, TextStream, decode_steps, generate_ids
 from ember.model.hf import load_model, save_model, stop_token_ids
-from ember.model.llama import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token, num_parameters, preset, \
-    resize_vocab
+from ember.model.llama import (
+           PRESETS,
+           KVCache,
+           ModelConfig,
+           Transformer,
+           flops_per_token,
+           num_parameters,
+           preset,
+           resize_vocab,
+)
 from ember.model.sampling import SamplingParams
 
 __all__ = ["PRESETS", "Completion", "KVCache", "ModelConfig", "SamplingParams", "TextStream", "Transformer",

@@ -139,7 +139,8 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         with safe_open(model_dir / WEIGHTS, framework="pt") as f:
             return {name: model_dir / WEIGHTS for name in f.keys()}
     pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
-    hint = f" (found {', '.join(pickles)}: Ember never unpickles weights; convert them to safetensors)" if pickles else ""
+    hint = (f" (found {', '.join(pickles)}: Ember never unpickles weights; convert them to safetensors)"
+            if pickles else "")
     raise EmberError(f"{model_dir}: no {WEIGHTS} or {INDEX}{hint}")
 
 
@@ -153,14 +154,16 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = to_hf_state(model.state_dict(), cfg)  # meta tensors: names and shapes only
-    ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    ignored = {n for n in files
+               if n.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and n == "lm_head.weight")}
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected) - ignored)
     if missing or unexpected:
-        parts = ([f"missing tensors: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")]
-                 if missing else [])
-        parts += ([f"unexpected tensors: {', '.join(unexpected[:5])}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")]
-                  if unexpected else [])
+        def listed(what: str, names: list[str]) -> list[str]:
+            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+            return [f"{what}: {', '.join(names[:5])}{more}"] if names else []
+
+        parts = listed("missing tensors", missing) + listed("unexpected tensors", unexpected)
         raise EmberError(f"{model_dir}: weights do not match config.json: {'; '.join(parts)}")
     state = {}
     by_file: dict[Path, list[str]] = {}

@@ -50,7 +50,8 @@ class ModelConfig:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            problems.append(f"rope_scaling.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            problems.append(f"rope_scaling.rope_type {rope_type!r} is not supported "
+                            f"(supported: {', '.join(ROPE_TYPES)})")
         if problems:
             raise ValueError("; ".join(problems))
 

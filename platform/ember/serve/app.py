@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
@@ -32,8 +33,20 @@ from ember.config.specs import SpecModel
 from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
 from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, key_digest, read_api_keys, require_keys
-from ember.serve.protocol import MAX_N, APIError, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, \
-    CompletionResponse, SamplingRequest, ServerLimits, body_parse_error, documented, sampling_params, validation_error
+from ember.serve.protocol import (
+    MAX_N,
+    APIError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    SamplingRequest,
+    ServerLimits,
+    body_parse_error,
+    documented,
+    sampling_params,
+    validation_error,
+)
 
 log = logging.getLogger("ember")
 
@@ -279,8 +292,8 @@ class EmberServer:
     async def __init__(self, args: dict):
         import torch
 
-        from ember.data.chat import ChatTemplate, special_token_vars, template_source
-        from ember.data.tokenizer import load_tokenizer, tokenizer_config
+        from ember.data.chat import ChatTemplate
+        from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
         from ember.model import load_model, stop_token_ids
         from ember.model.hf import DTYPES
         from ember.serve.engine import Engine
@@ -298,11 +311,9 @@ class EmberServer:
         self.max_model_len = plan_max_model_len(self.model.config, a, DTYPES[a.dtype].itemsize)
         self.limits = ServerLimits(self.max_model_len, a.max_n, a.max_queue + a.max_batch_size)
         self.tokenizer = load_tokenizer(self.model_dir)
-        config = tokenizer_config(self.model_dir)
-        source = template_source(config)
-        self.template = ChatTemplate(source, special_token_vars(config)) if source else None
-        self.stop_ids = frozenset(stop_token_ids(self.model_dir, self.tokenizer) | {
-            i for i in (self.tokenizer.token_to_id("<|im_end|>"),) if i is not None and source})
+        self.template = ChatTemplate.of(tokenizer_config(self.model_dir))
+        self.stop_ids = frozenset(stop_token_ids(self.model_dir, self.tokenizer)
+                                  | (turn_end_ids(self.tokenizer) if self.template else set()))
         self.created = int(time.time())
         self.metrics = _Metrics(self.name)
         self.guard_policy = GuardPolicy(keys, a.max_body_bytes, self.metrics.request)
@@ -521,7 +532,9 @@ class EmberServer:
                 if text:
                     yield text
             if include_usage and not failed:
-                yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': self.name, 'choices': [], 'usage': self._usage(jobs)})}\n\n"
+                usage = {"id": ident, "object": kind, "created": created, "model": self.name, "choices": [],
+                         "usage": self._usage(jobs)}
+                yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free the rows at once
             for r in jobs:

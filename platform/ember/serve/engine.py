@@ -16,7 +16,8 @@ A background thread runs the step loop. Each step it
 The queue in front is bounded (`max_queue`): `submit` takes all the choices of one client request or none of them,
 raising `Overloaded` when they do not fit, never queueing without limit. A step whose forward pass fails ends its
 rows with an error, and so does a step in which every row's logits are non-finite; after `max_failed_steps` such
-steps in a row the engine reports itself unhealthy, so Ray Serve replaces the replica. Consumers read tokens from `Request.events()`, an asyncio iterator fed from the engine thread.
+steps in a row the engine reports itself unhealthy, so Ray Serve replaces the replica. Consumers read tokens from
+`Request.events()`, an asyncio iterator fed from the engine thread.
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
-
-import logging
 
 import torch
 
 from ember.model.llama import KVCache, Transformer
 from ember.model.sampling import SamplingParams, make_generator, next_tokens
-
 
 log = logging.getLogger("ember")
 

@@ -77,7 +77,8 @@ Stop = Annotated[Union[StopText, Annotated[list[StopText], Field(min_length=1, m
 PromptText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
 Prompt = Annotated[Union[PromptText, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)],
                          Annotated[list[TokenId], Field(min_length=1)]],
-                   _one_of(f"a non-empty string, a list of 1 to {MAX_PROMPTS} of them or a non-empty list of token ids")]
+                   _one_of(f"a non-empty string, a list of 1 to {MAX_PROMPTS} of them or a non-empty list of token "
+                           "ids")]
 Finite = dict(allow_inf_nan=False)
 
 

@@ -26,11 +26,16 @@ from pathlib import Path
 import torch
 
 from ember.config.specs import EvaluateSpec, SourceSpec
-from ember.data.chat import BadRecord, ChatEncoder, ChatTemplate, chat_tokenizer, special_token_vars, \
-    template_source, to_messages
+from ember.data.chat import (
+    BadRecord,
+    ChatEncoder,
+    ChatTemplate,
+    chat_tokenizer,
+    to_messages,
+)
 from ember.data.shards import ShardReader, load_manifest
 from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
-from ember.data.tokenizer import load_tokenizer, tokenizer_config
+from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
 from ember.model.hf import files_fingerprint, weights_fingerprint
@@ -120,7 +125,7 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
     if added:
         raise EmberError(f"{model_dir} has no chat template and its tokenizer lacks the tokens of Ember's default "
                          f"one ({', '.join(added)}); fine-tune it first or give it a chat_template")
-    template = ChatTemplate(template_source(config), special_token_vars(config))
+    template = ChatTemplate.of(config)
     encoder = ChatEncoder(tok, template)
     context = model.config.max_position_embeddings
     total, count = 0.0, 0
@@ -139,7 +144,7 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
         count += n
     result = {"assistant_loss": total / max(count, 1), "assistant_tokens": count}
     if max_examples:
-        stops = stop_token_ids(model_dir, tok) | {i for i in (tok.token_to_id("<|im_end|>"),) if i is not None}
+        stops = stop_token_ids(model_dir, tok) | turn_end_ids(tok)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0).validate()
         f1, em, examples = [], [], []
         for messages, where in conversations[:max_examples]:

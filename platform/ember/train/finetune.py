@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ember.config.specs import FinetuneSpec
 from ember.data.sft import prepare_chat_dataset
-from ember.data.tokenizer import CHAT_TOKENS, load_tokenizer, tokenizer_file
+from ember.data.tokenizer import load_tokenizer, tokenizer_file, turn_end_ids
 from ember.errors import EmberError
 from ember.model.hf import config_from_hf, read_json, weights_fingerprint
 from ember.train.pretrain import SNAPSHOT, launch
@@ -42,7 +42,7 @@ def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:
                                     locked_by=str(run_dir) if resuming else None)
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])
     tok = load_tokenizer(data_dir)
-    eos_ids = [manifest["eos_id"]] + [tok.token_to_id(t) for t in CHAT_TOKENS[1:] if tok.token_to_id(t) is not None]
+    eos_ids = [manifest["eos_id"], *turn_end_ids(tok)]
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
     spec.base = str(base)
     log.info("finetune: %s from %s, %s", spec.method, base,

@@ -115,7 +115,8 @@ def merge_lora(model: Transformer) -> Transformer:
 
 
 def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The adapters under PEFT's names for a Llama model (base_model.model.model.layers.N.self_attn.q_proj.lora_A...)."""
+    """The adapters under PEFT's names for a Llama model
+    (base_model.model.model.layers.N.self_attn.q_proj.lora_A...)."""
     state = {}
     for i, _, _, child in _linears(model):
         if not isinstance(child, LoraLinear):

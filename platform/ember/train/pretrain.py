@@ -77,7 +77,8 @@ def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:
     """Trains on Ray Train with DeepSpeed; returns the last reported metrics. The model is exported to run_dir/model."""
     manifest = load_manifest(spec.data.dir)
     if manifest.get("kind") != "pretrain":
-        raise EmberError(f"{spec.data.dir} is a {manifest.get('kind')!r} dataset; pretraining reads 'pretrain' datasets")
+        raise EmberError(f"{spec.data.dir} is a {manifest.get('kind')!r} dataset; pretraining reads 'pretrain' "
+                         "datasets")
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
     cfg = model_config(spec, manifest)
@@ -139,7 +140,6 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
 
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
