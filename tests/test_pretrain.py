@@ -238,6 +238,20 @@ def test_errors_before_any_worker_starts(dataset, tmp_path):
         parse_spec(spec(dataset, tmp_path / "r", train={"max_tokens": 1000}))
 
 
+def test_an_ember_error_inside_a_worker_reaches_the_driver_as_itself(dataset, tmp_path):
+    """A shard the manifest lists is gone: the workers' ShardReader raises EmberError, and the driver raises that same
+    error, found among the objects Ray Train's WorkerGroupError carries (not parsed from its text)."""
+    import shutil
+
+    broken = tmp_path / "ds"
+    shutil.copytree(dataset, broken)
+    gone = sorted((broken / "train").glob("*.arrow"))[0]
+    gone.unlink()
+    with pytest.raises(EmberError) as caught:
+        train(broken, tmp_path / "r", failure={"max_failures": 0})
+    assert str(caught.value) == f"shard listed in the manifest is missing: {gone}"
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     with pytest.raises(EmberError, match=r"the (training loss|gradient norm) is (nan|inf) at step \d+; stopped there"):
         train(dataset, tmp_path / "nan", train={"lr": 1e30, "min_lr": 1e29, "warmup_steps": 0, "grad_clip": 0,

@@ -53,12 +53,28 @@ def ensure_ray(address: str | None = None) -> None:
     log.info("ray: %s (%s CPUs)", address or "started a local instance", int(ray.cluster_resources().get("CPU", 0)))
 
 
+def _inner_errors(exc: BaseException) -> list:
+    """The exceptions an exception carries as objects: a Ray task's `cause`, Python's chaining, and Ray Train's
+    per-worker failures (`WorkerGroupError.worker_failures`, each a wrapper holding the worker's own exception in
+    `_base_exc`) and controller failure."""
+    inner = [getattr(exc, "cause", None), exc.__cause__, exc.__context__, getattr(exc, "_base_exc", None),
+             getattr(exc, "controller_failure", None)]
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        inner += [failures[rank] for rank in sorted(failures)]
+    return [e for e in inner if isinstance(e, BaseException)]
+
+
 def find_ember_error(exc: BaseException) -> EmberError | None:
-    """The EmberError behind an exception, looking through Ray's task and Ray Data's user-code wrappers."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    """The EmberError behind an exception, looking through the objects Ray's task, Ray Data and Ray Train wrappers
+    carry (never through their text)."""
+    seen, todo = set(), [exc]
+    while todo:
+        exc = todo.pop(0)
+        if id(exc) in seen:
+            continue
         seen.add(id(exc))
         if isinstance(exc, EmberError):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        todo += _inner_errors(exc)
     return None

@@ -256,9 +256,6 @@ class ChatDataSpec(SpecModel):
         return [value] if isinstance(value, str) else value
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 class LoraSpec(SpecModel):
     """Low-rank adapters (method: lora): the base weights stay frozen; only the adapters train."""
 

@@ -169,13 +169,6 @@ class KVCache:
         self.v[layer].scatter_(2, index, v)
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
 
-    def reset(self, rows=None) -> None:
-        """Empties some rows (a finished request's slot) or all of them."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[rows] = 0
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import signal
 import threading
 from pathlib import Path
@@ -170,13 +169,9 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
     try:
         result = trainer.fit()
     except Exception as exc:
-        found = find_ember_error(exc)
+        found = find_ember_error(exc)  # a worker's EmberError, carried by Ray Train's WorkerGroupError
         if found is not None:
             raise found from None
-        # Ray Train reports worker errors as text (WorkerGroupError); an EmberError inside keeps its message.
-        messages = re.findall(r"ember\.errors\.EmberError: (.+)", str(exc))
-        if messages:
-            raise EmberError(messages[-1].strip()) from None
         raise
     finally:
         if previous_sigint is not None and threading.current_thread() is threading.main_thread():
