@@ -186,12 +186,12 @@ def client(server):
     return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def greedy(model_dir: Path, text: str, n: int) -> str:
-    """What `ember generate` answers (greedy, the model's end-of-text stops it)."""
+def greedy(model_dir: Path, text: str, n: int, stop_ids=frozenset({0})) -> str:
+    """What `ember generate` answers (greedy; by default the model's end-of-text, token 0, stops it)."""
     from ember.data.tokenizer import load_tokenizer
     from ember.model import SamplingParams, generate_ids, load_model
 
     tok = load_tokenizer(model_dir)
     ids = generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
-                       SamplingParams(max_new_tokens=n, temperature=0.0), {0})[0]
+                       SamplingParams(max_new_tokens=n, temperature=0.0), set(stop_ids))[0]
     return tok.decode(ids)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import EMBER, free_port
+from conftest import EMBER, free_port, greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # `ember demo` starts its own Ray instance
 
@@ -35,17 +35,6 @@ def demo_args(*extra, port=None) -> list[str]:
 def demo(cwd, *extra, timeout=600):
     return subprocess.run(demo_args(*extra), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "RAY_ADDRESS": ""})
-
-
-def greedy_text(model_dir, prompt: str, max_tokens: int) -> str:
-    """The greedy continuation of `prompt`, ignoring end-of-text."""
-    from ember.data.tokenizer import load_tokenizer
-    from ember.model import SamplingParams, generate_ids, load_model
-
-    tok = load_tokenizer(model_dir)
-    ids = generate_ids(load_model(model_dir), [tok.encode(prompt, add_special_tokens=False).ids],
-                       SamplingParams(max_new_tokens=max_tokens, temperature=0))[0]
-    return tok.decode(ids)
 
 
 def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
@@ -140,8 +129,8 @@ def kept_serving(tmp_path, longer: tuple[str, ...], results: dict) -> None:
         served = requests.post(f"{base}/v1/completions", timeout=60, json={
             "model": "ember-demo", "prompt": "The json module", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True}).json()["choices"][0]["text"]
-        assert served == greedy_text(runs / "finetune-9" / "model", "The json module", 8)
-        assert served != greedy_text(runs / "finetune-demo" / "model", "The json module", 8)
+        assert served == greedy(runs / "finetune-9" / "model", "The json module", 8, stop_ids=())
+        assert served != greedy(runs / "finetune-demo" / "model", "The json module", 8, stop_ids=())
         assert kept.poll() is None  # still serving
     finally:
         kept.send_signal(signal.SIGINT)  # Ctrl-C: the app is deleted and the demo exits

@@ -111,6 +111,23 @@ def finished_run(run_dir: Path, spec: TrainingJobSpec, manifest: dict, extra: di
     return result.get("metrics") or {}
 
 
+def _fit(trainer):
+    """`trainer.fit()`: a worker's EmberError is raised as itself (Ray Train's WorkerGroupError carries it), and
+    Ctrl-C means afterwards what it meant before (fit() installs a SIGINT handler that aborts its controller and
+    leaves it installed; `ember demo --keep-serving` serves after training)."""
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        found = find_ember_error(exc)
+        if found is not None:
+            raise found from None
+        raise
+    finally:
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
 def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: str, address: str | None,
            extra: dict | None = None) -> dict:
     """Runs the training loop of a pretrain or finetune spec on Ray Train; returns the last reported metrics."""
@@ -163,19 +180,7 @@ def launch(spec: TrainingJobSpec, cfg: ModelConfig, manifest: dict, data_dir: st
                              failure_config=FailureConfig(max_failures=spec.failure.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
     )
-    # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it installed after the run:
-    # Ctrl-C must then mean again what it meant before (`ember demo --keep-serving` serves after training).
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        found = find_ember_error(exc)  # a worker's EmberError, carried by Ray Train's WorkerGroupError
-        if found is not None:
-            raise found from None
-        raise
-    finally:
-        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_sigint)
+    result = _fit(trainer)
     metrics = dict(result.metrics or {})
     if (run_dir / ERROR_FILE).is_file():
         raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
