@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from ember.data.chat import (
     to_messages,
 )
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
-from ember.train.loop import lm_loss, masked_cross_entropy
+from ember.train.recipes import lm_loss, masked_cross_entropy
 
 QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),
       ("Where does the whale live?", "The whale lives in the sea.")]
@@ -188,9 +190,9 @@ def test_conversations_are_read_from_parquet_and_jsonl_with_their_locations(tmp_
     for unit in plan_units(resolve_inputs(source), source):
         for record, where in RecordReader(source, SkipLog())(unit):
             try:
-                found.append((to_messages(record), where))
+                found.append((to_messages(record), str(where)))
             except BadRecord as exc:
-                bad.append((exc.reason, where))
+                bad.append((exc.reason, str(where)))
     assert [m[-1]["content"] for m, _ in found] == ["Red.", "hello", "b."]
     assert [w.rsplit("/", 1)[-1] for _, w in found] == ["alpaca.parquet:row 0", "chat.parquet:row 0", "qa.jsonl:1"]
     assert [(r, w.rsplit("/", 1)[-1]) for r, w in bad] == [("no_assistant_turn", "chat.parquet:row 1"),
@@ -202,8 +204,9 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
     import json
 
     from ember.config.specs import ChatDataSpec
-    from ember.data.sft import ChatUnitEncoder
+    from ember.data.sft import ConversationEncoder, source_of
     from ember.data.sources import plan_units, resolve_inputs
+    from ember.data.units import UnitJob, UnitRunner, marker_path
 
     save_tokenizer(tok, tmp_path / "ds", model_max_length=64)
     for split in ("train", "val"):
@@ -213,10 +216,12 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
         {"prompt": "What color is the fox?", "response": "The fox is red."},
         {"prompt": "What color is the crow?", "response": long_answer}]))
     data = ChatDataSpec(inputs=[str(tmp_path / "c.jsonl")], seq_len=31, overlong=overlong, val_fraction=0.0)
-    from ember.data.sft import source_of
-
     unit = plan_units(resolve_inputs(source_of(data)), source_of(data))[0]
-    result = ChatUnitEncoder(data.model_dump(), str(tmp_path / "ds")).encode_unit(unit)
+    job = UnitJob(str(tmp_path / "ds"), 32, "uint16", data.shard_bytes,
+                  partial(ConversationEncoder, data, str(tmp_path / "ds")), {unit.index: "input"},
+                  extra_columns=("loss_mask", "segments"))
+    UnitRunner(job)(unit)  # the executor's worker, without Ray: writes the unit's shards and its marker
+    result = json.loads(marker_path(tmp_path / "ds", unit.index).read_text())
     kept = result["stats"]["train"]["conversations"]
     if overlong == "drop":
         assert kept == 1 and result["skips"]["skipped"] == {"too_long": 1} and result["truncated"] == 0

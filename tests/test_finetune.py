@@ -167,12 +167,14 @@ def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_
     continuing them is refused before anything is touched (a copy of the run and its base, so others keep theirs)."""
     import shutil
 
+    from ember.identity import write_stamp
     from ember.model.hf import weights_fingerprint
+    from ember.train.finetune import BASE_STAMP
 
     base, run = tmp_path / "base", tmp_path / "run"
     shutil.copytree(hf_base, base)
     shutil.copytree(full_run, run, symlinks=True)
-    (run / "base_weights").write_text(weights_fingerprint(base))  # the copy was made from this base
+    write_stamp(run / BASE_STAMP, weights_fingerprint(base))  # the copy was made from this base
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model = load_model(base)
     with torch.no_grad():

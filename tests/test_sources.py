@@ -14,7 +14,8 @@ import zstandard
 
 from conftest import sentences
 from ember.config.specs import SourceSpec
-from ember.data.sources import DocumentReader, SkipLog, plan_units, resolve_inputs
+from ember.data.sources import SkipLog, plan_units, resolve_inputs
+from ember.data.steps import read_texts
 from ember.errors import EmberError
 
 COMPRESS = {"gz": gzip.compress, "zst": lambda b: zstandard.ZstdCompressor().compress(b), "bz2": bz2.compress}
@@ -25,8 +26,8 @@ def read_all(inputs, **options) -> tuple[list[str], SkipLog, int]:
     source = SourceSpec(inputs=[str(i) for i in inputs], **options)
     skips = SkipLog(strict=source.strict)
     units = plan_units(resolve_inputs(source), source)
-    reader = DocumentReader(source, skips)
-    return [doc for unit in units for doc in reader(unit)], skips, len(units)
+    read = read_texts(source, skips)
+    return [doc for unit in units for doc in read(unit)], skips, len(units)
 
 
 def jsonl(records) -> bytes:

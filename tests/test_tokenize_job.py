@@ -20,8 +20,9 @@ from conftest import EMBER, merged, run_ember, sentences
 from ember.config import parse_spec
 from ember.data.pipeline import run_tokenize
 from ember.data.shards import ShardReader, load_manifest
-from ember.data.tokenizer import file_sha256, load_tokenizer
+from ember.data.tokenizer import load_tokenizer
 from ember.errors import EmberError
+from ember.identity import content_sha256
 from ember.runtime import find_ember_error
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -65,7 +66,7 @@ def test_tokenizes_a_mixed_corpus_into_packed_shards(tmp_path, mixed_corpus):
     manifest = run([corpus], out, source={"text_unit": "paragraph", "unit_bytes": 8192})
     assert manifest == load_manifest(out)
     assert manifest["seq_len"] == 32 and manifest["dtype"] == "uint16" and manifest["units"] > 3
-    assert manifest["tokenizer"]["sha256"] == file_sha256(out / "tokenizer.json")
+    assert manifest["tokenizer"]["sha256"] == content_sha256(out / "tokenizer.json")
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
     docs = manifest["documents"]
     assert docs["kept"] == len(good) and docs["skipped"] == {"malformed_json": 1, "too_short": 1}
@@ -136,7 +137,8 @@ def test_given_tokenizer_is_loaded_not_trained(tmp_path, mixed_corpus):
     theirs.parent.mkdir()
     theirs.write_text(json.dumps(json.loads((tmp_path / "a" / "tokenizer.json").read_text()), indent=2))
     manifest = run([corpus], tmp_path / "b", tokenizer={"path": str(theirs), "vocab_size": 9999})
-    assert manifest["tokenizer"]["sha256"] == file_sha256(theirs) != file_sha256(tmp_path / "a" / "tokenizer.json")
+    theirs_sha = content_sha256(theirs)
+    assert manifest["tokenizer"]["sha256"] == theirs_sha != content_sha256(tmp_path / "a" / "tokenizer.json")
     assert (tmp_path / "b" / "tokenizer.json").read_bytes() == theirs.read_bytes()
     assert manifest["vocab_size"] == load_tokenizer(tmp_path / "a").get_vocab_size() <= 600
     assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())["model_max_length"] == 32

@@ -247,6 +247,7 @@ class ChatDataSpec(SpecModel):
     strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
     unit_bytes: Optional[int] = Field(None, ge=4096, description="Work-unit size in bytes for the parallel "
                                                                  "tokenization (default: corpus size / 64).")
+    shard_bytes: int = Field(64 * MiB, ge=4096, description="Target size of one Arrow shard file.")
     dir: Optional[str] = Field(None, description="Where the tokenized conversations go (default: RUN_DIR/data); "
                                                  "reused when inputs and settings are unchanged.")
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
+from ember.identity import identity_of
+
 PYTHON_DOCS = "python-docs"
 PYTHON_QA = "python-qa"
 QA_SPLITS = ("train", "test")
@@ -51,13 +53,11 @@ def stdlib_files() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+@lru_cache(maxsize=1)
 def corpus_fingerprint() -> str:
     """Identifies the corpus content: the Python build and its source file list with sizes."""
     root = sysconfig.get_paths()["stdlib"]
-    h = hashlib.sha256(sys.version.encode())
-    for rel in stdlib_files():
-        h.update(f"{rel}:{os.path.getsize(os.path.join(root, rel))}\n".encode())
-    return h.hexdigest()
+    return identity_of([sys.version, [[rel, os.path.getsize(os.path.join(root, rel))] for rel in stdlib_files()]])
 
 
 def num_parts(corpus: str) -> int:

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,88 +41,72 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def shard_schema(row_len: int, dtype: np.dtype) -> pa.Schema:
-    return pa.schema([pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), row_len))],
-                     metadata={b"ember.row_length": str(row_len).encode()})
-
-
 EXTRA_COLUMNS = {"loss_mask": np.dtype(np.uint8), "segments": np.dtype(np.uint16)}
 
 
-def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
-    """Writes one shard of rows given per column, each (n, row_len), atomically; returns its manifest entry."""
-    row_len = columns["input_ids"].shape[1]
-    arrays, fields = [], []
-    for name, rows in columns.items():
-        values = pa.array(rows.reshape(-1))
-        arrays.append(pa.FixedSizeListArray.from_arrays(values, row_len))
-        fields.append(pa.field(name, arrays[-1].type))
-    schema = pa.schema(fields, metadata={b"ember.row_length": str(row_len).encode()})
-    tmp = path.with_name(f".tmp-{path.name}")
-    with pa.ipc.new_file(str(tmp), schema) as writer:
-        n = len(columns["input_ids"])
-        table = pa.Table.from_arrays(arrays, schema=schema)
-        for start in range(0, n, ROWS_PER_BATCH):
-            writer.write_table(table.slice(start, ROWS_PER_BATCH))
-    os.replace(tmp, path)
-    return {"file": path.name, "rows": int(n), "tokens": int(n * row_len)}
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Writes JSON under a temporary name, then renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def shard_schema(row_len: int, dtype: np.dtype, extra_columns: Sequence[str] = ()) -> pa.Schema:
+    columns = {"input_ids": np.dtype(dtype), **{c: EXTRA_COLUMNS[c] for c in extra_columns}}
+    return pa.schema([pa.field(name, pa.list_(pa.from_numpy_dtype(t), row_len)) for name, t in columns.items()],
+                     metadata={b"ember.row_length": str(row_len).encode()})
 
 
 class ShardWriter:
-    """Writes packed rows to shard files named ``{prefix}-{n:03d}.arrow``, rolling over at `shard_bytes`."""
+    """Writes packed rows to shard files named ``{prefix}-{n:03d}.arrow``, rolling over at `shard_bytes`.
 
-    def __init__(self, directory: str | os.PathLike, prefix: str, row_len: int, dtype: np.dtype, shard_bytes: int):
+    Rows are an (n, row_len) array of token ids, or with `extra_columns` (fine-tuning data) a dict of such arrays by
+    column name. A shard is written under a temporary name and renamed when complete."""
+
+    def __init__(self, directory: str | os.PathLike, prefix: str, row_len: int, dtype: np.dtype, shard_bytes: int,
+                 extra_columns: Sequence[str] = ()):
         self.directory = Path(directory)
         self.prefix = prefix
         self.row_len = row_len
-        self.dtype = np.dtype(dtype)
-        self.rows_per_shard = max(1, shard_bytes // (row_len * self.dtype.itemsize))
-        self.schema = shard_schema(row_len, self.dtype)
+        self.dtypes = {"input_ids": np.dtype(dtype), **{c: EXTRA_COLUMNS[c] for c in extra_columns}}
+        row_bytes = row_len * sum(t.itemsize for t in self.dtypes.values())
+        self.rows_per_shard = max(1, shard_bytes // row_bytes)
+        self.schema = shard_schema(row_len, self.dtypes["input_ids"], extra_columns)
         self.shards: list[dict] = []  # {"file", "rows", "tokens"} of each completed shard
         self._writer = None
         self._rows_in_current = 0
-        self._pending: list[np.ndarray] = []
+        self._pending: list[dict[str, np.ndarray]] = []
         self._pending_rows = 0
 
     def _name(self) -> str:
         return f"{self.prefix}-{len(self.shards):03d}.arrow"
 
-    def write(self, rows: np.ndarray) -> None:
-        """Appends rows, shape (n, row_len), buffered into record batches of ROWS_PER_BATCH."""
-        if len(rows) == 0:
+    def write(self, rows: np.ndarray | dict[str, np.ndarray]) -> None:
+        """Appends rows, buffered into record batches of ROWS_PER_BATCH."""
+        columns = rows if isinstance(rows, dict) else {"input_ids": rows}
+        if set(columns) != set(self.dtypes):
+            raise ValueError(f"rows have columns {sorted(columns)}, the shard {sorted(self.dtypes)}")
+        n = len(columns["input_ids"])
+        if n == 0:
             return
-        self._pending.append(rows.astype(self.dtype, copy=False))
-        self._pending_rows += len(rows)
+        self._pending.append({c: columns[c].astype(t, copy=False) for c, t in self.dtypes.items()})
+        self._pending_rows += n
         while self._pending_rows >= ROWS_PER_BATCH:
             self._flush(ROWS_PER_BATCH)
 
     def _flush(self, limit: int) -> None:
-        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        block = self._pending[0] if len(self._pending) == 1 else \
+            {c: np.concatenate([p[c] for p in self._pending]) for c in self.dtypes}
         room = self.rows_per_shard - self._rows_in_current
-        take = min(limit, room, len(block))
-        self._write_batch(block[:take])
-        rest = block[take:]
-        self._pending = [rest] if len(rest) else []
-        self._pending_rows = len(rest)
+        take = min(limit, room, self._pending_rows)
+        self._write_batch({c: a[:take] for c, a in block.items()})
+        rest = {c: a[take:] for c, a in block.items()}
+        self._pending_rows = len(rest["input_ids"])
+        self._pending = [rest] if self._pending_rows else []
         if self._rows_in_current >= self.rows_per_shard:
             self._close_current()
 
-    def _write_batch(self, rows: np.ndarray) -> None:
+    def _write_batch(self, columns: dict[str, np.ndarray]) -> None:
         if self._writer is None:
             self._tmp = self.directory / f".tmp-{self._name()}"
             self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
-        values = pa.array(rows.reshape(-1))
-        self._writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(values, self.row_len)],
-                                                 schema=self.schema))
-        self._rows_in_current += len(rows)
+        arrays = [pa.FixedSizeListArray.from_arrays(pa.array(columns[c].reshape(-1)), self.row_len)
+                  for c in self.dtypes]
+        self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+        self._rows_in_current += len(columns["input_ids"])
 
     def _close_current(self) -> None:
         self._writer.close()

@@ -8,8 +8,10 @@ A *work unit* is a list of segments (a whole file, a byte range of a large uncom
 Parquet row groups, or one part of a built-in corpus), about ``unit_bytes`` in all. Units are the grain of
 parallelism and of crash recovery. The plan depends only on the inputs and the spec, never on the worker count.
 
-Reading never raises on bad records: they go to a ``SkipLog`` (counted by reason, first locations kept as
-``file:line``) unless ``strict`` is on, where the first one fails the job with its location.
+`RecordReader` yields a unit's records with their locations; what a record means (a document's text, a
+conversation) is up to its consumer. Reading never raises on bad records: they go to a ``SkipLog`` (counted by
+reason, first locations kept as ``file:line``) unless ``strict`` is on, where the first one fails the job with its
+location.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import bz2
 import fnmatch
 import gzip
-import hashlib
 import json
 import os
 import zlib
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from ember.config.specs import SourceSpec
 from ember.data import builtin
 from ember.errors import EmberError
+from ember.identity import files_fingerprint
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
            ".parquet": "parquet"}
@@ -229,15 +231,22 @@ def _list(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File and not hidden(i.path)), key=lambda i: i.path)
 
 
-def source_fingerprint(resolved: list[InputFile | str]) -> str:
-    """Identifies the input content: names, sizes and modification times (built-ins: the Python build)."""
-    h = hashlib.sha256()
+def input_stats(resolved: list[InputFile | str]) -> dict[str, tuple[str, int, int]]:
+    """(name, size, mtime_ns) of each input by name, for fingerprints; a built-in corpus stands as its content's
+    fingerprint (the Python build it comes from)."""
+    stats = {}
     for item in resolved:
         if isinstance(item, str):
-            h.update(f"builtin:{item}:{builtin.corpus_fingerprint()}\n".encode())
+            name = BUILTIN_PREFIX + item
+            stats[name] = (f"{name}@{builtin.corpus_fingerprint()}", 0, 0)
         else:
-            h.update(f"{item.name}:{item.size}:{item.mtime_ns}\n".encode())
-    return h.hexdigest()
+            stats[item.name] = (item.name, item.size, item.mtime_ns)
+    return stats
+
+
+def source_fingerprint(resolved: list[InputFile | str]) -> str:
+    """Identifies the input content: names, sizes and modification times (built-ins: the Python build)."""
+    return files_fingerprint(input_stats(resolved).values())
 
 
 def _segments(item: InputFile | str, unit_bytes: int) -> Iterator[tuple[Segment, int]]:
@@ -418,18 +427,41 @@ def _decode(data: bytes, where, skips: SkipLog, on_error: str) -> str | None:
         return data.decode("utf-8", errors="replace")
 
 
-class DocumentReader:
-    """Reads the documents of a work unit as strings; bad records go to the SkipLog. Testable without Ray."""
+class Location:
+    """Where a record is: its segment, and "file:line", "file:row N" or "file:[i]", formatted only when asked (a line
+    number in a later byte range costs a count of the newlines before it)."""
 
-    def __init__(self, source: SourceSpec, skips: SkipLog):
+    __slots__ = ("segment", "_text")
+
+    def __init__(self, segment: Segment, text):
+        self.segment = segment
+        self._text = text  # the text, or a callable that makes it
+
+    def __str__(self) -> str:
+        if callable(self._text):
+            self._text = self._text()
+        return self._text
+
+
+class RecordReader:
+    """Reads the records of a work unit, in order, as `(record, Location)` pairs; testable without Ray.
+
+    A record is a document's text (plain text: a whole file or a paragraph), a parsed JSON value (JSON Lines, a JSON
+    array), a Parquet row as a dict (only `columns`, when given), or a built-in corpus's record (python-docs: its
+    text; python-qa: a dict with prompt and response). What a record means is its consumer's business: the text of
+    a document (`ember.data.steps.Texts`) or a conversation (`ember.data.chat.to_messages`). Unreadable input goes
+    to the SkipLog with its location."""
+
+    def __init__(self, source: SourceSpec, skips: SkipLog, columns: list[str] | None = None):
         self.source = source
         self.skips = skips
+        self.columns = columns
 
-    def __call__(self, unit: WorkUnit) -> Iterator[str]:
+    def __call__(self, unit: WorkUnit) -> Iterator[tuple[object, Location]]:
         for segment in unit.segments:
             yield from self.read_segment(segment)
 
-    def read_segment(self, seg: Segment) -> Iterator[str]:
+    def read_segment(self, seg: Segment) -> Iterator[tuple[object, Location]]:
         if seg.fmt == "builtin":
             yield from self._builtin(seg)
         elif seg.fmt == "parquet":
@@ -454,18 +486,18 @@ class DocumentReader:
                         yield from self._whole_text(seg, stream)
                 except _Truncated as exc:
                     self.skips.skip("truncated", seg.name, f"compressed file is truncated or corrupt ({exc}); "
-                                    "documents before this point were kept")
+                                    "records before this point were kept")
 
-    def _builtin(self, seg: Segment) -> Iterator[str]:
+    def _builtin(self, seg: Segment) -> Iterator[tuple[object, Location]]:
         corpus, _, split = seg.path.partition(":")
         if corpus == builtin.PYTHON_DOCS:
             for doc in builtin.python_docs(seg.start):
-                yield doc.text
+                yield doc.text, Location(seg, doc.where)
         else:
             for rec in builtin.python_qa(seg.start, split or "train"):
-                yield f"{rec['prompt']}\n{rec['response']}"
+                yield {"prompt": rec["prompt"], "response": rec["response"]}, Location(seg, rec["where"])
 
-    def _whole_text(self, seg: Segment, stream) -> Iterator[str]:
+    def _whole_text(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
         chunks = []
         while True:
             data = _read_checked(stream, _READ_CHUNK)
@@ -478,12 +510,12 @@ class DocumentReader:
             return
         text = _decode(data, lambda: seg.name, self.skips, self.source.on_decode_error)
         if text is not None:
-            yield text.replace("\r\n", "\n")
+            yield text.replace("\r\n", "\n"), Location(seg, seg.name)
 
-    def _paragraphs(self, seg: Segment, stream) -> Iterator[str]:
+    def _paragraphs(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
         where = _LineNumbers(seg)
         lines: list[bytes] = []
-        first_line = 0
+        first_line = first_pos = 0
         skipping = False
         seen_any = False
         for n, (pos, line) in enumerate(_lines(stream, seg.start, -1)):
@@ -497,7 +529,7 @@ class DocumentReader:
                 continue
             if blank:
                 if lines:
-                    yield from self._text_doc(b"\n".join(lines), lambda: where(first_pos, first_line))
+                    yield from self._text_doc(seg, b"\n".join(lines), partial(where, first_pos, first_line))
                     lines = []
                 if seg.end >= 0 and pos >= seg.end:
                     return
@@ -508,16 +540,16 @@ class DocumentReader:
                 first_line, first_pos = n, pos
             lines.append(line.rstrip(b"\r"))
         if lines:
-            yield from self._text_doc(b"\n".join(lines), lambda: where(first_pos, first_line))
+            yield from self._text_doc(seg, b"\n".join(lines), partial(where, first_pos, first_line))
         if not seen_any and seg.start == 0:
             self.skips.skip("empty_file", seg.name, "empty file")
 
-    def _text_doc(self, data: bytes, where) -> Iterator[str]:
+    def _text_doc(self, seg: Segment, data: bytes, where) -> Iterator[tuple[object, Location]]:
         text = _decode(data, where, self.skips, self.source.on_decode_error)
         if text is not None:
-            yield text
+            yield text, Location(seg, where)
 
-    def _jsonl(self, seg: Segment, stream) -> Iterator[str]:
+    def _jsonl(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
         if _strip_compression(seg.path).endswith(".json"):
             # .json holds either one JSON array or JSON Lines; it is never split, so read it whole and look.
             data = b"".join(iter(lambda: _read_checked(stream, _READ_CHUNK), b""))
@@ -526,7 +558,6 @@ class DocumentReader:
                 return
             stream = pa.BufferReader(data)
         where = _LineNumbers(seg)
-        key = self.source.field
         seen_any = False
         for n, (pos, line) in enumerate(_lines(stream, seg.start, seg.end)):
             if n == 0:
@@ -543,13 +574,14 @@ class DocumentReader:
             except json.JSONDecodeError as exc:
                 self.skips.skip("malformed_json", at(), f"malformed JSON ({exc.msg} at column {exc.colno})")
                 continue
-            doc = self._field(record, key, at)
-            if doc is not None:
-                yield doc
+            except RecursionError:
+                self.skips.skip("malformed_json", at(), "JSON nested too deeply")
+                continue
+            yield record, Location(seg, at)
         if not seen_any and seg.start == 0:
             self.skips.skip("empty_file", seg.name, "empty file")
 
-    def _json_array(self, seg: Segment, data: bytes) -> Iterator[str]:
+    def _json_array(self, seg: Segment, data: bytes) -> Iterator[tuple[object, Location]]:
         text = _decode(data, lambda: seg.name, self.skips, self.source.on_decode_error)
         if text is None:
             return
@@ -558,84 +590,30 @@ class DocumentReader:
         except json.JSONDecodeError as exc:
             self.skips.skip("malformed_json", f"{seg.name}:{exc.lineno}", f"malformed JSON ({exc.msg})")
             return
+        except RecursionError:
+            self.skips.skip("malformed_json", seg.name, "JSON nested too deeply")
+            return
         for i, record in enumerate(records):
-            doc = self._field(record, self.source.field, lambda: f"{seg.name}:[{i}]")
-            if doc is not None:
-                yield doc
+            yield record, Location(seg, f"{seg.name}:[{i}]")
 
-    def _field(self, record, key: str, at) -> str | None:
-        if not isinstance(record, dict):
-            self.skips.skip("not_an_object", at(), f"expected a JSON object, got {type(record).__name__}")
-            return None
-        if key not in record:
-            self.skips.skip("missing_field", at(), f"missing field {key!r} (source.field)")
-            return None
-        value = record[key]
-        if not isinstance(value, str):
-            self.skips.skip("wrong_type", at(), f"field {key!r} is {type(value).__name__}, expected a string")
-            return None
-        return value
-
-    def _parquet(self, seg: Segment) -> Iterator[str]:
-        column = self.source.column
+    def _parquet(self, seg: Segment) -> Iterator[tuple[object, Location]]:
         try:
             pfile = pq.ParquetFile(filesystem(seg.fs_uri).open_input_file(seg.path))
         except (pa.ArrowException, OSError) as exc:
             self.skips.skip("unreadable", seg.name, f"not a readable Parquet file: {exc}")
             return
-        schema = pfile.schema_arrow
-        if column not in schema.names:
-            self.skips.skip("missing_field", seg.name,
-                            f"no column {column!r} (source.column); has: {', '.join(schema.names)}")
-            return
-        kind = schema.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-            self.skips.skip("wrong_type", seg.name, f"column {column!r} is {kind}, expected strings")
+        names = pfile.schema_arrow.names
+        missing = [c for c in self.columns or () if c not in names]
+        if missing:
+            self.skips.skip("missing_field", seg.name, f"no column {missing[0]!r}; has: {', '.join(names)}")
             return
         row = sum(pfile.metadata.row_group(rg).num_rows for rg in range(seg.start))
         groups = list(range(seg.start, seg.end if seg.end >= 0 else pfile.num_row_groups))
         if not groups:
             return
-        for batch in pfile.iter_batches(batch_size=8192, row_groups=groups, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                if value is None:
-                    self.skips.skip("wrong_type", f"{seg.name}:row {row}", f"column {column!r} is null")
-                else:
-                    yield value
-                row += 1
-
-
-class RecordReader(DocumentReader):
-    """Reads the JSON/Parquet records of a work unit whole, as (record, "file:line") pairs (fine-tuning data)."""
-
-    def _field(self, record, key: str, at):
-        return record, at()
-
-    def _builtin(self, seg: Segment):
-        corpus, _, split = seg.path.partition(":")
-        if corpus == builtin.PYTHON_DOCS:
-            raise EmberError("builtin:python-docs is plain text, not conversations; use builtin:python-qa")
-        for rec in builtin.python_qa(seg.start, split or "train"):
-            yield {"prompt": rec["prompt"], "response": rec["response"]}, rec["where"]
-
-    def _whole_text(self, seg: Segment, stream):
-        raise EmberError(f"{seg.name}: plain text holds no conversations; give JSONL, JSON or Parquet records")
-
-    _paragraphs = _whole_text
-
-    def _parquet(self, seg: Segment):
-        try:
-            pfile = pq.ParquetFile(filesystem(seg.fs_uri).open_input_file(seg.path))
-        except (pa.ArrowException, OSError) as exc:
-            self.skips.skip("unreadable", seg.name, f"not a readable Parquet file: {exc}")
-            return
-        row = sum(pfile.metadata.row_group(rg).num_rows for rg in range(seg.start))
-        groups = list(range(seg.start, seg.end if seg.end >= 0 else pfile.num_row_groups))
-        if not groups:
-            return
-        for batch in pfile.iter_batches(batch_size=1024, row_groups=groups):
+        for batch in pfile.iter_batches(batch_size=1024, row_groups=groups, columns=self.columns):
             for record in batch.to_pylist():
-                yield record, f"{seg.name}:row {row}"
+                yield record, Location(seg, f"{seg.name}:row {row}")
                 row += 1
 
 
@@ -651,16 +629,3 @@ def _previous_line_blank(seg: Segment, line_start: int) -> bool:
     if cut < 0 and lo > 0:
         return False  # a line over 4 KiB long is not blank
     return not window[cut + 1:].strip()
-
-
-def read_sample(units: list[WorkUnit], source: SourceSpec, budget: int) -> Iterator[str]:
-    """Documents for tokenizer training: up to `budget` bytes spread evenly over the units, in unit order."""
-    per_unit = max(1, budget // max(1, len(units)))
-    reader = DocumentReader(source.model_copy(update={"strict": False}), SkipLog())
-    for unit in units:
-        taken = 0
-        for doc in reader(unit):
-            yield doc
-            taken += len(doc)
-            if taken >= per_unit:
-                break

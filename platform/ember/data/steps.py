@@ -1,4 +1,4 @@
-"""The tokenize pipeline's steps as plain callables: normalise/filter, split, tokenize, pack.
+"""The tokenize pipeline's steps as plain callables: text of records, normalise/filter, split, tokenize, pack.
 
 Each step works on ordinary Python values, so tests drive them on a list of strings without Ray; `pipeline.py`
 composes them per work unit and Ray Data runs the units in parallel.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from ember.config.specs import FilterSpec
-from ember.data.sources import SkipLog
+from ember.config.specs import FilterSpec, SourceSpec
+from ember.data.sources import Location, RecordReader, SkipLog, WorkUnit
 
 _SPLIT_BUCKETS = 1_000_000
 
@@ -28,6 +28,59 @@ def doc_hash(text: str) -> int:
 def split_of(text_hash: int, val_fraction: float) -> str:
     """'val' for about `val_fraction` of documents, fixed by their hash, so a document never changes split."""
     return "val" if (text_hash % _SPLIT_BUCKETS) < val_fraction * _SPLIT_BUCKETS else "train"
+
+
+class Texts:
+    """The document text of each `(record, Location)`: plain text as it is, a JSON record's `source.field`, a Parquet
+    row's `source.column`, a built-in Q&A record's prompt and response. A record without one is skipped with its
+    location."""
+
+    def __init__(self, source: SourceSpec, skips: SkipLog):
+        self.source = source
+        self.skips = skips
+
+    def __call__(self, records: Iterable[tuple[object, Location]]) -> Iterator[str]:
+        for record, where in records:
+            if isinstance(record, str):
+                yield record
+                continue
+            fmt = where.segment.fmt
+            if fmt == "builtin":
+                yield f"{record['prompt']}\n{record['response']}"
+                continue
+            if not isinstance(record, dict):
+                self.skips.skip("not_an_object", str(where), f"expected a JSON object, got {type(record).__name__}")
+                continue
+            key, what = (self.source.column, "column") if fmt == "parquet" else (self.source.field, "field")
+            if key not in record:
+                self.skips.skip("missing_field", str(where), f"missing {what} {key!r} (source.{what})")
+                continue
+            value = record[key]
+            if not isinstance(value, str):
+                kind = "null" if value is None else type(value).__name__
+                self.skips.skip("wrong_type", str(where), f"{what} {key!r} is {kind}, expected a string")
+                continue
+            yield value
+
+
+def read_texts(source: SourceSpec, skips: SkipLog) -> Callable[[WorkUnit], Iterator[str]]:
+    """unit -> its documents' texts, in order: a RecordReader (Parquet: only the text column) and `Texts`."""
+    reader = RecordReader(source, skips, columns=[source.column])
+    texts = Texts(source, skips)
+    return lambda unit: texts(reader(unit))
+
+
+def read_sample(units: list[WorkUnit], source: SourceSpec, budget: int) -> Iterator[str]:
+    """Documents for tokenizer training: up to `budget` bytes spread evenly over the units, in unit order."""
+    per_unit = max(1, budget // max(1, len(units)))
+    read = read_texts(source.model_copy(update={"strict": False}), SkipLog())
+    for unit in units:
+        taken = 0
+        for doc in read(unit):
+            yield doc
+            taken += len(doc)
+            if taken >= per_unit:
+                break
 
 
 class Normalizer:

@@ -7,7 +7,6 @@ chat template uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -92,14 +91,6 @@ def eos_token(tok: Tokenizer, config: dict | None = None) -> tuple[str, int]:
         if name and tok.token_to_id(name) is not None:
             return name, tok.token_to_id(name)
     raise EmberError(f"the tokenizer has no end-of-text token (looked for: {', '.join(n for n in names if n)})")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -8,7 +8,6 @@ RoPE scalings) is refused with the field and value named, as are missing, unexpe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ember.errors import EmberError
+from ember.identity import files_fingerprint, path_stats
 from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, rope_frequencies
 
 WEIGHTS = "model.safetensors"
@@ -255,12 +255,6 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     return ids
 
 
-def files_fingerprint(files) -> str:
-    """Paths, sizes and modification times of files: changes when any of them is rewritten."""
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-
-
 def weights_fingerprint(model_dir: str | Path) -> str:
     """The fingerprint of a model dir's weight files."""
-    return files_fingerprint(sorted(Path(model_dir).resolve().glob("model*.safetensors*")))
+    return files_fingerprint(path_stats(sorted(Path(model_dir).resolve().glob("model*.safetensors*"))))

@@ -13,7 +13,6 @@ The evaluation runs in the job's driver process (CPU or one GPU); results go to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,9 +36,10 @@ from ember.data.shards import ShardReader, load_manifest
 from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
+from ember.identity import files_fingerprint, identity_of, path_stats, stamp_matches, write_stamp
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
-from ember.model.hf import files_fingerprint, weights_fingerprint
-from ember.train.loop import lm_loss
+from ember.model.hf import weights_fingerprint
+from ember.train.recipes import lm_loss
 
 log = logging.getLogger("ember")
 
@@ -108,9 +108,9 @@ def read_conversations(inputs: list[str]) -> list[tuple[list[dict], str]]:
     for unit in plan_units(resolve_inputs(source), source):
         for record, where in reader(unit):
             try:
-                found.append((to_messages(record), where))
+                found.append((to_messages(record), str(where)))
             except BadRecord as bad:
-                skips.skip(bad.reason, where, bad.detail)
+                skips.skip(bad.reason, str(where), bad.detail)
     if skips.skipped:
         log.info("evaluate: skipped %s", ", ".join(f"{k} {v}" for k, v in skips.skipped.items()))
     if not found:
@@ -167,10 +167,9 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
 def _identity(spec: EvaluateSpec) -> str:
     """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
     models = {name: weights_fingerprint(Path(path).expanduser()) for name, path in spec.models.items()}
-    data = (Path(spec.data.dir).expanduser() / "manifest.json").read_text() if spec.data.dir else ""
-    files = files_fingerprint(p for p in map(Path, spec.data.conversations or []) if p.is_file())
-    return json.dumps({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files,
-                       "data": hashlib.sha256(data.encode()).hexdigest()}, sort_keys=True)
+    data = load_manifest(spec.data.dir) if spec.data.dir else None
+    files = files_fingerprint(path_stats(p for p in map(Path, spec.data.conversations or []) if p.is_file()))
+    return identity_of({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files, "data": data})
 
 
 def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
@@ -184,7 +183,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
     out = Path(spec.output.file).expanduser()
     identity = _identity(spec)
     stamp = out.with_name(out.name + ".identity")
-    if out.is_file() and stamp.is_file() and stamp.read_text() == identity:
+    if out.is_file() and stamp_matches(stamp, identity):
         log.info("evaluate: %s already holds these results (same spec, models and data): reusing them", out)
         return json.loads(out.read_text())
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
@@ -216,6 +215,6 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         log.info("evaluate: %-10s %s", name, "; ".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    stamp.write_text(identity)
+    write_stamp(stamp, identity)
     log.info("evaluate: results in %s (%.1fs)", out, time.perf_counter() - t0)
     return results

@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 from ember.errors import EmberError
+from ember.identity import read_stamp
+from ember.train.launch import RESULT_FILE
 
 PLOTS = {
     # file: (title, [(metrics key, legend)], y label, log scale)
@@ -75,10 +77,7 @@ def summarize(run_dir: Path, rows: list[dict]) -> str:
     last = rows[-1]
     kind = f" ({spec.get('kind')}{' ' + spec['name'] if spec.get('name') else ''})" if spec else ""
     lines = [f"run: {run_dir}{kind}"]
-    total = None
-    result = run_dir / "result.json"
-    if result.is_file():
-        total = json.loads(result.read_text()).get("total_steps")
+    total = (read_stamp(run_dir / RESULT_FILE) or {}).get("total_steps")
     lines.append(f"steps: {last['step']}" + (f" of {total}" if total else "")
                  + (f", {last['tokens']:,} tokens seen" if "tokens" in last else ""))
     lines.append(f"training loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {last['loss']:.4f} at step "

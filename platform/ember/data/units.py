@@ -1,0 +1,302 @@
+"""One executor for the jobs that turn input records into a dataset of shards, a work unit at a time, on Ray Data.
+
+Corpus tokenization (`ember.data.pipeline`, manifest kind ``pretrain``) and conversation tokenization
+(`ember.data.sft`, kind ``sft``) each describe themselves as a `UnitJob` whose `encoder` turns one work unit's records
+into rows; everything else is done here, the same way for both:
+
+- **The output dir** (`prepare_output`): a finished dataset whose identity matches is reused; an unfinished run of
+  the same job is resumed; anything else is refused, or replaced when the spec says so.
+- **State** while a job is unfinished: ``.ember/job.json``, a stamp of the job's identity (the spec fields and
+  tokenizer that shape the output, not the input content: a run whose inputs changed since resumes and redoes the
+  changed units), and ``.ember/units/u000123.json`` per finished unit, a stamp whose identity is the fingerprint of
+  the unit's input, with its shards, statistics and skip counts. A rerun redoes only the units without a matching
+  marker. ``.ember/`` is removed once ``manifest.json`` is written.
+- **The actor pool** (`map_units`): one actor per worker builds its encoder once (the tokenizer is loaded once) and
+  takes one unit per batch row. A user-facing error in a worker (strict mode) comes back as an error row and is
+  raised on the driver with its message; the units finished before it keep their markers.
+- **Shards**: per unit and split ``u000123-000.arrow``, ``u000123-001.arrow``, ... rolled over at `shard_bytes`,
+  with the job's extra columns; a crashed attempt's shards of a unit are removed before the unit is redone.
+- **The manifest** (`collect`, `publish`): per split the units' shards in unit order and their summed statistics,
+  the merged skip counts, and what the job adds.
+
+Everything a unit writes depends only on the unit and the job, so the same inputs give the same dataset whatever the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from ember.data import shards as fmt
+from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
+from ember.errors import EmberError
+from ember.identity import identity_of, read_stamp, stamp_matches, write_json_atomic, write_stamp
+
+log = logging.getLogger("ember")
+
+STATE_DIR = ".ember"
+OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "progress.json", *fmt.SPLITS, STATE_DIR)
+
+Rows = np.ndarray | dict  # (n, row_len) token ids, or such arrays by column name when the job has extra columns
+
+
+class UnitEncoder(Protocol):
+    def __call__(self, unit: WorkUnit, skips: SkipLog, write: Callable[[str, Rows], None]) -> dict:
+        """Encodes one unit, handing full rows to `write(split, rows)`. Returns the unit's record: ``stats`` (per
+        split, counts that the manifest sums) and anything else the job reads back when it finishes."""
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """What the executor needs to run a job's units: plain values and a picklable encoder factory."""
+
+    out_dir: str
+    row_len: int
+    dtype: str
+    shard_bytes: int
+    encoder: Callable[[], UnitEncoder]  # called once per actor
+    fingerprints: dict  # unit index -> fingerprint of its input, recorded in its marker
+    extra_columns: tuple[str, ...] = ()
+    strict: bool = False
+    strict_key: str = "source.strict"
+    threads: int = 1  # the tokenizer's threads per actor
+
+
+# ---------------------------------------------------------------- units as data
+
+
+def unit_to_json(unit: WorkUnit) -> str:
+    return json.dumps(dataclasses.asdict(unit))
+
+
+def unit_from_json(text: str) -> WorkUnit:
+    data = json.loads(text)
+    return WorkUnit(data["index"], tuple(Segment(**s) for s in data["segments"]))
+
+
+def unit_prefix(index: int) -> str:
+    return f"u{index:06d}"
+
+
+def marker_path(out: Path, index: int) -> Path:
+    return out / STATE_DIR / "units" / f"{unit_prefix(index)}.json"
+
+
+def job_stamp(out: Path) -> Path:
+    return out / STATE_DIR / "job.json"
+
+
+def unit_fingerprints(units: list[WorkUnit], resolved: list[InputFile | str]) -> dict[int, str]:
+    """Per unit, the identity of its segments and their files' sizes and times: a marker counts while it matches."""
+    stats = input_stats(resolved)
+    return {u.index: identity_of([unit_to_json(u), [stats.get(s.name) for s in u.segments]]) for u in units}
+
+
+# ---------------------------------------------------------------- the output dir
+
+
+def prepare_output(out: Path, job: str, dataset: str, *, overwrite: bool, dir_key: str,
+                   overwrite_key: str | None = "output.overwrite") -> dict | None:
+    """Returns the manifest when `out` already holds this dataset; otherwise readies `out` for the job `job` (its
+    stamp, split and state dirs), keeping an unfinished run of the same job. Refuses to mix datasets unless
+    `overwrite` (then only what Ember wrote is removed); `overwrite_key` names the setting that allows it."""
+    manifest_path, stamp = out / "manifest.json", job_stamp(out)
+    if manifest_path.is_file():
+        existing = fmt.load_manifest(out)
+        if existing.get("identity") == dataset:
+            return existing
+        what = "a different dataset (other inputs, settings or tokenizer)"
+    elif stamp.is_file():
+        what = None if stamp_matches(stamp, job) else "an unfinished run of a different job (other settings or " \
+                                                       "tokenizer)"
+    elif out.is_dir() and any(p.name not in OWNED for p in out.iterdir()):
+        raise EmberError(f"{out} is not empty and holds no Ember dataset; choose another {dir_key}")
+    else:
+        what = None
+    if what is not None:
+        if not overwrite:
+            raise EmberError(f"{out} holds {what}; set {overwrite_key}: true to replace it, or choose another "
+                             f"{dir_key}")
+        log.info("replacing the previous dataset in %s", out)
+        for name in OWNED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if not stamp.is_file():  # first, so that a directory Ember has written to is always recognised as Ember's
+        write_stamp(stamp, job)
+    for d in (*(out / s for s in fmt.SPLITS), out / STATE_DIR / "units"):
+        d.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".tmp-*"):
+        stale.unlink()
+    return None
+
+
+def job_state(out: Path) -> dict:
+    """The job stamp's fields (a job may keep more there, such as the hash of the tokenizer it trained)."""
+    return read_stamp(job_stamp(out)) or {}
+
+
+def update_job_state(out: Path, **fields) -> None:
+    state = job_state(out)
+    write_stamp(job_stamp(out), state["identity"], **{k: v for k, v in state.items() if k != "identity"}, **fields)
+
+
+def finished_units(job: UnitJob, units: list[WorkUnit]) -> set[int]:
+    """The units whose marker matches their input now."""
+    out = Path(job.out_dir)
+    return {u.index for u in units if stamp_matches(marker_path(out, u.index), job.fingerprints[u.index])}
+
+
+# ---------------------------------------------------------------- running units
+
+
+class UnitRunner:
+    """Runs one unit of a job in a worker: its encoder's rows into shards, then the unit's marker."""
+
+    def __init__(self, job: UnitJob):
+        # The tokenizer's Rust thread pool reads these on first use: one pool per actor, sized to its CPUs.
+        os.environ["RAYON_NUM_THREADS"] = str(job.threads)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        self.job = job
+        self.encode = job.encoder()
+
+    def __call__(self, unit: WorkUnit) -> dict:
+        job, out, prefix = self.job, Path(self.job.out_dir), unit_prefix(unit.index)
+        for split in fmt.SPLITS:  # leftovers of a crashed attempt at this unit
+            for stale in (out / split).glob(f"{prefix}-*.arrow"):
+                stale.unlink()
+        skips = SkipLog(strict=job.strict, strict_key=job.strict_key)
+        writers = {s: fmt.ShardWriter(out / s, prefix, job.row_len, np.dtype(job.dtype), job.shard_bytes,
+                                      job.extra_columns) for s in fmt.SPLITS}
+        record = self.encode(unit, skips, lambda split, rows: writers[split].write(rows))
+        shards = {s: writers[s].close() for s in fmt.SPLITS}
+        marker = {**record, "unit": unit.index, "shards": shards, "skips": skips.to_dict()}
+        write_stamp(marker_path(out, unit.index), job.fingerprints[unit.index], **marker)
+        return {"unit": unit.index, "tokens": sum(sh["tokens"] for s in fmt.SPLITS for sh in shards[s])}
+
+
+class _UnitActor:
+    """Ray Data actor: builds its worker once, then runs one unit per batch row; a user-facing error becomes an
+    error row (its message intact) instead of failing the whole Ray Data job with a traceback."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[WorkUnit], dict]]):
+        self.work = make_worker()
+
+    def __call__(self, batch: dict) -> dict:
+        results = []
+        for text in batch["unit"]:
+            try:
+                results.append(json.dumps(self.work(unit_from_json(str(text)))))
+            except EmberError as exc:
+                results.append(json.dumps({"error": str(exc)}))
+        return {"result": results}
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def pool(workers: int | None) -> tuple[int, float]:
+    """(actors, CPUs per actor) for `workers` (default: one per CPU of the Ray cluster)."""
+    cpus = cluster_cpus()
+    workers = workers or cpus
+    return workers, min(1.0, cpus / workers)
+
+
+def map_units(units: list[WorkUnit], make_worker: Callable[[], Callable[[WorkUnit], dict]], *, workers: int,
+              num_cpus: float) -> Iterator[dict]:
+    """`worker(unit)` for every unit on a Ray Data actor pool of `workers` actors (the worker built once per actor by
+    `make_worker`), yielded as units complete. A worker's EmberError is raised here with its message."""
+    if not units:
+        return
+    import ray.data
+
+    ds = ray.data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
+    results = ds.map_batches(_UnitActor, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1,
+                             compute=ray.data.ActorPoolStrategy(size=min(workers, len(units))), num_cpus=num_cpus)
+    for row in results.iter_rows():
+        item = json.loads(row["result"])
+        if "error" in item:
+            raise EmberError(item["error"])
+        yield item
+
+
+def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: float, label: str,
+              on_progress: Callable[[dict], None] | None = None) -> int:
+    """Runs the units without a matching marker; returns how many were reused from an earlier run."""
+    done = finished_units(job, units)
+    pending = [u for u in units if u.index not in done]
+    if done:
+        log.info("%s: resuming: %d of %d units were finished by an earlier run and are reused", label, len(done),
+                 len(units))
+    if not pending:
+        return len(done)
+    log.info("%s: %d units on %d workers", label, len(pending), min(workers, len(pending)))
+    t0, tokens = time.perf_counter(), 0
+    for n, item in enumerate(map_units(pending, partial(UnitRunner, job), workers=workers, num_cpus=num_cpus), 1):
+        tokens += item["tokens"]
+        rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        record = {"units_done": n, "units": len(pending), "tokens": tokens, "tokens_per_s": rate}
+        log.info("%s: %d/%d units, %s tokens, %s tokens/s", label, n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
+        if on_progress is not None:
+            on_progress(record)
+    return len(done)
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def collect(job: UnitJob, units: list[WorkUnit]) -> tuple[dict, SkipLog, list[dict]]:
+    """The units' markers in unit order: per split their shards and summed statistics, the merged skip log, and
+    the markers themselves (for what a job adds)."""
+    out = Path(job.out_dir)
+    splits = {s: {"shards": []} for s in fmt.SPLITS}
+    skips, markers = SkipLog(), []
+    for unit in units:
+        marker = read_stamp(marker_path(out, unit.index))
+        markers.append(marker)
+        skips.merge(marker["skips"])
+        for s in fmt.SPLITS:
+            splits[s]["shards"].extend(marker["shards"][s])
+            for key, value in marker["stats"][s].items():
+                splits[s][key] = splits[s].get(key, 0) + value
+    return splits, skips, markers
+
+
+def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
+    """Totals the splits, removes shards no unit lists (of an earlier, different plan), writes manifest.json and
+    drops the job's state; returns the manifest."""
+    out = Path(job.out_dir)
+    for s in fmt.SPLITS:
+        splits[s]["rows"] = sum(sh["rows"] for sh in splits[s]["shards"])
+        splits[s]["tokens"] = sum(sh["tokens"] for sh in splits[s]["shards"])
+        listed = {sh["file"] for sh in splits[s]["shards"]}
+        for stale in (out / s).glob("*.arrow"):
+            if stale.name not in listed:
+                stale.unlink()
+    manifest = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "seq_len": job.row_len - 1,
+                "dtype": job.dtype, **manifest, "splits": splits}
+    write_json_atomic(out / "manifest.json", manifest)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    return manifest
+
+
+def skip_summary(skips: SkipLog, kept: int, **more) -> dict:
+    """The manifest's count of records read, kept and skipped (with reasons and first locations)."""
+    counts = skips.to_dict()
+    return {"read": kept + sum(counts["skipped"].values()), "kept": kept, **more, **counts}

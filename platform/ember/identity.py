@@ -1,0 +1,81 @@
+"""One answer to "does this output already hold the result of these inputs?", for every job kind.
+
+- An **identity** is the SHA-256 hex digest of a JSON value holding everything an output depends on
+  (`identity_of`): the spec fields that shape it, the fingerprints of its inputs, a format version.
+- A **fingerprint** of files is the identity of their names, sizes and modification times (`files_fingerprint`):
+  it changes when a file is rewritten, without reading every byte of a corpus or a model. `content_sha256` hashes
+  the bytes instead, for the small files whose exact content is the contract (a tokenizer).
+- A **stamp** is a JSON object with an ``identity`` field, written atomically (`write_stamp`): the record an output
+  writes anyway (a dataset's `manifest.json`, a run's `result.json`) or a small file beside it (the unit executor's
+  `.ember/job.json`, a fine-tune's `base_weights.json`, an evaluation's `results.json.identity`). `stamp_matches`
+  is the one check: an output is reused only while its stamp holds the identity of the inputs asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def identity_of(parts) -> str:
+    """The identity of a JSON-able value: the same value (whatever its key order) gives the same digest."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def files_fingerprint(stats: Iterable[tuple[str, int, int]]) -> str:
+    """The fingerprint of files given as (name, size in bytes, modification time in ns), in the order given."""
+    return identity_of([[name, int(size), int(mtime)] for name, size, mtime in stats])
+
+
+def path_stats(paths: Iterable[str | os.PathLike]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of local files, for `files_fingerprint`."""
+    out = []
+    for path in map(Path, paths):
+        st = path.stat()
+        out.append((str(path), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_stamp(path: str | os.PathLike) -> dict | None:
+    """The stamp at `path`, or None when there is none or it is not one (unreadable, not JSON, no identity)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("identity"), str) else None
+
+
+def stamp_matches(path: str | os.PathLike, identity: str) -> bool:
+    """Whether the stamp at `path` records exactly `identity`."""
+    stamp = read_stamp(path)
+    return stamp is not None and stamp["identity"] == identity
+
+
+def write_stamp(path: str | os.PathLike, identity: str, **record) -> dict:
+    """Writes a stamp (`identity` and the other fields of `record`) under a temporary name, then renames it into
+    place, so a crash leaves the old stamp or the new one, never half of one. Returns what was written."""
+    stamp = {**record, "identity": identity}
+    write_json_atomic(path, stamp)
+    return stamp
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Writes JSON under a temporary name, then renames it into place (creating the parent directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

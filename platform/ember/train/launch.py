@@ -1,0 +1,196 @@
+"""A training run as a typed plan, and its launch on Ray Train.
+
+`pretrain.py` and `finetune.py` only build a `RunPlan`: what to train (the spec and the network), on what data
+(a dataset dir and its manifest), from which weights (a base model's fingerprint, a checkpoint to start from), and
+where to (the run dir). `launch` checks what Ray Train cannot (batch arithmetic, resources, a run dir that must not be
+resumed), reuses a finished identical run, and otherwise runs the trainer (`ember.train.trainer`) on a
+`TorchTrainer`. The plan reaches every worker as its `train_loop_config` (`to_config` / `from_config`): the workers
+read nothing else.
+
+A run dir holds (besides Ray Train's checkpoints and its `checkpoint_manager_snapshot.json`): `spec.yaml`,
+`metrics.jsonl`, `restores.jsonl`, `error.json` (a run that stopped itself says why), `model/` and, once finished,
+`result.json`: the run's identity (see `ember.identity`) and its last metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ember.config.specs import SPEC_KINDS, TrainingJobSpec
+from ember.errors import EmberError
+from ember.identity import identity_of, read_stamp, write_stamp
+from ember.model import ModelConfig
+from ember.runtime import ensure_ray, find_ember_error
+from ember.train.ds_config import deepspeed_config
+
+log = logging.getLogger("ember")
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run dir
+RESULT_FILE = "result.json"  # written when a run finishes: its identity, length and last metrics
+ERROR_FILE = "error.json"  # a run that stopped itself (non-finite loss) says why here; the driver raises it
+STATE_FILE = "ember_state.json"  # in each checkpoint: step, samples consumed, world size, spec
+RESTORES_FILE = "restores.jsonl"  # one record per restore of a checkpoint (see trainer.MetricsLog)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run, complete: what the driver checked and every worker needs."""
+
+    spec: TrainingJobSpec  # with absolute paths: workers run elsewhere
+    model: ModelConfig  # the network to build (fine-tuning: the base's, vocabulary grown to the dataset's)
+    data_dir: str
+    manifest: dict  # the dataset's manifest.json
+    run_dir: str
+    total_steps: int
+    eos_ids: tuple[int, ...]  # the end tokens the exported generation_config.json names
+    base_weights: str | None = None  # fingerprint of the base model's weights (fine-tuning)
+    start_from: str | None = None  # the checkpoint `resume: PATH` names
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def identity(self) -> str:
+        """What makes two runs the same run: the spec (without how to resume), the dataset (a dataset rebuilt in the
+        same dir is other data), the network and the base's weights."""
+        spec = json.loads(self.spec.model_dump_json())
+        spec.pop("resume", None)
+        return identity_of({"spec": spec, "dataset": self.manifest, "model": self.model.to_dict(),
+                            "eos_ids": list(self.eos_ids), "base_weights": self.base_weights})
+
+    def to_config(self) -> dict:
+        """The plan as JSON-able data: the `train_loop_config` of every worker."""
+        fields = dataclasses.asdict(self)
+        return {**fields, "spec": json.loads(self.spec.model_dump_json()), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> RunPlan:
+        spec = SPEC_KINDS[config["spec"]["kind"]].model_validate(config["spec"])
+        return cls(**{**config, "spec": spec, "model": ModelConfig(**config["model"]),
+                      "eos_ids": tuple(config["eos_ids"])})
+
+
+def total_steps(spec: TrainingJobSpec, manifest: dict) -> int:
+    t = spec.train
+    return t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
+
+
+def finished_run(plan: RunPlan) -> dict | None:
+    """The last metrics of a run that finished in the plan's run dir with this same plan and exported its model."""
+    run_dir = Path(plan.run_dir)
+    stamp = read_stamp(run_dir / RESULT_FILE)
+    if stamp is None or stamp["identity"] != plan.identity() or not (run_dir / "model" / "config.json").is_file():
+        return None
+    return stamp.get("metrics") or {}
+
+
+def _check_resources(spec: TrainingJobSpec) -> None:
+    """Fails at once when the cluster can never hold the workers (Ray would otherwise wait for them forever)."""
+    import ray
+
+    s = spec.scaling
+    total = ray.cluster_resources()
+    need = {"CPU": s.cpus_per_worker * s.workers, **{k: v * s.workers for k, v in s.resources_per_worker.items()}}
+    if s.use_gpu:
+        need["GPU"] = float(s.workers)
+    for resource, amount in need.items():
+        if total.get(resource, 0) < amount:
+            raise EmberError(f"scaling asks for {amount:g} {resource} in all ({s.workers} workers) but the Ray cluster "
+                             f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
+
+
+def refuse_never(spec: TrainingJobSpec, run_dir: Path) -> None:
+    """`resume: never` on a run dir that holds checkpoints fails before anything is touched."""
+    if spec.resume == "never" and (run_dir / SNAPSHOT).is_file():
+        raise EmberError(f"{run_dir} holds checkpoints of an earlier run and resume is 'never'; set resume: auto to "
+                         "continue it, or choose another output.dir")
+
+
+def resume_path(spec: TrainingJobSpec) -> str | None:
+    """The checkpoint `resume: PATH` names, checked to be one (None for auto and never)."""
+    if spec.resume in ("auto", "never"):
+        return None
+    start_from = Path(spec.resume).expanduser().resolve()
+    if not (start_from / STATE_FILE).is_file():
+        raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no {STATE_FILE})")
+    return str(start_from)
+
+
+def _fit(trainer):
+    """`trainer.fit()`: a worker's EmberError is raised as itself (Ray Train's WorkerGroupError carries it), and
+    Ctrl-C means afterwards what it meant before (fit() installs a SIGINT handler that aborts its controller and
+    leaves it installed; `ember demo --keep-serving` serves after training)."""
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        found = find_ember_error(exc)
+        if found is not None:
+            raise found from None
+        raise
+    finally:
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _torch_trainer(plan: RunPlan):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ember.train.trainer import train_loop_per_worker
+
+    s, run_dir = plan.spec.scaling, Path(plan.run_dir)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan.to_config(),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
+                                                           **({"GPU": 1} if s.use_gpu else {})},
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(storage_path=str(run_dir.parent), name=run_dir.name,
+                             failure_config=FailureConfig(max_failures=plan.spec.failure.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=plan.spec.train.keep_checkpoints)),
+    )
+
+
+def launch(plan: RunPlan, address: str | None = None) -> dict:
+    """Runs the plan on Ray Train (or reuses its finished run); returns the last reported metrics."""
+    spec, run_dir = plan.spec, Path(plan.run_dir)
+    deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers)  # batch arithmetic and offload checks
+    finished = finished_run(plan)
+    if finished is not None:
+        log.info("%s: %s already holds this run, finished at step %s (same spec): reusing its model %s (delete the "
+                 "directory or choose another output.dir to train again)", plan.kind, run_dir,
+                 finished.get("step"), run_dir / "model")
+        return finished
+    restarting = (run_dir / SNAPSHOT).is_file()
+    refuse_never(spec, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (RESULT_FILE, ERROR_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+    ensure_ray(address)
+    _check_resources(spec)
+    cfg, s = plan.model, spec.scaling
+    log.info("%s: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s", plan.kind,
+             f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", plan.total_steps, spec.train.global_batch_size,
+             plan.manifest["seq_len"], s.workers, spec.deepspeed.zero_stage, spec.deepspeed.precision,
+             "; resuming from the latest checkpoint" if restarting and spec.resume == "auto" else "")
+    result = _fit(_torch_trainer(plan))
+    metrics = dict(result.metrics or {})
+    if (run_dir / ERROR_FILE).is_file():
+        raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
+    write_stamp(run_dir / RESULT_FILE, plan.identity(), total_steps=plan.total_steps, metrics=metrics)
+    val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+    log.info("%s: done at step %s, loss %.4f%s; model: %s", plan.kind, metrics.get("step"),
+             metrics.get("loss", float("nan")), val, run_dir / "model")
+    return metrics

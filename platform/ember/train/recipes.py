@@ -1,0 +1,87 @@
+"""What differs between training job kinds, chosen once per run: the model a worker builds, the loss, and what the
+export adds. The trainer (`ember.train.trainer`) is the same for every kind.
+
+- `Pretraining`: builds the network of the plan (or loads `model.init_from`); next-token cross-entropy over every
+  position of a packed row.
+- `SupervisedFinetuning`: loads the base, grows its vocabulary to the dataset's tokenizer, with LoRA freezes it under
+  adapters; cross-entropy over the targets whose loss mask is 1, each packed conversation attending only to itself
+  (segments); with LoRA the export also saves the adapters (PEFT format, `adapter/` beside the model) and merges them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ember.model import Transformer, load_model, resize_vocab
+from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
+
+
+def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over rows of ids (B, T + 1)."""
+    logits = model(ids[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def masked_cross_entropy(logits, targets, mask) -> torch.Tensor:
+    """Mean cross-entropy over the targets whose mask is non-zero; the others' labels are never read."""
+    targets = targets.masked_fill(mask == 0, -100)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def supervised_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy over the assistant targets of fine-tuning rows (input_ids, loss_mask, segments: (B, T + 1))."""
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1], segments=batch["segments"][:, :-1])
+    return masked_cross_entropy(logits, ids[:, 1:], batch["loss_mask"][:, 1:])
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """The loss of a batch of either kind of dataset: a tensor of rows (pretraining) or a dict of columns."""
+    return supervised_loss(model, batch) if isinstance(batch, dict) else next_token_loss(model, batch)
+
+
+class Pretraining:
+    loss = staticmethod(next_token_loss)
+
+    def build(self, plan) -> tuple[Transformer, list]:
+        """The model to train and its trainable parameters."""
+        init_from = plan.spec.model.init_from
+        model = load_model(init_from) if init_from else Transformer(plan.model)
+        return model, list(model.parameters())
+
+    def skeleton(self, plan) -> Transformer:
+        """A model of the trained shape, to load gathered ZeRO-3 weights into for the export."""
+        return Transformer(plan.model)
+
+    def before_export(self, model, plan, out: Path) -> None:
+        """Nothing to add: the model is the export."""
+
+
+class SupervisedFinetuning:
+    loss = staticmethod(supervised_loss)
+
+    def build(self, plan) -> tuple[Transformer, list]:
+        spec = plan.spec
+        model = load_model(spec.base)
+        resize_vocab(model, max(plan.manifest["vocab_size"], model.config.vocab_size))
+        if spec.method == "lora":
+            return model, apply_lora(model, spec.lora)
+        return model, list(model.parameters())
+
+    def skeleton(self, plan) -> Transformer:
+        return self.build(plan)[0]
+
+    def before_export(self, model, plan, out: Path) -> None:
+        """With LoRA: the adapters on their own (PEFT format, `adapter/` beside the model), then merged."""
+        if plan.spec.method != "lora":
+            return
+        save_adapter(adapter_state(model), plan.spec.lora, plan.spec.base, out.parent / "adapter")
+        merge_lora(model)
+
+
+RECIPES = {"pretrain": Pretraining(), "finetune": SupervisedFinetuning()}

@@ -1,0 +1,376 @@
+"""The trainer that Ray Train runs on every worker: one class with named steps, the same for every job kind.
+
+`train_loop_per_worker(config)` rebuilds the run plan from its `config` (see `ember.train.launch`) and runs a
+`Trainer` with the plan's recipe (`ember.train.recipes`: the model, the loss and what the export adds):
+
+    restore → (train_step → [evaluate] → record → [checkpoint]) until the last step → export
+
+Each worker builds the model, wraps it in a DeepSpeed engine configured from the spec, reads its slice of the shards
+(rank r takes global samples r, r + W, ...), and trains. A checkpoint is DeepSpeed's (each rank's shard) plus
+`ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same global
+sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
+checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ember.config.specs import TrainSpec
+from ember.data.shards import ShardReader
+from ember.model import flops_per_token, save_model
+from ember.train.ds_config import deepspeed_config
+from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
+from ember.train.recipes import RECIPES, lm_loss
+
+log = logging.getLogger("ember")
+
+DS_TAG = "deepspeed"  # DeepSpeed's checkpoint sub-directory inside each Ray Train checkpoint
+# Dense bf16 peak FLOP/s per device, for MFU; a device not listed gets no MFU figure.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def lr_at(step: int, train: TrainSpec, total_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps` (default: the last
+    step); `step` is 1-based."""
+    if step <= train.warmup_steps:
+        return train.lr * step / max(1, train.warmup_steps)
+    horizon = train.decay_steps or total_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, horizon - train.warmup_steps))
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def to_device(batch, device):
+    """A reader batch (an array, or a dict of arrays for fine-tuning data) as tensors on `device`."""
+    if isinstance(batch, dict):
+        return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    return torch.from_numpy(batch).to(device)
+
+
+@torch.no_grad()
+def evaluate(engine, reader: ShardReader, micro_batch: int, batches: int, device) -> float:
+    """Mean loss over the first `batches` micro batches of val/ per rank (the same ones every time)."""
+    engine.eval()
+    it = reader.batches(micro_batch, start=0)
+    losses = [lm_loss(engine, to_device(next(it)[0], device)) for _ in range(batches)]
+    engine.train()
+    return _mean_over_ranks(torch.stack(losses).mean())
+
+
+def _peak_flops(use_gpu: bool) -> float | None:
+    if not use_gpu or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl (and TensorBoard events, by option): on resume, rows after the restored step are
+    dropped so no step appears twice. Each restore appends one record to restores.jsonl: the step and samples it
+    restored, from which checkpoint (`source`: `latest`, the run's own latest, after a failed worker or when the run
+    dir is run again; `resume_path`, the one `resume: PATH` names), and the steps of the dropped rows with their
+    losses, which the redone steps must repeat."""
+
+    def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
+        self.path = path
+        superseded = []
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resumed_step]
+            superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if restored is not None:
+            with open(path.with_name(RESTORES_FILE), "a") as f:
+                f.write(json.dumps({**restored, "superseded": superseded}) + "\n")
+        self.board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed attempt wrote past the checkpoint this run resumes from.
+            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resumed_step + 1)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{key}", value, row["step"])
+            self.board.flush()
+
+
+def zero_partitions(engine, stage: int) -> dict:
+    """Elements of parameters and of fp32 optimizer master weights held by each rank (all ranks must call)."""
+    params = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in engine.module.parameters())
+    if stage in (1, 2):
+        master = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+    elif stage == 3:
+        master = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
+    else:
+        master = sum(p.numel() for p in engine.module.parameters())
+    local = torch.tensor([params, master], dtype=torch.long, device=engine.device)
+    if not dist.is_initialized():
+        return {"params": [params], "optimizer": [master]}
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return {"params": [int(t[0]) for t in gathered], "optimizer": [int(t[1]) for t in gathered]}
+
+
+def _optimizer_shards(ds_dir: Path) -> list[Path]:
+    """The per-rank optimizer state files of a DeepSpeed checkpoint (none when the optimizer state is not partitioned,
+    as with ZeRO 0 in fp32: it then sits whole in the model-states file and loads into any worker count)."""
+    return sorted(ds_dir.glob("*optim_states.pt"))
+
+
+def to_universal(ds_dir: Path, out_dir: Path) -> Path:
+    """Converts the DeepSpeed checkpoint in `ds_dir` (one file per rank) to DeepSpeed's universal format (one file per
+    parameter and optimizer state, independent of the worker count) under `out_dir/universal`; returns that dir."""
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = out_dir / "universal"
+    args = Namespace(input_folder=str(ds_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress bars
+        ds_to_universal.main(args)
+    return target
+
+
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report and checkpoint of every rank at INFO, under loggers named by file path; Ember's
+    progress line says the same once. Warnings and errors still show."""
+    import importlib
+
+    for name in ("context", "storage"):
+        try:
+            module = importlib.import_module(f"ray.train.v2._internal.execution.{name}")
+        except ImportError:  # another Ray layout: keep its logs
+            continue
+        getattr(module, "logger", logging.getLogger(module.__file__)).setLevel(logging.WARNING)
+
+
+def _not_finite(loss: float, grad_norm: float | None) -> tuple[str, float] | None:
+    if not math.isfinite(loss):
+        return "training loss", loss
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return "gradient norm", grad_norm
+    return None
+
+
+class Trainer:
+    """One worker's part of a run, in named steps (see the module docstring). Reads only its plan."""
+
+    def __init__(self, plan: RunPlan):
+        import ray.train
+        import ray.train.torch
+
+        self.plan, self.spec, self.recipe = plan, plan.spec, RECIPES[plan.kind]
+        self.run_dir = Path(plan.run_dir)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.step, self.samples = 0, 0
+        self.ds_config = deepspeed_config(self.spec.train, self.spec.deepspeed, self.world)
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self) -> dict | None:
+        """Builds the model and its DeepSpeed engine, loading the checkpoint to continue from: the run's own latest
+        (after a restart) first, else the one `resume: PATH` names. Returns what was restored, or None."""
+        import deepspeed
+        import ray.train
+
+        tr = self.spec.train
+        torch.manual_seed(tr.seed)  # the same initial weights on every rank
+        model, trainable = self.recipe.build(self.plan)
+        model.config.gradient_checkpointing = self.spec.deepspeed.activation_checkpointing
+        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": tr.weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
+        own = ray.train.get_checkpoint()
+        checkpoint = own or (ray.train.Checkpoint(self.plan.start_from) if self.plan.start_from else None)
+        with contextlib.ExitStack() as stack:
+            load = self._checkpoint_to_load(checkpoint, stack) if checkpoint is not None else None
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
+                                                        dist_init_required=False)
+            if load is None:
+                return None
+            load_dir, tag, state = load
+            self.engine.load_checkpoint(str(load_dir), tag=tag)
+        self.step, self.samples = state["step"], state["samples"]
+        if self.rank == 0:
+            how = f", re-partitioned from {state['world_size']} workers to {self.world}" if tag != DS_TAG else ""
+            log.info("resumed at step %d (%d samples consumed) from %s%s", self.step, self.samples, checkpoint.path,
+                     how)
+        return {"step": self.step, "samples": self.samples, "checkpoint": str(checkpoint.path),
+                "source": "latest" if own is not None else "resume_path", "world_size": self.world,
+                "checkpoint_world_size": state.get("world_size", self.world), "time": time.time()}
+
+    def _checkpoint_to_load(self, checkpoint, stack) -> tuple[Path, str, dict]:
+        """(directory, DeepSpeed tag, Ember state) to load; ZeRO partitions of another worker count are re-cut
+        through DeepSpeed's universal checkpoint first."""
+        directory = Path(stack.enter_context(checkpoint.as_directory()))
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state.get("world_size", self.world) == self.world or not _optimizer_shards(directory / DS_TAG):
+            return directory, DS_TAG, state
+        self.ds_config["checkpoint"] = {"load_universal": True}
+        load_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-universal-")))
+        return load_dir, to_universal(directory / DS_TAG, load_dir).name, state
+
+    # ------------------------------------------------------------ train step
+
+    def train_step(self, batches) -> tuple[float, float | None, float]:
+        """One optimizer step (gradient accumulation inside): (mean loss over ranks, grad norm, learning rate)."""
+        self.step += 1
+        lr = lr_at(self.step, self.spec.train, self.plan.total_steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for _ in range(self.ds_config["gradient_accumulation_steps"]):
+            batch, self.samples = next(batches)
+            loss = self.recipe.loss(self.engine, to_device(batch, self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        grad_norm = self.engine.get_global_grad_norm()
+        return _mean_over_ranks(torch.stack(losses).mean()), float(grad_norm) if grad_norm is not None else None, lr
+
+    def stop_if_not_finite(self, loss: float, grad_norm: float | None) -> bool:
+        """Every rank sees the same all-reduced figures, so all stop here together, without a retry; the driver
+        raises the error rank 0 writes. The last good checkpoint stays."""
+        bad = _not_finite(loss, grad_norm)
+        if bad and self.rank == 0:
+            (self.run_dir / ERROR_FILE).write_text(json.dumps({"step": self.step, "error": (
+                f"the {bad[0]} is {bad[1]} at step {self.step}; stopped there. The last good checkpoint is kept in "
+                "the run dir (lower train.lr, raise train.warmup_steps, or check the data)")}))
+        return bad is not None
+
+    # ------------------------------------------------------------ evaluate, record, checkpoint
+
+    def evaluate(self, reader: ShardReader) -> dict:
+        tr = self.spec.train
+        val_loss = evaluate(self.engine, reader, tr.micro_batch_size, tr.eval_batches, self.device)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def record(self, metrics: dict, metrics_log: MetricsLog, gauges) -> None:
+        """Rank 0: the metrics row, the Ray metrics and the progress line."""
+        metrics_log.write(metrics)
+        gauges.record({"loss": metrics["loss"], "val_loss": metrics.get("val_loss"), "learning_rate": metrics["lr"],
+                       "grad_norm": metrics["grad_norm"], "tokens_per_second": metrics["tokens_per_s"],
+                       "mfu": metrics.get("mfu"), "step": self.step, "step_time_seconds": metrics["step_time_s"]})
+        val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if "val_loss" in metrics else ""
+        log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", self.step, self.plan.total_steps,
+                 metrics["loss"], val, metrics["lr"], metrics["grad_norm"] or 0.0, f"{metrics['tokens_per_s']:,.0f}")
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Reports the metrics with a checkpoint: each rank's DeepSpeed shard, and rank 0's data position and spec."""
+        import ray.train
+
+        directory = tempfile.mkdtemp(prefix="ember-ckpt-")
+        self.engine.save_checkpoint(directory, tag=DS_TAG)
+        if self.rank == 0:
+            Path(directory, STATE_FILE).write_text(json.dumps({
+                "step": self.step, "samples": self.samples, "world_size": self.world,
+                "spec": json.loads(self.spec.model_dump_json())}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        shutil.rmtree(directory, ignore_errors=True)
+
+    # ------------------------------------------------------------ export
+
+    def export(self) -> None:
+        """Writes the trained model as a model dir of its family (ZeRO-3 shards gathered first; all ranks call)."""
+        out = self.run_dir / "model"
+        if self.spec.deepspeed.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: rank 0 receives the full state
+            if self.rank == 0:
+                torch.manual_seed(0)
+                model = self.recipe.skeleton(self.plan)
+                model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        else:
+            model = self.engine.module
+        if self.rank == 0:
+            self.recipe.before_export(model, self.plan, out)
+            model.config.gradient_checkpointing = False
+            eos = list(self.plan.eos_ids) if len(self.plan.eos_ids) > 1 else self.plan.eos_ids[0]
+            save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=torch.float32, eos_token_id=eos)
+            log.info("model exported to %s", out)
+        if dist.is_initialized():
+            dist.barrier()
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> None:
+        import ray.train
+
+        from ember.metrics import TrainMetrics
+
+        restored = self.restore()
+        plan, tr, rank = self.plan, self.spec.train, self.rank
+        seq_len, total = plan.manifest["seq_len"], plan.total_steps
+        reader = ShardReader(plan.data_dir, "train", seed=tr.seed, rank=rank, world_size=self.world)
+        val_reader = (ShardReader(plan.data_dir, "val", seed=tr.seed, rank=rank, world_size=self.world)
+                      if plan.manifest["splits"]["val"]["rows"] else None)
+        batches = reader.batches(tr.micro_batch_size, start=self.samples)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.step, tr.tensorboard, restored) \
+            if rank == 0 else None
+        gauges = TrainMetrics(self.spec.name or self.run_dir.name) if rank == 0 else None
+        partitions = zero_partitions(self.engine, self.spec.deepspeed.zero_stage)  # with the first metrics row
+        peak, flops_token = _peak_flops(self.spec.scaling.use_gpu), flops_per_token(plan.model, seq_len)
+        interval_start, interval_steps = time.perf_counter(), 0
+        while self.step < total:
+            loss, grad_norm, lr = self.train_step(batches)
+            interval_steps += 1
+            if self.stop_if_not_finite(loss, grad_norm):
+                return
+            step = self.step
+            log_now = step % tr.log_every == 0 or step == total
+            eval_now = val_reader is not None and ((tr.eval_every and step % tr.eval_every == 0) or step == total)
+            save_now = (tr.checkpoint_every and step % tr.checkpoint_every == 0) or step == total
+            if not (log_now or eval_now or save_now):
+                continue
+            seconds = time.perf_counter() - interval_start
+            tokens_per_s = interval_steps * tr.global_batch_size * seq_len / max(seconds, 1e-9)
+            metrics = {"step": step, "samples": self.samples, "tokens": self.samples * seq_len, "loss": loss,
+                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                       "step_time_s": seconds / interval_steps}
+            if partitions:
+                metrics["zero_partitions"], partitions = partitions, None
+            if peak:
+                metrics["mfu"] = flops_token * tokens_per_s / (peak * self.world)
+            if eval_now:
+                metrics.update(self.evaluate(val_reader))
+            if rank == 0:
+                self.record(metrics, metrics_log, gauges)
+            if save_now:
+                self.checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+            interval_start, interval_steps = time.perf_counter(), 0
+        self.export()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _quiet_ray_train()
+    Trainer(RunPlan.from_config(config)).run()
