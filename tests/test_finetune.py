@@ -273,3 +273,42 @@ def test_generate_with_chat_wraps_the_prompt_in_the_template(ember_full_run, hf_
     assert printed == tok.decode(expected).strip() and printed.startswith("The")  # its answers start so
     assert main(["generate", str(hf_base), "--chat", "--prompt", "hi"]) == 1
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_fine_tuning_data_resumes_per_unit_with_shards_rolled_by_shard_bytes(hf_base, tmp_path):
+    """The conversation tokenizer runs on the unit executor: a strict failure keeps the finished units, the rerun
+    after the fix redoes only the unfinished ones (the others' shards are not rewritten), and the result is the
+    dataset a clean run makes, in shards named and rolled as tokenize's are."""
+    from ember.config.specs import ChatDataSpec
+    from ember.data.sft import prepare_chat_dataset, source_of
+    from ember.data.sources import plan_units, resolve_inputs
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        lines = [json.dumps(r) for r in conversations(80, seed=10 + i)]
+        (corpus / f"{i}.jsonl").write_text("\n".join(lines) + "\n")
+    good = (corpus / "3.jsonl").read_text()
+    (corpus / "3.jsonl").write_text(good.replace('"prompt"', '"prompt_"', 1))
+    settings = {"inputs": [str(corpus)], "seq_len": 64, "strict": True, "unit_bytes": 4096, "shard_bytes": 4096}
+    out = tmp_path / "data"
+    with pytest.raises(EmberError, match=r"3\.jsonl:\d+: .*\(data.strict is on\)"):
+        prepare_chat_dataset(ChatDataSpec(**settings), hf_base, out, 128)
+    finished = sorted((out / ".ember" / "units").glob("u*.json"))
+    assert finished and not (out / "manifest.json").exists()
+    units = plan_units(resolve_inputs(source_of(ChatDataSpec(**settings))), source_of(ChatDataSpec(**settings)))
+    untouched = {u.index for u in units if all("3.jsonl" not in s.name for s in u.segments)}  # its input stays
+    kept = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.arrow") if int(p.name[1:7]) in untouched
+            and (out / ".ember" / "units" / f"{p.name[:7]}.json") in finished}
+    (corpus / "3.jsonl").write_text(good)
+    manifest = prepare_chat_dataset(ChatDataSpec(**settings), hf_base, out, 128)
+    assert kept and len(finished) < manifest["units"]
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished units were not redone
+    clean = prepare_chat_dataset(ChatDataSpec(**settings), hf_base, tmp_path / "clean", 128)
+    names = [sh["file"] for sh in manifest["splits"]["train"]["shards"]]
+    assert names == [sh["file"] for sh in clean["splits"]["train"]["shards"]]
+    assert "u000000-001.arrow" in names and all(n.startswith("u0") and n.endswith(".arrow") for n in names)
+    assert manifest["conversations"] == clean["conversations"]
+    for name in names:
+        assert (out / "train" / name).read_bytes() == (tmp_path / "clean" / "train" / name).read_bytes()
+    assert not (out / ".ember").exists()
