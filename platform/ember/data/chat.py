@@ -17,9 +17,12 @@ from __future__ import annotations
 from datetime import datetime
 
 import numpy as np
+from jinja2 import ext
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
-from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, _token_name
+from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, token_name
 from ember.errors import EmberError
 
 ROLES = ("system", "user", "assistant")
@@ -95,8 +98,6 @@ def to_messages(record, fmt: str = "auto") -> list[dict]:
 
 
 def _raise_exception(message: str):
-    from jinja2.exceptions import TemplateError
-
     raise TemplateError(message)
 
 
@@ -105,10 +106,6 @@ class ChatTemplate:
     `raise_exception`, `strftime_now`, and the tokenizer's special tokens as variables)."""
 
     def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None):
-        from jinja2 import ext
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -126,8 +123,6 @@ class ChatTemplate:
         return cls(source, special_token_vars(config)) if source else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        from jinja2.exceptions import TemplateError
-
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **self.special)
@@ -144,7 +139,7 @@ def template_source(config: dict) -> str | None:
 
 
 def special_token_vars(config: dict) -> dict[str, str | None]:
-    return {k: _token_name(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return {k: token_name(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
 
 def chat_tokenizer(tok: Tokenizer, config: dict) -> tuple[Tokenizer, dict, list[str]]:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import zstandard
 
 from ember.config.specs import SourceSpec
 from ember.data import builtin
@@ -318,8 +319,6 @@ class _ZstdReader:
     returns a silent short read there)."""
 
     def __init__(self, raw):
-        import zstandard
-
         self._zstd = zstandard
         self._raw = raw
         self._obj = zstandard.ZstdDecompressor().decompressobj()

@@ -80,13 +80,13 @@ def tokenizer_config(path: str | os.PathLike) -> dict:
         raise EmberError(f"{cfg}: not valid JSON ({exc})") from None
 
 
-def _token_name(value) -> str | None:
+def token_name(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
 def eos_token(tok: Tokenizer, config: dict | None = None) -> tuple[str, int]:
     """The end-of-text token and its id: from tokenizer_config.json when given, else a well-known name."""
-    names = [_token_name((config or {}).get("eos_token"))] + list(_EOS_CANDIDATES)
+    names = [token_name((config or {}).get("eos_token"))] + list(_EOS_CANDIDATES)
     for name in names:
         if name and tok.token_to_id(name) is not None:
             return name, tok.token_to_id(name)

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import ray
+import ray.data
 
 from ember.data import shards as fmt
 from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
@@ -206,8 +208,6 @@ class _UnitActor:
 
 
 def cluster_cpus() -> int:
-    import ray
-
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -224,8 +224,6 @@ def map_units(units: list[WorkUnit], make_worker: Callable[[], Callable[[WorkUni
     `make_worker`), yielded as units complete. A worker's EmberError is raised here with its message."""
     if not units:
         return
-    import ray.data
-
     ds = ray.data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
     results = ds.map_batches(_UnitActor, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1,
                              compute=ray.data.ActorPoolStrategy(size=min(workers, len(units))), num_cpus=num_cpus)

@@ -15,19 +15,25 @@ checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and t
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 import json
 import logging
 import math
 import shutil
 import tempfile
 import time
+from argparse import Namespace
 from pathlib import Path
 
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from ember.config.specs import TrainSpec
 from ember.data.shards import ShardReader
+from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
@@ -143,10 +149,7 @@ def _optimizer_shards(ds_dir: Path) -> list[Path]:
 def to_universal(ds_dir: Path, out_dir: Path) -> Path:
     """Converts the DeepSpeed checkpoint in `ds_dir` (one file per rank) to DeepSpeed's universal format (one file per
     parameter and optimizer state, independent of the worker count) under `out_dir/universal`; returns that dir."""
-    import io
-    from argparse import Namespace
-
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # the converter pulls in DeepSpeed's whole checkpoint stack
 
     target = out_dir / "universal"
     args = Namespace(input_folder=str(ds_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
@@ -161,8 +164,6 @@ def to_universal(ds_dir: Path, out_dir: Path) -> Path:
 def _quiet_ray_train() -> None:
     """Ray Train logs every report and checkpoint of every rank at INFO, under loggers named by file path; Ember's
     progress line says the same once. Warnings and errors still show."""
-    import importlib
-
     for name in ("context", "storage"):
         try:
             module = importlib.import_module(f"ray.train.v2._internal.execution.{name}")
@@ -183,9 +184,6 @@ class Trainer:
     """One worker's part of a run, in named steps (see the module docstring). Reads only its plan."""
 
     def __init__(self, plan: RunPlan):
-        import ray.train
-        import ray.train.torch
-
         self.plan, self.spec, self.recipe = plan, plan.spec, RECIPES[plan.kind]
         self.run_dir = Path(plan.run_dir)
         ctx = ray.train.get_context()
@@ -199,8 +197,7 @@ class Trainer:
     def restore(self) -> dict | None:
         """Builds the model and its DeepSpeed engine, loading the checkpoint to continue from: the run's own latest
         (after a restart) first, else the one `resume: PATH` names. Returns what was restored, or None."""
-        import deepspeed
-        import ray.train
+        import deepspeed  # in the workers only: the driver imports this module to hand Ray Train the loop
 
         tr = self.spec.train
         torch.manual_seed(tr.seed)  # the same initial weights on every rank
@@ -285,8 +282,6 @@ class Trainer:
 
     def checkpoint(self, metrics: dict) -> None:
         """Reports the metrics with a checkpoint: each rank's DeepSpeed shard, and rank 0's data position and spec."""
-        import ray.train
-
         directory = tempfile.mkdtemp(prefix="ember-ckpt-")
         self.engine.save_checkpoint(directory, tag=DS_TAG)
         if self.rank == 0:
@@ -321,10 +316,6 @@ class Trainer:
     # ------------------------------------------------------------ the run
 
     def run(self) -> None:
-        import ray.train
-
-        from ember.metrics import TrainMetrics
-
         restored = self.restore()
         plan, tr, rank = self.plan, self.spec.train, self.rank
         seq_len, total = plan.manifest["seq_len"], plan.total_steps
