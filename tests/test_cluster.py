@@ -231,6 +231,7 @@ def test_serving_on_the_cluster_and_ember_status(cluster, served):
     assert "nodes: 3 alive" in status and "in use:" in status
     assert "ember/EmberServer: RUNNING, 1/1 replicas running" in status
     assert "step 12/12" in status and "tokenize" in status
+    assert "tokens, done" in status  # the tokenize job's last progress record
     assert f"dashboard: {cluster.info.dashboard_url}" in status
 
 

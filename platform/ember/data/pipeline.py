@@ -51,12 +51,14 @@ from ember.data.tokenizer import (
     write_tokenizer_config,
 )
 from ember.errors import EmberError
+from ember.progress import FILE as PROGRESS_FILE
+from ember.progress import write_progress
 from ember.runtime import ensure_ray
 
 log = logging.getLogger("ember")
 
 STATE_DIR = ".ember"  # per-unit done-markers while a job is unfinished; removed once the manifest is written
-_OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "train", "val", STATE_DIR)
+_OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "train", "val", STATE_DIR, PROGRESS_FILE)
 _TEXT_PER_BATCH = 1 << 21  # characters of text handed to the tokenizer at once
 
 
@@ -388,9 +390,13 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
             tokens += _checked(row["done"])["tokens"]
             rate = tokens / max(time.perf_counter() - t_work, 1e-9)
             log.info("tokenize: %d/%d units, %s tokens, %s tokens/s", n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
+            write_progress(out, {"kind": "tokenize", "units": n, "total_units": len(pending), "tokens": tokens,
+                                 "tokens_per_s": rate})
 
     manifest = _assemble(spec, out, units, identity, fingerprint, tok_path, tok.get_vocab_size(), eos_id, dtype)
     shutil.rmtree(out / STATE_DIR)
+    write_progress(out, {"kind": "tokenize", "units": len(units), "total_units": len(units), "done": True,
+                         "tokens": sum(manifest["splits"][s]["tokens"] for s in fmt.SPLITS)})
     for line in _summary_lines(manifest, time.perf_counter() - t_start, len(done)):
         log.info(line)
     log.info("dataset: %s", out)

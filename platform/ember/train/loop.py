@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ember.config.specs import SPEC_KINDS, TrainSpec
 from ember.data.shards import ShardReader, load_manifest
 from ember.model import ModelConfig, Transformer, flops_per_token, load_model, resize_vocab, save_model
+from ember.progress import write_progress
 from ember.train.ds_config import deepspeed_config
 
 log = logging.getLogger("ember")
@@ -351,6 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
             val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if eval_now else ""
             log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", step, total_steps, loss, val,
                      lr, metrics["grad_norm"] or 0.0, f"{tokens_per_s:,.0f}")
+            write_progress(run_dir, {"kind": "train", "step": step, "total_steps": total_steps, "loss": loss,
+                                     "tokens_per_s": tokens_per_s, "val_loss": metrics.get("val_loss")})
         if save_now:
             directory = _save_checkpoint(engine, step, samples, config["spec"], rank, world)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
