@@ -30,6 +30,7 @@ _EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The `ember` command's arguments, added a verb (or two small ones) per step."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and Ray's own logs")
@@ -40,7 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
+    for add_verbs in (_add_run, _add_submit, _add_jobs, _add_demo, _add_report_and_status, _add_cluster, _add_serve,
+                      _add_generate):
+        add_verbs(verbs, common)
+    return parser
 
+
+def _address_arg(parser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="the cluster's Ray dashboard URL, e.g. http://10.0.0.5:8265 (default: "
+                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`)")
+
+
+def _add_run(verbs, common) -> None:
     run = verbs.add_parser(
         "run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run a job spec (tokenize, ...) on Ray",
@@ -57,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="resolve the spec's relative paths against DIR instead of the current directory (what "
                           "`ember submit` uses on the cluster)")
 
+
+def _add_submit(verbs, common) -> None:
     sub = verbs.add_parser(
         "submit", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="submit a job spec to a Ray cluster (Ray Jobs API)",
@@ -77,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="directory on the cluster that the spec's relative paths resolve against (default: this "
                           "directory when the cluster is on this machine, else the job's own working dir)")
 
+
+def _add_jobs(verbs, common) -> None:
     jobs = verbs.add_parser("jobs", parents=[common], help="list, inspect, follow and stop jobs on a Ray cluster",
                             description="Jobs on a Ray cluster (Ember's and any other), through the Ray Jobs API.")
     jverbs = jobs.add_subparsers(dest="jobs_verb", metavar="ACTION")
@@ -92,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
             j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
     _address_arg(jl)
 
+
+def _add_demo(verbs, common) -> None:
     demo = verbs.add_parser(
         "demo", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the whole pipeline on the built-in corpus: tokenize → pretrain → fine-tune → evaluate → serve → ask",
@@ -108,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a stage's spec, e.g. --set pretrain.train.max_steps=100 (repeatable)")
 
+
+def _add_report_and_status(verbs, common) -> None:
     rep = verbs.add_parser("report", parents=[common], help="plots and a summary of a training run",
                            description="Writes RUN_DIR/report/{loss,learning_rate,tokens_per_second}.png and "
                                        "summary.txt from the run's metrics.jsonl, and prints the summary.")
@@ -118,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "Serve applications with their replicas, and the dashboard URL.")
     _address_arg(st)
 
+
+def _add_cluster(verbs, common) -> None:
     clu = verbs.add_parser("cluster", parents=[common], help="a local multi-node Ray cluster on this machine",
                            description="A real Ray cluster on this machine: a head and N worker nodes (separate "
                                        "raylets), bound to 127.0.0.1, with Ray's token authentication on.")
@@ -135,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--dir", default=None, help="where the cluster's state is kept (default: $EMBER_CLUSTER_DIR, "
                                                    "else ~/.ember/cluster)")
 
+
+def _add_serve(verbs, common) -> None:
     srv = verbs.add_parser(
         "serve", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="serve a model dir (or a Ray Serve config) behind an OpenAI-compatible API",
@@ -149,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
 
+
+def _add_generate(verbs, common) -> None:
     gen = verbs.add_parser(
         "generate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="generate text from a model dir, streamed to the terminal",
@@ -168,13 +195,6 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="compute dtype (default: float32)")
-    return parser
-
-
-def _address_arg(parser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="the cluster's Ray dashboard URL, e.g. http://10.0.0.5:8265 (default: "
-                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`)")
 
 
 def _runner(kind: str):
