@@ -47,10 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _address_arg(parser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="the cluster's Ray dashboard URL, e.g. http://10.0.0.5:8265 (default: "
-                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`)")
+# The two forms of --address (see ember.cluster.address); every verb takes either.
+_EITHER_FORM = ("the Ray cluster, by its GCS address HOST:PORT (e.g. 10.0.0.5:6379, or 'auto') or its dashboard URL "
+                "(e.g. http://10.0.0.5:8265); either form works")
+
+
+def _address_arg(parser, joins: bool) -> None:
+    """--address for a verb that joins the cluster (`joins`: it needs the GCS) or talks to its dashboard."""
+    default = ("RAY_ADDRESS, else a new local instance" if joins else
+               "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`")
+    parser.add_argument("--address", default=None, help=f"{_EITHER_FORM} (default: {default})")
 
 
 def _add_run(verbs, common) -> None:
@@ -63,9 +69,7 @@ def _add_run(verbs, common) -> None:
     run.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set pack.seq_len=256 (repeatable; values are read as YAML)")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else "
-                          "a new local instance)")
+    _address_arg(run, joins=True)
     run.add_argument("--workdir", default=None, metavar="DIR",
                      help="resolve the spec's relative paths against DIR instead of the current directory (what "
                           "`ember submit` uses on the cluster)")
@@ -84,7 +88,7 @@ def _add_submit(verbs, common) -> None:
     sub.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value (repeatable; passed on to `ember run` on the cluster)")
-    _address_arg(sub)
+    _address_arg(sub, joins=False)
     sub.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its result")
     sub.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                      help="environment variable for the job (repeatable; NAME alone takes this shell's value)")
@@ -104,10 +108,10 @@ def _add_jobs(verbs, common) -> None:
                        ("stop", "stop a running job")):
         j = jverbs.add_parser(name, parents=[common], help=text)
         j.add_argument("job_id", metavar="ID", help="the submission id (`ember jobs list`)")
-        _address_arg(j)
+        _address_arg(j, joins=False)
         if name == "logs":
             j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
-    _address_arg(jl)
+    _address_arg(jl, joins=False)
 
 
 def _add_demo(verbs, common) -> None:
@@ -122,8 +126,7 @@ def _add_demo(verbs, common) -> None:
                "  ember demo --set pretrain.train.max_steps=100 --set finetune.method=lora")
     demo.add_argument("--keep-serving", action="store_true", help="leave the app up at the end (Ctrl-C stops it)")
     demo.add_argument("--port", type=int, default=None, help="HTTP port of the app (default: serve/demo.yaml's)")
-    demo.add_argument("--address", default=None, help="Ray cluster (GCS) address (default: RAY_ADDRESS, else a new "
-                                                      "local instance)")
+    _address_arg(demo, joins=True)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a stage's spec, e.g. --set pretrain.train.max_steps=100 (repeatable)")
 
@@ -137,7 +140,7 @@ def _add_report_and_status(verbs, common) -> None:
     st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
                           description="Nodes and resources, running and recent Ember jobs with their latest progress, "
                                       "Serve applications with their replicas, and the dashboard URL.")
-    _address_arg(st)
+    _address_arg(st, joins=False)
 
 
 def _add_cluster(verbs, common) -> None:
@@ -168,8 +171,7 @@ def _add_serve(verbs, common) -> None:
         epilog="examples:\n  ember serve serve/demo.yaml\n  ember serve runs/finetune-demo/model --port 8001\n"
                "  ember serve serve/demo.yaml --address 127.0.0.1:6379 --detach")
     srv.add_argument("target", metavar="SERVE.yaml|MODEL_DIR", help="a Ray Serve config file or a model dir")
-    srv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local "
-                                                     "instance)")
+    _address_arg(srv, joins=True)
     srv.add_argument("--detach", action="store_true", help="leave the app running on the cluster and exit")
     srv.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
@@ -359,6 +361,34 @@ def _setup_logging(debug: bool) -> None:
     logger.propagate = False
 
 
+GCS_VERBS = ("run", "serve", "demo")  # they join the cluster (ray.init): its GCS address
+DASHBOARD_VERBS = ("submit", "jobs", "status")  # they use its HTTP APIs: its dashboard URL
+
+
+def _use_address_form(args) -> None:
+    """Puts the cluster's address (--address, else the environment) in the form the verb needs, and says on stderr
+    which address it used when it had to find that form (ember.cluster.address)."""
+    if args.verb in GCS_VERBS:
+        from_env = os.environ.get("RAY_ADDRESS")
+    elif args.verb in DASHBOARD_VERBS:
+        from_env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    else:
+        return
+    given = args.address or from_env
+    if not given:
+        return
+    from ember.cluster.address import to_dashboard, to_gcs
+    from ember.cluster.local import read_state
+
+    found = (to_gcs if args.verb in GCS_VERBS else to_dashboard)(given, read_state())
+    if not found.note:
+        return
+    print(found.line(), file=sys.stderr, flush=True)
+    if args.address is None and args.verb in GCS_VERBS:
+        os.environ["RAY_ADDRESS"] = found.address  # what Ray and this process's children read, in the form they join
+    args.address = found.address
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -372,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.runtime import find_ember_error
 
     try:
+        _use_address_form(args)
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
                 "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,
                 "report": cmd_report}[args.verb](args)

@@ -6,8 +6,9 @@ runs the code the client has) and the environment variables the job needs. Job i
 spec, so `ember jobs list` and the Ray dashboard show what each job is.
 
 The cluster is named by its dashboard URL (`--address http://HOST:8265`, or RAY_API_SERVER_ADDRESS / RAY_ADDRESS as
-Ray's own `ray job` reads them); without one, the local cluster from `ember cluster up` is used. Requests carry the
-cluster's token (Ray's token authentication), from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+Ray's own `ray job` reads them) or by its GCS address, whose dashboard `ember.cluster.address` finds; without either,
+the local cluster from `ember cluster up` is used. Requests carry the cluster's token (Ray's token authentication),
+from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 
 A job's progress is not read from its log: the job writes a record in its output dir (`ember.progress`), and the
 job's metadata (`ember_progress`) says where, when this client can name that place.
@@ -38,21 +39,19 @@ PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write em
 
 
 def resolve_dashboard(address: str | None) -> str:
-    """The dashboard URL of the cluster to talk to (see the module docstring for the order)."""
+    """The dashboard URL of the cluster to talk to (see the module docstring for the order); a GCS address is
+    translated (`ember.cluster.address`)."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    from ember.cluster.address import to_dashboard
     from ember.cluster.local import read_state
 
     local = read_state()
     if not address:
         if local is None:
-            raise EmberError("no cluster given: pass --address http://HOST:8265 (the cluster's Ray dashboard), set "
-                             "RAY_ADDRESS, or start a local one with `ember cluster up`")
+            raise EmberError("no cluster given: pass --address http://HOST:8265 (the cluster's Ray dashboard) or "
+                             "HOST:6379 (its GCS), set RAY_ADDRESS, or start a local one with `ember cluster up`")
         return local.dashboard_url
-    if "://" not in address:
-        if local is not None and address == local.address:  # the local cluster's GCS address: its dashboard
-            return local.dashboard_url
-        address = f"http://{address}"
-    return address.rstrip("/")
+    return to_dashboard(address, local).address
 
 
 def auth_headers() -> dict[str, str]:
@@ -82,6 +81,9 @@ class Jobs:
     def __init__(self, address: str | None = None):
         self.url = resolve_dashboard(address)
         use_token_auth()
+        # Ray's Jobs and State clients let RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address they are
+        # given: pinned here, every one of them talks to the cluster this client resolved.
+        os.environ["RAY_API_SERVER_ADDRESS"] = self.url
         from ray.job_submission import JobSubmissionClient
 
         try:

@@ -177,7 +177,8 @@ def _start_host(directory: Path) -> subprocess.Popen:
     launcher.chmod(0o755)
     env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    for client_setting in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # which cluster a client talks to, not this one
+        env.pop(client_setting, None)
     with open(directory / "cluster.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
