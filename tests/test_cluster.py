@@ -119,6 +119,17 @@ def test_a_client_without_the_cluster_token_is_refused(cluster, tmp_path):
     assert cluster.ember("jobs", "list").returncode == 0
 
 
+def test_the_job_commands_take_the_gcs_address_too(cluster, tmp_path):
+    """`--address HOST:PORT` (the GCS) finds the dashboard: from the local cluster's state, or, for a cluster Ember
+    did not start (no state here), from what the dashboard recorded in the GCS. Each says which URL it used."""
+    gcs, url = cluster.info.address, cluster.info.dashboard_url
+    local = cluster.ember("jobs", "list", "--address", gcs, check=True)
+    assert f"cluster: {url} (Ray dashboard, from the GCS address {gcs}: the local cluster" in local.stderr
+    other = cluster.ember("jobs", "list", "--address", gcs, env={"EMBER_CLUSTER_DIR": str(tmp_path)}, check=True)
+    assert other.stderr.startswith(f"cluster: {url} (Ray dashboard, from the GCS address {gcs})")
+    assert "cluster:" not in cluster.ember("jobs", "list", "--address", url, check=True).stderr
+
+
 class Trained:
     """The jobs the `trained` fixture ran: the dataset, the run dir, and what the CLI printed for each."""
 
@@ -206,9 +217,12 @@ def served(cluster, trained) -> str:
     """The trained model served on the cluster with `ember serve --detach`; the keys are in `ember serve`'s
     environment only, not the cluster's. Returns the API's base URL."""
     port = free_port()
-    served = cluster.ember("serve", str(trained.run / "model"), "--address", cluster.info.address, "--detach",
+    # Given the dashboard URL, `ember serve` joins the cluster at its GCS address, and says so.
+    served = cluster.ember("serve", str(trained.run / "model"), "--address", cluster.info.dashboard_url, "--detach",
                            "--port", str(port), env={"EMBER_API_KEYS": "cluster-key-1,cluster-key-2"}, check=True)
     assert f"http://127.0.0.1:{port}/v1" in served.stdout and "cluster-key" not in served.stdout + served.stderr
+    assert (f"cluster: {cluster.info.address} (Ray GCS, from the dashboard URL {cluster.info.dashboard_url}: the "
+            "local cluster") in served.stderr
     return f"http://127.0.0.1:{port}/v1"
 
 
@@ -231,6 +245,7 @@ def test_serving_on_the_cluster_and_ember_status(cluster, served):
     assert "nodes: 3 alive" in status and "in use:" in status
     assert "ember/EmberServer: RUNNING, 1/1 replicas running" in status
     assert "step 12/12" in status and "tokenize" in status
+    assert "tokens, done" in status  # the tokenize job's last progress record
     assert f"dashboard: {cluster.info.dashboard_url}" in status
 
 

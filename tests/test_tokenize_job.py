@@ -23,6 +23,7 @@ from ember.data.shards import ShardReader, load_manifest
 from ember.data.tokenizer import load_tokenizer
 from ember.errors import EmberError
 from ember.identity import content_sha256
+from ember.progress import read_progress
 from ember.runtime import find_ember_error
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -89,6 +90,10 @@ def test_tokenizes_a_mixed_corpus_into_packed_shards(tmp_path, mixed_corpus):
     assert len(complete) > 5 and all(text in good for text in complete)
     reader = ShardReader(out, "train", seed=0)
     assert len(reader) == splits["train"]["rows"] and reader.row(0).shape == (33,)
+    # The job's last progress record (what `ember jobs status` shows) counts the dataset the manifest describes.
+    record = read_progress(str(out))
+    assert record["done"] and record["units"] == record["total_units"] == manifest["units"]
+    assert record["tokens"] == splits["train"]["tokens"] + splits["val"]["tokens"]
 
 
 def test_same_shards_whatever_the_number_of_workers(tmp_path, mixed_corpus):

@@ -30,6 +30,7 @@ _EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The `ember` command's arguments, added a verb (or two small ones) per step."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and Ray's own logs")
@@ -40,7 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
+    for add_verbs in (_add_run, _add_submit, _add_jobs, _add_demo, _add_report_and_status, _add_cluster, _add_serve,
+                      _add_generate):
+        add_verbs(verbs, common)
+    return parser
 
+
+# The two forms of --address (see ember.cluster.address); every verb takes either.
+_EITHER_FORM = ("the Ray cluster, by its GCS address HOST:PORT (e.g. 10.0.0.5:6379, or 'auto') or its dashboard URL "
+                "(e.g. http://10.0.0.5:8265); either form works")
+
+
+def _address_arg(parser, joins: bool) -> None:
+    """--address for a verb that joins the cluster (`joins`: it needs the GCS) or talks to its dashboard."""
+    default = ("RAY_ADDRESS, else a new local instance" if joins else
+               "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`")
+    parser.add_argument("--address", default=None, help=f"{_EITHER_FORM} (default: {default})")
+
+
+def _add_run(verbs, common) -> None:
     run = verbs.add_parser(
         "run", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run a job spec (tokenize, ...) on Ray",
@@ -50,13 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set pack.seq_len=256 (repeatable; values are read as YAML)")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster (GCS) address such as 10.0.0.5:6379, or 'auto' (default: RAY_ADDRESS, else "
-                          "a new local instance)")
+    _address_arg(run, joins=True)
     run.add_argument("--workdir", default=None, metavar="DIR",
                      help="resolve the spec's relative paths against DIR instead of the current directory (what "
                           "`ember submit` uses on the cluster)")
 
+
+def _add_submit(verbs, common) -> None:
     sub = verbs.add_parser(
         "submit", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="submit a job spec to a Ray cluster (Ray Jobs API)",
@@ -69,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value (repeatable; passed on to `ember run` on the cluster)")
-    _address_arg(sub)
+    _address_arg(sub, joins=False)
     sub.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its result")
     sub.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                      help="environment variable for the job (repeatable; NAME alone takes this shell's value)")
@@ -77,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="directory on the cluster that the spec's relative paths resolve against (default: this "
                           "directory when the cluster is on this machine, else the job's own working dir)")
 
+
+def _add_jobs(verbs, common) -> None:
     jobs = verbs.add_parser("jobs", parents=[common], help="list, inspect, follow and stop jobs on a Ray cluster",
                             description="Jobs on a Ray cluster (Ember's and any other), through the Ray Jobs API.")
     jverbs = jobs.add_subparsers(dest="jobs_verb", metavar="ACTION")
@@ -87,11 +108,13 @@ def _parser() -> argparse.ArgumentParser:
                        ("stop", "stop a running job")):
         j = jverbs.add_parser(name, parents=[common], help=text)
         j.add_argument("job_id", metavar="ID", help="the submission id (`ember jobs list`)")
-        _address_arg(j)
+        _address_arg(j, joins=False)
         if name == "logs":
             j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
-    _address_arg(jl)
+    _address_arg(jl, joins=False)
 
+
+def _add_demo(verbs, common) -> None:
     demo = verbs.add_parser(
         "demo", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the whole pipeline on the built-in corpus: tokenize → pretrain → fine-tune → evaluate → serve → ask",
@@ -103,11 +126,12 @@ def _parser() -> argparse.ArgumentParser:
                "  ember demo --set pretrain.train.max_steps=100 --set finetune.method=lora")
     demo.add_argument("--keep-serving", action="store_true", help="leave the app up at the end (Ctrl-C stops it)")
     demo.add_argument("--port", type=int, default=None, help="HTTP port of the app (default: serve/demo.yaml's)")
-    demo.add_argument("--address", default=None, help="Ray cluster (GCS) address (default: RAY_ADDRESS, else a new "
-                                                      "local instance)")
+    _address_arg(demo, joins=True)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a stage's spec, e.g. --set pretrain.train.max_steps=100 (repeatable)")
 
+
+def _add_report_and_status(verbs, common) -> None:
     rep = verbs.add_parser("report", parents=[common], help="plots and a summary of a training run",
                            description="Writes RUN_DIR/report/{loss,learning_rate,tokens_per_second}.png and "
                                        "summary.txt from the run's metrics.jsonl, and prints the summary.")
@@ -116,8 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
                           description="Nodes and resources, running and recent Ember jobs with their latest progress, "
                                       "Serve applications with their replicas, and the dashboard URL.")
-    _address_arg(st)
+    _address_arg(st, joins=False)
 
+
+def _add_cluster(verbs, common) -> None:
     clu = verbs.add_parser("cluster", parents=[common], help="a local multi-node Ray cluster on this machine",
                            description="A real Ray cluster on this machine: a head and N worker nodes (separate "
                                        "raylets), bound to 127.0.0.1, with Ray's token authentication on.")
@@ -135,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--dir", default=None, help="where the cluster's state is kept (default: $EMBER_CLUSTER_DIR, "
                                                    "else ~/.ember/cluster)")
 
+
+def _add_serve(verbs, common) -> None:
     srv = verbs.add_parser(
         "serve", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="serve a model dir (or a Ray Serve config) behind an OpenAI-compatible API",
@@ -143,12 +171,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  ember serve serve/demo.yaml\n  ember serve runs/finetune-demo/model --port 8001\n"
                "  ember serve serve/demo.yaml --address 127.0.0.1:6379 --detach")
     srv.add_argument("target", metavar="SERVE.yaml|MODEL_DIR", help="a Ray Serve config file or a model dir")
-    srv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local "
-                                                     "instance)")
+    _address_arg(srv, joins=True)
     srv.add_argument("--detach", action="store_true", help="leave the app running on the cluster and exit")
     srv.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
 
+
+def _add_generate(verbs, common) -> None:
     gen = verbs.add_parser(
         "generate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="generate text from a model dir, streamed to the terminal",
@@ -168,13 +197,6 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="compute dtype (default: float32)")
-    return parser
-
-
-def _address_arg(parser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="the cluster's Ray dashboard URL, e.g. http://10.0.0.5:8265 (default: "
-                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`)")
 
 
 def _runner(kind: str):
@@ -339,6 +361,34 @@ def _setup_logging(debug: bool) -> None:
     logger.propagate = False
 
 
+GCS_VERBS = ("run", "serve", "demo")  # they join the cluster (ray.init): its GCS address
+DASHBOARD_VERBS = ("submit", "jobs", "status")  # they use its HTTP APIs: its dashboard URL
+
+
+def _use_address_form(args) -> None:
+    """Puts the cluster's address (--address, else the environment) in the form the verb needs, and says on stderr
+    which address it used when it had to find that form (ember.cluster.address)."""
+    if args.verb in GCS_VERBS:
+        from_env = os.environ.get("RAY_ADDRESS")
+    elif args.verb in DASHBOARD_VERBS:
+        from_env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    else:
+        return
+    given = args.address or from_env
+    if not given:
+        return
+    from ember.cluster.address import to_dashboard, to_gcs
+    from ember.cluster.local import read_state
+
+    found = (to_gcs if args.verb in GCS_VERBS else to_dashboard)(given, read_state())
+    if not found.note:
+        return
+    print(found.line(), file=sys.stderr, flush=True)
+    if args.address is None and args.verb in GCS_VERBS:
+        os.environ["RAY_ADDRESS"] = found.address  # what Ray and this process's children read, in the form they join
+    args.address = found.address
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -352,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.runtime import find_ember_error
 
     try:
+        _use_address_form(args)
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
                 "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,
                 "report": cmd_report}[args.verb](args)

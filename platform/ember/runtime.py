@@ -43,6 +43,10 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # The `ember` command has translated a dashboard URL by now (ember.cluster.address); a library caller is told.
+    if address and urlparse(address).scheme in ("http", "https"):
+        raise EmberError(f"{address} is a Ray dashboard URL; joining the cluster needs its GCS address HOST:PORT "
+                         "(ember.cluster.address.to_gcs finds it)")
     if address:
         use_token_auth()
         use_loopback_node_address(address)

@@ -6,8 +6,12 @@ runs the code the client has) and the environment variables the job needs. Job i
 spec, so `ember jobs list` and the Ray dashboard show what each job is.
 
 The cluster is named by its dashboard URL (`--address http://HOST:8265`, or RAY_API_SERVER_ADDRESS / RAY_ADDRESS as
-Ray's own `ray job` reads them); without one, the local cluster from `ember cluster up` is used. Requests carry the
-cluster's token (Ray's token authentication), from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+Ray's own `ray job` reads them) or by its GCS address, whose dashboard `ember.cluster.address` finds; without either,
+the local cluster from `ember cluster up` is used. Requests carry the cluster's token (Ray's token authentication),
+from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+
+A job's progress is not read from its log: the job writes a record in its output dir (`ember.progress`), and the
+job's metadata (`ember_progress`) says where, when this client can name that place.
 """
 
 from __future__ import annotations
@@ -24,30 +28,30 @@ import uuid
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.progress import show_progress
 from ember.runtime import is_loopback, use_token_auth
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
 FORWARDED_ENV = ("EMBER_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write ember.progress records in output.dir
 
 
 def resolve_dashboard(address: str | None) -> str:
-    """The dashboard URL of the cluster to talk to (see the module docstring for the order)."""
+    """The dashboard URL of the cluster to talk to (see the module docstring for the order); a GCS address is
+    translated (`ember.cluster.address`)."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    from ember.cluster.address import to_dashboard
     from ember.cluster.local import read_state
 
     local = read_state()
     if not address:
         if local is None:
-            raise EmberError("no cluster given: pass --address http://HOST:8265 (the cluster's Ray dashboard), set "
-                             "RAY_ADDRESS, or start a local one with `ember cluster up`")
+            raise EmberError("no cluster given: pass --address http://HOST:8265 (the cluster's Ray dashboard) or "
+                             "HOST:6379 (its GCS), set RAY_ADDRESS, or start a local one with `ember cluster up`")
         return local.dashboard_url
-    if "://" not in address:
-        if local is not None and address == local.address:  # the local cluster's GCS address: its dashboard
-            return local.dashboard_url
-        address = f"http://{address}"
-    return address.rstrip("/")
+    return to_dashboard(address, local).address
 
 
 def auth_headers() -> dict[str, str]:
@@ -77,6 +81,9 @@ class Jobs:
     def __init__(self, address: str | None = None):
         self.url = resolve_dashboard(address)
         use_token_auth()
+        # Ray's Jobs and State clients let RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address they are
+        # given: pinned here, every one of them talks to the cluster this client resolved.
+        os.environ["RAY_API_SERVER_ADDRESS"] = self.url
         from ray.job_submission import JobSubmissionClient
 
         try:
@@ -130,6 +137,43 @@ def _job_name(spec, path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:40] or "job"
 
 
+def progress_location(spec, workdir: str | None, same_machine: bool) -> str | None:
+    """Where the job will keep its progress record (`ember.progress`), as this client names it: the spec's output dir
+    as an absolute path or a URI. None for a kind that writes none, and for a path whose meaning only the job's node
+    knows: a relative one resolved in Ray's temporary working dir (no --workdir), or `~` on another machine."""
+    if spec.kind not in PROGRESS_KINDS:
+        return None
+    directory = spec.output.dir
+    if "://" in directory:
+        return directory
+    if directory.startswith("~"):
+        return os.path.expanduser(directory) if same_machine else None
+    if os.path.isabs(directory):
+        return os.path.normpath(directory)
+    if workdir and os.path.isabs(workdir):
+        return os.path.normpath(os.path.join(workdir, directory))
+    return None
+
+
+def job_metadata(spec, path: Path, overrides: list[str], workdir: str | None, same_machine: bool) -> dict[str, str]:
+    """What `ember jobs` and the dashboard show about the job, and where `ember status` finds its progress."""
+    meta = {"ember_kind": spec.kind, "ember_spec": str(path), "ember_name": _job_name(spec, path),
+            "ember_overrides": " ".join(overrides), "ember_workdir": workdir or ""}
+    location = progress_location(spec, workdir, same_machine)
+    if location:
+        meta["ember_progress"] = location
+    return meta
+
+
+def job_progress(jobs: Jobs, meta: dict) -> tuple[dict | None, str]:
+    """(the record, the text to show) of a job's progress, read where its metadata says the job writes it; the
+    client shares the job's disk when the cluster runs on this machine."""
+    location = meta.get("ember_progress")
+    if not location:
+        return None, ""
+    return show_progress(location, shared=is_loopback(jobs.url))
+
+
 def submit(spec_path: str, overrides: list[str], *, address: str | None = None, env: list[str] = (),
            workdir: str | None = None, wait: bool = False, out=sys.stdout) -> tuple[str, str | None]:
     """Submits the spec; returns (submission id, final status when `wait`, else None)."""
@@ -163,8 +207,7 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None = None, 
             "submit_job", entrypoint=shlex.join(command), submission_id=submission_id,
             runtime_env={"working_dir": staging, "py_modules": [str(package)], "env_vars": env_vars,
                          "excludes": ["__pycache__", "*.pyc"]},
-            metadata={"ember_kind": spec.kind, "ember_spec": str(path), "ember_name": _job_name(spec, path),
-                      "ember_overrides": " ".join(overrides), "ember_workdir": workdir or ""})
+            metadata=job_metadata(spec, path, overrides, workdir, same_machine=is_loopback(jobs.url)))
     print(f"submitted {submission_id} ({spec.kind}: {path}) to {jobs.url}", file=out, flush=True)
     if not wait:
         print(f"  follow it: ember jobs logs {submission_id} --follow --address {jobs.url}", file=out, flush=True)
@@ -177,28 +220,12 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None = None, 
     return submission_id, status
 
 
-_STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+).*?([0-9,]+) tokens/s")
-_TOKENIZE = re.compile(r"tokenize: (\d+)/(\d+) units, ([0-9,]+) tokens, ([0-9,]+) tokens/s")
-
-
-def progress(logs: str) -> str:
-    """The latest progress of a job from its log: training step, loss and tokens/s, or tokenize units."""
-    steps = _STEP.findall(logs)
-    if steps:
-        step, total, loss, rate = steps[-1]
-        return f"step {step}/{total}, loss {loss}, {rate} tokens/s"
-    units = _TOKENIZE.findall(logs)
-    if units:
-        done, total, tokens, rate = units[-1]
-        return f"{done}/{total} units, {tokens} tokens, {rate} tokens/s"
-    return ""
-
-
 def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-def _took(info) -> str:
+def took(info) -> str:
+    """How long the job ran, or has run so far."""
     if not info.start_time:
         return "-"
     end = info.end_time or time.time() * 1000
@@ -217,7 +244,7 @@ def format_jobs(found: list) -> str:
     for j in found:
         meta = j.metadata or {}
         rows.append((j.submission_id or j.job_id or "-", meta.get("ember_kind", "-"), str(j.status),
-                     _when(j.start_time), _took(j), meta.get("ember_spec", j.entrypoint[:40])))
+                     _when(j.start_time), took(j), meta.get("ember_spec", j.entrypoint[:40])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -228,9 +255,9 @@ def describe(jobs: Jobs, job_id: str) -> str:
     lines = [f"job {job_id}: {info.status}",
              f"  kind: {meta.get('ember_kind', '-')}  spec: {meta.get('ember_spec', '-')}"
              + (f"  overrides: {meta['ember_overrides']}" if meta.get("ember_overrides") else ""),
-             f"  started: {_when(info.start_time)}  took: {_took(info)}",
+             f"  started: {_when(info.start_time)}  took: {took(info)}",
              f"  entrypoint: {info.entrypoint}"]
-    latest = progress(jobs.call("get_job_logs", job_id))
+    _, latest = job_progress(jobs, meta)
     if latest:
         lines.append(f"  progress: {latest}")
     if info.message:

@@ -119,6 +119,16 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
        timeout: float = 180) -> ClusterInfo:
     """Starts the head and `workers` worker nodes in a background host process; returns once all nodes are up."""
     directory = (directory or default_dir()).expanduser().resolve()
+    _check_can_start(directory, workers, cpus_per_node, port, dashboard_port)
+    directory.mkdir(parents=True, exist_ok=True)
+    ensure_token()
+    plan = _plan(directory, workers, cpus_per_node, port, dashboard_port, head_cpus, object_store_mb)
+    (directory / "plan.json").write_text(json.dumps(plan, indent=1))
+    return _wait_until_up(directory, _start_host(directory), timeout)
+
+
+def _check_can_start(directory: Path, workers: int, cpus_per_node: float, port: int, dashboard_port: int) -> None:
+    """Refuses bad sizes, a cluster already running from `directory`, and ports another process holds."""
     if workers < 0:
         raise EmberError(f"--workers {workers}: must be 0 or more")
     if cpus_per_node <= 0:
@@ -130,8 +140,11 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
     for name, p in (("--port", port), ("--dashboard-port", dashboard_port)):
         if _port_taken(p):
             raise EmberError(f"{name} {p}: port already in use on {LOOPBACK} (another Ray instance?); pick another")
-    directory.mkdir(parents=True, exist_ok=True)
-    ensure_token()
+
+
+def _plan(directory: Path, workers: int, cpus_per_node: float, port: int, dashboard_port: int,
+          head_cpus: float | None, object_store_mb: int | None) -> dict:
+    """What the host process starts: the nodes with their CPUs, memory and ports (recorded in DIR/plan.json)."""
     import psutil
 
     nodes = workers + 1
@@ -139,7 +152,7 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
     # Each raylet would otherwise claim the whole machine's memory; share it out (object store capped at 2 GiB).
     store = (object_store_mb << 20) if object_store_mb else min(2 << 30, int(total * 0.25 / nodes))
     ports = _free_ports(3 * nodes + 1)
-    plan = {
+    return {
         "directory": str(directory),
         # Short, so Ray's unix socket paths (session dir + sockets/raylet.N) stay within the OS limit.
         "temp_dir": tempfile.mkdtemp(prefix=f"ember-ray-{port}-"),
@@ -150,8 +163,10 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
                    "object_store_memory": store, "memory": int(total * 0.8 / nodes)} for i in range(nodes)],
         "workers": workers, "cpus_per_node": cpus_per_node,
     }
-    (directory / "plan.json").write_text(json.dumps(plan, indent=1))
-    log_path = directory / "cluster.log"
+
+
+def _start_host(directory: Path) -> subprocess.Popen:
+    """Starts the host process on DIR/plan.json, in its own session, logging to DIR/cluster.log."""
     # Job drivers inherit this environment: `python` there must be this Python, with Ember's dependencies. Only
     # `python` is put first on PATH, not the whole venv bin: the rest (ninja, which DeepSpeed's op builds use) stays
     # what `ember run` here finds, or the ops would be rebuilt each time work moves between the two.
@@ -162,11 +177,17 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
     launcher.chmod(0o755)
     env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],
+    for client_setting in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # which cluster a client talks to, not this one
+        env.pop(client_setting, None)
+    with open(directory / "cluster.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=directory, start_new_session=True)
+
+
+def _wait_until_up(directory: Path, proc: subprocess.Popen, timeout: float) -> ClusterInfo:
+    """The cluster the host records once every node is up; its log's tail when it fails or takes too long."""
+    log_path = directory / "cluster.log"
     deadline = time.time() + timeout
     state = directory / STATE_FILE
     while time.time() < deadline:

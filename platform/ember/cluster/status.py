@@ -1,11 +1,12 @@
 """`ember status`: one screen with the cluster's nodes and resources, Ember's jobs with their latest progress, the
-Serve applications with their replicas, and where the dashboard is. Read over the dashboard's HTTP APIs only."""
+Serve applications with their replicas, and where the dashboard is. Read over the dashboard's HTTP APIs, and the jobs'
+progress records (`ember.progress`) where their metadata says they are."""
 
 from __future__ import annotations
 
 import requests
 
-from ember.cluster.jobs import Jobs, _took, auth_headers, list_jobs, progress
+from ember.cluster.jobs import Jobs, auth_headers, job_progress, list_jobs, took
 
 RECENT = 5  # finished jobs shown below the running ones
 
@@ -66,9 +67,9 @@ def render(address: str | None = None) -> str:
     out.append(f"ember jobs: {len(running)} running, {len(found) - len(running)} finished")
     for j in running + finished:
         meta = j.metadata or {}
-        latest = progress(jobs.call("get_job_logs", j.submission_id))
-        out.append(f"  {j.submission_id}  {meta.get('ember_kind')}  {j.status}  {_took(j)}"
-                   + (f"  {latest}" if latest else ""))
+        record, latest = job_progress(jobs, meta)
+        out.append(f"  {j.submission_id}  {meta.get('ember_kind')}  {j.status}  {took(j)}"
+                   + (f"  {latest}" if record else f"  progress {latest}" if latest else ""))
     count, rows = _serve_apps(url)
     out.append(f"serve apps: {count or 'none'}")
     out += rows

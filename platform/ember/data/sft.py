@@ -136,10 +136,12 @@ def _resolve(data: ChatDataSpec, context: int) -> list:
 
 
 def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: str | os.PathLike, context: int,
-                         address: str | None = None, locked_by: str | None = None) -> dict:
+                         address: str | None = None, locked_by: str | None = None,
+                         progress_dir: str | os.PathLike | None = None) -> dict:
     """Tokenizes `data` with the base model's tokenizer and chat template into the dataset dir `out`; returns its
     manifest. Bad input paths and a `seq_len` over the model's `context` fail before any Ray work. `locked_by`
-    names a run whose checkpoints point into the existing dataset: it must then not change."""
+    names a run whose checkpoints point into the existing dataset: it must then not change. The job's progress
+    record goes to `progress_dir` (the fine-tuning run's dir) while the units run."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     resolved = _resolve(data, context)
@@ -166,7 +168,7 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
     job = ex.UnitJob(str(out), data.seq_len + 1, fmt.token_dtype(tok.get_vocab_size()).name, data.shard_bytes,
                      partial(ConversationEncoder, data, str(out)), ex.unit_fingerprints(units, resolved),
                      extra_columns=tuple(fmt.EXTRA_COLUMNS), strict=data.strict, strict_key="data.strict")
-    ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="finetune data")
+    ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="finetune data", progress_dir=progress_dir)
     manifest = _publish(data, job, units, tok, config, added, identity, fingerprint, base_dir)
     _log_summary(manifest, data, out, time.perf_counter() - t0)
     if not manifest["splits"]["train"]["rows"]:

@@ -44,11 +44,13 @@ from ember.data import shards as fmt
 from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, stamp_matches, write_json_atomic, write_stamp
+from ember.progress import FILE as PROGRESS_FILE
+from ember.progress import write_progress
 
 log = logging.getLogger("ember")
 
 STATE_DIR = ".ember"
-OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "progress.json", *fmt.SPLITS, STATE_DIR)
+OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", PROGRESS_FILE, *fmt.SPLITS, STATE_DIR)
 
 Rows = np.ndarray | dict  # (n, row_len) token ids, or such arrays by column name when the job has extra columns
 
@@ -235,8 +237,9 @@ def map_units(units: list[WorkUnit], make_worker: Callable[[], Callable[[WorkUni
 
 
 def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: float, label: str,
-              on_progress: Callable[[dict], None] | None = None) -> int:
-    """Runs the units without a matching marker; returns how many were reused from an earlier run."""
+              progress_dir: str | os.PathLike | None = None) -> int:
+    """Runs the units without a matching marker, writing the job's progress record (`ember.progress`) into
+    `progress_dir` (default: the output dir) as they complete; returns how many were reused from an earlier run."""
     done = finished_units(job, units)
     pending = [u for u in units if u.index not in done]
     if done:
@@ -249,10 +252,9 @@ def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: fl
     for n, item in enumerate(map_units(pending, partial(UnitRunner, job), workers=workers, num_cpus=num_cpus), 1):
         tokens += item["tokens"]
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        record = {"units_done": n, "units": len(pending), "tokens": tokens, "tokens_per_s": rate}
         log.info("%s: %d/%d units, %s tokens, %s tokens/s", label, n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
-        if on_progress is not None:
-            on_progress(record)
+        write_progress(progress_dir or job.out_dir, {"kind": "tokenize", "units": n, "total_units": len(pending),
+                                                     "tokens": tokens, "tokens_per_s": rate})
     return len(done)
 
 
@@ -278,7 +280,7 @@ def collect(job: UnitJob, units: list[WorkUnit]) -> tuple[dict, SkipLog, list[di
 
 def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
     """Totals the splits, removes shards no unit lists (of an earlier, different plan), writes manifest.json and
-    drops the job's state; returns the manifest."""
+    drops the job's state; the last progress record counts the whole dataset. Returns the manifest."""
     out = Path(job.out_dir)
     for s in fmt.SPLITS:
         splits[s]["rows"] = sum(sh["rows"] for sh in splits[s]["shards"])
@@ -291,6 +293,8 @@ def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
                 "dtype": job.dtype, **manifest, "splits": splits}
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    write_progress(out, {"kind": "tokenize", "units": manifest["units"], "total_units": manifest["units"],
+                         "done": True, "tokens": sum(splits[s]["tokens"] for s in fmt.SPLITS)})
     return manifest
 
 

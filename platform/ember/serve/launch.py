@@ -99,59 +99,12 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
                  port: int | None = None, args: dict | None = None, quiet: bool = False) -> tuple[str, list[str]]:
     """Deploys a config file or a model dir; returns (base URL, application names). `args` override the args of
     Ember's apps in a config; `quiet` keeps Ray Serve's own INFO lines and access logs out of the output."""
-    from ray import serve
-
-    path = Path(target).expanduser()
-    if path.is_dir():
-        from ember.serve.app import ServeArgs
-
-        args = {"model_dir": str(path.resolve())}
-        if host:
-            args["host"] = host
-        if port:
-            args["port"] = port
-        s = ServeArgs.model_validate(args)
-        http = {"host": s.host, "port": s.port}
-        apps = [{"name": "ember", "route_prefix": "/", "import_path": "ember.serve.app:build_app", "args": args}]
-        proxy_location = None
-    elif path.is_file():
-        config = load_serve_config(path)
-        http = dict(config.get("http_options") or {})
-        http.setdefault("host", "127.0.0.1")
-        http.setdefault("port", 8000)
-        if host:
-            http["host"] = host
-        if port:
-            http["port"] = port
-        apps = config["applications"]
-        proxy_location = config.get("proxy_location")
-    else:
-        raise EmberError(f"{target}: neither a serve config file nor a model directory")
+    http, apps, proxy_location = _deployment(target, host, port)
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
-    built = []
-    for i, app in enumerate(apps):
-        app_args, key = dict(app.get("args") or {}), None
-        if app.get("import_path", "").startswith("ember.serve.app"):
-            app_args.update(args or {})
-            app_args["host"] = http["host"]  # where the proxy really listens decides whether keys are required
-            app_args.setdefault("port", http["port"])
-        application = _build(app["import_path"], app_args)
-        if app.get("import_path", "").startswith("ember.serve.app"):
-            key = _readiness_key(app_args)
-        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), application, key))
+    built = _build_apps(apps, http, args)
     ensure_ray(address)
-    # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
-    loopback = is_loopback(http["host"])
-    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
-    if quiet:
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": http["host"], "port": http["port"]},
-                proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"),
-                logging_config=logging_config)
-    for name, prefix, application, _ in built:
-        log.info("serve: deploying %s at %s", name, prefix)
-        serve.run(application, name=name, route_prefix=prefix, blocking=False, logging_config=logging_config)
+    _deploy(built, http, proxy_location, quiet)
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     base = f"http://{shown}:{http['port']}"
     for name, prefix, _, key in built:
@@ -163,6 +116,67 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
         else:
             log.info("serve: %s is up at %s/v1 (model %s)", name, url, models["data"][0]["id"])
     return base, [name for name, _, _, _ in built]
+
+
+def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, list[dict], str | None]:
+    """(HTTP options, applications, proxy location) of a config file, or of Ember's app on a model dir."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        from ember.serve.app import ServeArgs
+
+        args = {"model_dir": str(path.resolve())}
+        if host:
+            args["host"] = host
+        if port:
+            args["port"] = port
+        s = ServeArgs.model_validate(args)
+        apps = [{"name": "ember", "route_prefix": "/", "import_path": "ember.serve.app:build_app", "args": args}]
+        return {"host": s.host, "port": s.port}, apps, None
+    if not path.is_file():
+        raise EmberError(f"{target}: neither a serve config file nor a model directory")
+    config = load_serve_config(path)
+    http = dict(config.get("http_options") or {})
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    return http, config["applications"], config.get("proxy_location")
+
+
+def _build_apps(apps: list[dict], http: dict, args: dict | None) -> list[tuple]:
+    """(name, route prefix, Application, readiness key) of each app; Ember's apps get `args` and where the proxy
+    listens."""
+    built = []
+    for i, app in enumerate(apps):
+        app_args, key = dict(app.get("args") or {}), None
+        if app.get("import_path", "").startswith("ember.serve.app"):
+            app_args.update(args or {})
+            app_args["host"] = http["host"]  # where the proxy really listens decides whether keys are required
+            app_args.setdefault("port", http["port"])
+        application = _build(app["import_path"], app_args)
+        if app.get("import_path", "").startswith("ember.serve.app"):
+            key = _readiness_key(app_args)
+        built.append((app.get("name") or f"app{i}", app.get("route_prefix", "/"), application, key))
+    return built
+
+
+def _deploy(built: list[tuple], http: dict, proxy_location: str | None, quiet: bool) -> None:
+    """Starts Ray Serve's proxies and deploys the apps without waiting for them."""
+    from ray import serve
+
+    # A proxy per node suits a real cluster; on loopback every node is this machine, where one port fits one proxy.
+    loopback = is_loopback(http["host"])
+    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": http["host"], "port": http["port"]},
+                proxy_location=proxy_location or ("HeadOnly" if loopback else "EveryNode"),
+                logging_config=logging_config)
+    for name, prefix, application, _ in built:
+        log.info("serve: deploying %s at %s", name, prefix)
+        serve.run(application, name=name, route_prefix=prefix, blocking=False, logging_config=logging_config)
 
 
 def serve_forever(names: list[str]) -> None:

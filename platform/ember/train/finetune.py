@@ -57,7 +57,7 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     data_dir = Path(spec.data.dir).expanduser().resolve() if spec.data.dir else run_dir / "data"
     resuming = spec.resume == "auto" and (run_dir / SNAPSHOT).is_file()
     manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
-                                    locked_by=str(run_dir) if resuming else None)
+                                    locked_by=str(run_dir) if resuming else None, progress_dir=run_dir)
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])
     eos_ids = sorted({manifest["eos_id"], *turn_end_ids(load_tokenizer(data_dir))})
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths

@@ -35,6 +35,7 @@ from ember.config.specs import TrainSpec
 from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model
+from ember.progress import write_progress
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss
@@ -271,7 +272,7 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def record(self, metrics: dict, metrics_log: MetricsLog, gauges) -> None:
-        """Rank 0: the metrics row, the Ray metrics and the progress line."""
+        """Rank 0: the metrics row, the Ray metrics, the progress line and the progress record."""
         metrics_log.write(metrics)
         gauges.record({"loss": metrics["loss"], "val_loss": metrics.get("val_loss"), "learning_rate": metrics["lr"],
                        "grad_norm": metrics["grad_norm"], "tokens_per_second": metrics["tokens_per_s"],
@@ -279,6 +280,9 @@ class Trainer:
         val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if "val_loss" in metrics else ""
         log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", self.step, self.plan.total_steps,
                  metrics["loss"], val, metrics["lr"], metrics["grad_norm"] or 0.0, f"{metrics['tokens_per_s']:,.0f}")
+        write_progress(self.run_dir, {"kind": "train", "step": self.step, "total_steps": self.plan.total_steps,
+                                      "loss": metrics["loss"], "tokens_per_s": metrics["tokens_per_s"],
+                                      "val_loss": metrics.get("val_loss")})
 
     def checkpoint(self, metrics: dict) -> None:
         """Reports the metrics with a checkpoint: each rank's DeepSpeed shard, and rank 0's data position and spec."""
