@@ -238,7 +238,7 @@ def _assemble(spec: TokenizeSpec, job: ex.UnitJob, units: list[WorkUnit], identi
         "vocab_size": vocab_size,
         "eos_id": eos_id,
         "tokenizer": {"file": "tokenizer.json", "sha256": content_sha256(tok_path)},
-        "source": {"inputs": [i.split("?", 1)[0] for i in spec.source.inputs], "fingerprint": fingerprint},
+        "source": ex.source_summary(spec.source.inputs, fingerprint),
         "units": len(units),
         "tokens_dropped": dropped,
         "documents": ex.skip_summary(skips, kept),

@@ -185,8 +185,7 @@ def _publish(data: ChatDataSpec, job: ex.UnitJob, units: list[WorkUnit], tok, co
         "kind": "sft", "identity": identity, "vocab_size": tok.get_vocab_size(), "eos_id": eos_id,
         "pad_id": pad_id_of(tok, config), "added_tokens": added, "train_on": data.train_on,
         "tokenizer": {"file": "tokenizer.json", "sha256": content_sha256(Path(job.out_dir) / "tokenizer.json")},
-        "source": {"inputs": [i.split("?", 1)[0] for i in data.inputs], "fingerprint": fingerprint,
-                   "base": str(Path(base_dir).resolve())},
+        "source": ex.source_summary(data.inputs, fingerprint, base=str(Path(base_dir).resolve())),
         "units": len(units),
         "conversations": ex.skip_summary(skips, kept, truncated=sum(m["truncated"] for m in markers)),
     })

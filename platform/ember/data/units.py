@@ -41,7 +41,7 @@ import ray
 import ray.data
 
 from ember.data import shards as fmt
-from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
+from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, display_name, input_stats
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, stamp_matches, write_json_atomic, write_stamp
 from ember.progress import FILE as PROGRESS_FILE
@@ -296,6 +296,11 @@ def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
     write_progress(out, {"kind": "tokenize", "units": manifest["units"], "total_units": manifest["units"],
                          "done": True, "tokens": sum(splits[s]["tokens"] for s in fmt.SPLITS)})
     return manifest
+
+
+def source_summary(inputs: list[str], fingerprint: str, **more) -> dict:
+    """The manifest's record of its inputs: as given, without query strings (which may carry credentials)."""
+    return {"inputs": [display_name(i) for i in inputs], "fingerprint": fingerprint, **more}
 
 
 def skip_summary(skips: SkipLog, kept: int, **more) -> dict:
