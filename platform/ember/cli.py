@@ -13,6 +13,14 @@ import sys
 
 from ember import __version__
 from ember.errors import EmberError
+from ember.runtime import (
+    LOG_LEVEL_ENV,
+    debugging,
+    find_ember_error,
+    quiet_libraries,
+    use_loopback_node_address,
+    use_token_auth,
+)
 
 # Job kind -> "module:function" that runs it; imported only when that kind runs.
 JOB_RUNNERS = {
@@ -341,16 +349,15 @@ def _setup_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
-    from ember.runtime import use_loopback_node_address, use_token_auth
-
+    debug = getattr(args, "debug", False) or debugging()
+    if debug:
+        os.environ[LOG_LEVEL_ENV] = "DEBUG"  # read by quiet_libraries, here and in every worker
+    quiet_libraries()
     address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
     use_loopback_node_address(address)  # both before anything imports Ray, which reads them once
     if address or args.verb in ("submit", "jobs", "status", "cluster"):
         use_token_auth()
     _setup_logging(debug)
-    from ember.runtime import find_ember_error
-
     try:
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
                 "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,

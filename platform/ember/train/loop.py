@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ember.config.specs import SPEC_KINDS, TrainSpec
 from ember.data.shards import ShardReader, load_manifest
 from ember.model import ModelConfig, Transformer, flops_per_token, load_model, resize_vocab, save_model
+from ember.runtime import quiet_libraries
 from ember.train.ds_config import deepspeed_config
 
 log = logging.getLogger("ember")
@@ -221,26 +222,12 @@ def _export(engine, spec, cfg: ModelConfig, out: Path, tokenizer_dir: str, eos_i
     save_model(model, out, tokenizer_dir=tokenizer_dir, dtype=torch.float32, eos_token_id=eos_ids)
 
 
-def _quiet_ray_train() -> None:
-    """Ray Train logs every report and checkpoint of every rank at INFO, under loggers named by file path; Ember's
-    progress line says the same once. Warnings and errors still show."""
-    import importlib
-
-    for name in ("context", "storage"):
-        try:
-            module = importlib.import_module(f"ray.train.v2._internal.execution.{name}")
-        except ImportError:  # another Ray layout: keep its logs
-            continue
-        getattr(module, "logger", logging.getLogger(module.__file__)).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    _quiet_ray_train()
+    quiet_libraries()
     spec = SPEC_KINDS[config["spec"]["kind"]].model_validate(config["spec"])
     cfg = ModelConfig(**config["model_config"])
     data_dir = config["data_dir"]
