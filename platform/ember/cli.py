@@ -10,6 +10,8 @@ import importlib
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from ember import __version__
 from ember.errors import EmberError
@@ -190,6 +192,7 @@ def _runner(kind: str):
     return getattr(importlib.import_module(module), name)
 
 
+# Each verb imports its plane when it runs: `ember --help` and the light verbs start without torch, Ray or DeepSpeed.
 def cmd_run(args) -> int:
     from ember.config import load_spec
 
@@ -204,8 +207,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import time
-
     from ember.data.tokenizer import load_tokenizer
     from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
     from ember.model.hf import DTYPES
@@ -307,8 +308,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from pathlib import Path
-
     from ember.cluster import local
 
     directory = Path(args.dir) if args.dir else None
