@@ -35,6 +35,43 @@ def test_debug_shows_the_traceback(tmp_path):
     assert quiet.stderr.strip() == f"error: spec file not found: {tmp_path / 'missing.yaml'}"
 
 
+QUIET = """
+import logging, sys, warnings
+from ember.runtime import quiet_libraries
+
+quiet_libraries()  # what `ember` does first, and each Ray worker process of its jobs
+import ray.data  # after it: Ray Data configures its console handler at import, as in a real run
+
+logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s: %(message)s")
+logging.getLogger("ray.train.torch.config").info("process group set up")
+logging.getLogger("ray.train.torch.config").warning("a Ray Train warning")
+logging.getLogger("ray.data._internal.execution.streaming_executor").info("dataset started")
+logging.getLogger("DeepSpeed").warning("accelerator detected")  # from here, not from DeepSpeed's detection
+logging.getLogger("ember").info("an Ember line")
+logging.getLogger().info("printed by a library")
+warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning, "c10d_logger.py",
+                       83, module="torch.distributed.c10d_logger")
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_other_libraries_info_lines_stay_off_the_console_unless_debugging(debug):
+    """Ray Train's and Ray Data's INFO lines, what libraries print, and torch's deprecation notices for DeepSpeed's
+    calls stay off the console (Ray Data's still reach its log file); Ember's lines and other warnings show.
+    EMBER_LOG_LEVEL=DEBUG (what --debug sets, for the workers too) shows everything."""
+    import os
+    import sys
+
+    env = {**os.environ, "EMBER_LOG_LEVEL": "DEBUG" if debug else ""}
+    out = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout + out.stderr
+    for line in ("a Ray Train warning", "DeepSpeed: accelerator detected", "ember: an Ember line"):
+        assert line in shown, line
+    for line in ("process group set up", "dataset started", "printed by a library", "is deprecated"):
+        assert (line in shown) == debug, line
+
+
 def test_usage_errors_come_from_argparse():
     out = ember("run")
     assert out.returncode == 2 and "SPEC.yaml" in out.stderr

@@ -65,6 +65,12 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     answer = next(line[3:] for line in out.splitlines() if line.startswith("A: "))  # this tiny model's answer
     assert answer.strip()
     assert "app shut down" in out
+    # Ember's lines, without other libraries' set-up and progress lines (ember.runtime.quiet_libraries).
+    chatter = ("FutureWarning", "real_accelerator.py", "Requesting resources", "Started training worker group",
+               "Setting up process group", "Execution plan of Dataset", "Progress will be logged", "Running Dataset",
+               "Token authentication is enabled")
+    shown = [line for line in (out + first.stderr).splitlines() if any(text in line for text in chatter)]
+    assert not shown, shown
     summary = out[out.index("=== summary"):]
     for words in ("dataset:", "fine-tuned model:", "evaluation:", "tokens:", "pretrain: loss", "finetune: loss",
                   "evaluate base:", "evaluate finetuned:", "serving: first token after"):

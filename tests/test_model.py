@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ember.config.specs import LoraSpec
 from ember.errors import EmberError
 from ember.model import (
     PRESETS,
@@ -15,6 +17,7 @@ from ember.model import (
     ModelConfig,
     SamplingParams,
     Transformer,
+    fused_slices,
     generate_ids,
     load_model,
     num_parameters,
@@ -76,6 +79,36 @@ def test_a_model_ember_saves_loads_in_transformers_with_equal_logits(tmp_path, n
     x = tokens(seed=3)
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_fused_layout_stacks_the_llama_projections_by_name_and_size(tmp_path, name):
+    """`fused_slices`, the one statement of how qkv_proj and gate_up_proj stack Llama's projections, names
+    transformers' modules, covers each fused weight row by row, and is how Ember's weights land in transformers."""
+    torch.manual_seed(7)
+    cfg = ember_config(name)
+    ours = Transformer(cfg).eval()
+    save_model(ours, tmp_path / "m")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    layout = fused_slices(cfg)
+    assert list(layout) == ["self_attn.qkv_proj", "mlp.gate_up_proj"]
+    assert [list(rows) for rows in layout.values()] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+    for path, rows in layout.items():
+        parent = path.split(".")[0]
+        fused = ours.layers[1].get_submodule(path).weight
+        ends = [0] + [r.stop for r in rows.values()]
+        assert [r.start for r in rows.values()] == ends[:-1] and ends[-1] == fused.shape[0], path
+        for llama_name, r in rows.items():
+            theirs = hf.model.layers[1].get_submodule(f"{parent}.{llama_name}").weight
+            assert torch.equal(theirs, fused[r]), llama_name
+    # LoRA targets Llama's projection names: the fused blocks and the projections Ember keeps whole.
+    layer = ours.layers[0]
+    whole = {name for parent in ("self_attn", "mlp") for name, m in layer.get_submodule(parent).named_children()
+             if isinstance(m, torch.nn.Linear) and f"{parent}.{name}" not in layout}
+    hf_linears = {n.split(".")[-1] for n, m in hf.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert whole | {n for rows in layout.values() for n in rows} == hf_linears
+    (targets,) = get_args(LoraSpec.model_fields["target_modules"].annotation)
+    assert set(get_args(targets)) == hf_linears
 
 
 @pytest.mark.parametrize("name", ["gqa-tied", "llama3-rope"])

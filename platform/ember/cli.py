@@ -10,9 +10,19 @@ import importlib
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from ember import __version__
 from ember.errors import EmberError
+from ember.runtime import (
+    LOG_LEVEL_ENV,
+    debugging,
+    find_ember_error,
+    quiet_libraries,
+    use_loopback_node_address,
+    use_token_auth,
+)
 
 # Job kind -> "module:function" that runs it; imported only when that kind runs.
 JOB_RUNNERS = {
@@ -204,6 +214,7 @@ def _runner(kind: str):
     return getattr(importlib.import_module(module), name)
 
 
+# Each verb imports its plane when it runs: `ember --help` and the light verbs start without torch, Ray or DeepSpeed.
 def cmd_run(args) -> int:
     from ember.config import load_spec
 
@@ -218,8 +229,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import time
-
     from ember.data.tokenizer import load_tokenizer
     from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
     from ember.model.hf import DTYPES
@@ -321,8 +330,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from pathlib import Path
-
     from ember.cluster import local
 
     directory = Path(args.dir) if args.dir else None
@@ -391,16 +398,15 @@ def _use_address_form(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
-    from ember.runtime import use_loopback_node_address, use_token_auth
-
+    debug = getattr(args, "debug", False) or debugging()
+    if debug:
+        os.environ[LOG_LEVEL_ENV] = "DEBUG"  # read by quiet_libraries, here and in every worker
+    quiet_libraries()
     address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
     use_loopback_node_address(address)  # both before anything imports Ray, which reads them once
     if address or args.verb in ("submit", "jobs", "status", "cluster"):
         use_token_auth()
     _setup_logging(debug)
-    from ember.runtime import find_ember_error
-
     try:
         _use_address_form(args)
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,

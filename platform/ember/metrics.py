@@ -22,7 +22,7 @@ class TrainMetrics:
     """Ray metrics gauges for one run; call `record(figures)` with keys without the `ember_train_` prefix."""
 
     def __init__(self, run: str):
-        from ray.util.metrics import Gauge
+        from ray.util.metrics import Gauge  # here: the names above are read without Ray (the dashboards' check)
 
         self.tags = {"run": run}
         self.gauges = {name: Gauge(name, description=text, tag_keys=TRAIN_TAGS) for name, text in TRAIN_GAUGES.items()}

@@ -1,18 +1,112 @@
-"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance.
+"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance; and keeping other
+libraries' chatter off the console of every process Ember runs in.
 
 Ray's token authentication stays on: a local instance enables it by default, and a client of an existing cluster
 must present the cluster's token, which Ray only does with RAY_AUTH_MODE=token.
+
+What a user sees is Ember's lines and every library's warnings and errors. Set-up and progress lines of Ray Data,
+Ray Train and DeepSpeed, and torch's deprecation notices for the calls DeepSpeed makes, stay off the console
+(`quiet_libraries`); Ray Data's still go to its log file (ray-data.log in the Ray session's logs). `--debug`, or
+EMBER_LOG_LEVEL=DEBUG, shows everything, in the driver and in the workers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import warnings
 from urllib.parse import urlparse
 
 from ember.errors import EmberError
 
 log = logging.getLogger("ember")
+
+LOG_LEVEL_ENV = "EMBER_LOG_LEVEL"  # DEBUG (what --debug sets) shows every library's lines, in every process
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+# Loggers of other libraries → (level from which their records reach the console, the one source module they are
+# hidden from; None: all). Named by module, as these libraries name their loggers: a module that moves only brings
+# its lines back.
+_QUIET: dict[str, tuple[int, str | None]] = {
+    # Ray Train: the controller's resource request and worker group start, each worker's process group set-up, and
+    # each rank's checkpoints and (see _ray_train_context_logger) reports, which Ember's progress line says once.
+    "ray.train.v2._internal.execution.scaling_policy.scaling_policy": (logging.WARNING, None),
+    "ray.train.v2._internal.execution.worker_group.worker_group": (logging.WARNING, None),
+    "ray.train.v2._internal.execution.storage": (logging.WARNING, None),
+    "ray.train.torch.config": (logging.WARNING, None),
+    # Ray Data: each dataset's start, plan, progress and end.
+    "ray.data._internal.execution.streaming_executor": (logging.WARNING, None),
+    "ray.data._internal.progress": (logging.WARNING, None),
+    "ray.data._internal.progress.logging_progress": (logging.WARNING, None),
+    # "Token authentication is enabled": Ember keeps it on by design.
+    "ray._private.authentication.authentication_token_setup": (logging.ERROR, None),
+    # DeepSpeed's accelerator detection: "Setting accelerator to CPU" on every worker of a CPU run.
+    "DeepSpeed": (logging.ERROR, "real_accelerator"),
+    # The root logger receives what print() says in Ray Train's workers: DeepSpeed's "op built successfully".
+    "": (logging.WARNING, None),
+}
+
+
+class _OffTheConsole(logging.Filter):
+    """Keeps a logger's records below `level` (from `module` only, when given) off the console, Ember's own always
+    through. A logger's filters outlive the logging configs that Ray Data and Ray Train apply (which replace
+    handlers and levels), so this is set once, before those libraries are imported."""
+
+    def __init__(self, level: int, module: str | None):
+        super().__init__()
+        self.level, self.module = level, module
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno >= self.level or record.pathname.startswith(_PACKAGE_DIR)
+                or (self.module is not None and record.module != self.module)):
+            return True
+        if record.name.startswith("ray.data"):
+            record.hide = True  # Ray Data's console handler skips it; its file handler (ray-data.log) keeps it
+            return True
+        return False
+
+
+def debugging() -> bool:
+    """Whether every library's output should show (`--debug` or EMBER_LOG_LEVEL=DEBUG)."""
+    return os.environ.get(LOG_LEVEL_ENV, "").upper() == "DEBUG"
+
+
+def quiet_libraries() -> None:
+    """Keeps other libraries' chatter off this process's console unless `debugging()`; idempotent. The CLI calls it
+    at start, every Ray worker process of Ember's jobs at its start (the setup hook `ensure_ray` gives the job), and
+    each training worker before it trains. Imports no library: it only names their loggers."""
+    if debugging():
+        return
+    for name, (level, module) in {**_QUIET, **_ray_train_context_logger()}.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OffTheConsole) for f in logger.filters):
+            logger.addFilter(_OffTheConsole(level, module))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed functions that torch has deprecated; nothing an Ember user can change.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
+
+
+def _ray_train_context_logger() -> dict[str, tuple[int, str | None]]:
+    """Ray Train's execution context logs each rank's reports under a logger named by its file's path; found without
+    importing Ray (which reads its environment once, at import)."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = os.path.join(spec.submodule_search_locations[0], "train", "v2", "_internal", "execution", "context.py")
+    return {path: (logging.WARNING, None)}
+
+
+def _job_runtime_env() -> dict | None:
+    """The runtime env that makes this driver's workers as quiet (or, debugging, as talkative) as it: a setup hook
+    running `quiet_libraries` in each worker process, or EMBER_LOG_LEVEL for them, since a cluster's workers do not
+    inherit this shell's environment. A submitted job's workers already have the variable (`ember submit` forwards
+    it), and Ray refuses a driver's env var that the job sets too."""
+    if not debugging():
+        return {"worker_process_setup_hook": f"{__name__}.quiet_libraries"}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set in the driver of a submitted job
+        return None
+    return {"env_vars": {LOG_LEVEL_ENV: os.environ[LOG_LEVEL_ENV]}}
 
 
 def is_loopback(address: str | None) -> bool:
@@ -38,7 +132,7 @@ def use_token_auth() -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Connects this process to Ray unless it already is; a new local instance binds to 127.0.0.1."""
-    import ray
+    import ray  # here, not at the top: Ray reads RAY_AUTH_MODE and the loopback setting once, at import
 
     if ray.is_initialized():
         return
@@ -51,7 +145,8 @@ def ensure_ray(address: str | None = None) -> None:
         use_token_auth()
         use_loopback_node_address(address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.INFO if debugging() else logging.WARNING, log_to_driver=True,
+                 runtime_env=_job_runtime_env())
     except ConnectionError as exc:
         raise EmberError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     log.info("ray: %s (%s CPUs)", address or "started a local instance", int(ray.cluster_resources().get("CPU", 0)))

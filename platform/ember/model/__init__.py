@@ -11,6 +11,7 @@ from ember.model.llama import (
            ModelConfig,
            Transformer,
            flops_per_token,
+           fused_slices,
            num_parameters,
            preset,
            resize_vocab,
@@ -18,6 +19,5 @@ from ember.model.llama import (
 from ember.model.sampling import SamplingParams
 
 __all__ = ["PRESETS", "Completion", "KVCache", "ModelConfig", "SamplingParams", "TextStream", "Transformer",
-           "decode_steps", "flops_per_token", "generate_ids", "load_model", "num_parameters", "preset", "resize_vocab",
-           "save_model",
-           "stop_token_ids"]
+           "decode_steps", "flops_per_token", "fused_slices", "generate_ids", "load_model", "num_parameters", "preset",
+           "resize_vocab", "save_model", "stop_token_ids"]

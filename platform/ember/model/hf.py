@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, path_stats
-from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, rope_frequencies
+from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -29,27 +29,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
-    """Ember's fused projections: suffix -> [(HF projection, rows)] in stacking order."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"self_attn.qkv_proj.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
-                                          ("self_attn.v_proj.weight", kv)],
-            "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", cfg.intermediate_size),
-                                        ("mlp.up_proj.weight", cfg.intermediate_size)]}
+def _fused_weights(cfg: ModelConfig) -> dict[str, dict[str, slice]]:
+    """Ember's fused weights (name inside a block) → {HF weight name inside a block: rows}, in stacking order."""
+    out = {}
+    for path, rows in fused_slices(cfg).items():
+        parent = path.split(".")[0]  # self_attn or mlp: the same in both layouts
+        out[f"{path}.weight"] = {f"{parent}.{name}.weight": r for name, r in rows.items()}
+    return out
 
 
 def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
     """Ember's state dict → HF Llama tensor names (fused projections split; the tied head left out)."""
-    fused = _fused_parts(cfg)
+    fused = _fused_weights(cfg)
     out = {}
     for name, tensor in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         parts = name.split(".", 2)  # e.g. ["layers", "3", "self_attn.qkv_proj.weight"]
         if parts[0] == "layers" and parts[2] in fused:
-            rows = [n for _, n in fused[parts[2]]]
-            for (hf_name, _), piece in zip(fused[parts[2]], tensor.split(rows)):
-                out[f"model.layers.{parts[1]}.{hf_name}"] = piece
+            for hf_name, rows in fused[parts[2]].items():
+                out[f"model.layers.{parts[1]}.{hf_name}"] = tensor[rows]
         else:
             out[name if name.startswith("lm_head.") else f"model.{name}"] = tensor
     return out
@@ -61,8 +60,8 @@ def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
     for name, tensor in tensors.items():
         out[name[len("model."):] if name.startswith("model.") else name] = tensor
     for layer in range(cfg.num_hidden_layers):
-        for fused, parts in _fused_parts(cfg).items():
-            pieces = [out.pop(f"layers.{layer}.{part}") for part, _ in parts]
+        for fused, parts in _fused_weights(cfg).items():
+            pieces = [out.pop(f"layers.{layer}.{part}") for part in parts]  # stacking order: rows follow each other
             out[f"layers.{layer}.{fused}"] = torch.cat(pieces)
     return out
 

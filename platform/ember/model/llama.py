@@ -3,7 +3,9 @@
 Token embedding → N × [RMSNorm → grouped-query attention with rotary positions → residual, RMSNorm → SwiGLU MLP →
 residual] → RMSNorm → output projection (optionally tied to the embedding). Names follow Hugging Face's
 `LlamaForCausalLM` (less its `model.` prefix) except two fused projections, as vLLM fuses them: `qkv_proj` holds
-q_proj, k_proj, v_proj stacked by rows, `gate_up_proj` holds gate_proj, up_proj; `hf.py` splits and joins them.
+q_proj, k_proj, v_proj stacked by rows, `gate_up_proj` holds gate_proj, up_proj. `fused_slices` is the one statement
+of that layout: the model splits by it, `hf.py` splits and joins by it, LoRA (`ember.train.lora`) adapts row blocks
+by it.
 
 Shapes: B batch, T new tokens, S tokens attended to (cache), C hidden size, H query heads, K key/value heads,
 D head dim, V vocabulary. This file imports neither Ray nor DeepSpeed.
@@ -104,6 +106,27 @@ def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
     return body + head + (emb if embeddings else 0)
 
 
+def fused_slices(cfg: ModelConfig) -> dict[str, dict[str, slice]]:
+    """The layout of the fused projections: each fused weight, by its path in a block, → the Hugging Face Llama
+    projections it stacks by rows, in stacking order, each with the rows (out_features) it occupies."""
+    q, kv, i = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    return {"self_attn.qkv_proj": _stacked(q_proj=q, k_proj=kv, v_proj=kv),
+            "mlp.gate_up_proj": _stacked(gate_proj=i, up_proj=i)}
+
+
+def _stacked(**rows: int) -> dict[str, slice]:
+    """Consecutive row ranges of the given sizes, in the order given."""
+    out, start = {}, 0
+    for name, size in rows.items():
+        out[name] = slice(start, start + size)
+        start += size
+    return out
+
+
+def _sizes(rows: dict[str, slice]) -> list[int]:
+    return [s.stop - s.start for s in rows.values()]
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 × matmul parameters + attention scores (PaLM, appendix B)."""
     matmul_params = num_parameters(cfg, embeddings=False) + (cfg.vocab_size * cfg.hidden_size
@@ -175,12 +198,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.h, self.kv, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # q, k and v projections in one matrix (rows: q, then k, then v): one larger matmul instead of three.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, bias=False)
+        self.qkv_sizes = _sizes(fused_slices(cfg)["self_attn.qkv_proj"])  # [H·D, K·D, K·D]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, positions, mask, span: int):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
         v = v.view(b, t, self.kv, self.d).transpose(1, 2)
@@ -195,11 +219,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows: gate, up
+        self.gate_up_sizes = _sizes(fused_slices(cfg)["mlp.gate_up_proj"])  # rows: gate, then up
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, sum(self.gate_up_sizes), bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)  # (B, T, I) each
         return self.down_proj(F.silu(gate) * up)
 
 

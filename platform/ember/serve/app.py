@@ -20,18 +20,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
+import ray
+import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, metrics
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.config.specs import SpecModel
+from ember.data.chat import BadRecord, ChatTemplate
+from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
+from ember.model import load_model, stop_token_ids
+from ember.model.generate import StopStrings
+from ember.model.hf import DTYPES, config_from_hf, read_json
+from ember.serve.engine import Engine, Overloaded, Request
 from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, key_digest, read_api_keys, require_keys
 from ember.serve.protocol import (
     MAX_N,
@@ -160,8 +169,6 @@ class TextDecoder:
     per token stays flat, and tokenizers whose decoders strip a leading space still space words right."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...], context: list[int] = ()):
-        from ember.model.generate import StopStrings
-
         self.tok = tokenizer
         self.ids = list(context[-4:])  # the prompt's last tokens give the first new token its context
         self.prefix, self.read = 0, len(self.ids)
@@ -200,8 +207,6 @@ class _Metrics:
     """Ray Serve application metrics (Prometheus through Ray's metrics export)."""
 
     def __init__(self, model: str):
-        from ray.serve import metrics
-
         tags = {"model": model}
         self.requests = metrics.Counter("ember_serve_requests", SERVE_METRICS["ember_serve_requests"],
                                         tag_keys=("model", "route", "code"))
@@ -276,9 +281,6 @@ def _failed(exc: GenerationFailed) -> APIError:
 
 async def proxy_host() -> Optional[str]:
     """The host Ray Serve's HTTP proxy binds, from the Serve controller (None when it cannot be learned)."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
     try:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         return (await controller.get_http_config.remote()).host
@@ -290,14 +292,6 @@ async def proxy_host() -> Optional[str]:
 @serve.ingress(app)
 class EmberServer:
     async def __init__(self, args: dict):
-        import torch
-
-        from ember.data.chat import ChatTemplate
-        from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
-        from ember.model import load_model, stop_token_ids
-        from ember.model.hf import DTYPES
-        from ember.serve.engine import Engine
-
         self.args = ServeArgs.model_validate(args)
         a = self.args
         # Keys are decided here, where requests are served: those the deployment carries, and this node's own.
@@ -358,8 +352,6 @@ class EmberServer:
         self._check(body, 1)
         if self.template is None:
             raise APIError(400, f"the model {self.name!r} has no chat template; use /v1/completions", "messages")
-        from ember.data.chat import BadRecord
-
         try:
             text = self.template.render([{"role": m.role, "content": m.content} for m in body.messages],
                                         add_generation_prompt=True)
@@ -378,8 +370,6 @@ class EmberServer:
 
     def _choices(self, body: SamplingRequest, prompts: list[list[int]], chat: bool, logprobs):
         """The engine requests of one client request: each prompt × n."""
-        from ember.serve.engine import Request
-
         field = "messages" if chat else "prompt"
         for p in prompts:
             if not p:
@@ -399,8 +389,6 @@ class EmberServer:
         return jobs
 
     async def _generate(self, body: SamplingRequest, prompts, request: HTTPRequest, chat: bool, logprobs):
-        from ember.serve.engine import Overloaded
-
         jobs = self._choices(body, prompts, chat, logprobs)
         loop = asyncio.get_running_loop()
         for r in jobs:
@@ -567,8 +555,6 @@ def build_app(args: ServeArgs) -> Application:
     path = Path(args.model_dir).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise EmberError(f"model_dir: {path} is not a model directory (no config.json)")
-    from ember.model.hf import DTYPES, config_from_hf, read_json
-
     plan_max_model_len(config_from_hf(read_json(path / "config.json")), args, DTYPES[args.dtype].itemsize)
     digests = args.key_digests()
     require_keys(args.host, bool(digests), args.allow_unauthenticated, "build_app")

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ray import serve
+from ray.exceptions import TaskCancelledError
+
 from ember.errors import EmberError
 from ember.runtime import is_loopback
 from ember.serve.protocol import APIError
@@ -179,8 +182,6 @@ class RequestGuard:
 
 
 def _cancelled(exc: BaseException) -> bool:
-    from ray.exceptions import TaskCancelledError
-
     return isinstance(exc, TaskCancelledError)
 
 
@@ -199,6 +200,4 @@ def _replay(body: bytes, receive):
 
 
 def _replica_policy() -> GuardPolicy:
-    from ray import serve
-
     return serve.get_replica_context().servable_object.guard_policy

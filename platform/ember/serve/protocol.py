@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
+from ember.model.sampling import SamplingParams
+
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # the hold-back scan for stop strings runs per token; its cost grows with their length
 MAX_LOGPROBS = 20
@@ -136,8 +138,6 @@ class ChatCompletionRequest(SamplingRequest):
 
 def sampling_params(req: SamplingRequest, default_max_tokens: int):
     """The engine's SamplingParams for a validated request."""
-    from ember.model.sampling import SamplingParams
-
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
     return SamplingParams(max_new_tokens=req.max_tokens or default_max_tokens,
                           temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,

@@ -15,33 +15,23 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ember.config.specs import LoraSpec
-from ember.model import Transformer
-
-# Ember's fused module → its row blocks, in order, by Llama name.
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+from ember.model import ModelConfig, Transformer, fused_slices
 
 
-def _blocks(module_name: str, layer: nn.Linear, model: Transformer) -> list[tuple[str, int, int]]:
-    """(Llama name, first row, end row) of each block of a linear layer's output."""
-    cfg = model.config
-    d = cfg.head_dim
-    if module_name == "qkv_proj":
-        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        return [("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)]
-    if module_name == "gate_up_proj":
-        i = cfg.intermediate_size
-        return [("gate_proj", 0, i), ("up_proj", i, 2 * i)]
-    return [(module_name, 0, layer.out_features)]
+def _blocks(parent_name: str, name: str, layer: nn.Linear, cfg: ModelConfig) -> list[tuple[str, slice]]:
+    """(Llama name, rows) of each block of a linear layer's output: a fused projection's blocks as the model
+    stacks them, any other layer as one block."""
+    rows = fused_slices(cfg).get(f"{parent_name}.{name}")
+    return list(rows.items()) if rows else [(name, slice(0, layer.out_features))]
 
 
 class LoraLinear(nn.Module):
     """A frozen linear layer plus low-rank adapters on some of its row blocks."""
 
-    def __init__(self, base: nn.Linear, blocks: list[tuple[str, int, int]], targets: set[str], rank: int,
+    def __init__(self, base: nn.Linear, blocks: list[tuple[str, slice]], targets: set[str], rank: int,
                  alpha: float, dropout: float):
         super().__init__()
         self.base = base
@@ -51,42 +41,45 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        for name, lo, hi in blocks:
+        for name, rows in blocks:
             if name in targets:
                 a = torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT: B = 0, so training starts at the base
                 self.lora_A[name] = nn.Parameter(a)
-                self.lora_B[name] = nn.Parameter(torch.zeros(hi - lo, rank, dtype=a.dtype, device=a.device))
+                b = torch.zeros(rows.stop - rows.start, rank, dtype=a.dtype, device=a.device)
+                self.lora_B[name] = nn.Parameter(b)
 
     def forward(self, x):
         y = self.base(x)
         h = self.dropout(x)
         parts = []
-        for name, lo, hi in self.blocks:
+        for name, rows in self.blocks:
             if name in self.lora_A:
                 parts.append(F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scale)
             else:
-                parts.append(y.new_zeros(*y.shape[:-1], hi - lo))
+                parts.append(y.new_zeros(*y.shape[:-1], rows.stop - rows.start))
         return y + (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The base layer with the adapters added into its weight."""
         w = self.base.weight.detach().clone()
-        for name, lo, hi in self.blocks:
+        for name, rows in self.blocks:
             if name in self.lora_A:
-                w[lo:hi] += (self.lora_B[name].float() @ self.lora_A[name].float()).to(w.dtype) * self.scale
+                w[rows] += (self.lora_B[name].float() @ self.lora_A[name].float()).to(w.dtype) * self.scale
         layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         layer.weight.copy_(w)
         return layer
 
 
 def _linears(model: Transformer):
+    """(layer index, parent name, parent module, name, child) of every projection; the parent names (self_attn,
+    mlp) are Llama's too."""
     for i, block in enumerate(model.layers):
         for parent_name in ("self_attn", "mlp"):
             parent = getattr(block, parent_name)
             for name, child in list(parent.named_children()):
-                yield i, parent, name, child
+                yield i, parent_name, parent, name, child
 
 
 def apply_lora(model: Transformer, spec: LoraSpec) -> list[nn.Parameter]:
@@ -95,10 +88,10 @@ def apply_lora(model: Transformer, spec: LoraSpec) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     targets = set(spec.target_modules)
-    for _, parent, name, child in _linears(model):
+    for _, parent_name, parent, name, child in _linears(model):
         if not isinstance(child, nn.Linear):
             continue
-        blocks = _blocks(name, child, model)
+        blocks = _blocks(parent_name, name, child, model.config)
         if targets & {b[0] for b in blocks}:
             setattr(parent, name, LoraLinear(child, blocks, targets, spec.rank, spec.alpha, spec.dropout))
     return [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +99,7 @@ def apply_lora(model: Transformer, spec: LoraSpec) -> list[nn.Parameter]:
 
 def merge_lora(model: Transformer) -> Transformer:
     """Replaces every LoraLinear by its merged linear layer (in place); returns the model."""
-    for _, parent, name, child in _linears(model):
+    for _, _, parent, name, child in _linears(model):
         if isinstance(child, LoraLinear):
             setattr(parent, name, child.merged())
     for p in model.parameters():
@@ -118,11 +111,11 @@ def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The adapters under PEFT's names for a Llama model
     (base_model.model.model.layers.N.self_attn.q_proj.lora_A...)."""
     state = {}
-    for i, _, _, child in _linears(model):
+    for i, parent_name, _, _, child in _linears(model):
         if not isinstance(child, LoraLinear):
             continue
         for name in child.lora_A:
-            prefix = f"base_model.model.model.layers.{i}.{PARENT[name]}.{name}"
+            prefix = f"base_model.model.model.layers.{i}.{parent_name}.{name}"
             state[f"{prefix}.lora_A.weight"] = child.lora_A[name].detach().float().contiguous().cpu()
             state[f"{prefix}.lora_B.weight"] = child.lora_B[name].detach().float().contiguous().cpu()
     return state
@@ -130,8 +123,6 @@ def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_dir: str, out: Path) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (PEFT's LoRA format) into `out`."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_dir,

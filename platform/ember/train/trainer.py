@@ -15,7 +15,6 @@ checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and t
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model
 from ember.progress import write_progress
+from ember.runtime import debugging, quiet_libraries
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss
@@ -162,17 +162,6 @@ def to_universal(ds_dir: Path, out_dir: Path) -> Path:
 
 
 
-def _quiet_ray_train() -> None:
-    """Ray Train logs every report and checkpoint of every rank at INFO, under loggers named by file path; Ember's
-    progress line says the same once. Warnings and errors still show."""
-    for name in ("context", "storage"):
-        try:
-            module = importlib.import_module(f"ray.train.v2._internal.execution.{name}")
-        except ImportError:  # another Ray layout: keep its logs
-            continue
-        getattr(module, "logger", logging.getLogger(module.__file__)).setLevel(logging.WARNING)
-
-
 def _not_finite(loss: float, grad_norm: float | None) -> tuple[str, float] | None:
     if not math.isfinite(loss):
         return "training loss", loss
@@ -210,8 +199,10 @@ class Trainer:
         checkpoint = own or (ray.train.Checkpoint(self.plan.start_from) if self.plan.start_from else None)
         with contextlib.ExitStack() as stack:
             load = self._checkpoint_to_load(checkpoint, stack) if checkpoint is not None else None
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
-                                                        dist_init_required=False)
+            # DeepSpeed prints its op builds ("... op built successfully"); --debug shows them.
+            with contextlib.nullcontext() if debugging() else contextlib.redirect_stdout(io.StringIO()):
+                self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                            config=self.ds_config, dist_init_required=False)
             if load is None:
                 return None
             load_dir, tag, state = load
@@ -366,6 +357,5 @@ class Trainer:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    _quiet_ray_train()
+    quiet_libraries()
     Trainer(RunPlan.from_config(config)).run()
