@@ -1,9 +1,10 @@
-"""`kind: finetune`: supervised fine-tuning on conversations, full or LoRA, on the pretraining machinery.
+"""`kind: finetune`: the run plan for supervised fine-tuning on conversations, full or LoRA.
 
-The driver checks the base model dir, tokenizes the conversations with its tokenizer and chat template (Ray Data,
-`ember.data.sft`; reused when unchanged), then runs the same Ray Train + DeepSpeed loop as pretraining with a loss
-mask: only assistant tokens carry loss unless `data.train_on: all`. The run dir gets `model/` (servable, with the chat
-template in its tokenizer_config.json) and, for LoRA, `adapter/` (PEFT format; merged into `model/` as well).
+The driver checks the base model dir and tokenizes the conversations with its tokenizer and chat template (Ray Data,
+`ember.data.sft`, on the unit executor; reused when unchanged); `ember.train.launch` then runs the same trainer as
+pretraining with the supervised recipe (`ember.train.recipes`): only assistant tokens carry loss unless
+`data.train_on: all`. The run dir gets `model/` (servable, with the chat template in its tokenizer_config.json) and,
+for LoRA, `adapter/` (PEFT format; merged into `model/` as well).
 """
 
 from __future__ import annotations
