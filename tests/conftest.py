@@ -47,6 +47,14 @@ def ray_session():
     ray.shutdown()
 
 
+def ray_address() -> str:
+    """The GCS address of this process's Ray instance, for Ray's State API (which, without one, refuses to choose
+    when another Ray instance runs on the machine)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def sentences(n: int, seed: int = 0) -> list[str]:
     """Deterministic English-ish documents of varied length."""
     import random

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import merged, sentences
+from conftest import merged, ray_address, sentences
 from ember.config import parse_spec
 from ember.errors import EmberError
 from ember.model import load_model
@@ -167,7 +167,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums."""
     from ray.util.state import list_actors
 
-    run_dir = tmp_path / "killed"
+    run_dir, address = tmp_path / "killed", ray_address()
     killed = {}
 
     def registered_steps() -> list[int]:
@@ -185,8 +185,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
             done = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
             registered = registered_steps()
             if done and registered and max(registered) >= 8 and done[-1] > max(registered):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                      raise_on_missing_output=False)
+                alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                workers = list_actors(address=address, filters=alive, raise_on_missing_output=False)
                 if workers:
                     killed.update(pid=workers[-1].pid, at=done[-1], registered=max(registered))
                     os.kill(workers[-1].pid, signal.SIGKILL)

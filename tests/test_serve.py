@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import CONTEXT, REPO, WORDS, deployed, free_port, greedy
+from conftest import CONTEXT, REPO, WORDS, deployed, free_port, greedy, ray_address
 from ember.data.chat import ChatTemplate
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
 from ember.errors import EmberError
@@ -285,7 +285,8 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(model_dir, 
 def _replica_actors(app: str) -> list:
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return [a for a in list_actors(address=ray_address(), filters=[("state", "=", "ALIVE")],
+                                     raise_on_missing_output=False)
             if a.class_name == f"ServeReplica:{app}:EmberServer"]
 
 

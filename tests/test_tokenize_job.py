@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from conftest import EMBER, merged, run_ember, sentences
+from conftest import EMBER, merged, ray_address, run_ember, sentences
 from ember.config import parse_spec
 from ember.data.pipeline import run_tokenize
 from ember.data.shards import ShardReader, load_manifest
@@ -221,9 +221,9 @@ def _wait_for_dead_job_actors(ray_session, timeout: float = 60) -> None:
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        actors = [a for a in list_actors(detail=True, raise_on_missing_output=False, limit=10000)
-                  if "UnitTokenizer" in (a.class_name or "")]
-        if all(a.state == "DEAD" and not _still_runs(a.pid, "UnitTokenizer") for a in actors):
+        actors = [a for a in list_actors(address=ray_address(), detail=True, raise_on_missing_output=False,
+                                          limit=10000) if "UnitWorker" in (a.class_name or "")]
+        if all(a.state == "DEAD" and not _still_runs(a.pid, "UnitWorker") for a in actors):
             return
         time.sleep(0.2)
     raise AssertionError("the killed job's actors are still alive")

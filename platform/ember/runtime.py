@@ -74,8 +74,8 @@ def debugging() -> bool:
 
 def quiet_libraries() -> None:
     """Keeps other libraries' chatter off this process's console unless `debugging()`; idempotent. The CLI calls it
-    at start, every Ray worker process of Ember's jobs at its start (the setup hook `ensure_ray` gives the job), and
-    each training worker before it trains. Imports no library: it only names their loggers."""
+    at start, the unit executor's actors and each training worker before they work. Imports no library: it only
+    names their loggers."""
     if debugging():
         return
     for name, (level, module) in {**_QUIET, **_ray_train_context_logger()}.items():
@@ -98,13 +98,12 @@ def _ray_train_context_logger() -> dict[str, tuple[int, str | None]]:
 
 
 def _job_runtime_env() -> dict | None:
-    """The runtime env that makes this driver's workers as quiet (or, debugging, as talkative) as it: a setup hook
-    running `quiet_libraries` in each worker process, or EMBER_LOG_LEVEL for them, since a cluster's workers do not
-    inherit this shell's environment. A submitted job's workers already have the variable (`ember submit` forwards
-    it), and Ray refuses a driver's env var that the job sets too."""
-    if not debugging():
-        return {"worker_process_setup_hook": f"{__name__}.quiet_libraries"}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set in the driver of a submitted job
+    """Debugging, the runtime env that makes this driver's workers as talkative as it: EMBER_LOG_LEVEL, since a
+    cluster's workers do not inherit this shell's environment (a submitted job's workers already have it: `ember
+    submit` forwards it, and Ray refuses a driver's env var that the job sets too). Otherwise none: Ember's code
+    quiets the processes it runs in (the unit executor's actors, the trainer), Ray Train is told its log level
+    (`RunConfig.logging_config`), and a job-wide runtime env would cost every worker process its prestart."""
+    if not debugging() or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # the latter: set in a submitted job
         return None
     return {"env_vars": {LOG_LEVEL_ENV: os.environ[LOG_LEVEL_ENV]}}
 

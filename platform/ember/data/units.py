@@ -46,6 +46,7 @@ from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, stamp_matches, write_json_atomic, write_stamp
 from ember.progress import FILE as PROGRESS_FILE
 from ember.progress import write_progress
+from ember.runtime import quiet_libraries
 
 log = logging.getLogger("ember")
 
@@ -192,11 +193,12 @@ class UnitRunner:
         return {"unit": unit.index, "tokens": sum(sh["tokens"] for s in fmt.SPLITS for sh in shards[s])}
 
 
-class _UnitActor:
+class UnitWorker:
     """Ray Data actor: builds its worker once, then runs one unit per batch row; a user-facing error becomes an
     error row (its message intact) instead of failing the whole Ray Data job with a traceback."""
 
     def __init__(self, make_worker: Callable[[], Callable[[WorkUnit], dict]]):
+        quiet_libraries()
         self.work = make_worker()
 
     def __call__(self, batch: dict) -> dict:
@@ -227,7 +229,7 @@ def map_units(units: list[WorkUnit], make_worker: Callable[[], Callable[[WorkUni
     if not units:
         return
     ds = ray.data.from_items([{"unit": unit_to_json(u)} for u in units], override_num_blocks=len(units))
-    results = ds.map_batches(_UnitActor, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1,
+    results = ds.map_batches(UnitWorker, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1,
                              compute=ray.data.ActorPoolStrategy(size=min(workers, len(units))), num_cpus=num_cpus)
     for row in results.iter_rows():
         item = json.loads(row["result"])

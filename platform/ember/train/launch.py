@@ -29,7 +29,7 @@ from ember.config.specs import SPEC_KINDS, TrainingJobSpec
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, write_stamp
 from ember.model import ModelConfig
-from ember.runtime import ensure_ray, find_ember_error
+from ember.runtime import debugging, ensure_ray, find_ember_error
 from ember.train.ds_config import deepspeed_config
 
 log = logging.getLogger("ember")
@@ -143,7 +143,7 @@ def _fit(trainer):
 
 
 def _torch_trainer(plan: RunPlan):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ember.train.trainer import train_loop_per_worker
@@ -158,7 +158,9 @@ def _torch_trainer(plan: RunPlan):
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(storage_path=str(run_dir.parent), name=run_dir.name,
                              failure_config=FailureConfig(max_failures=plan.spec.failure.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=plan.spec.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=plan.spec.train.keep_checkpoints),
+                             # Ray Train's set-up and per-rank report lines stay in its log files unless debugging.
+                             logging_config=LoggingConfig(log_level="DEBUG" if debugging() else "WARNING")),
     )
 
 

@@ -311,12 +311,13 @@ class Trainer:
     # ------------------------------------------------------------ the run
 
     def run(self) -> None:
-        restored = self.restore()
         plan, tr, rank = self.plan, self.spec.train, self.rank
         seq_len, total = plan.manifest["seq_len"], plan.total_steps
+        # The data first: a dataset that cannot be read fails before the engine is built.
         reader = ShardReader(plan.data_dir, "train", seed=tr.seed, rank=rank, world_size=self.world)
         val_reader = (ShardReader(plan.data_dir, "val", seed=tr.seed, rank=rank, world_size=self.world)
                       if plan.manifest["splits"]["val"]["rows"] else None)
+        restored = self.restore()
         batches = reader.batches(tr.micro_batch_size, start=self.samples)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.step, tr.tensorboard, restored) \
             if rank == 0 else None
