@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OPS := $(VENV)/.deepspeed-ops
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -20,7 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# DeepSpeed compiles its C++ ops at first use (the shared-memory collectives every run loads, the CPU Adam of
+# optimizer offload): a few minutes on a fresh machine, paid here once instead of inside the first run or test.
+$(OPS): $(STAMP)
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  builders = [get_accelerator().create_op_builder(n) for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]; \
+	  [b.load(verbose=False) for b in builders if b is not None and b.is_compatible()]" > /dev/null
+	touch $(OPS)
+
+install: $(STAMP) $(OPS)
 
 demo: install
 	$(BIN)/ember demo $(DEMO_ARGS)

@@ -17,6 +17,9 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # Ray Train's controller polls its workers every 2 s by default; polling faster only makes the many short training
 # runs of the suite notice their end (or a killed worker) sooner. Set before any Ray process starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's preemption watcher (an actor per run that polls for nodes being drained) has nothing to watch on one
+# machine; without it, each of the suite's training runs starts one process fewer.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402 (after the environment above, which Ray's processes inherit)
 

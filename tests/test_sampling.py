@@ -120,8 +120,9 @@ def test_generation_stops_at_the_context_limit(tiny):
     assert len(out) == 4  # 60 prompt tokens + 4 new fill the 64-token context
 
 
-def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
+def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny, capsys):
     from conftest import run_ember
+    from ember.cli import _parser, cmd_generate
     from ember.data.tokenizer import save_tokenizer
     from ember.model import save_model
 
@@ -129,8 +130,15 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
     save_tokenizer(tok, tmp_path / "tok", model_max_length=64)
     save_model(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok", eos_token_id=0)
 
-    def generate(*args):
+    def generate(*args):  # as a user runs it
         return run_ember("generate", tmp_path / "m", *args, timeout=120)
+
+    def generate_here(*args) -> str:  # the same parser and verb, in this process: what it prints
+        capsys.readouterr()
+        assert cmd_generate(_parser().parse_args(["generate", str(tmp_path / "m"), *args])) == 0
+        out = capsys.readouterr()
+        assert "tokens/s" in out.err
+        return out.out
 
     greedy = generate("--prompt", "the model reads", "--max-tokens", "12", "--temperature", "0")
     assert greedy.returncode == 0, greedy.stderr
@@ -149,19 +157,18 @@ def test_ember_generate_streams_from_a_model_dir(tmp_path, tiny):
              (("--temperature", "0", "--stop", "zzz", "--stop", stop), {"temperature": 0.0, "stop": ("zzz", stop)})]
     answers = []
     for args, fields in flags:
-        done = generate("--prompt", "the model", "--max-tokens", "10", *args)
-        assert done.returncode == 0, (args, done.stderr)
+        done = generate_here("--prompt", "the model", "--max-tokens", "10", *args)
         params = SamplingParams(**{"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, **fields})
-        assert done.stdout == "".join(TextStream(model, tok, "the model", params, {0})) + "\n", args
-        answers.append(done.stdout)
+        assert done == "".join(TextStream(model, tok, "the model", params, {0})) + "\n", args
+        answers.append(done)
     assert answers[0] == plain + "\n" and answers[-1] == plain[: plain.index(stop)] + "\n"
-    assert generate("--prompt", "the model", "--max-tokens", "10", "--seed", "4").stdout == answers[1]  # repeatable
+    assert generate_here("--prompt", "the model", "--max-tokens", "10", "--seed", "4") == answers[1]  # repeatable
     assert len(set(answers)) == len(answers), answers  # every flag changed the answer
     bad = generate("--prompt", "x", "--temperature", "-1")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: invalid sampling value temperature=-1.0: " \
                                                          "expected a number >= 0"
-    long = generate("--prompt", "the model reads " * 40)
-    assert long.returncode == 1 and "the model's context is 64 tokens" in long.stderr
+    with pytest.raises(EmberError, match="the model's context is 64 tokens"):
+        generate_here("--prompt", "the model reads " * 40)
     missing = run_ember("generate", tmp_path / "nope", "--prompt", "x", timeout=120)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"

@@ -15,9 +15,13 @@ def grad_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
     return global_batch // per_step
 
 
-def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int) -> dict:
+def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu: bool = True) -> dict:
     """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
-    step, which makes resumption exact), so no DeepSpeed scheduler is configured."""
+    step, which makes resumption exact), so no DeepSpeed scheduler is configured.
+
+    The optimizer is DeepSpeed's AdamW: its fused kernel on GPUs, its CPU Adam with an offloaded optimizer. Training
+    on CPUs without offload takes torch's AdamW (`torch_adam`), the same arithmetic: DeepSpeed's CPU build of the
+    fused kernel is a C++ op it compiles at first use on every fresh machine (a minute or two), for no gain there."""
     if ds.offload_params and ds.zero_stage != 3:
         raise EmberError(f"deepspeed.offload_params needs deepspeed.zero_stage: 3 (got {ds.zero_stage})")
     if ds.offload_optimizer and ds.zero_stage == 0:
@@ -35,7 +39,8 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int) -> dict:
         "gradient_accumulation_steps": grad_accumulation(train.global_batch_size, train.micro_batch_size, workers),
         "gradient_clipping": train.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
-                                                  "weight_decay": train.weight_decay}},
+                                                  "weight_decay": train.weight_decay,
+                                                  **({} if use_gpu or ds.offload_optimizer else {"torch_adam": True})}},
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},

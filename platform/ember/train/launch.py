@@ -167,7 +167,8 @@ def _torch_trainer(plan: RunPlan):
 def launch(plan: RunPlan, address: str | None = None) -> dict:
     """Runs the plan on Ray Train (or reuses its finished run); returns the last reported metrics."""
     spec, run_dir = plan.spec, Path(plan.run_dir)
-    deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers)  # batch arithmetic and offload checks
+    # The batch arithmetic and offload checks, before anything starts.
+    deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers, spec.scaling.use_gpu)
     finished = finished_run(plan)
     if finished is not None:
         log.info("%s: %s already holds this run, finished at step %s (same spec): reusing its model %s (delete the "

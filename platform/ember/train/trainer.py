@@ -180,7 +180,8 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.step, self.samples = 0, 0
-        self.ds_config = deepspeed_config(self.spec.train, self.spec.deepspeed, self.world)
+        self.ds_config = deepspeed_config(self.spec.train, self.spec.deepspeed, self.world,
+                                          self.spec.scaling.use_gpu)
 
     # ------------------------------------------------------------ restore
 
