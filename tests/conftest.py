@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Credentials for the S3-compatible test server (moto on 127.0.0.1). Set before Ray starts, so its workers inherit
@@ -13,6 +14,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "ember-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "ember-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The node cache of object-storage reads (ember.storage): one of the suite's own, not the machine's.
+os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
 
 # Ray Train's controller polls its workers every 2 s by default; polling faster only makes the many short training
 # runs of the suite notice their end (or a killed worker) sooner. Set before any Ray process starts.

@@ -202,6 +202,7 @@ def test_conversations_are_read_from_parquet_and_jsonl_with_their_locations(tmp_
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
 def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path, tok, overlong):
     import json
+    from pathlib import Path
 
     from ember.config.specs import ChatDataSpec
     from ember.data.sft import ConversationEncoder, source_of
@@ -221,7 +222,7 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
                   partial(ConversationEncoder, data, str(tmp_path / "ds")), {unit.index: "input"},
                   extra_columns=("loss_mask", "segments"))
     UnitRunner(job)(unit)  # the executor's worker, without Ray: writes the unit's shards and its marker
-    result = json.loads(marker_path(tmp_path / "ds", unit.index).read_text())
+    result = json.loads(Path(marker_path(str(tmp_path / "ds"), unit.index)).read_text())
     kept = result["stats"]["train"]["conversations"]
     if overlong == "drop":
         assert kept == 1 and result["skips"]["skipped"] == {"too_long": 1} and result["truncated"] == 0

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import merged, tiny_model_dir
+from ember import storage
 from ember.config import parse_spec
 from ember.errors import EmberError
 from ember.model import load_model, save_model
@@ -121,10 +122,20 @@ def lora_run(ember_base, chat_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ember_full_run(ember_base, chat_data, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ft") / "ember-full"
-    run_finetune(parse_spec(spec(ember_base, chat_data["train"], run_dir, scaling={"workers": 1},
+def ember_full_run(ember_base, chat_data, s3_server) -> str:
+    """A full fine-tune on object storage (the S3 server on 127.0.0.1): the base model, the tokenized conversations
+    and the run dir are all in the bucket; the workers read the base through their node cache."""
+    bucket, endpoint, client = s3_server
+    root = f"s3://{bucket}/finetune?endpoint_override={endpoint}&scheme=http"
+    base, run_dir = storage.join(root, "base"), storage.join(root, "ember-full")
+    storage.upload_dir(ember_base, base, marker="config.json")
+    run_finetune(parse_spec(spec(base, chat_data["train"], run_dir, scaling={"workers": 1},
                                  deepspeed={"zero_stage": 1})))
+    objects = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="finetune/ember-full/")["Contents"]}
+    for key in ("result.json", "metrics.jsonl", "spec.yaml", "base_weights.json", "data/manifest.json",
+                "model/config.json", "model/model.safetensors", "model/tokenizer_config.json"):
+        assert f"finetune/ember-full/{key}" in objects, key
+    assert any(k.startswith("finetune/ember-full/checkpoint_") for k in objects)  # Ray Train's, in the bucket
     return run_dir
 
 
@@ -221,10 +232,11 @@ def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(
 def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full_run, ember_base, chat_data,
                                                                      tmp_path):
     results = run_evaluate(parse_spec({
-        "kind": "evaluate", "models": {"base": str(ember_base), "finetuned": str(ember_full_run / "model")},
-        "data": {"dir": str(ember_full_run / "data"), "conversations": [str(chat_data["heldout"])]},
-        "generation": {"max_examples": 10, "max_new_tokens": 12}, "output": {"file": str(tmp_path / "eval.json")}}))
-    assert json.loads((tmp_path / "eval.json").read_text()) == results
+        "kind": "evaluate", "models": {"base": str(ember_base), "finetuned": storage.join(ember_full_run, "model")},
+        "data": {"dir": storage.join(ember_full_run, "data"), "conversations": [str(chat_data["heldout"])]},
+        "generation": {"max_examples": 10, "max_new_tokens": 12},
+        "output": {"file": storage.join(ember_full_run, "eval", "results.json")}}))
+    assert storage.read_json(storage.join(ember_full_run, "eval", "results.json")) == results
     base, tuned = results["base"], results["finetuned"]
     assert tuned["conversations"]["assistant_loss"] < 0.5 * base["conversations"]["assistant_loss"]
     assert tuned["dataset"]["assistant_loss"] < base["dataset"]["assistant_loss"]
@@ -261,7 +273,7 @@ def test_generate_with_chat_wraps_the_prompt_in_the_template(ember_full_run, hf_
     from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
     from ember.model import SamplingParams, generate_ids
 
-    model_dir = ember_full_run / "model"
+    model_dir = storage.join(ember_full_run, "model")  # a URI: read through the node cache
     assert main(["generate", str(model_dir), "--chat", "--prompt", "What color is the fox?", "--temperature", "0",
                  "--max-tokens", "12"]) == 0
     printed = capsys.readouterr().out.strip()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import merged, ray_address, sentences
+from ember import storage
 from ember.config import parse_spec
 from ember.errors import EmberError
 from ember.model import load_model
@@ -50,8 +51,15 @@ def train(*args, **kw) -> dict:
     return run_pretrain(parse_spec(spec(*args, **kw)))
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def rows(run_dir: Path | str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines()]
+
+
+def checkpoint_states(run_dir: str) -> dict[int, dict]:
+    """Step -> ember_state.json of each checkpoint Ray Train keeps in a run dir (a path or a URI)."""
+    states = [storage.read_json(storage.join(run_dir, name, "ember_state.json"))
+              for name in storage.list_names(run_dir) if name.startswith("checkpoint_2")]
+    return {state["step"]: state for state in states}
 
 
 @pytest.fixture(scope="session")
@@ -270,17 +278,36 @@ def at_step(run_dir: Path, step: int) -> Path:
                 if json.loads((p / "ember_state.json").read_text())["step"] == step)
 
 
-def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(dataset, reference_run, tmp_path):
+def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(dataset, reference_run, s3_server,
+                                                                                  tmp_path):
     """ZeRO-2 optimizer shards of 2 ranks are re-cut for 1 rank (DeepSpeed's universal checkpoint); the one worker
-    takes the global samples the two would have taken, so the losses follow the uninterrupted 2-worker run."""
-    run_dir = tmp_path / "one-worker"
-    train(dataset, run_dir, train={"decay_steps": 8}, scaling={"workers": 1}, resume=str(at_step(reference_run, 4)))
+    takes the global samples the two would have taken, so the losses follow the uninterrupted 2-worker run. Its run
+    dir is a bucket prefix: Ray Train uploads the checkpoints there, rank 0 the metrics and the model, and the
+    finished run is recognised there and reused; `ember report` reads it from there and writes the report beside it."""
+    from ember.train.report import write_report
+
+    bucket, endpoint, client = s3_server
+    run_dir = f"s3://{bucket}/pretrain/one-worker-{tmp_path.name}?endpoint_override={endpoint}&scheme=http"
+    one_worker = {"train": {"decay_steps": 8}, "scaling": {"workers": 1}, "resume": str(at_step(reference_run, 4))}
+    train(dataset, run_dir, **one_worker)
     reference, resumed = rows(reference_run)[4:], rows(run_dir)
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [r["samples"] for r in resumed] == [r["samples"] for r in reference]
     for a, b in zip(reference, resumed):  # the same arithmetic up to the order of the gradient sums
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
-    assert json.loads((at_step(run_dir, 8) / "ember_state.json").read_text())["world_size"] == 1
+    states = checkpoint_states(run_dir)
+    assert states[8]["world_size"] == 1
+    keys = {o["Key"].split("/", 2)[2] for o in client.list_objects_v2(
+        Bucket=bucket, Prefix=f"pretrain/one-worker-{tmp_path.name}/")["Contents"]}
+    assert {"spec.yaml", "result.json", "restores.jsonl", "progress.json", "model/config.json",
+            "model/model.safetensors", "model/tokenizer.json"} <= keys
+    assert load_model(storage.join(run_dir, "model")).config.num_hidden_layers == 2
+    before = storage.list_files(run_dir)
+    assert train(dataset, run_dir, **one_worker)["step"] == 8 and storage.list_files(run_dir) == before  # reused
+    summary = write_report(run_dir)
+    assert summary.startswith(f"run: {storage.display(run_dir)} (pretrain)") and "steps: 8 of 8" in summary
+    assert storage.read_bytes(storage.join(run_dir, "report", "loss.png"))[:4] == b"\x89PNG"
+    assert not list(tmp_path.iterdir())  # nothing of the run was written locally
 
 
 def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, reference_run, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from conftest import CONTEXT, REPO, WORDS, deployed, free_port, greedy, ray_address
+from ember import storage
 from ember.data.chat import ChatTemplate
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
 from ember.errors import EmberError
@@ -336,22 +337,30 @@ def test_a_full_queue_answers_503_and_a_killed_replica_is_replaced(model_dir, se
         assert new.actor_id != old.actor_id and new.pid != old.pid
 
 
-def test_ember_serve_deploys_a_model_dir_and_a_config_file(model_dir, serve_port, tmp_path):
-    """What `ember serve` does before it waits for Ctrl-C: deploy, wait until it answers, return the URL."""
+def test_ember_serve_deploys_a_model_dir_and_a_config_file(model_dir, serve_port, s3_server, tmp_path):
+    """What `ember serve` does before it waits for Ctrl-C: deploy, wait until it answers, return the URL. The model
+    dir is a bucket prefix here: the replica pulls it into its node's cache."""
     from openai import OpenAI
     from ray import serve
 
     from ember.serve.launch import serve_target
 
+    bucket, endpoint, _ = s3_server
+    uri = f"s3://{bucket}/served-{tmp_path.name}/model?endpoint_override={endpoint}&scheme=http"
+    storage.upload_dir(model_dir, uri, marker="config.json")
     try:
-        base, names = serve_target(str(model_dir), port=serve_port)
+        base, names = serve_target(uri, port=serve_port)
         assert base == f"http://127.0.0.1:{serve_port}" and names == ["ember"]
         client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "the fox"}],
                                                 max_tokens=4, temperature=0, stream=True)
         assert len("".join(c.choices[0].delta.content or "" for c in stream)) > 0
+        answer = client.completions.create(model="model", prompt="the fox", max_tokens=6, temperature=0)
+        assert answer.choices[0].text == greedy(model_dir, "the fox", 6)  # the weights in the bucket
     finally:
         serve.delete("ember")
+    with pytest.raises(EmberError, match=r"model_dir: s3://ember-corpus/nothing is not a model directory"):
+        serve_target(f"s3://{bucket}/nothing?endpoint_override={endpoint}&scheme=http", port=serve_port)
     config = tmp_path / "serve.yaml"
     config.write_text((REPO / "serve" / "demo.yaml").read_text().replace("runs/finetune-demo/model", str(model_dir))
                       .replace("port: 8000", f"port: {serve_port}").replace("route_prefix: /", "route_prefix: /cfg"))

@@ -6,7 +6,7 @@ import pytest
 from ember.data import shards as fmt
 from ember.data.shards import ShardReader, ShardWriter
 from ember.errors import EmberError
-from ember.identity import write_json_atomic
+from ember.storage import write_json
 
 ROW = 9
 
@@ -21,7 +21,7 @@ def make_dataset(tmp_path, n_rows: int, shard_rows: int = 37):
         ids = np.arange(start, min(start + 10, n_rows), dtype=dtype)
         writer.write(np.repeat(ids[:, None], ROW, axis=1))
     shards = writer.close()
-    write_json_atomic(tmp_path / "manifest.json", {
+    write_json(tmp_path / "manifest.json", {
         "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "seq_len": ROW - 1, "dtype": "uint32",
         "splits": {"train": {"shards": shards}, "val": {"shards": []}}})
     return shards

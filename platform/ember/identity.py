@@ -5,10 +5,12 @@
 - A **fingerprint** of files is the identity of their names, sizes and modification times (`files_fingerprint`):
   it changes when a file is rewritten, without reading every byte of a corpus or a model. `content_sha256` hashes
   the bytes instead, for the small files whose exact content is the contract (a tokenizer).
-- A **stamp** is a JSON object with an ``identity`` field, written atomically (`write_stamp`): the record an output
+- A **stamp** is a JSON object with an ``identity`` field, published whole (`write_stamp`): the record an output
   writes anyway (a dataset's `manifest.json`, a run's `result.json`) or a small file beside it (the unit executor's
   `.ember/job.json`, a fine-tune's `base_weights.json`, an evaluation's `results.json.identity`). `stamp_matches`
   is the one check: an output is reused only while its stamp holds the identity of the inputs asked for.
+
+Stamps and hashed files are locations (`ember.storage`): a local path or a URI of object storage.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import Iterable
+
+from ember import storage
 
 
 def identity_of(parts) -> str:
@@ -40,21 +44,21 @@ def path_stats(paths: Iterable[str | os.PathLike]) -> list[tuple[str, int, int]]
     return out
 
 
-def content_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes."""
+def content_sha256(location: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (a local file or an object)."""
+    if storage.is_uri(location):
+        return hashlib.sha256(storage.read_bytes(location)).hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(location, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def read_stamp(path: str | os.PathLike) -> dict | None:
-    """The stamp at `path`, or None when there is none or it is not one (unreadable, not JSON, no identity)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+def read_stamp(location: str | os.PathLike) -> dict | None:
+    """The stamp at `location`, or None when there is none or it is not one (not JSON, no identity). A store that
+    cannot be read raises its error (`ember.storage`): "no stamp" must not be mistaken for "cannot look"."""
+    data = storage.read_json(location)
     return data if isinstance(data, dict) and isinstance(data.get("identity"), str) else None
 
 
@@ -64,18 +68,9 @@ def stamp_matches(path: str | os.PathLike, identity: str) -> bool:
     return stamp is not None and stamp["identity"] == identity
 
 
-def write_stamp(path: str | os.PathLike, identity: str, **record) -> dict:
-    """Writes a stamp (`identity` and the other fields of `record`) under a temporary name, then renames it into
-    place, so a crash leaves the old stamp or the new one, never half of one. Returns what was written."""
+def write_stamp(location: str | os.PathLike, identity: str, **record) -> dict:
+    """Publishes a stamp (`identity` and the other fields of `record`) whole (`ember.storage.write_json`), so a crash
+    leaves the old stamp or the new one, never half of one. Returns what was written."""
     stamp = {**record, "identity": identity}
-    write_json_atomic(path, stamp)
+    storage.write_json(location, stamp)
     return stamp
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Writes JSON under a temporary name, then renames it into place (creating the parent directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

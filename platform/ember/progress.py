@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from ember.identity import write_json_atomic
+from ember import storage
 
 FILE = "progress.json"
 # The numbers each kind must carry for a reader to show it (others are optional).
@@ -36,35 +36,23 @@ REQUIRED = {"train": ("step", "total_steps", "loss", "tokens_per_s"),
 
 
 def write_progress(directory: str | os.PathLike, record: dict) -> None:
-    """Replaces the record in `directory` (a local directory that exists) with `record` plus the time it is
+    """Replaces the record in the output directory `directory` (a path or a URI) with `record` plus the time it is
     written."""
-    write_json_atomic(Path(directory) / FILE, {**record, "time": record.get("time", time.time())})
+    storage.write_json(record_path(directory), {**record, "time": record.get("time", time.time())})
 
 
-def _is_uri(location: str) -> bool:
-    return "://" in location
-
-
-def record_path(location: str) -> str:
+def record_path(location: str | os.PathLike) -> str:
     """Where the record of the output directory `location` (a path or a URI) is."""
-    return f"{location.rstrip('/')}/{FILE}" if _is_uri(location) else os.path.join(location, FILE)
+    return storage.join(location, FILE)
 
 
 def _read_bytes(location: str) -> bytes | None:
-    """The record's bytes; None when there is none (yet). Raises OSError or ArrowException when the location cannot
-    be read from here (no such mount, no credentials, no network)."""
-    if not _is_uri(location):
-        try:
-            return Path(record_path(location)).read_bytes()
-        except FileNotFoundError:
-            return None
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(record_path(location))  # the way Ember opens URIs (ember.data.sources)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    """The record's bytes; None when there is none (yet). Raises when the location cannot be read from here (no
+    such mount, no credentials, no network)."""
+    try:
+        return storage.read_bytes(record_path(location))
+    except FileNotFoundError:
         return None
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
 
 
 def _parse(data: bytes) -> dict | None:
@@ -109,15 +97,16 @@ def show_progress(location: str, shared: bool) -> tuple[dict | None, str]:
     `shared`: this client sees the job's local paths (the cluster runs on this machine), so a directory that is not
     there has not been made yet. Otherwise a missing directory means the job's disk is another machine's.
     """
-    path = record_path(location)
-    elsewhere = f"in {path} (not readable from here)" if _is_uri(location) else \
+    path = storage.display(record_path(location))
+    uri = "://" in str(location)  # also file://: a location given as a URI is read as one, from anywhere
+    elsewhere = f"in {path} (not readable from here)" if uri else \
         f"in {path} on the cluster (not readable from here)"
     try:
         data = _read_bytes(location)
     except Exception:  # OSError, ArrowException, a URI pyarrow refuses: whatever stops the read, the answer is a note
         return None, elsewhere
     if data is None:
-        return None, "" if _is_uri(location) or shared or Path(location).is_dir() else elsewhere
+        return None, "" if uri or shared or Path(location).is_dir() else elsewhere
     record = _parse(data)
     if record is None:
         return None, f"in {path} (not a progress record this Ember reads)"

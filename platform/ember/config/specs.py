@@ -86,7 +86,8 @@ class PackSpec(SpecModel):
 class OutputSpec(SpecModel):
     """Where the dataset directory goes."""
 
-    dir: str = Field(description="Dataset directory (manifest.json, tokenizer.json, train/, val/); local or shared FS.")
+    dir: str = Field(description="Dataset directory (manifest.json, tokenizer.json, train/, val/): a path or a "
+                                 "bucket URI (s3://bucket/prefix).")
     overwrite: bool = Field(False, description="Replace a directory that holds a different dataset.")
 
 
@@ -113,7 +114,8 @@ class TokenizeSpec(JobSpec):
 class DataSpec(SpecModel):
     """The dataset a training job reads."""
 
-    dir: str = Field(description="A dataset directory written by `kind: tokenize` (manifest.json, train/, val/).")
+    dir: str = Field(description="A dataset directory written by `kind: tokenize` (manifest.json, train/, val/); "
+                                 "a path or a URI.")
 
 
 class ModelSpec(SpecModel):
@@ -122,7 +124,7 @@ class ModelSpec(SpecModel):
     preset: Optional[str] = Field("tiny", description="A shape from ember.model.PRESETS (tiny, small, 125m, 350m, 1b, "
                                                       "3b, 8b); vocab_size comes from the dataset's tokenizer.")
     init_from: Optional[str] = Field(None, description="A Llama-format model dir to start from (its shape and "
-                                                       "weights).")
+                                                       "weights); a path or a URI.")
     hidden_size: Optional[int] = Field(None, ge=8, description="Override the preset's hidden size.")
     intermediate_size: Optional[int] = Field(None, ge=8, description="Override the preset's SwiGLU width.")
     num_hidden_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
@@ -201,7 +203,8 @@ class FailureSpec(SpecModel):
 class RunOutputSpec(SpecModel):
     """Where a run keeps its checkpoints, metrics and final model."""
 
-    dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, spec.yaml, model/ (local or shared FS).")
+    dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, spec.yaml, model/; a path or a bucket "
+                                 "URI, which a multi-node run needs (Ray Train stores its checkpoints there).")
 
 
 class TrainingJobSpec(JobSpec):
@@ -213,7 +216,8 @@ class TrainingJobSpec(JobSpec):
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Worker failure handling.")
     output: RunOutputSpec = Field(description="Run directory.")
     resume: str = Field("auto", description="auto: continue the latest checkpoint in the run dir; never: refuse a "
-                                            "run dir that has one; or the path of a checkpoint to start from.")
+                                            "run dir that has one; or the path (or URI) of a checkpoint to start "
+                                            "from.")
 
 
 class PretrainSpec(TrainingJobSpec):
@@ -273,7 +277,7 @@ class FinetuneSpec(TrainingJobSpec):
 
     kind: Literal["finetune"] = Field(description="Job kind.")
     base: str = Field(description="The model dir to start from: an Ember export or any Llama-format dir (config.json, "
-                                  "safetensors weights, tokenizer.json).")
+                                  "safetensors weights, tokenizer.json); a path or a URI.")
     data: ChatDataSpec = Field(description="Conversations.")
     method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train low-rank "
                                                                 "adapters on a frozen base.")
@@ -304,7 +308,7 @@ class GenerationEvalSpec(SpecModel):
 class EvalOutputSpec(SpecModel):
     """Where the results go."""
 
-    file: str = Field(description="A JSON file with every figure per model.")
+    file: str = Field(description="A JSON file with every figure per model (a path or a URI).")
 
 
 class EvaluateSpec(JobSpec):
@@ -312,7 +316,7 @@ class EvaluateSpec(JobSpec):
 
     kind: Literal["evaluate"] = Field(description="Job kind.")
     models: dict[str, str] = Field(min_length=1, description="Model dirs to evaluate, by a name for the report "
-                                                             "(e.g. base: …, finetuned: …).")
+                                                             "(e.g. base: …, finetuned: …); paths or URIs.")
     data: EvalDataSpec = Field(description="Datasets.")
     generation: GenerationEvalSpec = Field(default_factory=GenerationEvalSpec, description="Generation score.")
     output: EvalOutputSpec = Field(description="Results file.")

@@ -13,14 +13,12 @@ units without a done-marker; a rerun of a finished job is a no-op.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from ember import storage
 from ember.config.specs import TokenizeSpec
 from ember.data import shards as fmt
 from ember.data import units as ex
@@ -135,17 +133,16 @@ def _summary_lines(manifest: dict, seconds: float | None, reused: int) -> list[s
     return lines
 
 
-def _prepare_tokenizer(spec: TokenizeSpec, out: Path, units: list[WorkUnit], given: Path | None) -> Path:
+def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], given: str | None) -> str:
     """The dataset's tokenizer.json: the one saved by an earlier attempt, the given one, or a freshly trained one."""
-    target = out / "tokenizer.json"
-    if target.is_file() and ex.job_state(out).get("tokenizer_sha256") == content_sha256(target):
-        log.info("tokenizer: reusing %s from the earlier attempt", target)
+    target = storage.join(out, "tokenizer.json")
+    if storage.is_file(target) and ex.job_state(out).get("tokenizer_sha256") == content_sha256(target):
+        log.info("tokenizer: reusing %s from the earlier attempt", storage.display(target))
         return target
     if given is not None:
         tok = load_tokenizer(given)
-        log.info("tokenizer: using %s (vocab %d)", given, tok.get_vocab_size())
-        shutil.copyfile(given, out / ".tmp-tokenizer.json")  # byte for byte: its hash is the one the user knows
-        os.replace(out / ".tmp-tokenizer.json", target)
+        log.info("tokenizer: using %s (vocab %d)", storage.display(given), tok.get_vocab_size())
+        storage.write_bytes(target, storage.read_bytes(given))  # byte for byte: its hash is the one the user knows
         write_tokenizer_config(tok, out, model_max_length=spec.pack.seq_len, base_config=tokenizer_config(given))
     else:
         t0 = time.perf_counter()
@@ -182,7 +179,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     Returns the manifest. Inputs and the output directory are checked before any Ray work starts.
     """
     t_start = time.perf_counter()
-    out = Path(spec.output.dir).expanduser().resolve()
+    out = storage.normalize(spec.output.dir)
     resolved = resolve_inputs(spec.source)  # fails on a missing path before any Ray work
     given = tokenizer_file(spec.tokenizer.path) if spec.tokenizer.path else None
     fingerprint = source_fingerprint(resolved)
@@ -190,7 +187,7 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     identity = dataset_identity(job_id, fingerprint)
     finished = ex.prepare_output(out, job_id, identity, overwrite=spec.output.overwrite, dir_key="output.dir")
     if finished is not None:
-        log.info("%s already holds this dataset (same inputs and spec): nothing to do", out)
+        log.info("%s already holds this dataset (same inputs and spec): nothing to do", storage.display(out))
         for line in _summary_lines(finished, None, 0):
             log.info(line)
         return finished
@@ -204,15 +201,15 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     ensure_ray(address)
     workers, num_cpus = ex.pool(spec.workers)
     duplicates = _duplicates(spec, units, workers, num_cpus) if spec.filter.dedup else {}
-    job = ex.UnitJob(str(out), spec.pack.seq_len + 1, dtype.name, spec.pack.shard_bytes,
-                     partial(CorpusEncoder, spec, str(tok_path), eos_id, dtype.name, duplicates),
+    job = ex.UnitJob(out, spec.pack.seq_len + 1, dtype.name, spec.pack.shard_bytes,
+                     partial(CorpusEncoder, spec, tok_path, eos_id, dtype.name, duplicates),
                      ex.unit_fingerprints(units, resolved), strict=spec.source.strict,
                      threads=max(1, int(num_cpus)))
     reused = ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="tokenize")
     manifest = _assemble(spec, job, units, identity, fingerprint, tok_path, tok.get_vocab_size(), eos_id)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, reused):
         log.info(line)
-    log.info("dataset: %s", out)
+    log.info("dataset: %s", storage.display(out))
     if manifest["splits"]["train"]["rows"] == 0:
         log.warning("warning: no training rows were written: the corpus holds fewer tokens than one row of "
                     "seq_len + 1 (%d); check the inputs and the skip counts above", spec.pack.seq_len + 1)
@@ -220,14 +217,15 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
 
 
 def _assemble(spec: TokenizeSpec, job: ex.UnitJob, units: list[WorkUnit], identity: str, fingerprint: str,
-              tok_path: Path, vocab_size: int, eos_id: int) -> dict:
+              tok_path: str, vocab_size: int, eos_id: int) -> dict:
     """Packs the units' remainders (in unit order) into a last shard per split and writes manifest.json."""
     splits, skips, markers = ex.collect(job, units)
     dropped = 0
     for s in fmt.SPLITS:
         stream = np.array([t for m in markers for t in m["remainder"][s]], dtype=job.dtype)
         n = len(stream) // job.row_len
-        writer = fmt.ShardWriter(Path(job.out_dir) / s, "tail", job.row_len, np.dtype(job.dtype), job.shard_bytes)
+        writer = fmt.ShardWriter(storage.join(job.out_dir, s), "tail", job.row_len, np.dtype(job.dtype),
+                                 job.shard_bytes)
         writer.write(stream[: n * job.row_len].reshape(n, job.row_len))
         splits[s]["shards"].extend(writer.close())
         dropped += len(stream) - n * job.row_len

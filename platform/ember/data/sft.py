@@ -14,10 +14,10 @@ import logging
 import os
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from ember import storage
 from ember.config.specs import ChatDataSpec, SourceSpec
 from ember.data import shards as fmt
 from ember.data import units as ex
@@ -143,20 +143,22 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
     names a run whose checkpoints point into the existing dataset: it must then not change. The job's progress
     record goes to `progress_dir` (the fine-tuning run's dir) while the units run."""
     t0 = time.perf_counter()
-    out = Path(out).expanduser().resolve()
+    out = storage.normalize(out)
     resolved = _resolve(data, context)
     tok, config, added = chat_tokenizer(load_tokenizer(base_dir), tokenizer_config(base_dir))
     ChatTemplate.of(config)  # a template that does not compile fails here
     fingerprint = source_fingerprint(resolved)
     job_id, identity = _identities(data, tok, config, fingerprint)
-    if locked_by and (out / "manifest.json").is_file() and fmt.load_manifest(out).get("identity") != identity:
+    if locked_by and storage.is_file(storage.join(out, "manifest.json")) and \
+            fmt.load_manifest(out).get("identity") != identity:
         raise EmberError(f"the conversations, data settings or base tokenizer changed since {locked_by} wrote its "
-                         f"checkpoints (their data positions index {out}); choose another output.dir to start "
+                         f"checkpoints (their data positions index {storage.display(out)}); choose another "
+                         "output.dir to start "
                          "over, or restore the previous data spec to resume")
     finished = ex.prepare_output(out, job_id, identity, overwrite=True, dir_key="data.dir")
     if finished is not None:
         log.info("finetune data: %s already holds these conversations (same inputs, settings and tokenizer): "
-                 "reused", out)
+                 "reused", storage.display(out))
         return finished
     save_tokenizer(tok, out, model_max_length=context, base_config=config)
     if added:
@@ -165,8 +167,8 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
     units = plan_units(resolved, source_of(data))
     ensure_ray(address)
     workers, num_cpus = ex.pool(None)
-    job = ex.UnitJob(str(out), data.seq_len + 1, fmt.token_dtype(tok.get_vocab_size()).name, data.shard_bytes,
-                     partial(ConversationEncoder, data, str(out)), ex.unit_fingerprints(units, resolved),
+    job = ex.UnitJob(out, data.seq_len + 1, fmt.token_dtype(tok.get_vocab_size()).name, data.shard_bytes,
+                     partial(ConversationEncoder, data, out), ex.unit_fingerprints(units, resolved),
                      extra_columns=tuple(fmt.EXTRA_COLUMNS), strict=data.strict, strict_key="data.strict")
     ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="finetune data", progress_dir=progress_dir)
     manifest = _publish(data, job, units, tok, config, added, identity, fingerprint, base_dir)
@@ -184,14 +186,14 @@ def _publish(data: ChatDataSpec, job: ex.UnitJob, units: list[WorkUnit], tok, co
     return ex.publish(job, splits, {
         "kind": "sft", "identity": identity, "vocab_size": tok.get_vocab_size(), "eos_id": eos_id,
         "pad_id": pad_id_of(tok, config), "added_tokens": added, "train_on": data.train_on,
-        "tokenizer": {"file": "tokenizer.json", "sha256": content_sha256(Path(job.out_dir) / "tokenizer.json")},
-        "source": ex.source_summary(data.inputs, fingerprint, base=str(Path(base_dir).resolve())),
+        "tokenizer": {"file": "tokenizer.json", "sha256": content_sha256(storage.join(job.out_dir, "tokenizer.json"))},
+        "source": ex.source_summary(data.inputs, fingerprint, base=storage.display(storage.normalize(base_dir))),
         "units": len(units),
         "conversations": ex.skip_summary(skips, kept, truncated=sum(m["truncated"] for m in markers)),
     })
 
 
-def _log_summary(manifest: dict, data: ChatDataSpec, out: Path, seconds: float) -> None:
+def _log_summary(manifest: dict, data: ChatDataSpec, out: str, seconds: float) -> None:
     c, splits = manifest["conversations"], manifest["splits"]
     log.info("finetune data: %d conversations read, %d kept, %d truncated%s", c["read"], c["kept"], c["truncated"],
              (", skipped: " + ", ".join(f"{k} {v}" for k, v in c["skipped"].items())) if c["skipped"] else "")
@@ -200,4 +202,4 @@ def _log_summary(manifest: dict, data: ChatDataSpec, out: Path, seconds: float) 
     for s in fmt.SPLITS:
         log.info("finetune data: %s: %d conversations in %d rows of %d, %d target tokens", s,
                  splits[s]["conversations"], splits[s]["rows"], data.seq_len + 1, splits[s]["target_tokens"])
-    log.info("finetune data: %s in %.1fs", out, seconds)
+    log.info("finetune data: %s in %.1fs", storage.display(out), seconds)

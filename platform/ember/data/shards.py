@@ -9,8 +9,12 @@ A dataset directory::
 
 Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids``. Fine-tuning datasets (manifest kind
 ``sft``) add two columns of the same shape: ``loss_mask`` (uint8: 1 where the token is a training target) and
-``segments`` (uint16: which packed conversation a token belongs to, 1, 2, ...; 0 is padding). A file is written under
-a temporary name and renamed when complete, so a crash never leaves a half shard that looks whole.
+``segments`` (uint16: which packed conversation a token belongs to, 1, 2, ...; 0 is padding). The manifest lists each
+shard with its rows, tokens, bytes and SHA-256. A file is written under a temporary name and renamed when complete
+(in object storage: uploaded whole once complete), so a crash never leaves a half shard that looks whole.
+
+The dataset directory is a location (`ember.storage`). The reader reads a bucket's shards through the node cache,
+checked against the manifest's sizes and hashes.
 
 `ShardReader` memory-maps the shards and serves samples in a deterministic global order: epoch ``e`` is a seeded
 permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``, and rank ``r`` of ``W`` takes samples
@@ -19,8 +23,10 @@ permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,6 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from ember import storage
 from ember.errors import EmberError
 
 FORMAT = "ember-shards"
@@ -54,11 +61,13 @@ class ShardWriter:
     """Writes packed rows to shard files named ``{prefix}-{n:03d}.arrow``, rolling over at `shard_bytes`.
 
     Rows are an (n, row_len) array of token ids, or with `extra_columns` (fine-tuning data) a dict of such arrays by
-    column name. A shard is written under a temporary name and renamed when complete."""
+    column name. A shard is written under a temporary name and renamed when complete; in object storage it is written
+    to a local temporary file and uploaded whole when complete."""
 
     def __init__(self, directory: str | os.PathLike, prefix: str, row_len: int, dtype: np.dtype, shard_bytes: int,
                  extra_columns: Sequence[str] = ()):
-        self.directory = Path(directory)
+        self.directory = storage.normalize(directory)
+        self._staging = tempfile.gettempdir() if storage.is_uri(self.directory) else self.directory
         self.prefix = prefix
         self.row_len = row_len
         self.dtypes = {"input_ids": np.dtype(dtype), **{c: EXTRA_COLUMNS[c] for c in extra_columns}}
@@ -101,7 +110,8 @@ class ShardWriter:
 
     def _write_batch(self, columns: dict[str, np.ndarray]) -> None:
         if self._writer is None:
-            self._tmp = self.directory / f".tmp-{self._name()}"
+            suffix = f"-{os.getpid()}-{id(self)}" if storage.is_uri(self.directory) else ""
+            self._tmp = Path(self._staging) / f".tmp-{self._name()}{suffix}"
             self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
         arrays = [pa.FixedSizeListArray.from_arrays(pa.array(columns[c].reshape(-1)), self.row_len)
                   for c in self.dtypes]
@@ -111,9 +121,16 @@ class ShardWriter:
     def _close_current(self) -> None:
         self._writer.close()
         name = self._name()
-        os.replace(self._tmp, self.directory / name)
+        size, sha256 = self._tmp.stat().st_size, _sha256(self._tmp)
+        if storage.is_uri(self.directory):
+            try:
+                storage.put_file(self._tmp, storage.join(self.directory, name))
+            finally:
+                self._tmp.unlink(missing_ok=True)
+        else:
+            os.replace(self._tmp, Path(self.directory) / name)
         self.shards.append({"file": name, "rows": self._rows_in_current,
-                            "tokens": self._rows_in_current * self.row_len})
+                            "tokens": self._rows_in_current * self.row_len, "bytes": size, "sha256": sha256})
         self._writer = None
         self._rows_in_current = 0
 
@@ -126,13 +143,27 @@ class ShardWriter:
         return self.shards
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_manifest(dataset_dir: str | os.PathLike) -> dict:
-    """Reads and checks a dataset's manifest.json."""
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.is_file():
-        raise EmberError(f"not a dataset directory (no manifest.json): {dataset_dir}")
+    """Reads and checks a dataset's manifest.json (in a directory or a bucket prefix)."""
+    location = storage.join(storage.normalize(dataset_dir), "manifest.json")
+    path = storage.display(location)
     try:
-        manifest = json.loads(path.read_text())
+        data = storage.read_bytes(location)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        more = " (a dataset is complete once its manifest is written: was its job stopped before the end?)" \
+            if storage.list_names(dataset_dir) else ""
+        raise EmberError(f"not a dataset directory (no manifest.json): {storage.display(dataset_dir)}{more}") \
+            from None
+    try:
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EmberError(f"{path}: not valid JSON ({exc})") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
@@ -157,7 +188,7 @@ class ShardReader:
             raise EmberError(f"unknown split {split!r} (one of: {', '.join(SPLITS)})")
         if not 0 <= rank < world_size:
             raise EmberError(f"rank {rank} is outside world size {world_size}")
-        self.dataset_dir = Path(dataset_dir)
+        self.dataset_dir = storage.normalize(dataset_dir)
         self.manifest = load_manifest(dataset_dir)
         self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
         self.row_len = self.manifest["seq_len"] + 1
@@ -165,9 +196,7 @@ class ShardReader:
         self.extra_columns: list[str] | None = None  # loss_mask and segments in fine-tuning datasets
         start = 0
         for shard in self.manifest["splits"][split]["shards"]:
-            path = self.dataset_dir / split / shard["file"]
-            if not path.is_file():
-                raise EmberError(f"shard listed in the manifest is missing: {path}")
+            path = self._local(storage.join(self.dataset_dir, split, shard["file"]), shard)
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             extra = [c for c in EXTRA_COLUMNS if c in table.column_names]
             if self.extra_columns is None:
@@ -181,10 +210,22 @@ class ShardReader:
         self.num_rows = start
         self.extra_columns = self.extra_columns or []
         if self.num_rows == 0:
-            raise EmberError(f"{self.dataset_dir}: split {split!r} has no rows")
+            raise EmberError(f"{storage.display(self.dataset_dir)}: split {split!r} has no rows")
         self._starts = np.array([b.start for b in self._blocks])
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
+
+    @staticmethod
+    def _local(location: str, shard: dict) -> Path:
+        """A shard's local file: itself, or its node-cache copy checked against the manifest's size and hash."""
+        try:
+            if not storage.is_uri(location):
+                if not os.path.isfile(location):
+                    raise FileNotFoundError(location)
+                return Path(location)
+            return storage.NodeCache().fetch(location, size=shard.get("bytes"), sha256=shard.get("sha256")).path
+        except FileNotFoundError:
+            raise EmberError(f"shard listed in the manifest is missing: {storage.display(location)}") from None
 
     def __len__(self) -> int:
         return self.num_rows

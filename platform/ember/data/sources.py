@@ -23,7 +23,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import zstandard
 
+from ember import storage
 from ember.config.specs import SourceSpec
 from ember.data import builtin
 from ember.errors import EmberError
@@ -119,31 +120,22 @@ class InputFile:
     compression: str | None
 
 
-def display_name(uri: str) -> str:
-    """A URI without its query string (which may carry credentials)."""
-    return uri.split("?", 1)[0]
+display_name = storage.display  # a URI without its query string (which may carry credentials)
 
 
-@lru_cache(maxsize=16)
 def filesystem(fs_uri: str) -> pafs.FileSystem:
-    """The pyarrow filesystem for a URI ("" = local), cached per process."""
-    if not fs_uri:
-        return pafs.LocalFileSystem()
-    return pafs.FileSystem.from_uri(fs_uri)[0]
+    """The file system of an input's store ("" = local): `ember.storage`'s, one per store and process."""
+    return storage.resolve(fs_uri or os.sep)[0]
 
 
 def _split_uri(uri: str) -> tuple[str, str]:
-    """(fs_uri, path) for a user-given input."""
-    if "://" not in uri:
-        return "", os.path.abspath(os.path.expanduser(uri))
+    """(fs_uri, path) for a user-given input: "" and an absolute path for a local one."""
+    if not storage.is_uri(uri):
+        return "", storage.normalize(uri)
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        return storage.normalize(uri), storage.resolve(uri)[1]
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise EmberError(f"cannot open input {display_name(uri)}: {exc}") from None
-    scheme = urlsplit(uri).scheme
-    if scheme == "file":
-        return "", path
-    return uri, path
 
 
 def _strip_compression(name: str) -> str:
@@ -205,7 +197,7 @@ def resolve_inputs(source: SourceSpec) -> list[InputFile | str]:
         try:
             info = fs.get_file_info(path)
         except (pa.ArrowException, OSError) as exc:
-            raise EmberError(f"cannot open input {shown}: {exc}") from None
+            raise storage.storage_error(exc, given, "open input") from None
         if info.type == pafs.FileType.NotFound:
             raise EmberError(f"input not found: {shown}")
         if info.type == pafs.FileType.Directory:
@@ -225,7 +217,7 @@ def _list(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
     except FileNotFoundError:
         raise EmberError(f"input not found: {shown}") from None
     except (pa.ArrowException, OSError) as exc:
-        raise EmberError(f"cannot list input {shown}: {exc}") from None
+        raise storage.storage_error(exc, shown, "list input") from None
     def hidden(path: str) -> bool:  # dot files and _SUCCESS-style markers below the listed directory
         return any(part.startswith((".", "_")) for part in path[len(base):].split("/") if part)
 

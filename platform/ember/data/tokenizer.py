@@ -3,17 +3,19 @@
 A trained tokenizer carries Ember's special tokens: ``<|endoftext|>`` (joins documents in packed rows, and ends
 generation), ``<|pad|>``, and the ChatML turn markers ``<|im_start|>`` / ``<|im_end|>`` that fine-tuning's default
 chat template uses.
+
+Paths here are locations (`ember.storage`): a local path or a URI of object storage.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from ember import storage
 from ember.errors import EmberError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -50,34 +52,34 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, min_frequency: int = 2
     return tok
 
 
-def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The tokenizer.json named by a path that is the file itself or a directory holding it."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise EmberError(f"tokenizer not found: {p}")
-    return p
+def tokenizer_file(path: str | os.PathLike) -> str:
+    """The tokenizer.json named by a location that is the file itself or a directory holding it."""
+    location = storage.normalize(path)
+    if storage.is_dir(location):
+        location = storage.join(location, "tokenizer.json")
+    if not storage.is_file(location):
+        raise EmberError(f"tokenizer not found: {storage.display(location)}")
+    return location
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a `tokenizer.json` (or the one in a directory); fails with the path when it is missing or invalid."""
-    p = tokenizer_file(path)
+    location = tokenizer_file(path)
     try:
-        return Tokenizer.from_file(str(p))
+        return Tokenizer.from_str(storage.read_text(location))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise EmberError(f"{p}: not a valid tokenizer.json ({exc})") from None
+        raise EmberError(f"{storage.display(location)}: not a valid tokenizer.json ({exc})") from None
 
 
 def tokenizer_config(path: str | os.PathLike) -> dict:
     """The `tokenizer_config.json` beside a tokenizer.json, or {} when there is none."""
-    cfg = tokenizer_file(path).with_name("tokenizer_config.json")
-    if not cfg.is_file():
-        return {}
+    cfg = storage.join(storage.parent(tokenizer_file(path)), "tokenizer_config.json")
     try:
-        return json.loads(cfg.read_text())
+        return json.loads(storage.read_bytes(cfg))
+    except FileNotFoundError:
+        return {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EmberError(f"{cfg}: not valid JSON ({exc})") from None
+        raise EmberError(f"{storage.display(cfg)}: not valid JSON ({exc})") from None
 
 
 def token_name(value) -> str | None:
@@ -91,12 +93,6 @@ def eos_token(tok: Tokenizer, config: dict | None = None) -> tuple[str, int]:
         if name and tok.token_to_id(name) is not None:
             return name, tok.token_to_id(name)
     raise EmberError(f"the tokenizer has no end-of-text token (looked for: {', '.join(n for n in names if n)})")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_tokenizer_config(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
@@ -114,17 +110,17 @@ def write_tokenizer_config(tok: Tokenizer, directory: str | os.PathLike, *, mode
         config.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
     config.setdefault("clean_up_tokenization_spaces", False)
     config["model_max_length"] = model_max_length
-    _write_atomic(Path(directory) / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    storage.write_text(storage.join(directory, "tokenizer_config.json"),
+                       json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_length: int,
-                   base_config: dict | None = None) -> Path:
-    """Writes tokenizer.json and tokenizer_config.json (HF format) into `directory`; returns the tokenizer.json path."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / "tokenizer.json"
-    _write_atomic(target, tok.to_str())
-    write_tokenizer_config(tok, d, model_max_length=model_max_length, base_config=base_config)
+                   base_config: dict | None = None) -> str:
+    """Writes tokenizer.json and tokenizer_config.json (HF format) into `directory`; returns the tokenizer.json
+    location."""
+    target = storage.join(directory, "tokenizer.json")
+    storage.write_text(target, tok.to_str())
+    write_tokenizer_config(tok, directory, model_max_length=model_max_length, base_config=base_config)
     return target
 
 

@@ -20,7 +20,8 @@ into rows; everything else is done here, the same way for both:
   the merged skip counts, and what the job adds.
 
 Everything a unit writes depends only on the unit and the job, so the same inputs give the same dataset whatever the
-number of workers.
+number of workers. The output dir is a location (`ember.storage`): a local path, or a bucket prefix that workers on
+every node write their shards and markers to directly, the manifest last.
 """
 
 from __future__ import annotations
@@ -29,21 +30,20 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import ray
 import ray.data
 
+from ember import storage
 from ember.data import shards as fmt
-from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, display_name, input_stats
+from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
 from ember.errors import EmberError
-from ember.identity import identity_of, read_stamp, stamp_matches, write_json_atomic, write_stamp
+from ember.identity import identity_of, read_stamp, stamp_matches, write_stamp
 from ember.progress import FILE as PROGRESS_FILE
 from ember.progress import write_progress
 from ember.runtime import quiet_libraries
@@ -94,12 +94,12 @@ def unit_prefix(index: int) -> str:
     return f"u{index:06d}"
 
 
-def marker_path(out: Path, index: int) -> Path:
-    return out / STATE_DIR / "units" / f"{unit_prefix(index)}.json"
+def marker_path(out: str, index: int) -> str:
+    return storage.join(out, STATE_DIR, "units", f"{unit_prefix(index)}.json")
 
 
-def job_stamp(out: Path) -> Path:
-    return out / STATE_DIR / "job.json"
+def job_stamp(out: str) -> str:
+    return storage.join(out, STATE_DIR, "job.json")
 
 
 def unit_fingerprints(units: list[WorkUnit], resolved: list[InputFile | str]) -> dict[int, str]:
@@ -111,58 +111,62 @@ def unit_fingerprints(units: list[WorkUnit], resolved: list[InputFile | str]) ->
 # ---------------------------------------------------------------- the output dir
 
 
-def prepare_output(out: Path, job: str, dataset: str, *, overwrite: bool, dir_key: str,
-                   overwrite_key: str | None = "output.overwrite") -> dict | None:
+def prepare_output(out: str, job: str, dataset: str, *, overwrite: bool, dir_key: str,
+                   overwrite_key: str = "output.overwrite") -> dict | None:
     """Returns the manifest when `out` already holds this dataset; otherwise readies `out` for the job `job` (its
     stamp, split and state dirs), keeping an unfinished run of the same job. Refuses to mix datasets unless
     `overwrite` (then only what Ember wrote is removed); `overwrite_key` names the setting that allows it."""
-    manifest_path, stamp = out / "manifest.json", job_stamp(out)
-    if manifest_path.is_file():
+    stamp, shown = job_stamp(out), storage.display(out)
+    present = storage.list_names(out)
+    if "manifest.json" in present:
         existing = fmt.load_manifest(out)
         if existing.get("identity") == dataset:
             return existing
         what = "a different dataset (other inputs, settings or tokenizer)"
-    elif stamp.is_file():
+    elif storage.is_file(stamp):
         what = None if stamp_matches(stamp, job) else "an unfinished run of a different job (other settings or " \
                                                        "tokenizer)"
-    elif out.is_dir() and any(p.name not in OWNED for p in out.iterdir()):
-        raise EmberError(f"{out} is not empty and holds no Ember dataset; choose another {dir_key}")
+    elif present - set(OWNED):
+        raise EmberError(f"{shown} is not empty and holds no Ember dataset; choose another {dir_key}")
     else:
         what = None
     if what is not None:
         if not overwrite:
-            raise EmberError(f"{out} holds {what}; set {overwrite_key}: true to replace it, or choose another "
+            raise EmberError(f"{shown} holds {what}; set {overwrite_key}: true to replace it, or choose another "
                              f"{dir_key}")
-        log.info("replacing the previous dataset in %s", out)
+        log.info("replacing the previous dataset in %s", shown)
         for name in OWNED:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if not stamp.is_file():  # first, so that a directory Ember has written to is always recognised as Ember's
+            storage.delete_tree(storage.join(out, name))
+            storage.delete(storage.join(out, name))
+    if not storage.is_file(stamp):  # first, so that a directory Ember has written to is always recognised as Ember's
         write_stamp(stamp, job)
-    for d in (*(out / s for s in fmt.SPLITS), out / STATE_DIR / "units"):
-        d.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob(".tmp-*"):
-        stale.unlink()
+    for split in fmt.SPLITS:
+        storage.make_dirs(storage.join(out, split))
+    if not storage.is_uri(out):  # a crashed local writer's temporary files (an object store has none)
+        for rel, _ in storage.list_files(out):
+            if rel.rsplit("/", 1)[-1].startswith(".tmp-"):
+                storage.delete(storage.join(out, rel))
     return None
 
 
-def job_state(out: Path) -> dict:
+def job_state(out: str) -> dict:
     """The job stamp's fields (a job may keep more there, such as the hash of the tokenizer it trained)."""
     return read_stamp(job_stamp(out)) or {}
 
 
-def update_job_state(out: Path, **fields) -> None:
+def update_job_state(out: str, **fields) -> None:
     state = job_state(out)
     write_stamp(job_stamp(out), state["identity"], **{k: v for k, v in state.items() if k != "identity"}, **fields)
 
 
-def finished_units(job: UnitJob, units: list[WorkUnit]) -> set[int]:
-    """The units whose marker matches their input now."""
-    out = Path(job.out_dir)
-    return {u.index for u in units if stamp_matches(marker_path(out, u.index), job.fingerprints[u.index])}
+def read_markers(job: UnitJob, units: list[WorkUnit]) -> dict[int, dict]:
+    """The markers of the units that are finished: whose marker matches their input now."""
+    markers = {}
+    for u in units:
+        marker = read_stamp(marker_path(job.out_dir, u.index))
+        if marker is not None and marker["identity"] == job.fingerprints[u.index]:
+            markers[u.index] = marker
+    return markers
 
 
 # ---------------------------------------------------------------- running units
@@ -179,13 +183,14 @@ class UnitRunner:
         self.encode = job.encoder()
 
     def __call__(self, unit: WorkUnit) -> dict:
-        job, out, prefix = self.job, Path(self.job.out_dir), unit_prefix(unit.index)
+        job, out, prefix = self.job, self.job.out_dir, unit_prefix(unit.index)
         for split in fmt.SPLITS:  # leftovers of a crashed attempt at this unit
-            for stale in (out / split).glob(f"{prefix}-*.arrow"):
-                stale.unlink()
+            for rel, _ in storage.list_files(storage.join(out, split), recursive=False):
+                if rel.startswith(f"{prefix}-") and rel.endswith(".arrow"):
+                    storage.delete(storage.join(out, split, rel))
         skips = SkipLog(strict=job.strict, strict_key=job.strict_key)
-        writers = {s: fmt.ShardWriter(out / s, prefix, job.row_len, np.dtype(job.dtype), job.shard_bytes,
-                                      job.extra_columns) for s in fmt.SPLITS}
+        writers = {s: fmt.ShardWriter(storage.join(out, s), prefix, job.row_len, np.dtype(job.dtype),
+                                      job.shard_bytes, job.extra_columns) for s in fmt.SPLITS}
         record = self.encode(unit, skips, lambda split, rows: writers[split].write(rows))
         shards = {s: writers[s].close() for s in fmt.SPLITS}
         marker = {**record, "unit": unit.index, "shards": shards, "skips": skips.to_dict()}
@@ -242,7 +247,7 @@ def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: fl
               progress_dir: str | os.PathLike | None = None) -> int:
     """Runs the units without a matching marker, writing the job's progress record (`ember.progress`) into
     `progress_dir` (default: the output dir) as they complete; returns how many were reused from an earlier run."""
-    done = finished_units(job, units)
+    done = set(read_markers(job, units))
     pending = [u for u in units if u.index not in done]
     if done:
         log.info("%s: resuming: %d of %d units were finished by an earlier run and are reused", label, len(done),
@@ -266,11 +271,14 @@ def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: fl
 def collect(job: UnitJob, units: list[WorkUnit]) -> tuple[dict, SkipLog, list[dict]]:
     """The units' markers in unit order: per split their shards and summed statistics, the merged skip log, and
     the markers themselves (for what a job adds)."""
-    out = Path(job.out_dir)
     splits = {s: {"shards": []} for s in fmt.SPLITS}
     skips, markers = SkipLog(), []
+    found = read_markers(job, units)
     for unit in units:
-        marker = read_stamp(marker_path(out, unit.index))
+        marker = found.get(unit.index)
+        if marker is None:
+            raise EmberError(f"{storage.display(marker_path(job.out_dir, unit.index))}: unit {unit.index} has no "
+                             "done-marker after its run (was the output dir changed meanwhile?); run the job again")
         markers.append(marker)
         skips.merge(marker["skips"])
         for s in fmt.SPLITS:
@@ -283,18 +291,18 @@ def collect(job: UnitJob, units: list[WorkUnit]) -> tuple[dict, SkipLog, list[di
 def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
     """Totals the splits, removes shards no unit lists (of an earlier, different plan), writes manifest.json and
     drops the job's state; the last progress record counts the whole dataset. Returns the manifest."""
-    out = Path(job.out_dir)
+    out = job.out_dir
     for s in fmt.SPLITS:
         splits[s]["rows"] = sum(sh["rows"] for sh in splits[s]["shards"])
         splits[s]["tokens"] = sum(sh["tokens"] for sh in splits[s]["shards"])
         listed = {sh["file"] for sh in splits[s]["shards"]}
-        for stale in (out / s).glob("*.arrow"):
-            if stale.name not in listed:
-                stale.unlink()
+        for rel, _ in storage.list_files(storage.join(out, s), recursive=False):
+            if rel.endswith(".arrow") and rel not in listed:
+                storage.delete(storage.join(out, s, rel))
     manifest = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "seq_len": job.row_len - 1,
                 "dtype": job.dtype, **manifest, "splits": splits}
-    write_json_atomic(out / "manifest.json", manifest)
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.delete_tree(storage.join(out, STATE_DIR))
     write_progress(out, {"kind": "tokenize", "units": manifest["units"], "total_units": manifest["units"],
                          "done": True, "tokens": sum(splits[s]["tokens"] for s in fmt.SPLITS)})
     return manifest
@@ -302,7 +310,7 @@ def publish(job: UnitJob, splits: dict, manifest: dict) -> dict:
 
 def source_summary(inputs: list[str], fingerprint: str, **more) -> dict:
     """The manifest's record of its inputs: as given, without query strings (which may carry credentials)."""
-    return {"inputs": [display_name(i) for i in inputs], "fingerprint": fingerprint, **more}
+    return {"inputs": [storage.display(i) for i in inputs], "fingerprint": fingerprint, **more}
 
 
 def skip_summary(skips: SkipLog, kept: int, **more) -> dict:

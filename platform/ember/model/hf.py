@@ -4,6 +4,9 @@ A model dir holds ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` 
 ``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. Weights are read only from
 safetensors, never from pickles. What Ember cannot run exactly (another model type, biases, sliding windows, other
 RoPE scalings) is refused with the field and value named, as are missing, unexpected and misshapen tensors.
+
+A model dir is a location (`ember.storage`): a bucket prefix is read through the node cache (`local_model_dir`) and
+written whole, `config.json` last.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ember import storage
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, path_stats
 from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
@@ -120,13 +124,26 @@ def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
         raise EmberError(f"{where}: {exc}") from None
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: str | os.PathLike) -> dict:
+    """A model dir's JSON file (a local path or a URI)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except FileNotFoundError:
-        raise EmberError(f"not a model directory (no {path.name}): {path.parent}") from None
+        raise EmberError(f"not a model directory (no {storage.name(path)}): {storage.display(storage.parent(path))}") \
+            from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EmberError(f"{path}: not valid JSON ({exc})") from None
+        raise EmberError(f"{storage.display(path)}: not valid JSON ({exc})") from None
+
+
+def local_model_dir(model_dir: str | os.PathLike) -> Path:
+    """A model dir this process can open: a local one as it is, one in object storage through the node cache."""
+    try:
+        local = storage.local_dir(model_dir)
+    except FileNotFoundError:
+        local = None
+    if local is None or not local.is_dir():
+        raise EmberError(f"model directory not found: {storage.display(storage.normalize(model_dir))}")
+    return local
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -145,9 +162,7 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
 
 def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     """Builds the model a Llama-format dir describes and loads its safetensors weights (sharded or not)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise EmberError(f"model directory not found: {model_dir}")
+    model_dir = local_model_dir(model_dir)
     cfg = config_from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     files = _weight_files(model_dir)
     with torch.device("meta"):
@@ -186,7 +201,16 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
 def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None,
                eos_token_id=None) -> Path:
-    """Writes a Llama-format model dir (atomically: a crash leaves the previous dir, or none, never half of one)."""
+    """Writes a Llama-format model dir (atomically: a crash leaves the previous dir, or none, never half of one; in
+    object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir` may be a URI
+    too."""
+    if storage.is_uri(model_dir):
+        with tempfile.TemporaryDirectory(prefix="ember-model-") as local:
+            save_model(model, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
+                       max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+            storage.delete_tree(model_dir)
+            storage.upload_dir(Path(local) / "model", model_dir, marker="config.json")
+        return model_dir
     model_dir = Path(model_dir)
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
@@ -197,8 +221,10 @@ def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_di
         _write_weights(tensors, staging, max_shard_bytes)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_dir) / name, staging / name)
+                try:
+                    (staging / name).write_bytes(storage.read_bytes(storage.join(tokenizer_dir, name)))
+                except FileNotFoundError:
+                    continue
         (staging / "config.json").write_text(json.dumps(
             hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id), indent=2) + "\n")
         generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": False}
@@ -241,7 +267,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
 
 def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     """End-of-text ids: generation_config.json's eos_token_id (an id or a list) and tokenizer_config's eos_token."""
-    model_dir = Path(model_dir)
+    model_dir = local_model_dir(model_dir)
     ids: set[int] = set()
     if (model_dir / "generation_config.json").is_file():
         eos = read_json(model_dir / "generation_config.json").get("eos_token_id")
@@ -254,6 +280,9 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     return ids
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """The fingerprint of a model dir's weight files."""
-    return files_fingerprint(path_stats(sorted(Path(model_dir).resolve().glob("model*.safetensors*"))))
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The fingerprint of a model dir's weight files (names, sizes and modification times; in object storage as the
+    store lists them)."""
+    if not storage.is_uri(model_dir):
+        return files_fingerprint(path_stats(sorted(Path(model_dir).resolve().glob("model*.safetensors*"))))
+    return files_fingerprint(storage.file_stats(model_dir, prefix="model", contains=".safetensors"))

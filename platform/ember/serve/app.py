@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal, Optional
 
 import ray
@@ -32,6 +31,7 @@ from ray.serve import Application, metrics
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ember import storage
 from ember.config.specs import SpecModel
 from ember.data.chat import BadRecord, ChatTemplate
 from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
@@ -39,7 +39,7 @@ from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
 from ember.model import load_model, stop_token_ids
 from ember.model.generate import StopStrings
-from ember.model.hf import DTYPES, config_from_hf, read_json
+from ember.model.hf import DTYPES, config_from_hf, local_model_dir, read_json
 from ember.serve.engine import Engine, Overloaded, Request
 from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, key_digest, read_api_keys, require_keys
 from ember.serve.protocol import (
@@ -75,7 +75,8 @@ class AutoscalingArgs(SpecModel):
 class ServeArgs(SpecModel):
     """The `args` of `ember.serve.app:build_app` (a Ray Serve config's application args)."""
 
-    model_dir: str = Field(description="The Llama-format model dir to serve.")
+    model_dir: str = Field(description="The Llama-format model dir to serve: a path, or a URI of object storage "
+                                       "that each replica's node pulls into its node cache.")
     model_name: Optional[str] = Field(None, description="The model id clients send (default: the dir's name).")
     max_batch_size: int = Field(16, ge=1, description="Rows decoded together in one replica.")
     max_tokens_in_flight: Optional[int] = Field(None, ge=1, description="Prompt + output tokens of the running "
@@ -299,8 +300,9 @@ class EmberServer:
         require_keys(await proxy_host(), bool(keys), a.allow_unauthenticated, "EmberServer")
         torch.set_num_threads(a.torch_threads or max(1, int(a.num_cpus or 1)))
         device = "cuda" if a.num_gpus and torch.cuda.is_available() else "cpu"
-        self.model_dir = Path(a.model_dir)
-        self.name = a.model_name or self.model_dir.name
+        # A model dir in object storage: each replica's node pulls it into its node cache.
+        self.model_dir = local_model_dir(a.model_dir)
+        self.name = a.model_name or storage.name(a.model_dir)
         self.model = load_model(self.model_dir, dtype=DTYPES[a.dtype], device=device)
         self.max_model_len = plan_max_model_len(self.model.config, a, DTYPES[a.dtype].itemsize)
         self.limits = ServerLimits(self.max_model_len, a.max_n, a.max_queue + a.max_batch_size)
@@ -552,11 +554,12 @@ def build_app(args: ServeArgs) -> Application:
     config fails before anything is deployed."""
     if isinstance(args, dict):
         args = ServeArgs.model_validate(args)
-    path = Path(args.model_dir).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise EmberError(f"model_dir: {path} is not a model directory (no config.json)")
-    plan_max_model_len(config_from_hf(read_json(path / "config.json")), args, DTYPES[args.dtype].itemsize)
+    path = storage.normalize(args.model_dir)
+    config = storage.join(path, "config.json")
+    if not storage.is_file(config):
+        raise EmberError(f"model_dir: {storage.display(path)} is not a model directory (no config.json)")
+    plan_max_model_len(config_from_hf(read_json(config)), args, DTYPES[args.dtype].itemsize)
     digests = args.key_digests()
     require_keys(args.host, bool(digests), args.allow_unauthenticated, "build_app")
-    args = args.model_copy(update={"model_dir": str(path), "api_key_sha256": digests})
+    args = args.model_copy(update={"model_dir": path, "api_key_sha256": digests})
     return EmberServer.options(**deployment_options(args)).bind(args.model_dump())

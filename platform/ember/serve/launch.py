@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ember import storage
 from ember.errors import EmberError
 from ember.runtime import ensure_ray, is_loopback
 
@@ -121,10 +122,10 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
 def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, list[dict], str | None]:
     """(HTTP options, applications, proxy location) of a config file, or of Ember's app on a model dir."""
     path = Path(target).expanduser()
-    if path.is_dir():
+    if storage.is_uri(target) or path.is_dir():  # a model dir, local or in object storage
         from ember.serve.app import ServeArgs
 
-        args = {"model_dir": str(path.resolve())}
+        args = {"model_dir": storage.normalize(target)}
         if host:
             args["host"] = host
         if port:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ember import storage
 from ember.config.specs import EvaluateSpec, SourceSpec
 from ember.data.chat import (
     BadRecord,
@@ -166,7 +167,7 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
 
 def _identity(spec: EvaluateSpec) -> str:
     """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
-    models = {name: weights_fingerprint(Path(path).expanduser()) for name, path in spec.models.items()}
+    models = {name: weights_fingerprint(storage.normalize(path)) for name, path in spec.models.items()}
     data = load_manifest(spec.data.dir) if spec.data.dir else None
     files = files_fingerprint(path_stats(p for p in map(Path, spec.data.conversations or []) if p.is_file()))
     return identity_of({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files, "data": data})
@@ -176,22 +177,23 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
     """Evaluates every model of the spec; writes and returns {model name: figures}."""
     t0 = time.perf_counter()
     for name, path in spec.models.items():
-        if not Path(path).expanduser().is_dir():
-            raise EmberError(f"models.{name}: model directory not found: {path}")
+        if not storage.is_dir(path):
+            raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
     if spec.data.dir:
         load_manifest(spec.data.dir)
-    out = Path(spec.output.file).expanduser()
+    out = storage.normalize(spec.output.file)
     identity = _identity(spec)
-    stamp = out.with_name(out.name + ".identity")
-    if out.is_file() and stamp_matches(stamp, identity):
-        log.info("evaluate: %s already holds these results (same spec, models and data): reusing them", out)
-        return json.loads(out.read_text())
+    stamp = storage.join(storage.parent(out), storage.name(out) + ".identity")
+    if storage.is_file(out) and stamp_matches(stamp, identity):
+        log.info("evaluate: %s already holds these results (same spec, models and data): reusing them",
+                 storage.display(out))
+        return json.loads(storage.read_bytes(out))
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
-        model_dir = str(Path(path).expanduser())
+        model_dir = storage.normalize(path)
         model = load_model(model_dir).eval()
-        figures: dict = {"model": str(Path(model_dir).resolve())}
+        figures: dict = {"model": storage.display(model_dir)}
         if spec.data.dir:
             _check_same_ids(model_dir, spec.data.dir)
             figures["dataset"] = dataset_loss(model, spec.data.dir, spec.data.split, spec.data.batches,
@@ -213,8 +215,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
                 parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
                              f"over {c['answered']} answers")
         log.info("evaluate: %-10s %s", name, "; ".join(parts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    storage.write_text(out, json.dumps(results, indent=2) + "\n")
     write_stamp(stamp, identity)
-    log.info("evaluate: results in %s (%.1fs)", out, time.perf_counter() - t0)
+    log.info("evaluate: results in %s (%.1fs)", storage.display(out), time.perf_counter() - t0)
     return results

@@ -10,8 +10,8 @@ for LoRA, `adapter/` (PEFT format; merged into `model/` as well).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
+from ember import storage
 from ember.config.specs import FinetuneSpec
 from ember.data.sft import prepare_chat_dataset
 from ember.data.tokenizer import load_tokenizer, tokenizer_file, turn_end_ids
@@ -25,48 +25,50 @@ log = logging.getLogger("ember")
 BASE_STAMP = "base_weights.json"  # in the run dir: the fingerprint of the base's weights its checkpoints come from
 
 
-def _base(spec: FinetuneSpec) -> Path:
-    base = Path(spec.base).expanduser().resolve()
-    if not (base / "config.json").is_file():
-        raise EmberError(f"base: {base} is not a model directory (no config.json)")
+def _base(spec: FinetuneSpec) -> str:
+    base = storage.normalize(spec.base)
+    if not storage.is_file(storage.join(base, "config.json")):
+        raise EmberError(f"base: {storage.display(base)} is not a model directory (no config.json)")
     try:
         tokenizer_file(base)
     except EmberError:
-        raise EmberError(f"base: {base} has no tokenizer.json; a model dir for fine-tuning needs its tokenizer") \
-            from None
+        raise EmberError(f"base: {storage.display(base)} has no tokenizer.json; a model dir for fine-tuning needs "
+                         "its tokenizer") from None
     return base
 
 
-def _check_base_weights(run_dir: Path, base: Path, resuming: bool) -> str:
+def _check_base_weights(run_dir: str, base: str, resuming: bool) -> str:
     """The base's weights are part of what the run is: checkpoints made from another version of the base (one
     retrained in place since) must not be continued, nor a finished run of it reused. Returns their fingerprint."""
     fingerprint = weights_fingerprint(base)
-    stamp = read_stamp(run_dir / BASE_STAMP)
+    stamp = read_stamp(storage.join(run_dir, BASE_STAMP))
     if resuming and stamp is not None and stamp["identity"] != fingerprint:
-        raise EmberError(f"{run_dir} holds a fine-tune of an earlier version of {base} (its weights changed since); "
-                         "delete that directory or choose another output.dir to fine-tune the new base")
-    write_stamp(run_dir / BASE_STAMP, fingerprint, base=str(base))
+        raise EmberError(f"{storage.display(run_dir)} holds a fine-tune of an earlier version of "
+                         f"{storage.display(base)} (its weights changed since); delete that directory or choose "
+                         "another output.dir to fine-tune the new base")
+    write_stamp(storage.join(run_dir, BASE_STAMP), fingerprint, base=storage.display(base))
     return fingerprint
 
 
 def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     """The run a finetune spec asks for: checks the base, tokenizes the conversations (on Ray), and plans."""
     base = _base(spec)
-    cfg = config_from_hf(read_json(base / "config.json"), str(base / "config.json"))
-    run_dir = Path(spec.output.dir).expanduser().resolve()
+    config = storage.join(base, "config.json")
+    cfg = config_from_hf(read_json(config), storage.display(config))
+    run_dir = storage.normalize(spec.output.dir)
     refuse_never(spec, run_dir)
-    data_dir = Path(spec.data.dir).expanduser().resolve() if spec.data.dir else run_dir / "data"
-    resuming = spec.resume == "auto" and (run_dir / SNAPSHOT).is_file()
+    data_dir = storage.normalize(spec.data.dir) if spec.data.dir else storage.join(run_dir, "data")
+    resuming = spec.resume == "auto" and storage.is_file(storage.join(run_dir, SNAPSHOT))
     manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
-                                    locked_by=str(run_dir) if resuming else None, progress_dir=run_dir)
+                                    locked_by=storage.display(run_dir) if resuming else None, progress_dir=run_dir)
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])
     eos_ids = sorted({manifest["eos_id"], *turn_end_ids(load_tokenizer(data_dir))})
-    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
-    spec.base, spec.output.dir = str(base), str(run_dir)
-    log.info("finetune: %s from %s, %s", spec.method, base,
+    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
+    spec.base, spec.output.dir = base, run_dir
+    log.info("finetune: %s from %s, %s", spec.method, storage.display(base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")
-    return RunPlan(spec=spec, model=cfg, data_dir=str(data_dir), manifest=manifest, run_dir=str(run_dir),
+    return RunPlan(spec=spec, model=cfg, data_dir=data_dir, manifest=manifest, run_dir=run_dir,
                    total_steps=total_steps(spec, manifest), eos_ids=tuple(eos_ids),
                    base_weights=_check_base_weights(run_dir, base, resuming), start_from=resume_path(spec))
 

@@ -10,6 +10,9 @@ read nothing else.
 A run dir holds (besides Ray Train's checkpoints and its `checkpoint_manager_snapshot.json`): `spec.yaml`,
 `metrics.jsonl`, `restores.jsonl`, `error.json` (a run that stopped itself says why), `model/` and, once finished,
 `result.json`: the run's identity (see `ember.identity`) and its last metrics.
+
+The run dir is a location (`ember.storage`): a local path, or a bucket prefix that becomes Ray Train's storage path,
+so that checkpoints are uploaded there and a restarted worker group, or a rerun on another cluster, restores from it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import math
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
+from ember import storage
 from ember.config.specs import SPEC_KINDS, TrainingJobSpec
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, write_stamp
@@ -86,9 +89,10 @@ def total_steps(spec: TrainingJobSpec, manifest: dict) -> int:
 
 def finished_run(plan: RunPlan) -> dict | None:
     """The last metrics of a run that finished in the plan's run dir with this same plan and exported its model."""
-    run_dir = Path(plan.run_dir)
-    stamp = read_stamp(run_dir / RESULT_FILE)
-    if stamp is None or stamp["identity"] != plan.identity() or not (run_dir / "model" / "config.json").is_file():
+    run_dir = plan.run_dir
+    stamp = read_stamp(storage.join(run_dir, RESULT_FILE))
+    if stamp is None or stamp["identity"] != plan.identity() or \
+            not storage.is_file(storage.join(run_dir, "model", "config.json")):
         return None
     return stamp.get("metrics") or {}
 
@@ -108,21 +112,21 @@ def _check_resources(spec: TrainingJobSpec) -> None:
                              f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
 
 
-def refuse_never(spec: TrainingJobSpec, run_dir: Path) -> None:
+def refuse_never(spec: TrainingJobSpec, run_dir: str) -> None:
     """`resume: never` on a run dir that holds checkpoints fails before anything is touched."""
-    if spec.resume == "never" and (run_dir / SNAPSHOT).is_file():
-        raise EmberError(f"{run_dir} holds checkpoints of an earlier run and resume is 'never'; set resume: auto to "
-                         "continue it, or choose another output.dir")
+    if spec.resume == "never" and storage.is_file(storage.join(run_dir, SNAPSHOT)):
+        raise EmberError(f"{storage.display(run_dir)} holds checkpoints of an earlier run and resume is 'never'; set "
+                         "resume: auto to continue it, or choose another output.dir")
 
 
 def resume_path(spec: TrainingJobSpec) -> str | None:
     """The checkpoint `resume: PATH` names, checked to be one (None for auto and never)."""
     if spec.resume in ("auto", "never"):
         return None
-    start_from = Path(spec.resume).expanduser().resolve()
-    if not (start_from / STATE_FILE).is_file():
-        raise EmberError(f"resume: {start_from} is not an Ember checkpoint (no {STATE_FILE})")
-    return str(start_from)
+    start_from = storage.normalize(spec.resume)
+    if not storage.is_file(storage.join(start_from, STATE_FILE)):
+        raise EmberError(f"resume: {storage.display(start_from)} is not an Ember checkpoint (no {STATE_FILE})")
+    return start_from
 
 
 def _fit(trainer):
@@ -148,7 +152,10 @@ def _torch_trainer(plan: RunPlan):
 
     from ember.train.trainer import train_loop_per_worker
 
-    s, run_dir = plan.spec.scaling, Path(plan.run_dir)
+    s, run_dir = plan.spec.scaling, plan.run_dir
+    # A bucket: Ray Train writes through Ember's S3 client (its endpoint, retries); a local dir: as a path.
+    filesystem, parent = storage.resolve(storage.parent(run_dir)) if storage.is_uri(run_dir) else \
+        (None, storage.parent(run_dir))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.to_config(),
@@ -156,7 +163,7 @@ def _torch_trainer(plan: RunPlan):
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
                                                            **({"GPU": 1} if s.use_gpu else {})},
                                      placement_strategy=s.placement_strategy),
-        run_config=RunConfig(storage_path=str(run_dir.parent), name=run_dir.name,
+        run_config=RunConfig(storage_path=parent, storage_filesystem=filesystem, name=storage.name(run_dir),
                              failure_config=FailureConfig(max_failures=plan.spec.failure.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=plan.spec.train.keep_checkpoints),
                              # Ray Train's set-up and per-rank report lines stay in its log files unless debugging.
@@ -166,21 +173,23 @@ def _torch_trainer(plan: RunPlan):
 
 def launch(plan: RunPlan, address: str | None = None) -> dict:
     """Runs the plan on Ray Train (or reuses its finished run); returns the last reported metrics."""
-    spec, run_dir = plan.spec, Path(plan.run_dir)
+    spec, run_dir = plan.spec, plan.run_dir
+    shown = storage.display(run_dir)
     # The batch arithmetic and offload checks, before anything starts.
     deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers, spec.scaling.use_gpu)
     finished = finished_run(plan)
     if finished is not None:
         log.info("%s: %s already holds this run, finished at step %s (same spec): reusing its model %s (delete the "
-                 "directory or choose another output.dir to train again)", plan.kind, run_dir,
-                 finished.get("step"), run_dir / "model")
+                 "directory or choose another output.dir to train again)", plan.kind, shown,
+                 finished.get("step"), storage.display(storage.join(run_dir, "model")))
         return finished
-    restarting = (run_dir / SNAPSHOT).is_file()
+    restarting = storage.is_file(storage.join(run_dir, SNAPSHOT))
     refuse_never(spec, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(run_dir)
     for stale in (RESULT_FILE, ERROR_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+        storage.delete(storage.join(run_dir, stale))
+    storage.write_text(storage.join(run_dir, "spec.yaml"),
+                       yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
     ensure_ray(address)
     _check_resources(spec)
     cfg, s = plan.model, spec.scaling
@@ -190,10 +199,11 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
              "; resuming from the latest checkpoint" if restarting and spec.resume == "auto" else "")
     result = _fit(_torch_trainer(plan))
     metrics = dict(result.metrics or {})
-    if (run_dir / ERROR_FILE).is_file():
-        raise EmberError(json.loads((run_dir / ERROR_FILE).read_text())["error"])
-    write_stamp(run_dir / RESULT_FILE, plan.identity(), total_steps=plan.total_steps, metrics=metrics)
+    error = storage.read_json(storage.join(run_dir, ERROR_FILE))
+    if error is not None:
+        raise EmberError(error["error"])
+    write_stamp(storage.join(run_dir, RESULT_FILE), plan.identity(), total_steps=plan.total_steps, metrics=metrics)
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", plan.kind, metrics.get("step"),
-             metrics.get("loss", float("nan")), val, run_dir / "model")
+             metrics.get("loss", float("nan")), val, storage.display(storage.join(run_dir, "model")))
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ember import storage
 from ember.config.specs import LoraSpec
 from ember.model import ModelConfig, Transformer, fused_slices
 
@@ -121,11 +123,18 @@ def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_dir: str, out: Path) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors (PEFT's LoRA format) into `out`."""
+def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_dir: str, out: str | Path) -> None:
+    """Writes adapter_config.json and adapter_model.safetensors (PEFT's LoRA format) into `out` (a directory, or a
+    bucket prefix: written locally, then uploaded, the config last)."""
+    if storage.is_uri(out):
+        with tempfile.TemporaryDirectory(prefix="ember-adapter-") as local:
+            save_adapter(state, spec, base_dir, Path(local))
+            storage.upload_dir(local, out, marker="adapter_config.json")
+        return
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_dir,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": storage.display(base_dir),
               "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
               "target_modules": sorted(spec.target_modules), "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,

@@ -7,8 +7,7 @@ before any worker starts; `launch` checks the rest (batch arithmetic, resources,
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ember import storage
 from ember.config.specs import PretrainSpec
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
@@ -21,8 +20,8 @@ def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
     """The network to train: `init_from`'s config, or the preset with overrides and the dataset's vocabulary."""
     m = spec.model
     if m.init_from:
-        path = Path(m.init_from)
-        cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+        path = storage.join(storage.normalize(m.init_from), "config.json")
+        cfg = config_from_hf(read_json(path), storage.display(path))
     else:
         overrides = {k: v for k, v in m.model_dump(exclude={"preset", "init_from"}).items() if v is not None}
         try:
@@ -49,11 +48,11 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
     cfg = model_config(spec, manifest)
-    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths
-    spec.data.dir = str(Path(spec.data.dir).expanduser().resolve())
-    spec.output.dir = str(Path(spec.output.dir).expanduser().resolve())
+    spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
+    spec.data.dir = storage.normalize(spec.data.dir)
+    spec.output.dir = storage.normalize(spec.output.dir)
     if spec.model.init_from:
-        spec.model.init_from = str(Path(spec.model.init_from).expanduser().resolve())
+        spec.model.init_from = storage.normalize(spec.model.init_from)
     return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
                    total_steps=total_steps(spec, manifest), eos_ids=(manifest["eos_id"],),
                    start_from=resume_path(spec))

@@ -10,11 +10,10 @@ export adds. The trainer (`ember.train.trainer`) is the same for every kind.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from ember import storage
 from ember.model import Transformer, load_model, resize_vocab
 from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
 
@@ -58,7 +57,7 @@ class Pretraining:
         """A model of the trained shape, to load gathered ZeRO-3 weights into for the export."""
         return Transformer(plan.model)
 
-    def before_export(self, model, plan, out: Path) -> None:
+    def before_export(self, model, plan, out: str) -> None:
         """Nothing to add: the model is the export."""
 
 
@@ -76,11 +75,11 @@ class SupervisedFinetuning:
     def skeleton(self, plan) -> Transformer:
         return self.build(plan)[0]
 
-    def before_export(self, model, plan, out: Path) -> None:
+    def before_export(self, model, plan, out: str) -> None:
         """With LoRA: the adapters on their own (PEFT format, `adapter/` beside the model), then merged."""
         if plan.spec.method != "lora":
             return
-        save_adapter(adapter_state(model), plan.spec.lora, plan.spec.base, out.parent / "adapter")
+        save_adapter(adapter_state(model), plan.spec.lora, plan.spec.base, storage.join(storage.parent(out), "adapter"))
         merge_lora(model)
 
 

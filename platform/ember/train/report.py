@@ -1,17 +1,20 @@
 """`ember report RUN_DIR`: plots and a short summary of a training run, read from its `metrics.jsonl`.
 
 Writes RUN_DIR/report/loss.png (training and validation loss), learning_rate.png, tokens_per_second.png and
-summary.txt, and returns the summary text.
+summary.txt, and returns the summary text. RUN_DIR may be a bucket prefix (`ember.storage`): the report is written
+locally first and uploaded beside the run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from ember import storage
 from ember.errors import EmberError
 from ember.identity import read_stamp
 from ember.train.launch import RESULT_FILE
@@ -24,14 +27,17 @@ PLOTS = {
 }
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: str) -> list[dict]:
     """The rows of metrics.jsonl; a malformed line is named by its number."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise EmberError(f"{run_dir}: no metrics.jsonl (is it a training run dir, and did it reach its first log "
-                         "step?)")
+    location = storage.join(run_dir, "metrics.jsonl")
+    path = storage.display(location)
+    try:
+        text = storage.read_text(location)
+    except FileNotFoundError:
+        raise EmberError(f"{storage.display(run_dir)}: no metrics.jsonl (is it a training run dir, and did it reach "
+                         "its first log step?)") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -71,13 +77,15 @@ def _plot(rows: list[dict], title: str, series: list[tuple[str, str]], ylabel: s
     plt.close(fig)
 
 
-def summarize(run_dir: Path, rows: list[dict]) -> str:
-    spec_path = run_dir / "spec.yaml"
-    spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+def summarize(run_dir: str, rows: list[dict]) -> str:
+    try:
+        spec = yaml.safe_load(storage.read_text(storage.join(run_dir, "spec.yaml"))) or {}
+    except FileNotFoundError:
+        spec = {}
     last = rows[-1]
     kind = f" ({spec.get('kind')}{' ' + spec['name'] if spec.get('name') else ''})" if spec else ""
-    lines = [f"run: {run_dir}{kind}"]
-    total = (read_stamp(run_dir / RESULT_FILE) or {}).get("total_steps")
+    lines = [f"run: {storage.display(run_dir)}{kind}"]
+    total = (read_stamp(storage.join(run_dir, RESULT_FILE)) or {}).get("total_steps")
     lines.append(f"steps: {last['step']}" + (f" of {total}" if total else "")
                  + (f", {last['tokens']:,} tokens seen" if "tokens" in last else ""))
     lines.append(f"training loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {last['loss']:.4f} at step "
@@ -94,22 +102,26 @@ def summarize(run_dir: Path, rows: list[dict]) -> str:
     lrs = [r["lr"] for r in rows if isinstance(r.get("lr"), (int, float))]
     if lrs:
         lines.append(f"learning rate: peak {max(lrs):.2e}, last {lrs[-1]:.2e}")
-    if (run_dir / "model" / "config.json").is_file():
-        lines.append(f"model: {run_dir / 'model'}")
+    if storage.is_file(storage.join(run_dir, "model", "config.json")):
+        lines.append(f"model: {storage.display(storage.join(run_dir, 'model'))}")
     return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path) -> str:
     """Writes the plots and summary.txt under RUN_DIR/report; returns the summary."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise EmberError(f"{run_dir}: no such run directory")
+    run_dir = storage.normalize(run_dir)
+    if not storage.is_dir(run_dir):
+        raise EmberError(f"{storage.display(run_dir)}: no such run directory")
     rows = read_metrics(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    for name, (title, series, ylabel, log_y) in PLOTS.items():
-        _plot(rows, title, series, ylabel, out / name, log_y)
-    text = summarize(run_dir, rows)
-    text += f"\nplots: {', '.join(str(out / n) for n in PLOTS)}"
-    (out / "summary.txt").write_text(text + "\n")
+    out = storage.join(run_dir, "report")
+    with tempfile.TemporaryDirectory(prefix="ember-report-") as staging:
+        local = Path(out) if not storage.is_uri(out) else Path(staging)
+        local.mkdir(exist_ok=True)
+        for name, (title, series, ylabel, log_y) in PLOTS.items():
+            _plot(rows, title, series, ylabel, local / name, log_y)
+        text = summarize(run_dir, rows)
+        text += f"\nplots: {', '.join(storage.display(storage.join(out, n)) for n in PLOTS)}"
+        (local / "summary.txt").write_text(text + "\n")
+        if storage.is_uri(out):
+            storage.upload_dir(local, out)
     return text

@@ -10,6 +10,10 @@ Each worker builds the model, wraps it in a DeepSpeed engine configured from the
 `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same global
 sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
 checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+
+The run dir is a location (`ember.storage`): in object storage, Ray Train uploads the checkpoints there (the run's
+`storage_path`), rank 0 publishes `metrics.jsonl` whole at each row and uploads TensorBoard's events at each
+checkpoint and at the end, and the export is uploaded with its `config.json` last.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from ember import storage
 from ember.config.specs import TrainSpec
 from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
@@ -89,39 +94,65 @@ def _peak_flops(use_gpu: bool) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
+def _jsonl(location: str) -> list[dict]:
+    try:
+        return [json.loads(line) for line in storage.read_text(location).splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _to_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 class MetricsLog:
     """Rank 0's metrics.jsonl (and TensorBoard events, by option): on resume, rows after the restored step are
     dropped so no step appears twice. Each restore appends one record to restores.jsonl: the step and samples it
     restored, from which checkpoint (`source`: `latest`, the run's own latest, after a failed worker or when the run
     dir is run again; `resume_path`, the one `resume: PATH` names), and the steps of the dropped rows with their
-    losses, which the redone steps must repeat."""
+    losses, which the redone steps must repeat. In object storage (which has no append) the whole file is published
+    again at each row, and the events are written locally and uploaded by `sync`."""
 
-    def __init__(self, path: Path, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
-        self.path = path
-        superseded = []
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resumed_step]
-            superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def __init__(self, run_dir: str, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
+        self.path, self.remote = storage.join(run_dir, "metrics.jsonl"), storage.is_uri(run_dir)
+        rows = _jsonl(self.path)
+        self.rows = [r for r in rows if r.get("step", 0) <= resumed_step]
+        superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
+        if rows:
+            storage.write_text(self.path, _to_jsonl(self.rows))
         if restored is not None:
-            with open(path.with_name(RESTORES_FILE), "a") as f:
-                f.write(json.dumps({**restored, "superseded": superseded}) + "\n")
-        self.board = None
+            restores = storage.join(run_dir, RESTORES_FILE)
+            storage.write_text(restores, _to_jsonl([*_jsonl(restores), {**restored, "superseded": superseded}]))
+        self.board, self.board_dir = None, storage.join(run_dir, "tensorboard")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            self.local_board = tempfile.mkdtemp(prefix="ember-tensorboard-") if self.remote else self.board_dir
+            if self.remote:  # the earlier attempts' events, for purge_step to cut
+                for rel, _ in storage.list_files(self.board_dir):
+                    Path(self.local_board, rel).parent.mkdir(parents=True, exist_ok=True)
+                    Path(self.local_board, rel).write_bytes(storage.read_bytes(storage.join(self.board_dir, rel)))
             # purge_step drops events a crashed attempt wrote past the checkpoint this run resumes from.
-            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resumed_step + 1)
+            self.board = SummaryWriter(self.local_board, purge_step=resumed_step + 1)
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        if self.remote:
+            storage.write_text(self.path, _to_jsonl(self.rows))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if self.board is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.board.add_scalar(f"train/{key}", value, row["step"])
             self.board.flush()
+
+    def sync(self) -> None:
+        """Uploads the TensorBoard events written so far (object storage only)."""
+        if self.board is not None and self.remote:
+            self.board.flush()
+            storage.upload_dir(self.local_board, self.board_dir)
 
 
 def zero_partitions(engine, stage: int) -> dict:
@@ -175,7 +206,7 @@ class Trainer:
 
     def __init__(self, plan: RunPlan):
         self.plan, self.spec, self.recipe = plan, plan.spec, RECIPES[plan.kind]
-        self.run_dir = Path(plan.run_dir)
+        self.run_dir = plan.run_dir
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -197,7 +228,10 @@ class Trainer:
         groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": tr.weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
         own = ray.train.get_checkpoint()
-        checkpoint = own or (ray.train.Checkpoint(self.plan.start_from) if self.plan.start_from else None)
+        checkpoint = own
+        if checkpoint is None and self.plan.start_from:
+            filesystem, path = storage.resolve(self.plan.start_from)  # a local path or a bucket's
+            checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
         with contextlib.ExitStack() as stack:
             load = self._checkpoint_to_load(checkpoint, stack) if checkpoint is not None else None
             # DeepSpeed prints its op builds ("... op built successfully"); --debug shows them.
@@ -251,9 +285,9 @@ class Trainer:
         raises the error rank 0 writes. The last good checkpoint stays."""
         bad = _not_finite(loss, grad_norm)
         if bad and self.rank == 0:
-            (self.run_dir / ERROR_FILE).write_text(json.dumps({"step": self.step, "error": (
+            storage.write_json(storage.join(self.run_dir, ERROR_FILE), {"step": self.step, "error": (
                 f"the {bad[0]} is {bad[1]} at step {self.step}; stopped there. The last good checkpoint is kept in "
-                "the run dir (lower train.lr, raise train.warmup_steps, or check the data)")}))
+                "the run dir (lower train.lr, raise train.warmup_steps, or check the data)")})
         return bad is not None
 
     # ------------------------------------------------------------ evaluate, record, checkpoint
@@ -291,7 +325,7 @@ class Trainer:
 
     def export(self) -> None:
         """Writes the trained model as a model dir of its family (ZeRO-3 shards gathered first; all ranks call)."""
-        out = self.run_dir / "model"
+        out = storage.join(self.run_dir, "model")
         if self.spec.deepspeed.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: rank 0 receives the full state
             if self.rank == 0:
@@ -305,7 +339,7 @@ class Trainer:
             model.config.gradient_checkpointing = False
             eos = list(self.plan.eos_ids) if len(self.plan.eos_ids) > 1 else self.plan.eos_ids[0]
             save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=torch.float32, eos_token_id=eos)
-            log.info("model exported to %s", out)
+            log.info("model exported to %s", storage.display(out))
         if dist.is_initialized():
             dist.barrier()
 
@@ -320,9 +354,8 @@ class Trainer:
                       if plan.manifest["splits"]["val"]["rows"] else None)
         restored = self.restore()
         batches = reader.batches(tr.micro_batch_size, start=self.samples)
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.step, tr.tensorboard, restored) \
-            if rank == 0 else None
-        gauges = TrainMetrics(self.spec.name or self.run_dir.name) if rank == 0 else None
+        metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored) if rank == 0 else None
+        gauges = TrainMetrics(self.spec.name or storage.name(self.run_dir)) if rank == 0 else None
         partitions = zero_partitions(self.engine, self.spec.deepspeed.zero_stage)  # with the first metrics row
         peak, flops_token = _peak_flops(self.spec.scaling.use_gpu), flops_per_token(plan.model, seq_len)
         interval_start, interval_steps = time.perf_counter(), 0
@@ -352,6 +385,8 @@ class Trainer:
                 self.record(metrics, metrics_log, gauges)
             if save_now:
                 self.checkpoint(metrics)
+                if rank == 0:
+                    metrics_log.sync()
             else:
                 ray.train.report(metrics)
             interval_start, interval_steps = time.perf_counter(), 0
