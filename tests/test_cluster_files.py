@@ -99,9 +99,24 @@ def test_the_rayservice_serve_config_is_valid_for_ray_serve_and_ember():
     assert args.host == "0.0.0.0" and not args.allow_unauthenticated and args.api_keys_env == "EMBER_API_KEYS"
     workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert any(e["name"] == "EMBER_API_KEYS" and "secretKeyRef" in e.get("valueFrom", {}) for e in workers["env"])
-    # The volume the RayJob writes runs to is the one the RayService reads the model from.
+    # The bucket prefix the RayJob trains into is the one the RayService serves the model from.
     job = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
-    assert "--workdir /mnt/ember" in job["spec"]["entrypoint"] and args.model_dir.startswith("/mnt/ember/runs/")
+    run_dir = re.search(r"--set output\.dir=(s3://\S+/runs/\S+)", job["spec"]["entrypoint"]).group(1)
+    assert args.model_dir == f"{run_dir}/model"
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
+def test_kuberay_pods_need_no_shared_volume_and_get_the_bucket_credentials(name):
+    """Object storage, not a ReadWriteMany volume: every Ray container gets the `ember-s3` Secret as its environment
+    and mounts nothing but the cluster's token."""
+    doc = yaml.safe_load((KUBERAY / name).read_text())
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        assert [v["name"] for v in template["spec"].get("volumes", [])] == ["ray-token"]
+        for c in _ray_containers(template):
+            assert {"secretRef": {"name": "ember-s3"}} in c.get("envFrom", []), c["name"]
+    assert not any("PersistentVolumeClaim" in p.read_text() or "ReadWriteMany" in p.read_text()
+                   for p in KUBERAY.glob("*.yaml"))
 
 
 def dashboard_metric_names() -> set[str]:
