@@ -144,3 +144,60 @@ def test_the_cli_names_a_missing_bucket_and_a_half_written_dataset_in_one_line(t
                                   "dataset is complete once its manifest is written: was its job stopped before the " \
                                   "end?)"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def locked_store():
+    """An S3 API that checks credentials (moto's server with IAM enforced after its first 4 requests, which set up a
+    bucket with one object and a user who may do nothing): (endpoint, that user's key id, its secret)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        kw = {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}
+        boto3.client("s3", **kw).create_bucket(Bucket="locked")
+        boto3.client("s3", **kw).put_object(Bucket="locked", Key="data/manifest.json", Body=b"{}")
+        iam = boto3.client("iam", **kw)
+        iam.create_user(UserName="nobody")
+        key = iam.create_access_key(UserName="nobody")["AccessKey"]
+        yield f"127.0.0.1:{port}", key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("who", ["wrong key", "no permission"])
+@pytest.mark.parametrize("doing", ["read", "list", "write"])
+def test_refused_credentials_and_denied_permission_are_told_apart(locked_store, who, doing):
+    endpoint, key_id, secret = locked_store
+    key_id, secret = ("AKIAEMBERWRONGKEY000", "wrong") if who == "wrong key" else (key_id, secret)
+    uri = f"s3://locked/data?endpoint_override={endpoint}&scheme=http&access_key={key_id}&secret_key={secret}"
+    with pytest.raises(EmberError) as refused:
+        {"read": lambda: storage.read_bytes(storage.join(uri, "manifest.json")),
+         "list": lambda: storage.list_names(uri),
+         "write": lambda: storage.write_bytes(storage.join(uri, "new.bin"), b"1")}[doing]()
+    message = str(refused.value)
+    where = "s3://locked/data" + {"read": "/manifest.json", "list": "", "write": "/new.bin"}[doing]
+    assert message.startswith(f"cannot {doing} {where}: ")
+    if who == "wrong key":
+        assert message.endswith("the credentials were refused; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+                                "the node's instance profile) for this store")
+    else:
+        assert message.endswith("permission denied; grant this node's credentials access to it")
+    assert secret not in message and key_id not in message

@@ -48,11 +48,7 @@ def content_sha256(location: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (a local file or an object)."""
     if storage.is_uri(location):
         return hashlib.sha256(storage.read_bytes(location)).hexdigest()
-    h = hashlib.sha256()
-    with open(location, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.file_sha256(location)
 
 
 def read_stamp(location: str | os.PathLike) -> dict | None:

@@ -180,7 +180,17 @@ def _store_call(location, doing: str, fn, *args):
 
 def info(location: str | os.PathLike) -> pafs.FileInfo:
     fs, path = resolve(location)
-    return _store_call(location, "read", fs.get_file_info, path)
+    try:
+        return fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as exc:
+        # A refused HEAD request has no body to say why (bad credentials or no permission); a listing of the same
+        # prefix does, so its answer names the cause.
+        if "HeadObject" in str(exc):
+            try:
+                fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0], allow_not_found=True))
+            except (OSError, pa.ArrowException) as listed:
+                exc = listed
+        raise storage_error(exc, location, "read") from None
 
 
 def is_file(location: str | os.PathLike) -> bool:
@@ -336,7 +346,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "ember-cache")
 
 
-def _sha256_of(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a local file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -393,7 +404,7 @@ class NodeCache:
             return False
         if [st.st_size, st.st_mtime_ns] == record.get("stat"):
             return True
-        actual = _sha256_of(entry)  # changed on disk since it was checked: check its bytes again
+        actual = file_sha256(entry)  # changed on disk since it was checked: check its bytes again
         if actual != record.get("sha256"):
             return False
         record["stat"] = [st.st_size, st.st_mtime_ns]

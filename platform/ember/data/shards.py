@@ -23,7 +23,6 @@ permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -121,7 +120,7 @@ class ShardWriter:
     def _close_current(self) -> None:
         self._writer.close()
         name = self._name()
-        size, sha256 = self._tmp.stat().st_size, _sha256(self._tmp)
+        size, sha256 = self._tmp.stat().st_size, storage.file_sha256(self._tmp)
         if storage.is_uri(self.directory):
             try:
                 storage.put_file(self._tmp, storage.join(self.directory, name))
@@ -141,14 +140,6 @@ class ShardWriter:
         if self._writer is not None:
             self._close_current()
         return self.shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_manifest(dataset_dir: str | os.PathLike) -> dict:
