@@ -22,6 +22,7 @@ import requests
 import yaml
 
 from conftest import REPO, free_port, run_ember, sentences
+from ember import storage
 
 # The cluster is this module's only Ray instance (own_ray: it runs before the suite's shared one starts).
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
@@ -138,11 +139,13 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(cluster, corpus, tmp_path_factory) -> Trained:
+def trained(cluster, corpus, s3_server) -> Trained:
     """A tokenize job (`submit --wait`, with `--env`) and a 2-worker pretraining job on its data (submitted, then
-    followed with `jobs logs --follow` until it ends)."""
-    out = tmp_path_factory.mktemp("jobs")
-    data, run = out / "data", out / "run"
+    followed with `jobs logs --follow` until it ends), both on object storage (the S3 server on 127.0.0.1): no node
+    shares a disk path with another, and each has its own node cache."""
+    bucket, endpoint, _ = s3_server
+    root = f"s3://{bucket}/cluster-jobs?endpoint_override={endpoint}&scheme=http"
+    data, run = storage.join(root, "data"), storage.join(root, "run")
     tok = cluster.ember("submit", "jobs/tokenize-demo.yaml", "--wait", "--set", f"source.inputs=[{corpus}]",
                         "--set", "source.text_unit=paragraph", "--set", "tokenizer.vocab_size=512", "--set",
                         "pack.seq_len=64", "--set", f"output.dir={data}", "--env", "EMBER_TEST_MARK=from-the-cli",
@@ -161,7 +164,7 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     tok = trained.tokenize
     assert "dataset: " in tok.stdout and tok.stdout.rstrip().endswith("SUCCEEDED")
     assert f"ray: {cluster.info.address} (3 CPUs)" in tok.stdout
-    assert (trained.data / "manifest.json").exists()
+    assert storage.is_file(storage.join(trained.data, "manifest.json"))
     env = requests.get(f"{cluster.info.dashboard_url}/api/jobs/{cluster.job_id(tok.stdout)}", timeout=10,
                        headers=_auth()).json()["runtime_env"]["env_vars"]
     assert env["EMBER_TEST_MARK"] == "from-the-cli"  # --env NAME=VALUE reached the job's environment
@@ -170,7 +173,9 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     assert job.startswith("ember-pretrain-pretrain-demo-")
     # `jobs logs --follow` streamed the job's output until the job ended.
     assert "step 12/12" in trained.followed.stdout and "pretrain: done at step 12" in trained.followed.stdout
-    assert (trained.run / "model" / "model.safetensors").exists()
+    assert storage.is_file(storage.join(trained.run, "model", "model.safetensors"))
+    assert storage.list_names(trained.run) >= {"spec.yaml", "metrics.jsonl", "result.json", "model"}
+    assert any(name.startswith("checkpoint_") for name in storage.list_names(trained.run))
 
     logs = cluster.ember("jobs", "logs", job, check=True).stdout
     assert "step 12/12" in logs and "pretrain: done at step 12" in logs and "val loss" in logs
@@ -185,6 +190,12 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     workers = [a for a in _actors(cluster) if a["class_name"] == "RayTrainWorker"]
     nodes = {a["node_id"] for a in workers if a["job_id"] == _ray_job_id(cluster, job)}
     assert len(nodes) == 2
+    # Each of those nodes read the shards through its own node cache (no node sees another's files).
+    from ember.cluster.local import node_cache_dir
+
+    fetched = [i for i in range(3) if any(p.name.endswith(".arrow") for p in
+                                          node_cache_dir(cluster.directory, i).rglob("*"))]
+    assert len(fetched) >= 2, fetched
     listed = cluster.ember("jobs", "list", "--ember", check=True).stdout
     assert job in listed and "tokenize" in listed
 
@@ -218,7 +229,8 @@ def served(cluster, trained) -> str:
     environment only, not the cluster's. Returns the API's base URL."""
     port = free_port()
     # Given the dashboard URL, `ember serve` joins the cluster at its GCS address, and says so.
-    served = cluster.ember("serve", str(trained.run / "model"), "--address", cluster.info.dashboard_url, "--detach",
+    served = cluster.ember("serve", storage.join(trained.run, "model"), "--address", cluster.info.dashboard_url,
+                           "--detach",
                            "--port", str(port), env={"EMBER_API_KEYS": "cluster-key-1,cluster-key-2"}, check=True)
     assert f"http://127.0.0.1:{port}/v1" in served.stdout and "cluster-key" not in served.stdout + served.stderr
     assert (f"cluster: {cluster.info.address} (Ray GCS, from the dashboard URL {cluster.info.dashboard_url}: the "

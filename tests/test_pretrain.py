@@ -168,29 +168,29 @@ def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tm
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
 
 
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, tmp_path, ray_session):
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, s3_server, tmp_path,
+                                                             ray_session):
     """SIGKILL one training worker (found through Ray's state API) once Ray Train has taken in a checkpoint past the
     start: Ray Train restarts the workers, they restore its latest checkpoint (recorded in restores.jsonl), redo the
     steps the killed attempt had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its
-    first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums."""
+    first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums. The run dir is a bucket prefix:
+    the checkpoints the new workers restore are the ones Ray Train uploaded there."""
     from ray.util.state import list_actors
 
-    run_dir, address = tmp_path / "killed", ray_address()
-    killed = {}
+    bucket, endpoint, _ = s3_server
+    run_dir = f"s3://{bucket}/pretrain/killed-{tmp_path.name}?endpoint_override={endpoint}&scheme=http"
+    address, killed = ray_address(), {}
 
     def registered_steps() -> list[int]:
         """The checkpoints Ray Train's controller has taken in (its snapshot in the run dir)."""
-        try:
-            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return []
+        snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
         return [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
 
     def kill_after_a_registered_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline:
-            path = run_dir / "metrics.jsonl"
-            done = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+            done = [r["step"] for r in rows(run_dir)] if storage.exists(storage.join(run_dir, "metrics.jsonl")) \
+                else []
             registered = registered_steps()
             if done and registered and max(registered) >= 8 and done[-1] > max(registered):
                 alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
@@ -199,7 +199,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
                     killed.update(pid=workers[-1].pid, at=done[-1], registered=max(registered))
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     return
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
     killer.start()
@@ -211,7 +211,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == list(range(1, 25))  # every step once: rows after the restore point redone
     assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 25)]
-    [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
+    [restore] = [json.loads(line) for line in storage.read_text(storage.join(run_dir, "restores.jsonl")).splitlines()]
     assert restore["source"] == "latest" and killed["registered"] <= restore["step"] < killed["at"]
     assert restore["samples"] == 8 * restore["step"]
     superseded = [r["step"] for r in restore["superseded"]]  # what the killed attempt had logged past the restore
@@ -223,8 +223,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     for a, b in zip(rows(reference_run), metrics[:8]):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
     # Checkpoints every 4 steps; train.keep_checkpoints: 3 keeps the newest three, across the restart.
-    kept = sorted(json.loads((p / "ember_state.json").read_text())["step"] for p in run_dir.glob("checkpoint_2*"))
+    kept = sorted(checkpoint_states(run_dir))
     assert kept[-3:] == [16, 20, 24] and sorted(registered_steps()) == [16, 20, 24]
+    assert not list(tmp_path.iterdir())  # nothing of the run on local disk
 
 
 def test_errors_before_any_worker_starts(dataset, tmp_path):

@@ -3,6 +3,7 @@
 `up` starts one host process that runs a Ray head node and N worker nodes, each its own raylet with its own CPUs,
 object store and metrics agent (Ray's `ray.cluster_utils.Cluster`, the developer API Ray's own multi-node tests use).
 Every Ray process is a child of that host, so `down` stops exactly what `up` started and nothing else on the machine.
+Each node has its own node cache for object-storage reads (`DIR/nodes/N/cache`), as separate machines would.
 
 Everything binds to 127.0.0.1: the GCS, the raylets, the dashboard and every node's Prometheus metrics endpoint. Ray
 binds a multi-node cluster to the machine's network address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes it
@@ -223,6 +224,19 @@ def down(directory: Path | None = None, timeout: float = 60) -> ClusterInfo | No
     return info
 
 
+def node_cache_dir(directory: Path, index: int) -> Path:
+    """Node `index`'s own cache of object-storage reads (0 is the head), as a separate machine would have."""
+    return directory / "nodes" / str(index) / "cache"
+
+
+def _own_cache(directory: Path, index: int) -> None:
+    """The next node's processes (its raylet, and the workers it starts) get their own node cache: no node sees
+    another's downloads, so a hidden reliance on one machine's files fails here as it would on a real cluster."""
+    from ember.storage import CACHE_DIR_ENV
+
+    os.environ[CACHE_DIR_ENV] = str(node_cache_dir(directory, index))
+
+
 def _host(plan_path: str) -> None:
     """The host process: starts the nodes, records the cluster, and stops the nodes on SIGTERM or SIGINT."""
     plan = json.loads(Path(plan_path).read_text())
@@ -234,10 +248,12 @@ def _host(plan_path: str) -> None:
     common = {"node_ip_address": LOOPBACK, "temp_dir": plan["temp_dir"], "min_worker_port": 0, "max_worker_port": 0}
     cluster = Cluster(shutdown_at_exit=True)
     try:
+        _own_cache(directory, 0)
         cluster.add_node(**common, **head, gcs_server_port=plan["port"], include_dashboard=True,
                          dashboard_host=LOOPBACK, dashboard_port=plan["dashboard_port"],
                          ray_client_server_port=plan["client_port"])
-        for node in rest:
+        for i, node in enumerate(rest, 1):
+            _own_cache(directory, i)
             cluster.add_node(**common, **node)
         # Cluster records its address as the machine's "current cluster" (/tmp/ray), where a bare `ray.init()`
         # would find and join it: Ember's cluster is used only by address, so that record goes (if it is ours). The
