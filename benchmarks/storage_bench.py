@@ -92,6 +92,7 @@ def main() -> int:
     os.environ["EMBER_CACHE_DIR"] = str(work / "cache")  # before Ray starts: its workers inherit it
     ray.init(num_cpus=2, logging_level=logging.WARNING)
     logging.getLogger("ember").setLevel(logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's request lines
     try:
         data = tokenize(work, args.mb)
         import boto3
