@@ -3,6 +3,7 @@ writes, listing, the errors a store gives, and the node cache shared by processe
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 
@@ -148,8 +149,8 @@ def test_the_cli_names_a_missing_bucket_and_a_half_written_dataset_in_one_line(t
 
 @pytest.fixture(scope="module")
 def locked_store():
-    """An S3 API that checks credentials (moto's server with IAM enforced after its first 4 requests, which set up a
-    bucket with one object and a user who may do nothing): (endpoint, that user's key id, its secret)."""
+    """An S3 API that checks credentials (moto's server with IAM enforced after its first 5 requests, which set up a
+    bucket with one object and a user denied every S3 action): (endpoint, that user's key id, its secret)."""
     import socket
     import subprocess
     import sys
@@ -158,7 +159,7 @@ def locked_store():
     import boto3
 
     port = free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -175,6 +176,8 @@ def locked_store():
         boto3.client("s3", **kw).put_object(Bucket="locked", Key="data/manifest.json", Body=b"{}")
         iam = boto3.client("iam", **kw)
         iam.create_user(UserName="nobody")
+        iam.put_user_policy(UserName="nobody", PolicyName="no-s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "s3:*", "Resource": "*"}]}))
         key = iam.create_access_key(UserName="nobody")["AccessKey"]
         yield f"127.0.0.1:{port}", key["AccessKeyId"], key["SecretAccessKey"]
     finally:

@@ -112,7 +112,8 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     parts = urlsplit(fs_key)
     if parts.scheme != "s3":
         return pafs.FileSystem.from_uri(fs_key)[0]
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    # A '+' stays a '+' (as pyarrow reads URIs): secret keys hold them, and form decoding would make them spaces.
+    options = dict(parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True))
     unknown = sorted(set(options) - S3_OPTIONS)
     if unknown:
         raise EmberError(f"{parts.scheme}://{parts.netloc}: unknown S3 option(s) {', '.join(unknown)} in the URI "
