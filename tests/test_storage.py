@@ -204,3 +204,75 @@ def test_refused_credentials_and_denied_permission_are_told_apart(locked_store, 
     else:
         assert message.endswith("permission denied; grant this node's credentials access to it")
     assert secret not in message and key_id not in message
+
+
+class FlakyStore:
+    """A proxy in front of the S3 server that answers the first `failures` requests with 503 SlowDown (what S3 says
+    when it throttles), then forwards every request; it counts what it saw."""
+
+    def __init__(self, upstream: str, failures: int):
+        import http.server
+        import threading
+        import urllib.request
+
+        store = self
+        self.failures, self.seen = failures, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                store.seen += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if store.seen <= store.failures:
+                    reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply if self.command != "HEAD" else b"")
+                    return
+                request = urllib.request.Request(f"http://{upstream}{self.path}", data=body or None,
+                                                 method=self.command, headers=dict(self.headers))
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as r:
+                        status, headers, reply = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as err:
+                    status, headers, reply = err.code, err.headers, err.read()
+                self.send_response(status)
+                for key, value in headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                # A HEAD answer carries the object's length, not its own (empty) body's.
+                length = headers.get("Content-Length", "0") if self.command == "HEAD" else str(len(reply))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(reply)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_transient_errors_are_retried_and_a_store_that_keeps_failing_is_named(s3_server, tmp_path, monkeypatch):
+    bucket, endpoint, client = s3_server
+    client.put_object(Bucket=bucket, Key=f"flaky-{tmp_path.name}/a.json", Body=b'{"ok": 1}')
+    flaky, failing = FlakyStore(endpoint, failures=2), FlakyStore(endpoint, failures=10**6)
+    try:
+        uri = f"s3://{bucket}/flaky-{tmp_path.name}/a.json?endpoint_override={flaky.endpoint}&scheme=http"
+        assert storage.read_json(uri) == {"ok": 1}  # two throttled answers, then the object
+        assert flaky.seen > 2
+        monkeypatch.setenv(storage.RETRY_ATTEMPTS_ENV, "3")  # a store met from now on: 3 attempts per request
+        uri = f"s3://{bucket}/flaky-{tmp_path.name}/a.json?endpoint_override={failing.endpoint}&scheme=http"
+        with pytest.raises(EmberError) as refused:
+            storage.read_bytes(uri)
+        assert str(refused.value) == f"cannot read s3://{bucket}/flaky-{tmp_path.name}/a.json: the store kept " \
+                                     "failing (throttled or unavailable) through every retry; try again later, or " \
+                                     "raise EMBER_S3_RETRY_ATTEMPTS"
+        assert failing.seen == 3  # one request, tried three times
+    finally:
+        flaky.server.shutdown()
+        failing.server.shutdown()

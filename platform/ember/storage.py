@@ -18,7 +18,7 @@ temp dir) and keeps at most `EMBER_CACHE_BYTES` (default 20 GiB), evicting the l
 
 Errors from the store (an unreachable endpoint, a missing bucket, refused credentials) become one `EmberError` that
 names the location and what to do (`storage_error`). Transient failures are retried with backoff by pyarrow's S3
-client (`RETRY_ATTEMPTS`).
+client (`RETRY_ATTEMPTS` attempts per request, or `EMBER_S3_RETRY_ATTEMPTS`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ CACHE_DIR_ENV = "EMBER_CACHE_DIR"
 CACHE_BYTES_ENV = "EMBER_CACHE_BYTES"
 DEFAULT_CACHE_BYTES = 20 << 30
 RETRY_ATTEMPTS = 5  # per S3 request, with the AWS SDK's exponential backoff between attempts
+RETRY_ATTEMPTS_ENV = "EMBER_S3_RETRY_ATTEMPTS"  # overrides RETRY_ATTEMPTS
 # The query options an s3:// URI may carry (pyarrow's S3FileSystem arguments of the same names).
 S3_OPTIONS = {"endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token", "role_arn",
               "anonymous", "force_virtual_addressing", "connect_timeout", "request_timeout"}
@@ -130,7 +131,8 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     kwargs.setdefault("request_timeout", 60.0)
     if "region" not in kwargs and os.environ.get("AWS_DEFAULT_REGION"):
         kwargs["region"] = os.environ["AWS_DEFAULT_REGION"]
-    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS), **kwargs)
+    attempts = int(os.environ.get(RETRY_ATTEMPTS_ENV) or RETRY_ATTEMPTS)
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -161,6 +163,10 @@ def storage_error(exc: BaseException, location: str | os.PathLike, doing: str) -
         (("curlCode: 7", "curlCode: 6", "curlCode: 28", "Couldn't connect", "Could not resolve", "Connection refused",
           "Timeout was reached"),
          "cannot reach the store's endpoint; check endpoint_override in the URI and the network"),
+        (("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError",
+          "HTTP status 503", "HTTP status 500", "HTTP response code: 503", "HTTP response code: 500"),
+         "the store kept failing (throttled or unavailable) through every retry; try again later, or raise "
+         f"{RETRY_ATTEMPTS_ENV}"),
     )
     why = next((reason for needles, reason in reasons if any(n in text for n in needles)), None)
     if why is None:
@@ -186,7 +192,7 @@ def info(location: str | os.PathLike) -> pafs.FileInfo:
     except (OSError, pa.ArrowException) as exc:
         # A refused HEAD request has no body to say why (bad credentials or no permission); a listing of the same
         # prefix does, so its answer names the cause.
-        if "HeadObject" in str(exc):
+        if "HeadObject" in str(exc) and "ACCESS_DENIED" in str(exc):
             try:
                 fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0], allow_not_found=True))
             except (OSError, pa.ArrowException) as listed:
