@@ -175,29 +175,33 @@ def storage_error(exc: BaseException, location: str | os.PathLike, doing: str) -
 
 
 def _store_call(location, doing: str, fn, *args):
+    """`fn(*args)` against the store of `location`; a refusal becomes `storage_error` (FileNotFoundError stays)."""
     try:
         return fn(*args)
-    except EmberError:
-        raise
-    except FileNotFoundError:
+    except (EmberError, FileNotFoundError):
         raise
     except (OSError, pa.ArrowException) as exc:
-        raise storage_error(exc, location, doing) from None
-
-
-def info(location: str | os.PathLike) -> pafs.FileInfo:
-    fs, path = resolve(location)
-    try:
-        return fs.get_file_info(path)
-    except (OSError, pa.ArrowException) as exc:
-        # A refused HEAD request has no body to say why (bad credentials or no permission); a listing of the same
-        # prefix does, so its answer names the cause.
         if "HeadObject" in str(exc) and "ACCESS_DENIED" in str(exc):
+            # A refused HEAD request has no body to say why (bad credentials or no permission); a listing of the
+            # same prefix does, so its answer names the cause.
+            fs, path = resolve(location)
             try:
                 fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0], allow_not_found=True))
             except (OSError, pa.ArrowException) as listed:
                 exc = listed
-        raise storage_error(exc, location, "read") from None
+        raise storage_error(exc, location, doing) from None
+
+
+def _listing(location: str | os.PathLike, recursive: bool = False) -> tuple[str, list[pafs.FileInfo]]:
+    """(the location's path on its store, the entries under it); no entries when there is nothing there."""
+    fs, base = resolve(location)
+    selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
+    return base, _store_call(location, "list", fs.get_file_info, selector)
+
+
+def info(location: str | os.PathLike) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    return _store_call(location, "read", fs.get_file_info, path)
 
 
 def is_file(location: str | os.PathLike) -> bool:
@@ -208,13 +212,12 @@ def is_dir(location: str | os.PathLike) -> bool:
     """A local directory, or a prefix of an object store that holds at least one object."""
     if not is_uri(location):
         return os.path.isdir(normalize(location))
-    fs, path = resolve(location)
     kind = info(location).type
     if kind == pafs.FileType.Directory:
         return True
     if kind == pafs.FileType.File:
         return False
-    return bool(_store_call(location, "list", fs.get_file_info, pafs.FileSelector(path, allow_not_found=True)))
+    return bool(_listing(location)[1])
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -226,10 +229,8 @@ def read_bytes(location: str | os.PathLike) -> bytes:
     if not is_uri(location):
         return Path(normalize(location)).read_bytes()
     fs, path = resolve(location)
-    if info(location).type != pafs.FileType.File:
-        raise FileNotFoundError(display(location))
 
-    def read():
+    def read():  # one request: a missing object raises FileNotFoundError
         with fs.open_input_stream(path) as stream:
             return stream.read()
 
@@ -290,9 +291,7 @@ def put_file(local: str | os.PathLike, location: str | os.PathLike) -> None:
 
 def list_files(location: str | os.PathLike, recursive: bool = True) -> list[tuple[str, int]]:
     """(path relative to `location`, size) of every file under it, sorted; [] when there is none."""
-    fs, base = resolve(location)
-    selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
-    infos = _store_call(location, "list", fs.get_file_info, selector)
+    base, infos = _listing(location, recursive)
     prefix = base.rstrip("/") + "/"
     return sorted((i.path[len(prefix):] if i.path.startswith(prefix) else i.path, i.size)
                   for i in infos if i.type == pafs.FileType.File)
@@ -301,24 +300,26 @@ def list_files(location: str | os.PathLike, recursive: bool = True) -> list[tupl
 def file_stats(location: str | os.PathLike, prefix: str = "", contains: str = "") -> list[tuple[str, int, int]]:
     """(location, size, modification time in ns) of the files directly under `location` whose names start with
     `prefix` and hold `contains`, sorted: what `ember.identity.files_fingerprint` takes."""
-    fs, base = resolve(location)
-    infos = _store_call(location, "list", fs.get_file_info, pafs.FileSelector(base, allow_not_found=True))
-    return sorted((display(join(location, i.base_name)), i.size, i.mtime_ns or 0) for i in infos
+    return sorted((display(join(location, i.base_name)), i.size, i.mtime_ns or 0) for i in _listing(location)[1]
                   if i.type == pafs.FileType.File and i.base_name.startswith(prefix) and contains in i.base_name)
 
 
 def list_names(location: str | os.PathLike) -> set[str]:
     """The names of the files and directories (prefixes) directly under `location`; empty when there is none."""
-    fs, base = resolve(location)
-    infos = _store_call(location, "list", fs.get_file_info, pafs.FileSelector(base, allow_not_found=True))
-    return {i.base_name for i in infos}
+    return {i.base_name for i in _listing(location)[1]}
 
 
 def delete(location: str | os.PathLike) -> None:
-    """Removes a file or object; nothing when there is none."""
+    """Removes a file or object; nothing when there is none (or when it is a directory: see `delete_tree`)."""
+    if not is_uri(location):
+        if os.path.isfile(normalize(location)):
+            os.unlink(normalize(location))
+        return
     fs, path = resolve(location)
-    if info(location).type == pafs.FileType.File:
+    try:
         _store_call(location, "delete", fs.delete_file, path)
+    except FileNotFoundError:
+        pass
 
 
 def delete_tree(location: str | os.PathLike) -> None:
@@ -431,9 +432,7 @@ class NodeCache:
                         dst.write(chunk)
                         n += len(chunk)
 
-            if info(location).type != pafs.FileType.File:
-                raise FileNotFoundError(display(location))
-            _store_call(location, "read", copy)
+            _store_call(location, "read", copy)  # a missing object raises FileNotFoundError
             if (size is not None and n != size) or (sha256 is not None and h.hexdigest() != sha256):
                 raise EmberError(f"{display(location)}: the object holds {n} bytes with SHA-256 {h.hexdigest()[:12]}…, "
                                  f"not the {size} bytes / {str(sha256)[:12]}… its writer recorded; the object "
