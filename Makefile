@@ -22,9 +22,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # DeepSpeed compiles its C++ ops at first use (the shared-memory collectives every run loads, the CPU Adam of
-# optimizer offload): a few minutes on a fresh machine, paid here once instead of inside the first run or test.
+# optimizer offload): a few minutes on a fresh machine, paid here once instead of inside the first run or test. With
+# the environment's ninja, as the training workers use (ember.runtime.use_environment_ninja): a build by another
+# ninja would not count as done for them.
 $(OPS): $(STAMP)
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	$(BIN)/python -c "from ember.runtime import use_environment_ninja; use_environment_ninja(); \
+	  from deepspeed.accelerator import get_accelerator; \
 	  builders = [get_accelerator().create_op_builder(n) for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]; \
 	  [b.load(verbose=False) for b in builders if b is not None and b.is_compatible()]" > /dev/null
 	touch $(OPS)

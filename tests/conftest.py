@@ -30,6 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 EMBER = str(Path(sys.executable).with_name("ember"))
 
 
+def deepspeed_ops() -> dict[str, int]:
+    """The DeepSpeed ops built so far (torch's JIT extension dir): library path -> modification time."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return {str(p): p.stat().st_mtime_ns for p in root.glob("*/*/*.so")}
+
+
+OPS_AT_START = deepspeed_ops()  # what `make install` prebuilt, before any test's training run
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use the suite's Ray instance are marked `ray` (`make test-fast` leaves them out). Tests that start
     Ray instances of their own (marked `own_ray`) run first, before the suite's instance exists, so that two Ray

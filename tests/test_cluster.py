@@ -2,9 +2,11 @@
 CPU), jobs submitted to it with `ember submit` through the Ray Jobs API, the app served on it, `ember status`, and a
 real Prometheus scraping it through Ray's service-discovery file.
 
-The module's tests share one cluster and one pair of jobs (the `trained` fixture): the data the tokenize job writes is
-what the pretraining job trains on, and the model it exports is what gets served. Each test asks for what it uses, so
-any of them runs alone or in any order.
+The module's tests share one cluster and one chain of jobs (the `trained` fixture), all on object storage (the S3
+server on 127.0.0.1; each node has its own node cache, and none shares a disk path with another): the data the
+tokenize job writes is what the pretraining job trains on (one of its workers killed mid-run), the model it exports is
+what the fine-tune starts from, the evaluation compares the two, and the fine-tuned model is what gets served. Each
+test asks for what it uses, so any of them runs alone or in any order.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -132,32 +136,85 @@ def test_the_job_commands_take_the_gcs_address_too(cluster, tmp_path):
 
 
 class Trained:
-    """The jobs the `trained` fixture ran: the dataset, the run dir, and what the CLI printed for each."""
+    """The jobs the `trained` fixture ran, all on one bucket prefix: where each wrote, what the CLI printed for each,
+    and the worker the pretraining job lost."""
 
-    def __init__(self, data, run, tokenize, submitted, followed):
-        self.data, self.run, self.tokenize, self.submitted, self.followed = data, run, tokenize, submitted, followed
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+DEMO = REPO / "jobs"
 
 
 @pytest.fixture(scope="module")
-def trained(cluster, corpus, s3_server) -> Trained:
-    """A tokenize job (`submit --wait`, with `--env`) and a 2-worker pretraining job on its data (submitted, then
-    followed with `jobs logs --follow` until it ends), both on object storage (the S3 server on 127.0.0.1): no node
-    shares a disk path with another, and each has its own node cache."""
+def workdir(tmp_path_factory) -> Path:
+    """The directory every job is submitted from (its --workdir): every artefact goes to the bucket, so it stays
+    empty."""
+    return tmp_path_factory.mktemp("workdir")
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, corpus, s3_server, workdir) -> Trained:
+    """The demo's specs, changed only by --set, as jobs on the cluster with every path in object storage (the S3
+    server on 127.0.0.1): no node shares a disk path with another, and each has its own node cache.
+
+    A tokenize job (`submit --wait`, with `--env`); a 2-worker pretraining job on its data (submitted, then followed
+    with `jobs logs --follow` until it ends), one of whose workers is killed once Ray Train holds a checkpoint in the
+    bucket, so that the restarted workers restore from there; a fine-tune of the exported model's URI; an evaluation
+    of both models' URIs."""
     bucket, endpoint, _ = s3_server
     root = f"s3://{bucket}/cluster-jobs?endpoint_override={endpoint}&scheme=http"
-    data, run = storage.join(root, "data"), storage.join(root, "run")
-    tok = cluster.ember("submit", "jobs/tokenize-demo.yaml", "--wait", "--set", f"source.inputs=[{corpus}]",
-                        "--set", "source.text_unit=paragraph", "--set", "tokenizer.vocab_size=512", "--set",
-                        "pack.seq_len=64", "--set", f"output.dir={data}", "--env", "EMBER_TEST_MARK=from-the-cli",
-                        check=True)
-    submitted = cluster.ember("submit", "jobs/pretrain-demo.yaml", "--set", f"data.dir={data}",
-                              "--set", f"output.dir={run}", "--set", "train.max_steps=12",
-                              "--set", "train.log_every=2", "--set", "train.eval_every=2", "--set",
-                              "train.eval_batches=1", "--set", "train.checkpoint_every=12", "--set",
-                              "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
-                              "--set", "model.num_hidden_layers=2", check=True)
-    followed = cluster.ember("jobs", "logs", cluster.job_id(submitted.stdout), "--follow", check=True, timeout=600)
-    return Trained(data, run, tok, submitted, followed)
+    data, run, tuned = storage.join(root, "data"), storage.join(root, "run"), storage.join(root, "finetune")
+    results = storage.join(root, "evaluate", "results.json")
+
+    def submit(spec: str, *overrides: str, flags: tuple[str, ...] = ("--wait",)):
+        sets = [arg for item in overrides for arg in ("--set", item)]
+        return cluster.ember("submit", DEMO / spec, *sets, *flags, cwd=workdir, check=True)
+
+    tok = submit("tokenize-demo.yaml", f"source.inputs=[{corpus}]", "source.text_unit=paragraph",
+                 "tokenizer.vocab_size=512", "pack.seq_len=64", f"output.dir={data}",
+                 flags=("--env", "EMBER_TEST_MARK=from-the-cli", "--wait"))
+    submitted = submit("pretrain-demo.yaml", f"data.dir={data}", f"output.dir={run}", "train.max_steps=12",
+                       "train.log_every=1", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=4",
+                       "train.global_batch_size=8", "train.micro_batch_size=4", "model.num_hidden_layers=2",
+                       flags=())
+    job = cluster.job_id(submitted.stdout)
+    killed: dict = {}
+    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, args=(cluster, job, run, killed), daemon=True)
+    killer.start()
+    followed = cluster.ember("jobs", "logs", job, "--follow", check=True, timeout=600)
+    killer.join()
+    finetune = submit("finetune-demo.yaml", f"base={storage.join(run, 'model')}", f"output.dir={tuned}",
+                      "data.seq_len=128", "train.max_steps=4", "train.log_every=2", "train.eval_every=4",
+                      "train.checkpoint_every=4", "train.global_batch_size=8")
+    evaluate = submit("evaluate-demo.yaml", f"models.base={storage.join(run, 'model')}",
+                      f"models.finetuned={storage.join(tuned, 'model')}", f"data.dir={storage.join(tuned, 'data')}",
+                      f"output.file={results}", "generation.max_examples=3", "generation.max_new_tokens=8")
+    return Trained(root=root, data=data, run=run, tuned=tuned, results=results, tokenize=tok, submitted=submitted,
+                   followed=followed, killed=killed, finetune=finetune, evaluate=evaluate)
+
+
+def kill_a_worker_after_a_checkpoint(cluster, job: str, run: str, killed: dict) -> None:
+    """SIGKILLs one of the job's training workers (found through Ray's State API) once Ray Train's controller has
+    taken in a checkpoint (its snapshot in the bucket) and the workers have stepped past it."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        try:
+            snapshot = storage.read_json(storage.join(run, "checkpoint_manager_snapshot.json")) or {}
+            registered = [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
+            done = [json.loads(line)["step"] for line in
+                    storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+        except FileNotFoundError:
+            registered, done = [], []
+        if registered and done and done[-1] > max(registered) and done[-1] < 12:
+            ray_job = _ray_job_id(cluster, job)
+            workers = [a for a in _actors(cluster) if a["class_name"] == "RayTrainWorker"
+                       and a["job_id"] == ray_job and a["state"] == "ALIVE"]
+            if workers:
+                killed.update(pid=workers[-1]["pid"], at=done[-1], registered=max(registered))
+                os.kill(workers[-1]["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.2)
 
 
 def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
@@ -186,10 +243,16 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     status = cluster.ember("jobs", "status", job, check=True).stdout
     assert "SUCCEEDED" in status and "kind: pretrain" in status and "progress: step 12/12" in status
 
-    # The two training workers (1 CPU each, nodes of 1 CPU) ran on different nodes: Ray's State API says where.
-    workers = [a for a in _actors(cluster) if a["class_name"] == "RayTrainWorker"]
-    nodes = {a["node_id"] for a in workers if a["job_id"] == _ray_job_id(cluster, job)}
-    assert len(nodes) == 2
+    # Each worker group (the first, one of whose workers was killed, and the restarted one) had its two workers
+    # (1 CPU each, nodes of 1 CPU) on two different nodes: Ray's State API says where.
+    ray_job = _ray_job_id(cluster, job)
+    groups: dict[str, list[dict]] = {}  # each worker group has a placement group of its own
+    for a in _actors(cluster):
+        if a["class_name"] == "RayTrainWorker" and a["job_id"] == ray_job:
+            groups.setdefault(a["placement_group_id"], []).append(a)
+    assert sorted(len(g) for g in groups.values()) == [2, 2], groups
+    assert [len({a["node_id"] for a in g}) for g in groups.values()] == [2, 2]
+    assert any(trained.killed["pid"] in {a["pid"] for a in g} for g in groups.values())
     # Each of those nodes read the shards through its own node cache (no node sees another's files).
     from ember.cluster.local import node_cache_dir
 
@@ -198,6 +261,45 @@ def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):
     assert len(fetched) >= 2, fetched
     listed = cluster.ember("jobs", "list", "--ember", check=True).stdout
     assert job in listed and "tokenize" in listed
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_in_the_bucket(trained):
+    """The restarted workers restored Ray Train's latest checkpoint from the bucket and redid the steps the killed
+    group had logged past it with the same losses: the loss curve is an uninterrupted run's."""
+    killed = trained.killed
+    assert killed and killed["registered"] < killed["at"] < 12, killed  # (the killer gives up after 300 s)
+    metrics = [json.loads(line) for line in storage.read_text(storage.join(trained.run, "metrics.jsonl")).splitlines()]
+    assert [r["step"] for r in metrics] == list(range(1, 13))
+    assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 13)]
+    [restore] = [json.loads(x) for x in storage.read_text(storage.join(trained.run, "restores.jsonl")).splitlines()]
+    assert restore["source"] == "latest" and restore["step"] == killed["registered"]
+    superseded = {r["step"]: r["loss"] for r in restore["superseded"]}
+    assert superseded and max(superseded) >= killed["at"]
+    redone = {r["step"]: r["loss"] for r in metrics}
+    for step, loss in superseded.items():
+        assert abs(loss - redone[step]) < 1e-5, (step, loss, redone[step])
+
+
+def test_fine_tune_and_evaluation_jobs_read_models_from_the_bucket(trained, workdir, cluster):
+    """The fine-tune starts from the exported model's URI, the evaluation compares both URIs; afterwards every
+    artefact of the five jobs is an object in the bucket, and neither the jobs' working dir nor any job's runtime
+    working dir on the cluster holds one."""
+    assert trained.finetune.stdout.rstrip().endswith("SUCCEEDED") and "finetune: done at step 4" in \
+        trained.finetune.stdout
+    spec = yaml.safe_load(storage.read_text(storage.join(trained.tuned, "spec.yaml")))
+    assert spec["base"] == storage.join(trained.run, "model")
+    assert storage.is_file(storage.join(trained.tuned, "model", "model.safetensors"))
+    assert storage.is_file(storage.join(trained.tuned, "data", "manifest.json"))
+    results = storage.read_json(trained.results)
+    assert trained.evaluate.stdout.rstrip().endswith("SUCCEEDED")
+    assert {name: r["model"] for name, r in results.items()} == {
+        "base": storage.display(storage.join(trained.run, "model")),
+        "finetuned": storage.display(storage.join(trained.tuned, "model"))}
+    assert all(r["conversations"]["answered"] == 3 for r in results.values())
+    assert not list(workdir.iterdir())
+    staged = [d for d in Path(cluster.info.session_dir, "runtime_resources", "working_dir_files").iterdir()
+              if d.is_dir()]  # one per job's working dir (beside them, Ray's lock files)
+    assert staged and all([p.name for p in d.rglob("*")] == ["spec.yaml"] for d in staged)
 
 
 def _auth() -> dict:
@@ -225,11 +327,12 @@ def _ray_job_id(cluster, submission_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(cluster, trained) -> str:
-    """The trained model served on the cluster with `ember serve --detach`; the keys are in `ember serve`'s
+    """The fine-tuned model's URI served on the cluster with `ember serve --detach` (each replica pulls it through its
+    node's cache); the keys are in `ember serve`'s
     environment only, not the cluster's. Returns the API's base URL."""
     port = free_port()
     # Given the dashboard URL, `ember serve` joins the cluster at its GCS address, and says so.
-    served = cluster.ember("serve", storage.join(trained.run, "model"), "--address", cluster.info.dashboard_url,
+    served = cluster.ember("serve", storage.join(trained.tuned, "model"), "--address", cluster.info.dashboard_url,
                            "--detach",
                            "--port", str(port), env={"EMBER_API_KEYS": "cluster-key-1,cluster-key-2"}, check=True)
     assert f"http://127.0.0.1:{port}/v1" in served.stdout and "cluster-key" not in served.stdout + served.stderr
@@ -252,6 +355,12 @@ def test_serving_on_the_cluster_and_ember_status(cluster, served):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     for stream in (False, True, False):
         assert ask(served, stream).status_code == 200
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served, api_key="cluster-key-1", max_retries=0, timeout=60)
+    chat = client.chat.completions.create(model="model", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "What does json.dumps do?"}])
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 8
     assert ask(served, max_tokens=-1).status_code == 400
     status = cluster.ember("status", check=True).stdout
     assert "nodes: 3 alive" in status and "in use:" in status

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import merged, ray_address, sentences
+from conftest import OPS_AT_START, deepspeed_ops, merged, ray_address, sentences
 from ember import storage
 from ember.config import parse_spec
 from ember.errors import EmberError
@@ -365,3 +365,13 @@ def test_the_demo_spec_trains_on_one_gpu_with_bf16_and_reports_mfu(dataset, tmp_
     metrics = rows(tmp_path / "gpu")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert all("mfu" in r and 0 < r["mfu"] < 1 for r in metrics)
+
+
+def test_no_training_run_rebuilt_the_prebuilt_deepspeed_ops(dataset, reference_run):
+    """The ops `make install` built are the ones every training run of the suite loaded (the cluster's jobs and the
+    demo's runs included, which ran first): had a worker found another ninja than the prebuild did, it would have
+    rebuilt them (ember.runtime.use_environment_ninja)."""
+    if not OPS_AT_START:
+        pytest.skip("no DeepSpeed op was built before the suite started (make install builds them)")
+    now = deepspeed_ops()
+    assert {p: now.get(p) for p in OPS_AT_START} == OPS_AT_START

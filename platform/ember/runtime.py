@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from urllib.parse import urlparse
 
@@ -106,6 +107,18 @@ def _job_runtime_env() -> dict | None:
     if not debugging() or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # the latter: set in a submitted job
         return None
     return {"env_vars": {LOG_LEVEL_ENV: os.environ[LOG_LEVEL_ENV]}}
+
+
+def use_environment_ninja() -> None:
+    """Puts this Python environment's `ninja` (the package DeepSpeed depends on) first on PATH, for DeepSpeed's JIT
+    builds of its ops. Two ninja versions keep build logs that do not recognise each other's builds, so a process
+    that found the system's ninja and one that found the environment's would each rebuild what the other built (a
+    minute or more per op, in every training run that loads it). The prebuild of `make install` and every training
+    worker call this, so they all find the same one."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(bin_dir, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
 def is_loopback(address: str | None) -> bool:

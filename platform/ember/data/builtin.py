@@ -105,6 +105,15 @@ def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, str, str]]
                         yield "method", f"{module}.{node.name}.{item.name}{_signature(item)}", doc
 
 
+@lru_cache(maxsize=None)
+def _entries(rel: str) -> tuple[tuple[str, str, str], ...]:
+    """The documented names of one stdlib file (see `_documented`; none when it does not parse). Both corpora read
+    them, and a process reading a corpus again (a job's second split, an evaluation after a fine-tune) parses each
+    file once: a few MB of docstrings instead of a second pass over the standard library's syntax trees."""
+    tree = _parse(rel)
+    return () if tree is None else tuple(_documented(tree, _module_name(rel)))
+
+
 def _part_files(part: int) -> tuple[str, ...]:
     return stdlib_files()[part * FILES_PER_PART : (part + 1) * FILES_PER_PART]
 
@@ -118,13 +127,9 @@ def python_docs(part: int) -> Iterator[BuiltinDoc]:
             yield BuiltinDoc(f"{name}\n\n{topics[name].strip()}", f"builtin:python-docs:topic:{name}")
         return
     for rel in _part_files(part - 1):
-        tree = _parse(rel)
-        if tree is None:
-            continue
         module = _module_name(rel)
-        sections = []
-        for kind, name, doc in _documented(tree, module):
-            sections.append(f"Module {name}\n\n{doc}" if kind == "module" else f"{name}\n\n{doc}")
+        sections = [f"Module {name}\n\n{doc}" if kind == "module" else f"{name}\n\n{doc}"
+                    for kind, name, doc in _entries(rel)]
         if sections:
             yield BuiltinDoc("\n\n".join(sections), f"builtin:python-docs:{module}")
 
@@ -160,10 +165,7 @@ def python_qa(part: int, split: str = "train") -> Iterator[dict]:
     if split not in QA_SPLITS:
         raise ValueError(f"unknown python-qa split {split!r} (one of: {', '.join(QA_SPLITS)})")
     for rel in _part_files(part):
-        tree = _parse(rel)
-        if tree is None:
-            continue
-        for kind, name, doc in _documented(tree, _module_name(rel)):
+        for kind, name, doc in _entries(rel):
             answer = _summary(doc)
             if len(answer) < 20:  # one-word summaries teach nothing
                 continue

@@ -40,7 +40,7 @@ from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model
 from ember.progress import write_progress
-from ember.runtime import debugging, quiet_libraries
+from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss
@@ -153,6 +153,14 @@ class MetricsLog:
         if self.board is not None and self.remote:
             self.board.flush()
             storage.upload_dir(self.local_board, self.board_dir)
+
+    def close(self) -> None:
+        """At the end of the run: the last events uploaded, and their local copy removed (object storage only)."""
+        self.sync()
+        if self.board is not None:
+            self.board.close()
+            if self.remote:
+                shutil.rmtree(self.local_board, ignore_errors=True)
 
 
 def zero_partitions(engine, stage: int) -> dict:
@@ -391,8 +399,11 @@ class Trainer:
                 ray.train.report(metrics)
             interval_start, interval_steps = time.perf_counter(), 0
         self.export()
+        if rank == 0:
+            metrics_log.close()
 
 
 def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
+    use_environment_ninja()
     Trainer(RunPlan.from_config(config)).run()
