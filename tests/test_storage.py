@@ -30,6 +30,12 @@ def test_locations_keep_a_uri_query_at_the_end_and_messages_drop_it():
     assert not storage.is_uri("relative/dir") and storage.normalize("relative/dir") == os.path.abspath("relative/dir")
     with pytest.raises(EmberError, match=r"s3://b: unknown S3 option\(s\) endpoint in the URI"):
         storage.resolve("s3://b/x?endpoint=127.0.0.1:1")
+    # A path joined after the query (by hand, not with storage.join) lands in the last option's value.
+    with pytest.raises(EmberError, match=r"^s3://b: S3 option scheme='http/data/docs' is neither http nor https; a "
+                                         r"URI's path goes before its '\?': s3://bucket/path\?option=value$"):
+        storage.resolve("s3://b/x?endpoint_override=127.0.0.1:1&scheme=http/data/docs")
+    with pytest.raises(EmberError, match=r"S3 option connect_timeout='soon' is not a number$"):
+        storage.resolve("s3://b/x?connect_timeout=soon")
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

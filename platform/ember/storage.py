@@ -48,6 +48,7 @@ RETRY_ATTEMPTS_ENV = "EMBER_S3_RETRY_ATTEMPTS"  # overrides RETRY_ATTEMPTS
 S3_OPTIONS = {"endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token", "role_arn",
               "anonymous", "force_virtual_addressing", "connect_timeout", "request_timeout"}
 _FLOAT_OPTIONS, _BOOL_OPTIONS = {"connect_timeout", "request_timeout"}, {"anonymous", "force_virtual_addressing"}
+_SECRET_OPTIONS = {"access_key", "secret_key", "session_token"}  # never shown in a message
 
 
 # ----------------------------------------------------------------- locations
@@ -119,12 +120,18 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     if unknown:
         raise EmberError(f"{parts.scheme}://{parts.netloc}: unknown S3 option(s) {', '.join(unknown)} in the URI "
                          f"(known: {', '.join(sorted(S3_OPTIONS))})")
+    where = f"{parts.scheme}://{parts.netloc}"
     kwargs: dict = {}
     for key, value in options.items():
         if key in _FLOAT_OPTIONS:
-            kwargs[key] = float(value)
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise _option_error(where, key, value, "is not a number") from None
         elif key in _BOOL_OPTIONS:
             kwargs[key] = value.lower() in ("1", "true", "yes")
+        elif key == "scheme" and value not in ("http", "https"):
+            raise _option_error(where, key, value, "is neither http nor https")
         else:
             kwargs[key] = value
     kwargs.setdefault("connect_timeout", 5.0)
@@ -132,7 +139,19 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     if "region" not in kwargs and os.environ.get("AWS_DEFAULT_REGION"):
         kwargs["region"] = os.environ["AWS_DEFAULT_REGION"]
     attempts = int(os.environ.get(RETRY_ATTEMPTS_ENV) or RETRY_ATTEMPTS)
-    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+    try:
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+    except (pa.ArrowInvalid, ValueError, TypeError) as exc:
+        raise EmberError(f"{where}: the S3 client refused the URI's options: {exc}") from None
+
+
+def _option_error(where: str, key: str, value: str, why: str) -> EmberError:
+    """A bad `?option=value` of an s3:// URI, its value shown unless it is a credential. A value holding a path is
+    most often a path written after the query (`s3://b/x?scheme=http/data`): said so."""
+    shown = "(hidden)" if key in _SECRET_OPTIONS else repr(value)
+    hint = "; a URI's path goes before its '?': s3://bucket/path?option=value" \
+        if "/" in value.split("://", 1)[-1] else ""
+    return EmberError(f"{where}: S3 option {key}={shown} {why}{hint}")
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
