@@ -212,6 +212,26 @@ def test_refused_credentials_and_denied_permission_are_told_apart(locked_store, 
     assert secret not in message and key_id not in message
 
 
+def test_no_credentials_at_all_is_told_as_such(locked_store, monkeypatch):
+    """No key anywhere (none in the URI, the environment or ~/.aws; no instance profile to ask): the store's refusal,
+    in whatever words, is told as missing credentials."""
+    endpoint, _, _ = locked_store
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("EMBER_S3_RETRY_ATTEMPTS", "1")
+    uri = f"s3://locked/data?endpoint_override={endpoint}&scheme=http&connect_timeout=4"  # a file system of its own
+    for doing, call in (("read", lambda: storage.read_bytes(storage.join(uri, "manifest.json"))),
+                        ("list", lambda: storage.list_names(uri))):
+        with pytest.raises(EmberError) as refused:
+            call()
+        assert str(refused.value).startswith(f"cannot {doing} s3://locked/data")
+        assert str(refused.value).endswith(": no credentials were found for this store; set AWS_ACCESS_KEY_ID / "
+                                           "AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, or the node's instance "
+                                           "profile (or add anonymous=true to the URI for a public bucket)")
+
+
 class FlakyStore:
     """A proxy in front of the S3 server that answers the first `failures` requests with 503 SlowDown (what S3 says
     when it throttles), then forwards every request; it counts what it saw."""

@@ -187,10 +187,35 @@ def storage_error(exc: BaseException, location: str | os.PathLike, doing: str) -
          "the store kept failing (throttled or unavailable) through every retry; try again later, or raise "
          f"{RETRY_ATTEMPTS_ENV}"),
     )
-    why = next((reason for needles, reason in reasons if any(n in text for n in needles)), None)
-    if why is None:
+    found = next((i for i, (needles, _) in enumerate(reasons) if any(n in text for n in needles)), None)
+    if found not in (0, 3) and not _has_credentials(str(location)):  # refused, in whatever words: without keys
+        why = ("no credentials were found for this store; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile "
+               "in ~/.aws, or the node's instance profile (or add anonymous=true to the URI for a public bucket)")
+    elif found is not None:
+        why = reasons[found][1]
+    else:
         why = text.splitlines()[0] if text else type(exc).__name__
     return EmberError(f"cannot {doing} {where}: {why}")
+
+
+def _has_credentials(location: str) -> bool:
+    """Whether this process has AWS credentials for an s3:// location, or may have: in the URI, the environment,
+    the shared files, a web identity or container role, or (metadata lookup not disabled) an instance profile.
+    Without any, a store's refusal says that, whatever words the store used."""
+    if not location.startswith("s3://"):
+        return True
+    options = dict(parse_qsl(_split(location)[1].lstrip("?")))
+    env = os.environ
+    if options.get("access_key") or options.get("role_arn") or options.get("anonymous", "").lower() in ("1", "true"):
+        return True
+    if any(env.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return True
+    home = Path.home() / ".aws"
+    if any(os.path.isfile(f) for f in (env.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials",
+                                       env.get("AWS_CONFIG_FILE") or home / "config")):
+        return True
+    return env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"
 
 
 def _store_call(location, doing: str, fn, *args):
