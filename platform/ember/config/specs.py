@@ -176,8 +176,8 @@ class DeepSpeedSpec(SpecModel):
                                                        "3 + parameters partitioned over workers.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (bf16 on GPUs; fp32 on "
-                                                                           "CPU).")
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
+        None, description="Training precision (default: bf16 with scaling.use_gpu, with TF32 matmuls; fp32 on CPU).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
@@ -218,6 +218,13 @@ class TrainingJobSpec(JobSpec):
     resume: str = Field("auto", description="auto: continue the latest checkpoint in the run dir; never: refuse a "
                                             "run dir that has one; or the path (or URI) of a checkpoint to start "
                                             "from.")
+
+    @model_validator(mode="after")
+    def _precision_follows_the_device(self):
+        """An unset precision becomes the device's: bf16 on GPUs (what Ampere and later train in), fp32 on CPU."""
+        if self.deepspeed.precision is None:
+            self.deepspeed.precision = "bf16" if self.scaling.use_gpu else "fp32"
+        return self
 
 
 class PretrainSpec(TrainingJobSpec):

@@ -96,7 +96,8 @@ class ServeArgs(SpecModel):
                                                                  "cache fits kv_cache_memory_gb).")
     kv_cache_memory_gb: float = Field(4.0, gt=0, description="Memory the KV cache may take per replica (GiB): "
                                                              "max_batch_size × max_model_len tokens must fit.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="Weights dtype (default: bfloat16 with num_gpus, float32 on CPU).")
     api_keys_env: Optional[str] = Field("EMBER_API_KEYS", description="Environment variable with comma-separated API "
                                                                       "keys; when set, requests need one as Bearer "
                                                                       "(read where build_app runs, and on each "
@@ -119,6 +120,8 @@ class ServeArgs(SpecModel):
 
     @model_validator(mode="after")
     def _checks(self):
+        if self.dtype is None:  # the device's: bf16 on a GPU, fp32 on CPU
+            self.dtype = "bfloat16" if self.num_gpus else "float32"
         if self.autoscaling.min_replicas > self.autoscaling.max_replicas:
             raise ValueError("autoscaling.min_replicas is above autoscaling.max_replicas")
         bad = [d for d in self.api_key_sha256 if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
@@ -299,7 +302,7 @@ class EmberServer:
         keys = APIKeys(a.key_digests(missing_ok=True))
         require_keys(await proxy_host(), bool(keys), a.allow_unauthenticated, "EmberServer")
         torch.set_num_threads(a.torch_threads or max(1, int(a.num_cpus or 1)))
-        device = "cuda" if a.num_gpus and torch.cuda.is_available() else "cpu"
+        device = serving_device(a.num_gpus)
         # A model dir in object storage: each replica's node pulls it into its node cache.
         self.model_dir = local_model_dir(a.model_dir)
         self.name = a.model_name or storage.name(a.model_dir)
@@ -531,6 +534,18 @@ class EmberServer:
                 self.engine.cancel(r)
             for t in tasks:
                 t.cancel()
+
+
+def serving_device(num_gpus: float) -> str:
+    """Where a replica runs its model: a GPU when it was given one, and a loud error (not a quiet CPU fallback at a
+    fraction of the speed) when it was given one but its node has no CUDA device torch can use."""
+    if not num_gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise EmberError(f"num_gpus is {num_gpus:g} but this replica's node has no CUDA device that torch "
+                         f"{torch.__version__} can use (a CPU build of torch, or no driver); install a CUDA build of "
+                         "torch there, or serve with num_gpus: 0")
+    return "cuda"
 
 
 def deployment_options(args: ServeArgs) -> dict:

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -48,8 +49,19 @@ from ember.train.recipes import RECIPES, lm_loss
 log = logging.getLogger("ember")
 
 DS_TAG = "deepspeed"  # DeepSpeed's checkpoint sub-directory inside each Ray Train checkpoint
-# Dense bf16 peak FLOP/s per device, for MFU; a device not listed gets no MFU figure.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense peak TFLOP/s per GPU, for MFU, from NVIDIA's datasheets: (bf16 / fp16 tensor cores, TF32 tensor cores).
+# Matched against torch.cuda.get_device_name() in this order, whole words only ("L4" is not "L40S", an H100 PCIe is
+# not an SXM); a GPU not listed gets no MFU figure rather than a wrong one.
+PEAK_TFLOPS = (
+    (r"\bH200\b", (989.0, 494.5)),
+    (r"\bH100\b.*\bPCIe\b", (756.0, 378.0)),
+    (r"\bH100\b.*\bNVL\b", (835.0, 417.5)),
+    (r"\bH100\b", (989.0, 494.5)),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bA100\b", (312.0, 156.0)),  # SXM and PCIe alike
+    (r"\bL40S\b", (362.0, 183.0)),
+    (r"\bL4\b", (121.0, 60.0)),
+    (r"\bA10\b", (125.0, 62.5)),  # not the A10G (AWS g5): NVIDIA publishes no tensor-core peak for it
+)
 
 
 def lr_at(step: int, train: TrainSpec, total_steps: int) -> float:
@@ -87,11 +99,18 @@ def evaluate(engine, reader: ShardReader, micro_batch: int, batches: int, device
     return _mean_over_ranks(torch.stack(losses).mean())
 
 
-def _peak_flops(use_gpu: bool) -> float | None:
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of one GPU at a training precision (fp32 runs its matmuls on TF32 tensor cores), or None."""
+    for pattern, (half, tf32) in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return (tf32 if precision == "fp32" else half) * 1e12
+    return None
+
+
+def _peak_flops(use_gpu: bool, precision: str) -> float | None:
     if not use_gpu or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops(torch.cuda.get_device_name(), precision)
 
 
 def _jsonl(location: str) -> list[dict]:
@@ -365,7 +384,8 @@ class Trainer:
         metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored) if rank == 0 else None
         gauges = TrainMetrics(self.spec.name or storage.name(self.run_dir)) if rank == 0 else None
         partitions = zero_partitions(self.engine, self.spec.deepspeed.zero_stage)  # with the first metrics row
-        peak, flops_token = _peak_flops(self.spec.scaling.use_gpu), flops_per_token(plan.model, seq_len)
+        peak = _peak_flops(self.spec.scaling.use_gpu, self.spec.deepspeed.precision)
+        flops_token = flops_per_token(plan.model, seq_len)
         interval_start, interval_steps = time.perf_counter(), 0
         while self.step < total:
             loss, grad_norm, lr = self.train_step(batches)
@@ -406,4 +426,7 @@ class Trainer:
 def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     use_environment_ninja()
+    if torch.cuda.is_available():  # fp32 matmuls on TF32 tensor cores (what the MFU peak of fp32 assumes)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     Trainer(RunPlan.from_config(config)).run()
