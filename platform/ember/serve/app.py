@@ -136,6 +136,18 @@ class ServeArgs(SpecModel):
         return sorted(set(self.api_key_sha256) | {key_digest(k) for k in keys})
 
 
+def serving_device(num_gpus: float) -> str:
+    """Where a replica runs its model: a GPU when it was given one, and a loud error (not a quiet CPU fallback at a
+    fraction of the speed) when it was given one but its node has no CUDA device torch can use."""
+    if not num_gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise EmberError(f"num_gpus is {num_gpus:g} but this replica's node has no CUDA device that torch "
+                         f"{torch.__version__} can use (a CPU build of torch, or no driver); install a CUDA build of "
+                         "torch there, or serve with num_gpus: 0")
+    return "cuda"
+
+
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
     """Keys and values of every layer for one token."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
@@ -534,18 +546,6 @@ class EmberServer:
                 self.engine.cancel(r)
             for t in tasks:
                 t.cancel()
-
-
-def serving_device(num_gpus: float) -> str:
-    """Where a replica runs its model: a GPU when it was given one, and a loud error (not a quiet CPU fallback at a
-    fraction of the speed) when it was given one but its node has no CUDA device torch can use."""
-    if not num_gpus:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise EmberError(f"num_gpus is {num_gpus:g} but this replica's node has no CUDA device that torch "
-                         f"{torch.__version__} can use (a CPU build of torch, or no driver); install a CUDA build of "
-                         "torch there, or serve with num_gpus: 0")
-    return "cuda"
 
 
 def deployment_options(args: ServeArgs) -> dict:
