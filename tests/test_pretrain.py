@@ -309,6 +309,20 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(
     assert summary.startswith(f"run: {storage.display(run_dir)} (pretrain)") and "steps: 8 of 8" in summary
     assert storage.read_bytes(storage.join(run_dir, "report", "loss.png"))[:4] == b"\x89PNG"
     assert not list(tmp_path.iterdir())  # nothing of the run was written locally
+    [restore] = [json.loads(x) for x in storage.read_text(storage.join(run_dir, "restores.jsonl")).splitlines()]
+    assert restore["source"] == "resume_path" and restore["converted_by_ranks"] == [0]
+
+    # And back: the 1-worker checkpoint re-cut for 2 workers on this one node is converted once (by whichever rank
+    # took the node's lock first; the other waited and loaded the same files), and the converted files are gone
+    # once both ranks have loaded them.
+    two = tmp_path / "two-workers"
+    train(dataset, two, train={"max_steps": 9, "decay_steps": 8}, resume=storage.join(run_dir, next(
+        n for n in storage.list_names(run_dir) if n.startswith("checkpoint_2"))))
+    [restore] = [json.loads(x) for x in (two / "restores.jsonl").read_text().splitlines()]
+    assert restore["checkpoint_world_size"] == 1 and restore["world_size"] == 2 and restore["step"] == 8
+    assert len(restore["converted_by_ranks"]) == 1
+    assert [r["step"] for r in rows(two)] == [9] and rows(two)[0]["samples"] == 72
+    assert not list((storage.cache_dir() / "universal").glob("*/converted.json"))
 
 
 def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, reference_run, tmp_path):

@@ -9,7 +9,8 @@ Each worker builds the model, wraps it in a DeepSpeed engine configured from the
 (rank r takes global samples r, r + W, ...), and trains. A checkpoint is DeepSpeed's (each rank's shard) plus
 `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same global
 sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
-checkpoint format first). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+checkpoint format first, once per node: its first rank converts, the others wait and load the same files;
+`restores.jsonl` records which ranks converted). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
 
 The run dir is a location (`ember.storage`): in object storage, Ray Train uploads the checkpoints there (the run's
 `storage_path`), rank 0 publishes `metrics.jsonl` whole at each row and uploads TensorBoard's events at each
@@ -19,6 +20,7 @@ checkpoint and at the end, and the export is uploaded with its `config.json` las
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -274,9 +276,16 @@ class Trainer:
             how = f", re-partitioned from {state['world_size']} workers to {self.world}" if tag != DS_TAG else ""
             log.info("resumed at step %d (%d samples consumed) from %s%s", self.step, self.samples, checkpoint.path,
                      how)
-        return {"step": self.step, "samples": self.samples, "checkpoint": str(checkpoint.path),
-                "source": "latest" if own is not None else "resume_path", "world_size": self.world,
-                "checkpoint_world_size": state.get("world_size", self.world), "time": time.time()}
+        record = {"step": self.step, "samples": self.samples, "checkpoint": str(checkpoint.path),
+                  "source": "latest" if own is not None else "resume_path", "world_size": self.world,
+                  "checkpoint_world_size": state.get("world_size", self.world), "time": time.time()}
+        if tag != DS_TAG:  # re-partitioned: which ranks converted the checkpoint (one per node)
+            flags = torch.zeros(self.world, dtype=torch.long, device=self.device)
+            flags[self.rank] = int(self.converted)
+            if dist.is_initialized():
+                dist.all_reduce(flags)
+            record["converted_by_ranks"] = [r for r in range(self.world) if flags[r]]
+        return record
 
     def _checkpoint_to_load(self, checkpoint, stack) -> tuple[Path, str, dict]:
         """(directory, DeepSpeed tag, Ember state) to load; ZeRO partitions of another worker count are re-cut
@@ -286,8 +295,36 @@ class Trainer:
         if state.get("world_size", self.world) == self.world or not _optimizer_shards(directory / DS_TAG):
             return directory, DS_TAG, state
         self.ds_config["checkpoint"] = {"load_universal": True}
-        load_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-universal-")))
-        return load_dir, to_universal(directory / DS_TAG, load_dir).name, state
+        load_dir, self.converted = self._universal_once_per_node(directory, str(checkpoint.path), stack)
+        return load_dir, "universal", state
+
+    def _universal_once_per_node(self, directory: Path, checkpoint_path: str, stack) -> tuple[Path, bool]:
+        """The checkpoint in DeepSpeed's universal format, converted once per node: the node's first rank to take
+        the lock converts it into the node's cache dir, the node's other ranks wait and load the same files. Once
+        every rank has loaded (a barrier), the converter removes them. Returns (the dir, whether this rank
+        converted)."""
+        from filelock import FileLock
+
+        root = storage.cache_dir() / "universal" / hashlib.sha256(checkpoint_path.encode()).hexdigest()[:24]
+        root.parent.mkdir(parents=True, exist_ok=True)
+        done = root / "converted.json"
+        converted = False
+        with FileLock(str(root) + ".lock"):
+            if not done.is_file():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                to_universal(directory / DS_TAG, root)
+                done.write_text(json.dumps({"rank": self.rank, "checkpoint": checkpoint_path}))
+                converted = True
+
+        def remove_after_every_rank_loaded():
+            if dist.is_initialized():
+                dist.barrier()
+            if converted:
+                shutil.rmtree(root, ignore_errors=True)
+
+        stack.callback(remove_after_every_rank_loaded)
+        return root, converted
 
     # ------------------------------------------------------------ train step
 
