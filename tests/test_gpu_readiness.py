@@ -59,3 +59,48 @@ def test_serving_dtype_follows_the_device_and_a_gpu_the_node_lacks_is_an_error()
         with pytest.raises(EmberError, match=r"^num_gpus is 1 but this replica's node has no CUDA device that torch "
                                              r".* can use .*serve with num_gpus: 0$"):
             serving_device(1)
+
+
+def test_the_optimizer_needs_no_op_built_at_run_time():
+    """Without offload, a GPU run's optimizer is torch's fused AdamW (compiled into torch), not DeepSpeed's FusedAdam
+    (built with nvcc at the first step); with offload it is DeepSpeed's CPU Adam (prebuilt by `make install`). Shown
+    on a real DeepSpeed engine here, in a process of its own (world size 1, gloo): torch's fused AdamW runs on CPU
+    too."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from ember.train.ds_config import deepspeed_config
+
+    gpu = parse_spec(pretrain(scaling={"use_gpu": True, "workers": 1}))
+    params = deepspeed_config(gpu.train, gpu.deepspeed, 1, use_gpu=True)["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    cpu = parse_spec(pretrain(scaling={"workers": 1}))
+    assert "fused" not in deepspeed_config(cpu.train, cpu.deepspeed, 1, use_gpu=False)["optimizer"]["params"]
+    offload = parse_spec(pretrain(scaling={"use_gpu": True, "workers": 1}, deepspeed={"offload_optimizer": True}))
+    offloaded = deepspeed_config(offload.train, offload.deepspeed, 1, use_gpu=True)["optimizer"]["params"]
+    assert "torch_adam" not in offloaded
+
+    script = f"""
+import json, os
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+from ember.runtime import use_environment_ninja
+use_environment_ninja()
+import torch, deepspeed
+from ember.config import parse_spec
+from ember.train.ds_config import deepspeed_config
+spec = parse_spec({repr(pretrain(scaling={"use_gpu": True, "workers": 1}, deepspeed={"precision": "fp32"},
+                                   train={"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2}))})
+deepspeed.init_distributed("gloo")
+model = torch.nn.Linear(4, 4)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), dist_init_required=False,
+                                  config=deepspeed_config(spec.train, spec.deepspeed, 1, use_gpu=True))
+engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
+engine.step()
+base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+print(json.dumps({{"optimizer": type(base).__module__ + "." + type(base).__name__, "fused": base.defaults["fused"]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"optimizer": "torch.optim.adamw.AdamW", "fused": True}

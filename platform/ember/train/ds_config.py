@@ -19,9 +19,10 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
     """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
     step, which makes resumption exact), so no DeepSpeed scheduler is configured.
 
-    The optimizer is DeepSpeed's AdamW: its fused kernel on GPUs, its CPU Adam with an offloaded optimizer. Training
-    on CPUs without offload takes torch's AdamW (`torch_adam`), the same arithmetic: DeepSpeed's CPU build of the
-    fused kernel is a C++ op it compiles at first use on every fresh machine (a minute or two), for no gain there."""
+    The optimizer is torch's AdamW (`torch_adam`; on GPUs its fused CUDA kernel, which ships compiled with torch),
+    and DeepSpeed's CPU Adam when the optimizer is offloaded (an op `make install` and the cluster image prebuild).
+    DeepSpeed's own fused Adam would be compiled at the first step: with nvcc on a GPU node (a failed run where nvcc
+    is missing or its CUDA differs from torch's), with g++ on CPU (a minute or two), for the same arithmetic."""
     if ds.offload_params and ds.zero_stage != 3:
         raise EmberError(f"deepspeed.offload_params needs deepspeed.zero_stage: 3 (got {ds.zero_stage})")
     if ds.offload_optimizer and ds.zero_stage == 0:
@@ -40,7 +41,8 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
         "gradient_clipping": train.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
                                                   "weight_decay": train.weight_decay,
-                                                  **({} if use_gpu or ds.offload_optimizer else {"torch_adam": True})}},
+                                                  **({} if ds.offload_optimizer else
+                                                     {"torch_adam": True, **({"fused": True} if use_gpu else {})})}},
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
