@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,8 +16,10 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "ember-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "ember-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-# The node cache of object-storage reads (ember.storage): one of the suite's own, not the machine's.
-os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
+# The node cache of object-storage reads (ember.storage): one of the suite's own, not the machine's, removed at exit.
+if "EMBER_CACHE_DIR" not in os.environ:
+    os.environ["EMBER_CACHE_DIR"] = tempfile.mkdtemp(prefix="ember-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["EMBER_CACHE_DIR"], True)
 
 # Ray Train's controller polls its workers every 2 s by default; polling faster only makes the many short training
 # runs of the suite notice their end (or a killed worker) sooner. Set before any Ray process starts.
