@@ -10,7 +10,8 @@ Each worker builds the model, wraps it in a DeepSpeed engine configured from the
 `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same global
 sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
 checkpoint format first, once per node: its first rank converts, the others wait and load the same files;
-`restores.jsonl` records which ranks converted). Rank 0 writes `metrics.jsonl`, the progress line and the Ray metrics, and exports the model.
+`restores.jsonl` records which ranks converted). Rank 0 writes `metrics.jsonl`, the progress line and the Ray
+metrics, and exports the model.
 
 The run dir is a location (`ember.storage`): in object storage, Ray Train uploads the checkpoints there (the run's
 `storage_path`), rank 0 publishes `metrics.jsonl` whole at each row and uploads TensorBoard's events at each
