@@ -74,6 +74,36 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def kill_a_worker_once_checkpointed(run_dir: str, worker_pids, killed: dict, min_step: int, last_step: int,
+                                    timeout: float = 300) -> None:
+    """SIGKILLs one training worker (the last pid `worker_pids()` gives) once Ray Train's controller has registered a
+    checkpoint at step `min_step` or later (its snapshot in the run dir, a path or a URI) and the workers have logged
+    a step past it, before `last_step`. Records in `killed` the pid, the step logged (`at`) and the newest registered
+    checkpoint (`registered`); gives up after `timeout` seconds, leaving `killed` empty. Run it in a thread."""
+    import json
+    import signal
+    import time
+
+    from ember import storage
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
+        registered = max((c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])), default=None)
+        try:
+            done = [json.loads(line)["step"] for line in
+                    storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines()]
+        except FileNotFoundError:
+            done = []
+        if registered is not None and registered >= min_step and done and registered < done[-1] < last_step:
+            pids = worker_pids()
+            if pids:
+                killed.update(pid=pids[-1], at=done[-1], registered=registered)
+                os.kill(pids[-1], signal.SIGKILL)
+                return
+        time.sleep(0.1)
+
+
 def sentences(n: int, seed: int = 0) -> list[str]:
     """Deterministic English-ish documents of varied length."""
     import random

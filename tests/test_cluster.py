@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import REPO, free_port, run_ember, sentences
+from conftest import REPO, free_port, kill_a_worker_once_checkpointed, run_ember, sentences
 from ember import storage
 
 # The cluster is this module's only Ray instance (own_ray: it runs before the suite's shared one starts).
@@ -180,7 +179,8 @@ def trained(cluster, corpus, s3_server, workdir) -> Trained:
                        flags=())
     job = cluster.job_id(submitted.stdout)
     killed: dict = {}
-    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, args=(cluster, job, run, killed), daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed,
+                              args=(run, job_worker_pids(cluster, job), killed, 4, 12), daemon=True)
     killer.start()
     followed = cluster.ember("jobs", "logs", job, "--follow", check=True, timeout=600)
     killer.join()
@@ -194,27 +194,13 @@ def trained(cluster, corpus, s3_server, workdir) -> Trained:
                    followed=followed, killed=killed, finetune=finetune, evaluate=evaluate)
 
 
-def kill_a_worker_after_a_checkpoint(cluster, job: str, run: str, killed: dict) -> None:
-    """SIGKILLs one of the job's training workers (found through Ray's State API) once Ray Train's controller has
-    taken in a checkpoint (its snapshot in the bucket) and the workers have stepped past it."""
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        try:
-            snapshot = storage.read_json(storage.join(run, "checkpoint_manager_snapshot.json")) or {}
-            registered = [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
-            done = [json.loads(line)["step"] for line in
-                    storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
-        except FileNotFoundError:
-            registered, done = [], []
-        if registered and done and done[-1] > max(registered) and done[-1] < 12:
-            ray_job = _ray_job_id(cluster, job)
-            workers = [a for a in _actors(cluster) if a["class_name"] == "RayTrainWorker"
-                       and a["job_id"] == ray_job and a["state"] == "ALIVE"]
-            if workers:
-                killed.update(pid=workers[-1]["pid"], at=done[-1], registered=max(registered))
-                os.kill(workers[-1]["pid"], signal.SIGKILL)
-                return
-        time.sleep(0.2)
+def job_worker_pids(cluster, job: str):
+    """A function giving the pids of the job's live training workers (through Ray's State API)."""
+    def pids() -> list[int]:
+        ray_job = _ray_job_id(cluster, job)
+        return [a["pid"] for a in _actors(cluster) if a["class_name"] == "RayTrainWorker" and a["job_id"] == ray_job
+                and a["state"] == "ALIVE"]
+    return pids
 
 
 def test_tokenize_and_pretrain_jobs_run_across_nodes(cluster, trained):

@@ -4,17 +4,14 @@ sharding, export, and the errors a spec can hit before any worker starts."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import OPS_AT_START, deepspeed_ops, merged, ray_address, sentences
+from conftest import OPS_AT_START, deepspeed_ops, kill_a_worker_once_checkpointed, merged, ray_address, sentences
 from ember import storage
 from ember.config import parse_spec
 from ember.errors import EmberError
@@ -186,22 +183,12 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
         snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
         return [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
 
-    def kill_after_a_registered_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            done = [r["step"] for r in rows(run_dir)] if storage.exists(storage.join(run_dir, "metrics.jsonl")) \
-                else []
-            registered = registered_steps()
-            if done and registered and max(registered) >= 8 and done[-1] > max(registered):
-                alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                workers = list_actors(address=address, filters=alive, raise_on_missing_output=False)
-                if workers:
-                    killed.update(pid=workers[-1].pid, at=done[-1], registered=max(registered))
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    return
-            time.sleep(0.1)
+    def worker_pids() -> list[int]:
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        return [a.pid for a in list_actors(address=address, filters=alive, raise_on_missing_output=False)]
 
-    killer = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, worker_pids, killed, 8, 24),
+                              daemon=True)
     killer.start()
     train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 3,
                                    "eval_every": 0},

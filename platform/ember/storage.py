@@ -114,8 +114,7 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     parts = urlsplit(fs_key)
     if parts.scheme != "s3":
         return pafs.FileSystem.from_uri(fs_key)[0]
-    # A '+' stays a '+' (as pyarrow reads URIs): secret keys hold them, and form decoding would make them spaces.
-    options = dict(parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True))
+    options = _query_options(parts.query)
     unknown = sorted(set(options) - S3_OPTIONS)
     if unknown:
         raise EmberError(f"{parts.scheme}://{parts.netloc}: unknown S3 option(s) {', '.join(unknown)} in the URI "
@@ -145,6 +144,12 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
         raise EmberError(f"{where}: the S3 client refused the URI's options: {exc}") from None
 
 
+def _query_options(query: str) -> dict[str, str]:
+    """A URI's `?option=value` pairs. A '+' stays a '+' (as pyarrow reads URIs): secret keys hold them, and form
+    decoding would make them spaces."""
+    return dict(parse_qsl(query.lstrip("?").replace("+", "%2B"), keep_blank_values=True))
+
+
 def _option_error(where: str, key: str, value: str, why: str) -> EmberError:
     """A bad `?option=value` of an s3:// URI, its value shown unless it is a credential. A value holding a path is
     most often a path written after the query (`s3://b/x?scheme=http/data`): said so."""
@@ -170,31 +175,32 @@ def storage_error(exc: BaseException, location: str | os.PathLike, doing: str) -
     pyarrow's S3 client reports the AWS SDK's error names in its message (it has no error codes of its own); this
     is the one place that reads them."""
     text, where = str(exc), display(location)
-    reasons = (
-        (("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist"),
+    reasons = (  # (cause, what the SDK's message holds, what to say)
+        ("missing bucket", ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist"),
          "the bucket does not exist; create it or fix the URI"),
-        (("ACCESS_DENIED", "AccessDenied", "Forbidden", "HTTP response code: 403"),
+        ("denied", ("ACCESS_DENIED", "AccessDenied", "Forbidden", "HTTP response code: 403"),
          "permission denied; grant this node's credentials access to it"),
-        (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch",
+        ("refused credentials",
+         ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch",
           "No credentials", "NoCredentials", "INVALID_CLIENT_TOKEN_ID", "EXPIRED_TOKEN"),
          "the credentials were refused; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's instance "
          "profile) for this store"),
-        (("curlCode: 7", "curlCode: 6", "curlCode: 28", "Couldn't connect", "Could not resolve", "Connection refused",
+        ("unreachable",
+         ("curlCode: 7", "curlCode: 6", "curlCode: 28", "Couldn't connect", "Could not resolve", "Connection refused",
           "Timeout was reached"),
          "cannot reach the store's endpoint; check endpoint_override in the URI and the network"),
-        (("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError",
+        ("failing",
+         ("SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError",
           "HTTP status 503", "HTTP status 500", "HTTP response code: 503", "HTTP response code: 500"),
          "the store kept failing (throttled or unavailable) through every retry; try again later, or raise "
          f"{RETRY_ATTEMPTS_ENV}"),
     )
-    found = next((i for i, (needles, _) in enumerate(reasons) if any(n in text for n in needles)), None)
-    if found not in (0, 3) and not _has_credentials(str(location)):  # refused, in whatever words: without keys
+    cause, why = next(((c, reason) for c, needles, reason in reasons if any(n in text for n in needles)),
+                      (None, text.splitlines()[0] if text else type(exc).__name__))
+    if cause not in ("missing bucket", "unreachable") and not _has_credentials(str(location)):
+        # A refusal, in whatever words the store chose, to a process that has no keys at all.
         why = ("no credentials were found for this store; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile "
                "in ~/.aws, or the node's instance profile (or add anonymous=true to the URI for a public bucket)")
-    elif found is not None:
-        why = reasons[found][1]
-    else:
-        why = text.splitlines()[0] if text else type(exc).__name__
     return EmberError(f"cannot {doing} {where}: {why}")
 
 
@@ -204,7 +210,7 @@ def _has_credentials(location: str) -> bool:
     Without any, a store's refusal says that, whatever words the store used."""
     if not location.startswith("s3://"):
         return True
-    options = dict(parse_qsl(_split(location)[1].lstrip("?")))
+    options = _query_options(_split(location)[1])
     env = os.environ
     if options.get("access_key") or options.get("role_arn") or options.get("anonymous", "").lower() in ("1", "true"):
         return True

@@ -146,6 +146,7 @@ class MetricsLog:
             restores = storage.join(run_dir, RESTORES_FILE)
             storage.write_text(restores, _to_jsonl([*_jsonl(restores), {**restored, "superseded": superseded}]))
         self.board, self.board_dir = None, storage.join(run_dir, "tensorboard")
+        self.unsynced = False  # events written locally since the last upload (object storage)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -169,15 +170,18 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.board.add_scalar(f"train/{key}", value, row["step"])
             self.board.flush()
+            self.unsynced = self.remote
 
     def sync(self) -> None:
         """Uploads the TensorBoard events written so far (object storage only)."""
-        if self.board is not None and self.remote:
+        if self.unsynced:
             self.board.flush()
             storage.upload_dir(self.local_board, self.board_dir)
+            self.unsynced = False
 
     def close(self) -> None:
-        """At the end of the run: the last events uploaded, and their local copy removed (object storage only)."""
+        """At the end of the run (finished, or stopped): the events not yet uploaded go up (a finished run's last
+        step was checkpointed and synced, so none), and their local copy is removed (object storage only)."""
         self.sync()
         if self.board is not None:
             self.board.close()
@@ -429,6 +433,8 @@ class Trainer:
             loss, grad_norm, lr = self.train_step(batches)
             interval_steps += 1
             if self.stop_if_not_finite(loss, grad_norm):
+                if rank == 0:
+                    metrics_log.close()
                 return
             step = self.step
             log_now = step % tr.log_every == 0 or step == total
