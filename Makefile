@@ -21,15 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# DeepSpeed compiles its C++ ops at first use (the shared-memory collectives every run loads, the CPU Adam of
-# optimizer offload): a few minutes on a fresh machine, paid here once instead of inside the first run or test. With
-# the environment's ninja, as the training workers use (ember.runtime.use_environment_ninja): a build by another
-# ninja would not count as done for them.
+# DeepSpeed compiles its C++ ops at first use (the shared-memory collectives every CPU run loads, the CPU Adam of
+# optimizer offload): a few minutes on a fresh machine, paid here once instead of inside the first run or test
+# (ember.train.ops, which cluster/Dockerfile and cluster/aws.yaml run too).
 $(OPS): $(STAMP)
-	$(BIN)/python -c "from ember.runtime import use_environment_ninja; use_environment_ninja(); \
-	  from deepspeed.accelerator import get_accelerator; \
-	  builders = [get_accelerator().create_op_builder(n) for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]; \
-	  [b.load(verbose=False) for b in builders if b is not None and b.is_compatible()]" > /dev/null
+	$(BIN)/python -m ember.train.ops
 	touch $(OPS)
 
 install: $(STAMP) $(OPS)
@@ -40,8 +36,14 @@ demo: install
 lint: install
 	$(BIN)/ruff check platform tests benchmarks
 
+# Two pytest processes side by side, so that this machine's two cores both stay busy: the tests of the suite's shared
+# Ray instance (`-m ray`), and the rest (the demo and the 3-node cluster, which start Ray instances of their own, then
+# the tests that need no Ray), whose report follows the first's. Either failing fails the target.
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -q -m "not gpu and not ray" $(PYTEST_ARGS) > .test-rest.log 2>&1 & rest=$$!; \
+	$(BIN)/python -m pytest -q -m "not gpu and ray" $(PYTEST_ARGS); shared=$$?; \
+	wait $$rest; others=$$?; echo "--- the tests without the shared Ray instance (own Ray instances, none):"; \
+	cat .test-rest.log; rm -f .test-rest.log; test $$shared -eq 0 -a $$others -eq 0
 
 # The tests that need no Ray instance, training run or server: a quick check while developing (not a substitute).
 test-fast: lint

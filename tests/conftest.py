@@ -43,10 +43,19 @@ def deepspeed_ops() -> dict[str, int]:
 OPS_AT_START = deepspeed_ops()  # what `make install` prebuilt, before any test's training run
 
 
+def rebuilt_deepspeed_ops() -> list[str]:
+    """The ops `make install` prebuilt that a training run has built again since this process started (a worker
+    that found another ninja than the prebuild did would: ember.runtime.use_environment_ninja)."""
+    now = deepspeed_ops()
+    return sorted(p for p, mtime in OPS_AT_START.items() if now.get(p) != mtime)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
 def pytest_collection_modifyitems(config, items):
-    """Tests that use the suite's Ray instance are marked `ray` (`make test-fast` leaves them out). Tests that start
-    Ray instances of their own (marked `own_ray`) run first, before the suite's instance exists, so that two Ray
-    instances never share this machine's two cores. The order within a module is kept."""
+    """Tests that use the suite's Ray instance are marked `ray`. `make test` runs two pytest processes side by side:
+    `-m ray` (the tests of the suite's shared Ray instance) and `-m "not ray"` (the tests that start Ray instances of
+    their own, marked `own_ray`: `ember demo`, the 3-node cluster; then those that need no Ray); `make test-fast` runs
+    only the last. Within each, the order within a module is kept and `own_ray` tests come first."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
@@ -61,7 +70,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level=logging.WARNING)
+        # "local": a new instance, never the machine's "current cluster" (the other test process's cluster).
+        ray.init(address="local", num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

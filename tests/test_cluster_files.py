@@ -108,11 +108,12 @@ def test_the_rayservice_serve_config_is_valid_for_ray_serve_and_ember():
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
 def test_kuberay_pods_need_no_shared_volume_and_get_the_bucket_credentials(name):
     """Object storage, not a ReadWriteMany volume: every Ray container gets the `ember-s3` Secret as its environment
-    and mounts nothing but the cluster's token."""
+    and mounts nothing but the cluster's token (and, on GPU pods, a memory-backed /dev/shm)."""
     doc = yaml.safe_load((KUBERAY / name).read_text())
     spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
     for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
-        assert [v["name"] for v in template["spec"].get("volumes", [])] == ["ray-token"]
+        volumes = template["spec"].get("volumes", [])
+        assert [v["name"] for v in volumes if v.get("emptyDir", {}).get("medium") != "Memory"] == ["ray-token"]
         for c in _ray_containers(template):
             assert {"secretRef": {"name": "ember-s3"}} in c.get("envFrom", []), c["name"]
     assert not any("PersistentVolumeClaim" in p.read_text() or "ReadWriteMany" in p.read_text()
@@ -141,3 +142,50 @@ def test_the_prometheus_config_scrapes_ray_service_discovery():
     config = yaml.safe_load((REPO / "cluster" / "monitoring" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+def _gpu_pods(doc: dict) -> list[dict]:
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    return [g["template"] for g in spec.get("workerGroupSpecs", [])
+            if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+
+
+def test_gpu_nodes_are_whole_machines_with_memory_backed_shm_and_efa_settings():
+    """The 8-GPU shapes a first real GPU cluster needs: KubeRay's GPU pod is one Ray node holding all 8 GPUs of its
+    machine, and every GPU pod has a memory-backed /dev/shm (NCCL); the launcher has an 8-GPU p5 type with EFA
+    interfaces in a cluster placement group, node types whose resources `ember` can read from the head, NCCL over EFA,
+    and the DeepSpeed ops prebuilt on the GPU nodes, as in the image."""
+    cluster = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    [pod] = _gpu_pods(cluster)
+    [worker] = pod["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8" == worker["resources"]["requests"]["nvidia.com/gpu"]
+    assert {e["name"]: e["value"] for e in worker["env"]}["FI_PROVIDER"] == "efa"
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        for pod in _gpu_pods(yaml.safe_load((KUBERAY / name).read_text())):
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            for c in pod["spec"]["containers"]:
+                [shm] = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+                assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory", name
+
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    p5 = aws["available_node_types"]["gpu_8x_worker"]
+    assert p5["node_config"]["InstanceType"] == "p5.48xlarge" and p5["resources"] == {"CPU": 192, "GPU": 8}
+    assert p5["node_config"]["Placement"]["GroupName"]
+    assert p5["node_config"]["NetworkInterfaces"][0]["InterfaceType"] == "efa"
+    assert all(t["resources"].get("GPU") for n, t in aws["available_node_types"].items() if n != "head")
+    assert "FI_PROVIDER=efa" in " ".join(aws["worker_start_ray_commands"])
+    prebuild = "DS_ACCELERATOR=cuda"
+    assert any(prebuild in c and "ember.train.ops" in c for c in aws["worker_setup_commands"])
+    assert f"RUN {prebuild} python -m ember.train.ops" in (REPO / "cluster" / "Dockerfile").read_text()
+
+
+def test_the_op_prebuild_refuses_a_cuda_toolkit_that_is_not_torchs():
+    from ember.errors import EmberError
+    from ember.train.ops import check_cuda_toolkit
+
+    check_cuda_toolkit("12.8", (12, 4), "/usr/local/cuda-12.4")  # same major: ops build and load
+    with pytest.raises(EmberError, match=r"torch is built for CUDA 12.8 but nvcc in /usr/local/cuda is CUDA 11.8: "
+                                         r"ops built with it would not load; set CUDA_HOME to a CUDA 12.x toolkit"):
+        check_cuda_toolkit("12.8", (11, 8), "/usr/local/cuda")
+    with pytest.raises(EmberError, match=r"no CUDA toolkit \(nvcc\) was found; install CUDA 12.x's toolkit"):
+        check_cuda_toolkit("12.8", None, None)

@@ -26,6 +26,28 @@ def test_training_precision_defaults_to_bf16_on_gpus_and_fp32_on_cpu():
         parse_spec(pretrain(deepspeed={"precision": "fp8"}))
 
 
+def test_gpu_runs_overlap_the_reduction_sum_gradients_in_fp32_and_give_workers_cpus():
+    from ember.train.ds_config import deepspeed_config
+
+    gpu = parse_spec(pretrain(scaling={"use_gpu": True}))
+    ds = gpu.deepspeed
+    assert (ds.overlap_comm, ds.grad_accum_dtype, gpu.scaling.cpus_per_worker) == (True, "fp32", 8)
+    config = deepspeed_config(gpu.train, gpu.deepspeed, 2, use_gpu=True)
+    assert config["zero_optimization"]["overlap_comm"] is True and config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert gpu.scaling.worker_resources() == {"CPU": 8, "GPU": 1}
+    # CPU runs keep DeepSpeed's defaults: the figures of every CPU run are unchanged.
+    cpu = parse_spec(pretrain())
+    assert (cpu.deepspeed.overlap_comm, cpu.deepspeed.grad_accum_dtype, cpu.scaling.cpus_per_worker) == (None, None, 1)
+    config = deepspeed_config(cpu.train, cpu.deepspeed, 2, use_gpu=False)
+    assert "overlap_comm" not in config["zero_optimization"] and "data_types" not in config
+    # ZeRO 3 sums in the training precision (DeepSpeed has no fp32 accumulation there); asking for it is an error.
+    zero3 = parse_spec(pretrain(scaling={"use_gpu": True}, deepspeed={"zero_stage": 3}))
+    assert zero3.deepspeed.grad_accum_dtype is None and zero3.deepspeed.overlap_comm is True
+    with pytest.raises(EmberError, match=r"deepspeed.grad_accum_dtype: fp32 differs from the precision \(bf16\), "
+                                         r"which DeepSpeed supports with ZeRO 1 and 2 only \(zero_stage is 0\)"):
+        parse_spec(pretrain(deepspeed={"zero_stage": 0, "precision": "bf16", "grad_accum_dtype": "fp32"}))
+
+
 @pytest.mark.parametrize(("device", "precision", "tflops"), [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.0),  # SXM
     ("NVIDIA H100 PCIe", "bf16", 756.0),
@@ -99,8 +121,37 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters
 engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
 engine.step()
 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-print(json.dumps({{"optimizer": type(base).__module__ + "." + type(base).__name__, "fused": base.defaults["fused"]}}))
+seen = {{"optimizer": type(base).__module__ + "." + type(base).__name__, "fused": base.defaults["fused"]}}
+# The GPU defaults on a bf16 ZeRO-2 engine with 2 micro-batches per step: gradients summed in fp32.
+spec = parse_spec({repr(pretrain(scaling={"use_gpu": True, "workers": 1},
+                                   train={"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2}))})
+model = torch.nn.Linear(4, 4)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), dist_init_required=False,
+                                  config=deepspeed_config(spec.train, spec.deepspeed, 1, use_gpu=True))
+for _ in range(2):
+    engine.backward(engine(torch.randn(2, 4, dtype=torch.bfloat16)).float().pow(2).mean())
+    engine.step()
+seen.update(accumulates_in=str(engine.optimizer.gradient_accumulation_dtype), overlap=engine.zero_overlap_comm())
+print(json.dumps(seen))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"optimizer": "torch.optim.adamw.AdamW", "fused": True}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"optimizer": "torch.optim.adamw.AdamW", "fused": True,
+                                                               "accumulates_in": "torch.float32", "overlap": True}
+
+
+def test_placement_arithmetic_of_node_types_follows_the_placement_strategy():
+    """What ember.cluster.capacity counts when it decides that a job can never fit (the end-to-end refusal and wait
+    are in test_autoscaling, on a real autoscaling cluster)."""
+    from ember.cluster.capacity import NodeType, _placeable
+
+    gpu8 = NodeType("gpu-8", {"CPU": 192, "GPU": 8, "memory": 2e12}, max_count=4)
+    head = NodeType("head", {"CPU": 4}, max_count=0)
+    worker = {"CPU": 8, "GPU": 1}
+    assert gpu8.holds(worker) == 8 and head.holds(worker) == 0 and gpu8.holds({"CPU": 0.5}) == 384
+    assert _placeable([(gpu8, 4)], worker, "PACK") == 32
+    assert _placeable([(gpu8, 4)], worker, "STRICT_PACK") == 8  # all on one node
+    assert _placeable([(gpu8, 4)], worker, "STRICT_SPREAD") == 4  # one per node
+    assert _placeable([(head, 1)], worker, "SPREAD") == 0
+    assert gpu8.describe() == "gpu-8 (CPU 192, GPU 8; up to 4)"
+    assert NodeType("any", {"CPU": 2}, None).describe() == "any (CPU 2; no limit)"

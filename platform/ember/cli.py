@@ -163,6 +163,8 @@ def _add_cluster(verbs, common) -> None:
     cu.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default: 2)")
     cu.add_argument("--cpus-per-node", type=float, default=1, help="CPUs each node offers Ray (default: 1)")
     cu.add_argument("--head-cpus", type=float, default=None, help="CPUs of the head node (default: --cpus-per-node)")
+    cu.add_argument("--max-workers", type=int, default=None,
+                    help="run Ray's autoscaler: it adds worker nodes on demand, up to this many (default: none)")
     cu.add_argument("--port", type=int, default=6379, help="GCS port (default: 6379)")
     cu.add_argument("--dashboard-port", type=int, default=8265, help="dashboard port (default: 8265)")
     cverbs.add_parser("status", parents=[common], help="nodes and resources of the local cluster")
@@ -335,8 +337,9 @@ def cmd_cluster(args) -> int:
     directory = Path(args.dir) if args.dir else None
     if args.cluster_verb == "up":
         info = local.up(args.workers, args.cpus_per_node, directory=directory, port=args.port,
-                        dashboard_port=args.dashboard_port, head_cpus=args.head_cpus)
-        print(f"local Ray cluster up: head + {info.workers} worker nodes (separate raylets), token auth on\n"
+                        dashboard_port=args.dashboard_port, head_cpus=args.head_cpus, max_workers=args.max_workers)
+        scaling = f", autoscaling to {info.max_workers}" if info.max_workers is not None else ""
+        print(f"local Ray cluster up: head + {info.workers} worker nodes (separate raylets){scaling}, token auth on\n"
               f"  dashboard:   {info.dashboard_url}\n"
               f"  address:     {info.address}   (ember run --address / ember serve --address)\n"
               f"  submit jobs: ember submit jobs/tokenize-demo.yaml --wait   (uses this cluster by default)\n"

@@ -5,6 +5,11 @@ object store and metrics agent (Ray's `ray.cluster_utils.Cluster`, the developer
 Every Ray process is a child of that host, so `down` stops exactly what `up` started and nothing else on the machine.
 Each node has its own node cache for object-storage reads (`DIR/nodes/N/cache`), as separate machines would.
 
+With `max_workers` above `workers` (`ember cluster up --max-workers N`) the head also runs Ray's autoscaler, with
+Ray's fake multi-node provider (the one Ray's own autoscaler tests use): it adds worker nodes of `cpus_per_node` CPUs
+when work waits for resources, up to N in all, and removes them once idle for a minute: an autoscaling cluster, as
+the cluster launcher or KubeRay makes one, on one machine. The nodes it adds share the head's node cache.
+
 Everything binds to 127.0.0.1: the GCS, the raylets, the dashboard and every node's Prometheus metrics endpoint. Ray
 binds a multi-node cluster to the machine's network address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes it
 treat 127.0.0.1 as the node address; the host sets it for the cluster's processes and Ember's clients set it when they
@@ -14,6 +19,7 @@ talk to a loopback address. Ray's token authentication is on: the cluster uses t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -51,6 +57,7 @@ class ClusterInfo:
     session_dir: str  # Ray's session: logs/ of every node
     service_discovery_file: str  # Prometheus file_sd targets, written by Ray
     started: float = field(default_factory=time.time)
+    max_workers: int | None = None  # worker nodes the autoscaler may grow to (None: no autoscaler)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -117,15 +124,50 @@ def ensure_token() -> None:
 
 def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = None, port: int = 6379,
        dashboard_port: int = 8265, head_cpus: float | None = None, object_store_mb: int | None = None,
-       timeout: float = 180) -> ClusterInfo:
-    """Starts the head and `workers` worker nodes in a background host process; returns once all nodes are up."""
+       max_workers: int | None = None, timeout: float = 180) -> ClusterInfo:
+    """Starts the head and `workers` worker nodes in a background host process; returns once all nodes are up. With
+    `max_workers`, an autoscaler adds nodes up to that many workers (see the module's docstring)."""
     directory = (directory or default_dir()).expanduser().resolve()
     _check_can_start(directory, workers, cpus_per_node, port, dashboard_port)
+    if max_workers is not None and max_workers < workers:
+        raise EmberError(f"--max-workers {max_workers}: must be at least --workers ({workers})")
     directory.mkdir(parents=True, exist_ok=True)
     ensure_token()
     plan = _plan(directory, workers, cpus_per_node, port, dashboard_port, head_cpus, object_store_mb)
+    if max_workers is not None:
+        plan["max_workers"] = max_workers
+        plan["autoscaling_config"] = str(_write_autoscaling_config(directory, plan, max_workers))
     (directory / "plan.json").write_text(json.dumps(plan, indent=1))
     return _wait_until_up(directory, _start_host(directory), timeout)
+
+
+def _write_autoscaling_config(directory: Path, plan: dict, max_workers: int) -> Path:
+    """The autoscaler's config (the cluster launcher's format) for Ray's fake multi-node provider: the head, and
+    one worker node type of `cpus_per_node` CPUs that it may add up to `max_workers` less the fixed workers."""
+    import yaml
+
+    head = plan["nodes"][0]
+    config = {
+        "cluster_name": f"ember-local-{plan['port']}",
+        "max_workers": max_workers,
+        "provider": {"type": "fake_multinode", "gcs_address": f"{LOOPBACK}:{plan['port']}",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            # The fake provider's name for the head node type.
+            "ray.head.default": {"resources": {"CPU": head["num_cpus"]}, "node_config": {}, "max_workers": 0},
+            "worker": {"resources": {"CPU": plan["cpus_per_node"], "object_store_memory": head["object_store_memory"]},
+                       "node_config": {}, "min_workers": 0, "max_workers": max_workers - plan["workers"]},
+        },
+        "head_node_type": "ray.head.default",
+        "idle_timeout_minutes": 1, "upscaling_speed": 1.0,
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    path = directory / "autoscaler.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def _check_can_start(directory: Path, workers: int, cpus_per_node: float, port: int, dashboard_port: int) -> None:
@@ -178,6 +220,9 @@ def _start_host(directory: Path) -> subprocess.Popen:
     launcher.chmod(0o755)
     env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if "autoscaling_config" in json.loads((directory / "plan.json").read_text()):
+        # Ray's fake multi-node provider runs only where this says so; the autoscaler looks every second.
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     for client_setting in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # which cluster a client talks to, not this one
         env.pop(client_setting, None)
     with open(directory / "cluster.log", "ab") as out:
@@ -237,6 +282,22 @@ def _own_cache(directory: Path, index: int) -> None:
     os.environ[CACHE_DIR_ENV] = str(node_cache_dir(directory, index))
 
 
+@contextlib.contextmanager
+def _head_node_id(autoscaling: bool):
+    """While the head starts under the fake provider: the node id that provider knows the head by (it matches the
+    nodes it manages to Ray's by id)."""
+    if not autoscaling:
+        yield
+        return
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+    os.environ["RAY_OVERRIDE_NODE_ID_FOR_TESTING"] = FAKE_HEAD_NODE_ID
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_OVERRIDE_NODE_ID_FOR_TESTING", None)
+
+
 def _host(plan_path: str) -> None:
     """The host process: starts the nodes, records the cluster, and stops the nodes on SIGTERM or SIGINT."""
     plan = json.loads(Path(plan_path).read_text())
@@ -249,9 +310,11 @@ def _host(plan_path: str) -> None:
     cluster = Cluster(shutdown_at_exit=True)
     try:
         _own_cache(directory, 0)
-        cluster.add_node(**common, **head, gcs_server_port=plan["port"], include_dashboard=True,
-                         dashboard_host=LOOPBACK, dashboard_port=plan["dashboard_port"],
-                         ray_client_server_port=plan["client_port"])
+        autoscaling = {"autoscaling_config": plan["autoscaling_config"]} if "autoscaling_config" in plan else {}
+        with _head_node_id(bool(autoscaling)):
+            cluster.add_node(**common, **head, **autoscaling, gcs_server_port=plan["port"], include_dashboard=True,
+                             dashboard_host=LOOPBACK, dashboard_port=plan["dashboard_port"],
+                             ray_client_server_port=plan["client_port"])
         for i, node in enumerate(rest, 1):
             _own_cache(directory, i)
             cluster.add_node(**common, **node)
@@ -280,7 +343,7 @@ def _host(plan_path: str) -> None:
                            cpus_per_node=plan["cpus_per_node"], metrics_ports=[n["metrics_export_port"]
                                                                                for n in plan["nodes"]],
                            session_dir=str(session),
-                           service_discovery_file=str(discovery))
+                           service_discovery_file=str(discovery), max_workers=plan.get("max_workers"))
         tmp = directory / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(info), indent=1))
         tmp.rename(directory / STATE_FILE)

@@ -98,6 +98,8 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if err["type"] == "missing":
         return f"{dotted}: required key is missing"
     got = err.get("input")
+    if err["type"] == "value_error" and isinstance(got, dict):  # a check across a section's keys: its text says all
+        return f"{dotted}: {err['msg'].removeprefix('Value error, ')}"
     shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
     return f"{dotted}: {err['msg']} (got {shown})"
 

@@ -179,6 +179,12 @@ class DeepSpeedSpec(SpecModel):
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
         None, description="Training precision (default: bf16 with scaling.use_gpu, with TF32 matmuls; fp32 on CPU).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    overlap_comm: Optional[bool] = Field(
+        None, description="Overlap the gradient reduction with the backward pass (default: on with scaling.use_gpu "
+                          "and ZeRO 1-3; DeepSpeed's own default on CPU).")
+    grad_accum_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
+        None, description="What gradients are summed in across micro-batches (default: fp32 with bf16/fp16 and ZeRO "
+                          "1-2; the training precision otherwise).")
 
 
 class ScalingSpec(SpecModel):
@@ -186,11 +192,17 @@ class ScalingSpec(SpecModel):
 
     workers: int = Field(2, ge=1, description="Training workers (one per GPU with use_gpu).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL, fused attention.")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="CPUs reserved per worker, and the threads of its CPU work (data loading, offloaded "
+                                "Adam) (default: 8 with use_gpu, 1 on CPU).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes (PACK fills nodes first; SPREAD one per node if it "
                             "can).")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What Ray reserves for each worker (its placement group bundle)."""
+        return {"CPU": self.cpus_per_worker, **self.resources_per_worker, **({"GPU": 1} if self.use_gpu else {})}
 
 
 class FailureSpec(SpecModel):
@@ -220,10 +232,24 @@ class TrainingJobSpec(JobSpec):
                                             "from.")
 
     @model_validator(mode="after")
-    def _precision_follows_the_device(self):
-        """An unset precision becomes the device's: bf16 on GPUs (what Ampere and later train in), fp32 on CPU."""
-        if self.deepspeed.precision is None:
-            self.deepspeed.precision = "bf16" if self.scaling.use_gpu else "fp32"
+    def _defaults_follow_the_device(self):
+        """Unset engine settings become the device's. On GPUs: bf16 (what Ampere and later train in), gradients
+        summed in fp32 across micro-batches (ZeRO 1-2, where DeepSpeed can), the gradient reduction overlapped with
+        the backward pass, and 8 CPUs per worker (Ray sets a worker's OpenMP threads, which DeepSpeed's CPU Adam of
+        an offloaded optimizer uses, to its CPUs). On CPU: fp32 and one CPU per worker."""
+        ds, gpu = self.deepspeed, self.scaling.use_gpu
+        if ds.precision is None:
+            ds.precision = "bf16" if gpu else "fp32"
+        if ds.grad_accum_dtype is None and ds.precision != "fp32" and ds.zero_stage in (1, 2):
+            ds.grad_accum_dtype = "fp32"
+        if ds.grad_accum_dtype not in (None, ds.precision) and ds.zero_stage in (0, 3):
+            raise ValueError(f"deepspeed.grad_accum_dtype: {ds.grad_accum_dtype} differs from the precision "
+                             f"({ds.precision}), which DeepSpeed supports with ZeRO 1 and 2 only (zero_stage is "
+                             f"{ds.zero_stage})")
+        if ds.overlap_comm is None and gpu and ds.zero_stage >= 1:
+            ds.overlap_comm = True
+        if self.scaling.cpus_per_worker is None:
+            self.scaling.cpus_per_worker = 8 if gpu else 1
         return self
 
 

@@ -34,6 +34,8 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.overlap_comm is not None:
+        zero["overlap_comm"] = ds.overlap_comm
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -46,6 +48,7 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        **({"data_types": {"grad_accum_dtype": ds.grad_accum_dtype}} if ds.grad_accum_dtype else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

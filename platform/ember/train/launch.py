@@ -98,18 +98,14 @@ def finished_run(plan: RunPlan) -> dict | None:
 
 
 def _check_resources(spec: TrainingJobSpec) -> None:
-    """Fails at once when the cluster can never hold the workers (Ray would otherwise wait for them forever)."""
-    import ray
+    """Fails at once when the cluster can never hold the workers, now or once its autoscaler has added nodes (Ray
+    would otherwise wait for them forever); says so when they wait for the autoscaler (ember.cluster.capacity)."""
+    from ember.cluster.capacity import check_fits
 
     s = spec.scaling
-    total = ray.cluster_resources()
-    need = {"CPU": s.cpus_per_worker * s.workers, **{k: v * s.workers for k, v in s.resources_per_worker.items()}}
-    if s.use_gpu:
-        need["GPU"] = float(s.workers)
-    for resource, amount in need.items():
-        if total.get(resource, 0) < amount:
-            raise EmberError(f"scaling asks for {amount:g} {resource} in all ({s.workers} workers) but the Ray cluster "
-                             f"has {total.get(resource, 0):g}; lower scaling.workers or add nodes")
+    waiting = check_fits(s.worker_resources(), s.workers, "scaling", "scaling.workers", s.placement_strategy)
+    if waiting:
+        log.info("%s", waiting)
 
 
 def refuse_never(spec: TrainingJobSpec, run_dir: str) -> None:
@@ -160,8 +156,7 @@ def _torch_trainer(plan: RunPlan):
         train_loop_per_worker,
         train_loop_config=plan.to_config(),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker,
-                                                           **({"GPU": 1} if s.use_gpu else {})},
+                                     resources_per_worker=s.worker_resources(),
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(storage_path=parent, storage_filesystem=filesystem, name=storage.name(run_dir),
                              failure_config=FailureConfig(max_failures=plan.spec.failure.max_failures),
@@ -185,13 +180,13 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
         return finished
     restarting = storage.is_file(storage.join(run_dir, SNAPSHOT))
     refuse_never(spec, run_dir)
+    ensure_ray(address)
+    _check_resources(spec)  # before the run dir is touched: a job the cluster can never hold leaves nothing behind
     storage.make_dirs(run_dir)
     for stale in (RESULT_FILE, ERROR_FILE):
         storage.delete(storage.join(run_dir, stale))
     storage.write_text(storage.join(run_dir, "spec.yaml"),
                        yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
-    ensure_ray(address)
-    _check_resources(spec)
     cfg, s = plan.model, spec.scaling
     log.info("%s: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s", plan.kind,
              f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", plan.total_steps, spec.train.global_batch_size,
