@@ -8,7 +8,9 @@
 Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, and
 the ratio c/a at concurrency 32. Every request generates exactly --new-tokens tokens (end-of-text ignored).
 
-    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--threads 2]
+    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--threads 2] [--gpu]
+
+With `--gpu` all three run on the GPU in bf16 (the replica with num_gpus: 1, its default dtype there).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def make_model(root: Path):
     return root / "model", prompts
 
 
+DEVICE, DTYPE = "cpu", torch.float32  # --gpu: cuda, bf16
+
+
 def bench_transformers(model_dir, prompts, new_tokens):
     from transformers import LlamaForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -64,7 +69,7 @@ def bench_transformers(model_dir, prompts, new_tokens):
     from ember.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=DTYPE).to(DEVICE).eval()
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -79,7 +84,7 @@ def bench_transformers(model_dir, prompts, new_tokens):
     ttft, tpot, tokens = [], [], 0
     start = time.perf_counter()
     for p in prompts:
-        ids = torch.tensor([tok.encode(p).ids])
+        ids = torch.tensor([tok.encode(p).ids], device=DEVICE)
         clock = Clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -98,7 +103,7 @@ def bench_engine(model_dir, prompts, new_tokens):
     from ember.serve.engine import Engine, Request
 
     tok = load_tokenizer(model_dir)
-    engine = Engine(load_model(model_dir), max_batch_size=1)
+    engine = Engine(load_model(model_dir, dtype=DTYPE, device=DEVICE), max_batch_size=1)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
 
     async def run():
@@ -175,15 +180,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads everywhere")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of the replica (default: --threads)")
+    parser.add_argument("--gpu", action="store_true", help="everything on the GPU in bf16")
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("--gpu: no CUDA device (torch sees none)", file=sys.stderr)
+            return 1
+        DEVICE, DTYPE = "cuda", torch.bfloat16
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
         model_dir, prompts = make_model(Path(d))
         prompts = prompts[: args.requests]
         from ember.model import load_model, num_parameters
 
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} "
-              f"torch threads; model {num_parameters(load_model(model_dir).config) / 1e6:.1f}M parameters fp32; "
+        gpu = f", GPU: {torch.cuda.get_device_name()}" if args.gpu else ""
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, {args.threads} "
+              f"torch threads; model {num_parameters(load_model(model_dir).config) / 1e6:.1f}M parameters "
+              f"{'bf16' if args.gpu else 'fp32'}; "
               f"{len(prompts)} prompts of ~64 tokens, {args.new_tokens} new tokens each")
         a = bench_transformers(model_dir, prompts, args.new_tokens)
         bench_engine(model_dir, prompts, args.new_tokens)
@@ -195,10 +209,11 @@ def main() -> int:
         from ember.serve.launch import wait_ready
 
         port = 8765
-        ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
+        ray.init(num_cpus=args.threads, num_gpus=1 if args.gpu else 0, include_dashboard=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"model_dir": str(model_dir), "model_name": "bench", "num_replicas": 1,
-                             "num_cpus": args.threads, "max_batch_size": 32, "max_queue": 256,
+                             "num_cpus": args.threads, "num_gpus": 1 if args.gpu else 0,
+                             "max_batch_size": 32, "max_queue": 256,
                              "torch_threads": args.server_threads or args.threads}),
                   name="bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"

@@ -155,3 +155,37 @@ def test_placement_arithmetic_of_node_types_follows_the_placement_strategy():
     assert _placeable([(head, 1)], worker, "SPREAD") == 0
     assert gpu8.describe() == "gpu-8 (CPU 192, GPU 8; up to 4)"
     assert NodeType("any", {"CPU": 2}, None).describe() == "any (CPU 2; no limit)"
+
+
+def test_fp16_overflow_steps_are_counted_and_only_a_run_of_them_stops_training():
+    """The policy the trainer applies to each step DeepSpeed's fp16 loss scaling skipped (the engine itself needs a
+    GPU: DeepSpeed's CPU accelerator has no fp16; test_pretrain's gpu test runs one through overflows)."""
+    from ember.train.trainer import Overflows
+
+    overflows = Overflows(limit=3)
+    seen = [overflows.observe(s) for s in (True, True, True, False, True, True, True)]
+    assert seen == [False] * 7 and (overflows.total, overflows.in_a_row) == (6, 3)
+    assert overflows.observe(True) is True  # a 4th in a row: past the limit
+    spec = parse_spec(pretrain(scaling={"use_gpu": True}, deepspeed={"precision": "fp16"}))
+    from ember.train.ds_config import deepspeed_config
+
+    config = deepspeed_config(spec.train, spec.deepspeed, 2, use_gpu=True)
+    assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
+    assert spec.train.max_overflow_steps == 20
+
+
+def test_the_gpu_check_script_says_there_is_no_cuda_and_fails_on_this_machine(tmp_path):
+    """benchmarks/gpu_check.sh is what a session with a GPU runs first; here, without CUDA, it says so in one line
+    (also in the summary it leaves in $OUT) and exits non-zero instead of reporting checks it did not run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script runs its checks (pytest -m gpu covers them)")
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout.startswith("gpu_check: no CUDA: torch ") and "sees no GPU" in out.stdout
+    assert (tmp_path / "gpu_check.txt").read_text() == out.stdout

@@ -376,6 +376,18 @@ def test_the_demo_spec_trains_on_one_gpu_with_bf16_and_reports_mfu(dataset, tmp_
     assert all("mfu" in r and 0 < r["mfu"] < 1 for r in metrics)
 
 
+@pytest.mark.gpu
+def test_an_fp16_run_goes_through_loss_scale_overflows(dataset, tmp_path):
+    """Starting at a loss scale of 2^32, the first steps' scaled fp16 gradients overflow: DeepSpeed skips them and
+    halves the scale; the run counts them and trains on."""
+    train(dataset, tmp_path / "fp16", scaling={"workers": 1, "use_gpu": True},
+          deepspeed={"precision": "fp16", "fp16_initial_scale_power": 32},
+          train={"max_steps": 30, "decay_steps": 30, "log_every": 1, "checkpoint_every": 0})
+    metrics = rows(tmp_path / "fp16")
+    assert [r["step"] for r in metrics] == list(range(1, 31))
+    assert 10 <= metrics[-1]["skipped_steps"] <= 20 and metrics[-1]["loss"] < metrics[0]["loss"]
+
+
 def test_no_training_run_rebuilt_the_prebuilt_deepspeed_ops(dataset, reference_run):
     """The ops `make install` built are the ones every training run of this module loaded (test_demo checks the same
     after the cluster's jobs and the demo's runs, in the other test process)."""

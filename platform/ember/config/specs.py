@@ -151,6 +151,8 @@ class TrainSpec(SpecModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 = off).")
+    max_overflow_steps: int = Field(20, ge=0, description="fp16: steps in a row skipped for a loss-scale overflow "
+                                                          "before the run stops (each one is counted and logged).")
     seed: int = Field(0, description="Seed of the initial weights and of the data order.")
     eval_every: int = Field(50, ge=0, description="Evaluate on val/ every N steps (0 = only at the end).")
     eval_batches: int = Field(4, ge=1, description="Micro batches per worker in one evaluation.")
@@ -179,6 +181,8 @@ class DeepSpeedSpec(SpecModel):
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
         None, description="Training precision (default: bf16 with scaling.use_gpu, with TF32 matmuls; fp32 on CPU).")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    fp16_initial_scale_power: int = Field(16, ge=0, le=40, description="fp16: the dynamic loss scale starts at "
+                                                                      "2^N and halves at each overflow.")
     overlap_comm: Optional[bool] = Field(
         None, description="Overlap the gradient reduction with the backward pass (default: on with scaling.use_gpu "
                           "and ZeRO 1-3; DeepSpeed's own default on CPU).")

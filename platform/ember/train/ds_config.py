@@ -47,7 +47,8 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
                                                      {"torch_adam": True, **({"fused": True} if use_gpu else {})})}},
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0,  # 0: dynamic loss scaling
+                 "initial_scale_power": ds.fp16_initial_scale_power},
         **({"data_types": {"grad_accum_dtype": ds.grad_accum_dtype}} if ds.grad_accum_dtype else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -235,6 +236,26 @@ def _not_finite(loss: float, grad_norm: float | None) -> tuple[str, float] | Non
     return None
 
 
+@dataclass
+class Overflows:
+    """fp16's dynamic loss scaling skips an optimizer step whose scaled gradients overflowed (DeepSpeed halves the
+    scale and reports an infinite gradient norm): normal early in a run, so such a step is counted, not fatal;
+    more than `limit` of them in a row is (the scale has run out, or the gradients themselves are not finite)."""
+
+    limit: int
+    in_a_row: int = 0
+    total: int = 0
+
+    def observe(self, skipped: bool) -> bool:
+        """Counts a step; True when the run must stop."""
+        if not skipped:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        return self.in_a_row > self.limit
+
+
 class Trainer:
     """One worker's part of a run, in named steps (see the module docstring). Reads only its plan."""
 
@@ -245,6 +266,7 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.step, self.samples = 0, 0
+        self.overflows = Overflows(self.spec.train.max_overflow_steps)
         self.ds_config = deepspeed_config(self.spec.train, self.spec.deepspeed, self.world,
                                           self.spec.scaling.use_gpu)
 
@@ -333,13 +355,14 @@ class Trainer:
 
     # ------------------------------------------------------------ train step
 
-    def train_step(self, batches) -> tuple[float, float | None, float]:
-        """One optimizer step (gradient accumulation inside): (mean loss over ranks, grad norm, learning rate)."""
+    def train_step(self, batches) -> tuple[float, float | None, float, bool]:
+        """One optimizer step (gradient accumulation inside): (mean loss over ranks, grad norm, learning rate, whether
+        fp16's loss scaling skipped the update for an overflow)."""
         self.step += 1
         lr = lr_at(self.step, self.spec.train, self.plan.total_steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        losses = []
+        losses, skipped_before = [], self.engine.skipped_steps
         for _ in range(self.ds_config["gradient_accumulation_steps"]):
             batch, self.samples = next(batches)
             loss = self.recipe.loss(self.engine, to_device(batch, self.device))
@@ -347,12 +370,23 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach())
         grad_norm = self.engine.get_global_grad_norm()
-        return _mean_over_ranks(torch.stack(losses).mean()), float(grad_norm) if grad_norm is not None else None, lr
+        skipped = self.spec.deepspeed.precision == "fp16" and self.engine.skipped_steps > skipped_before
+        return _mean_over_ranks(torch.stack(losses).mean()), float(grad_norm) if grad_norm is not None else None, lr, \
+            skipped
 
-    def stop_if_not_finite(self, loss: float, grad_norm: float | None) -> bool:
-        """Every rank sees the same all-reduced figures, so all stop here together, without a retry; the driver
-        raises the error rank 0 writes. The last good checkpoint stays."""
-        bad = _not_finite(loss, grad_norm)
+    def stop_if_not_finite(self, loss: float, grad_norm: float | None, skipped: bool) -> bool:
+        """Every rank sees the same all-reduced figures (and the same loss-scale overflow), so all stop here together,
+        without a retry; the driver raises the error rank 0 writes. The last good checkpoint stays. An fp16 step
+        skipped for an overflow is counted and logged, not fatal, up to train.max_overflow_steps in a row."""
+        bad = _not_finite(loss, None if skipped else grad_norm)
+        too_many = self.overflows.observe(skipped)
+        if skipped and not too_many and not bad and self.rank == 0:
+            scale = getattr(self.engine.optimizer, "loss_scale", None) or getattr(self.engine.optimizer, "cur_scale", 0)
+            log.info("step %d: fp16 gradients overflowed, update skipped, loss scale now %g (%d in a row, %d in all)",
+                     self.step, scale, self.overflows.in_a_row, self.overflows.total)
+        if too_many:
+            bad = ("fp16 loss scale", f"overflowing for {self.overflows.in_a_row} steps in a row (more than "
+                                      f"train.max_overflow_steps: {self.spec.train.max_overflow_steps})")
         if bad and self.rank == 0:
             storage.write_json(storage.join(self.run_dir, ERROR_FILE), {"step": self.step, "error": (
                 f"the {bad[0]} is {bad[1]} at step {self.step}; stopped there. The last good checkpoint is kept in "
@@ -430,9 +464,9 @@ class Trainer:
         flops_token = flops_per_token(plan.model, seq_len)
         interval_start, interval_steps = time.perf_counter(), 0
         while self.step < total:
-            loss, grad_norm, lr = self.train_step(batches)
+            loss, grad_norm, lr, skipped = self.train_step(batches)
             interval_steps += 1
-            if self.stop_if_not_finite(loss, grad_norm):
+            if self.stop_if_not_finite(loss, grad_norm, skipped):
                 if rank == 0:
                     metrics_log.close()
                 return
@@ -449,6 +483,8 @@ class Trainer:
                        "step_time_s": seconds / interval_steps}
             if partitions:
                 metrics["zero_partitions"], partitions = partitions, None
+            if self.spec.deepspeed.precision == "fp16":
+                metrics["skipped_steps"] = self.overflows.total
             if peak:
                 metrics["mfu"] = flops_token * tokens_per_s / (peak * self.world)
             if eval_now:
