@@ -334,3 +334,28 @@ def test_grown_vocabulary_rows_start_at_the_mean_of_the_old_ones(tied):
     assert (model.lm_head.weight is model.embed_tokens.weight) == tied
     logits = model(torch.tensor([[1, 51, 2]]))
     assert logits.shape == (1, 3, 53) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_model_built_on_the_meta_device_has_the_weights_of_the_eager_build(tie, tmp_path):
+    """`build_model` makes the weights once, on the device a run trains on (a GPU worker's host never holds them);
+    under the same seed they are exactly `Transformer(cfg)`'s, so a run trains to the same losses as before. Its
+    state dict written by `save_weights` (the ZeRO-3 export's path, with no model built) loads back the same."""
+    from ember.model import build_model, save_weights
+
+    cfg = preset("tiny", vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(3)
+    eager = Transformer(cfg)
+    torch.manual_seed(3)
+    built = build_model(cfg)
+    assert eager.state_dict().keys() == built.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), built.state_dict().values()))
+    assert torch.equal(eager.inv_freq, built.inv_freq)
+    assert (built.lm_head.weight is built.embed_tokens.weight) == tie
+    ids = torch.randint(0, 320, (2, 12))
+    assert torch.equal(eager(ids), built(ids))
+    state = {k: v.to(torch.bfloat16) for k, v in built.state_dict().items()}  # as ZeRO 3 gathers it, in 16 bits
+    loaded = load_model(save_weights(state, cfg, tmp_path / "m", dtype=torch.bfloat16), dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())

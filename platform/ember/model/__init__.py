@@ -4,12 +4,13 @@ Imports neither Ray nor DeepSpeed.
 """
 
 from ember.model.generate import Completion, TextStream, decode_steps, generate_ids
-from ember.model.hf import load_model, save_model, stop_token_ids
+from ember.model.hf import load_model, save_model, save_weights, stop_token_ids
 from ember.model.llama import (
            PRESETS,
            KVCache,
            ModelConfig,
            Transformer,
+           build_model,
            flops_per_token,
            fused_slices,
            num_parameters,
@@ -19,5 +20,5 @@ from ember.model.llama import (
 from ember.model.sampling import SamplingParams
 
 __all__ = ["PRESETS", "Completion", "KVCache", "ModelConfig", "SamplingParams", "TextStream", "Transformer",
-           "decode_steps", "flops_per_token", "fused_slices", "generate_ids", "load_model", "num_parameters", "preset",
-           "resize_vocab", "save_model", "stop_token_ids"]
+           "build_model", "decode_steps", "flops_per_token", "fused_slices", "generate_ids", "load_model",
+           "num_parameters", "preset", "resize_vocab", "save_model", "save_weights", "stop_token_ids"]

@@ -204,17 +204,25 @@ def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_di
     """Writes a Llama-format model dir (atomically: a crash leaves the previous dir, or none, never half of one; in
     object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir` may be a URI
     too."""
+    return save_weights(model.state_dict(), model.config, model_dir, tokenizer_dir=tokenizer_dir,
+                        dtype=dtype or next(model.parameters()).dtype, max_shard_bytes=max_shard_bytes,
+                        bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+
+def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, model_dir: str | os.PathLike, *,
+                 tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                 max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None, eos_token_id=None) -> Path:
+    """`save_model` from a state dict in Ember's names (`Transformer.state_dict()`, or ZeRO-3's gathered one): no
+    model object is needed, so an export from partitioned weights builds none."""
     if storage.is_uri(model_dir):
         with tempfile.TemporaryDirectory(prefix="ember-model-") as local:
-            save_model(model, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
-                       max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+            save_weights(state, cfg, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
+                         max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
             storage.delete_tree(model_dir)
             storage.upload_dir(Path(local) / "model", model_dir, marker="config.json")
         return model_dir
     model_dir = Path(model_dir)
-    cfg = model.config
-    dtype = dtype or next(model.parameters()).dtype
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state(model.state_dict(), cfg).items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state(state, cfg).items()}
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
     try:

@@ -304,6 +304,26 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
+def build_model(cfg: ModelConfig, device="cpu") -> Transformer:
+    """A randomly initialised model, built on the meta device and materialised once, on `device`: a GPU worker's
+    weights never exist in host memory. On CPU these are the very weights `Transformer(cfg)` gives under the same
+    seed: each module's own initialisation runs again in construction order, then the model's."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        if cfg.tie_word_embeddings:  # to_empty gave the two modules separate tensors
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_frequencies(cfg).to(device)
+        model.apply(model._init)
+    return model
+
+
 def resize_vocab(model: Transformer, vocab_size: int) -> None:
     """Grows the embedding and output matrices to `vocab_size` rows (added tokens); new rows start at the mean of the
     old ones, so a new token's logit starts near the average instead of dominating."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ember import storage
-from ember.model import Transformer, load_model, resize_vocab
+from ember.model import Transformer, build_model, load_model, resize_vocab
 from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
 
 
@@ -46,16 +46,15 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 class Pretraining:
     loss = staticmethod(next_token_loss)
-
-    def build(self, plan) -> tuple[Transformer, list]:
-        """The model to train and its trainable parameters."""
+    def build(self, plan, device="cpu") -> tuple[Transformer, list]:
+        """The model to train, made on `device` (never first in host memory), and its trainable parameters."""
         init_from = plan.spec.model.init_from
-        model = load_model(init_from) if init_from else Transformer(plan.model)
+        model = load_model(init_from, device=device) if init_from else build_model(plan.model, device)
         return model, list(model.parameters())
 
-    def skeleton(self, plan) -> Transformer:
-        """A model of the trained shape, to load gathered ZeRO-3 weights into for the export."""
-        return Transformer(plan.model)
+    def exports_from_state(self, plan) -> bool:
+        """ZeRO 3's gathered weights are the export as they are: no model is built for it."""
+        return True
 
     def before_export(self, model, plan, out: str) -> None:
         """Nothing to add: the model is the export."""
@@ -64,15 +63,20 @@ class Pretraining:
 class SupervisedFinetuning:
     loss = staticmethod(supervised_loss)
 
-    def build(self, plan) -> tuple[Transformer, list]:
+    def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         spec = plan.spec
-        model = load_model(spec.base)
+        model = load_model(spec.base, device=device)
         resize_vocab(model, max(plan.manifest["vocab_size"], model.config.vocab_size))
         if spec.method == "lora":
             return model, apply_lora(model, spec.lora)
         return model, list(model.parameters())
 
+    def exports_from_state(self, plan) -> bool:
+        """A full fine-tune's gathered ZeRO-3 weights are its export; LoRA's need the adapters merged, on a model."""
+        return plan.spec.method != "lora"
+
     def skeleton(self, plan) -> Transformer:
+        """A model of the trained shape (LoRA's adapters in place), to load gathered ZeRO-3 weights into."""
         return self.build(plan)[0]
 
     def before_export(self, model, plan, out: str) -> None:

@@ -21,6 +21,7 @@ checkpoint and at the end, and the export is uploaded with its `config.json` las
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,7 +44,7 @@ from ember import storage
 from ember.config.specs import TrainSpec
 from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
-from ember.model import flops_per_token, save_model
+from ember.model import flops_per_token, save_model, save_weights
 from ember.progress import write_progress
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import deepspeed_config
@@ -279,7 +280,7 @@ class Trainer:
 
         tr = self.spec.train
         torch.manual_seed(tr.seed)  # the same initial weights on every rank
-        model, trainable = self.recipe.build(self.plan)
+        model, trainable = self.recipe.build(self.plan, self.device)
         model.config.gradient_checkpointing = self.spec.deepspeed.activation_checkpointing
         groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": tr.weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
@@ -427,21 +428,33 @@ class Trainer:
     # ------------------------------------------------------------ export
 
     def export(self) -> None:
-        """Writes the trained model as a model dir of its family (ZeRO-3 shards gathered first; all ranks call)."""
+        """Writes the trained model as a model dir of its family (all ranks call), in the training precision (bf16
+        by default on GPUs). ZeRO 3: the shards are gathered to rank 0 in 16 bits and written as they are, with no
+        model built for them, except LoRA's, whose adapters are merged on a model first."""
         out = storage.join(self.run_dir, "model")
+        precision = self.spec.deepspeed.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        eos = list(self.plan.eos_ids) if len(self.plan.eos_ids) > 1 else self.plan.eos_ids[0]
+        model = state = None
         if self.spec.deepspeed.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: rank 0 receives the full state
-            if self.rank == 0:
+            if self.rank == 0 and not self.recipe.exports_from_state(self.plan):
                 torch.manual_seed(0)
                 model = self.recipe.skeleton(self.plan)
-                model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+                model.load_state_dict(state, strict=False)
+                state = None
         else:
             model = self.engine.module
         if self.rank == 0:
-            self.recipe.before_export(model, self.plan, out)
-            model.config.gradient_checkpointing = False
-            eos = list(self.plan.eos_ids) if len(self.plan.eos_ids) > 1 else self.plan.eos_ids[0]
-            save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=torch.float32, eos_token_id=eos)
+            if model is not None:
+                self.recipe.before_export(model, self.plan, out)
+                model.config.gradient_checkpointing = False
+                save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos)
+            else:
+                config = dataclasses.replace(self.plan.model, gradient_checkpointing=False)
+                if config.tie_word_embeddings:  # one tensor under both names, as the model's own state dict has it
+                    state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+                save_weights(state, config, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos)
             log.info("model exported to %s", storage.display(out))
         if dist.is_initialized():
             dist.barrier()
