@@ -27,7 +27,13 @@ def cluster(tmp_path_factory):
     info = local.up(workers=0, cpus_per_node=1, head_cpus=1, max_workers=2, directory=directory, port=free_port(),
                     dashboard_port=free_port())
     yield info, {"EMBER_CLUSTER_DIR": str(directory), "RAY_AUTH_MODE": "token"}
+    import psutil
+
+    host = psutil.Process(info.pid)
+    started = [host, *host.children(recursive=True)]  # the nodes the autoscaler added among them
     local.down(directory)
+    assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+        "ember cluster down left processes of the autoscaling cluster"
 
 
 def alive_nodes(env) -> int:
@@ -64,7 +70,7 @@ def test_a_job_waits_for_the_nodes_the_autoscaler_adds_and_one_that_never_fits_i
 
     # What no node the cluster has or can add holds is refused before anything starts, naming the node types.
     for change, words in ((["scaling.workers=4", "train.global_batch_size=8"], "4 × {CPU 1}"),
-                          (["scaling.use_gpu=true", "deepspeed.precision=fp32"], "2 × {CPU 1, GPU 1}")):
+                          (["scaling.use_gpu=true"], "2 × {CPU 8, GPU 1}")):
         refused = run_ember("run", pretrain, "--address", info.address, *[a for c in change for a in ("--set", c)],
                             "--set", f"output.dir={tmp_path / 'never'}", env=env)
         assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from ember.errors import EmberError
 
@@ -59,6 +60,7 @@ class Capacity:
     node_types: tuple[NodeType, ...] = ()  # what the autoscaler can add (empty: not visible from here)
     max_workers: int | None = None  # the cluster's own limit on worker nodes, across types
     source: str = ""  # where the node types were read
+    nodes_by_type: dict[str, int] = field(default_factory=dict)  # of each node type, how many are up or coming
 
 
 def _reported_config() -> tuple[NodeType, ...]:
@@ -120,16 +122,29 @@ def _launcher_config() -> tuple[tuple[NodeType, ...], int | None]:
     return tuple(types), int(limit) if isinstance(limit, int) else None
 
 
-def _autoscaler_running() -> bool:
-    """Source 3: the head's autoscaler publishes its report (monitor.py writes `autoscaler_report` only when it
-    autoscales; a fixed cluster's monitor writes load metrics alone)."""
+def _autoscaler_report() -> dict:
+    """The report the head's autoscaler publishes in the GCS (monitor.py's `autoscaler_report`), or {}."""
     import ray
 
     try:
         raw = ray._private.worker.global_worker.gcs_client.internal_kv_get(AUTOSCALING_STATUS_KEY, None)
-        return bool(raw) and "autoscaler_report" in json.loads(raw)
+        return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
     except Exception:  # no status yet, or a GCS that refuses the call
-        return False
+        return {}
+
+
+def _autoscaler_running(report: dict) -> bool:
+    """Source 3: a fixed cluster's head runs an autoscaler too, with Ray's read-only provider, which names each
+    node's type after the node itself (`node_<id>`); one that can add nodes names them after its node types
+    (KubeRay's: the head group, the worker groups)."""
+    mapping = report.get("node_type_mapping") or {}
+    return any(node_type != f"node_{node}" for node, node_type in mapping.items())
+
+
+def _nodes_by_type(report: dict) -> Counter:
+    """The nodes of each type the autoscaler has up or on the way."""
+    return (Counter(report.get("active_nodes") or {}) + Counter(report.get("pending_launches") or {})
+            + Counter(node_type for _, node_type, *_ in report.get("pending_nodes") or []))
 
 
 def cluster_capacity() -> Capacity:
@@ -137,13 +152,15 @@ def cluster_capacity() -> Capacity:
     import ray
 
     now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    report = _autoscaler_report()
+    present = dict(_nodes_by_type(report))
     types = _reported_config()
     if types:
-        return Capacity(now, True, types, source="the cluster config the autoscaler reported")
+        return Capacity(now, True, types, source="the cluster config the autoscaler reported", nodes_by_type=present)
     types, max_workers = _launcher_config()
     if any(t.max_count != 0 for t in types):
-        return Capacity(now, True, types, max_workers, source="the head's autoscaling config")
-    return Capacity(now, _autoscaler_running())
+        return Capacity(now, True, types, max_workers, source="the head's autoscaling config", nodes_by_type=present)
+    return Capacity(now, _autoscaler_running(report))
 
 
 def _live_nodes() -> list[NodeType]:
@@ -190,11 +207,18 @@ def check_fits(bundle: dict[str, float], count: int, what: str, lower: str, stra
     if undeclared:  # the cluster launcher fills in a cloud instance type's resources itself
         return f"{what}: {shown} wait for the autoscaler to add nodes (of type {', '.join(undeclared)}?)"
     addable = [t for t in capacity.node_types if t.max_count != 0 and t.holds(bundle)]
-    budget, grown = capacity.max_workers, []
+    # The nodes it can still add: each type's maximum less those up or on the way (already among `live`), within
+    # the cluster's own maximum of worker nodes.
+    present = capacity.nodes_by_type
+    head_types = {t.name for t in capacity.node_types if t.max_count == 0}
+    budget = None if capacity.max_workers is None else \
+        capacity.max_workers - sum(n for name, n in present.items() if name not in head_types)
+    grown = []
     for t in sorted(addable, key=lambda t: -t.holds(bundle)):
-        n = min(x for x in (t.max_count, budget, count) if x is not None)
-        grown.append((t, n))
-        budget = None if budget is None else budget - n
+        room = None if t.max_count is None else max(0, t.max_count - present.get(t.name, 0))
+        n = min(x for x in (room, budget, count) if x is not None)
+        grown.append((t, max(0, n)))
+        budget = None if budget is None else budget - max(0, n)
     if _placeable(live + grown, bundle, strategy) < count:
         types = "; ".join(t.describe() for t in capacity.node_types)
         raise EmberError(f"{what} asks for {shown} ({strategy}) but the cluster can never hold them: not on its "

@@ -282,6 +282,24 @@ def _own_cache(directory: Path, index: int) -> None:
     os.environ[CACHE_DIR_ENV] = str(node_cache_dir(directory, index))
 
 
+def _stop_added_nodes(cluster) -> None:
+    """The nodes the autoscaler added (the fake provider starts them inside the head's autoscaler process, so their
+    Ray processes are its children): stopped first, or the head would wait on them as it shuts down."""
+    import psutil
+    from ray._private import ray_constants
+
+    head = cluster.head_node
+    monitors = head.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if head is not None else []
+    children = [c for m in monitors for c in psutil.Process(m.process.pid).children(recursive=True)]
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 @contextlib.contextmanager
 def _head_node_id(autoscaling: bool):
     """While the head starts under the fake provider: the node id that provider knows the head by (it matches the
@@ -351,6 +369,7 @@ def _host(plan_path: str) -> None:
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         print("stopping the cluster", flush=True)
     finally:
+        _stop_added_nodes(cluster)
         for node in list(cluster.worker_nodes):
             cluster.remove_node(node)
         if cluster.head_node is not None:
