@@ -36,14 +36,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check platform tests benchmarks
 
-# Two pytest processes side by side, so that this machine's two cores both stay busy: the tests of the suite's shared
-# Ray instance (`-m ray`), and the rest (the demo and the 3-node cluster, which start Ray instances of their own, then
-# the tests that need no Ray), whose report follows the first's. Either failing fails the target.
 test: lint
-	@$(BIN)/python -m pytest -q -m "not gpu and not ray" $(PYTEST_ARGS) > .test-rest.log 2>&1 & rest=$$!; \
-	$(BIN)/python -m pytest -q -m "not gpu and ray" $(PYTEST_ARGS); shared=$$?; \
-	wait $$rest; others=$$?; echo "--- the tests without the shared Ray instance (own Ray instances, none):"; \
-	cat .test-rest.log; rm -f .test-rest.log; test $$shared -eq 0 -a $$others -eq 0
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The tests that need no Ray instance, training run or server: a quick check while developing (not a substitute).
 test-fast: lint

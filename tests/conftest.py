@@ -52,10 +52,10 @@ def rebuilt_deepspeed_ops() -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
 def pytest_collection_modifyitems(config, items):
-    """Tests that use the suite's Ray instance are marked `ray`. `make test` runs two pytest processes side by side:
-    `-m ray` (the tests of the suite's shared Ray instance) and `-m "not ray"` (the tests that start Ray instances of
-    their own, marked `own_ray`: `ember demo`, the 3-node cluster; then those that need no Ray); `make test-fast` runs
-    only the last. Within each, the order within a module is kept and `own_ray` tests come first."""
+    """Tests that use the suite's Ray instance are marked `ray` (`make test-fast` leaves them out). Tests that start
+    Ray instances of their own (marked `own_ray`) run first, before the suite's instance exists, so that two Ray
+    instances never share this machine's two cores (Ray's own State API clients, such as Ray Train's placement-group
+    cleaner, also refuse to choose between two). The order within a module is kept."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
@@ -70,7 +70,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # "local": a new instance, never the machine's "current cluster" (the other test process's cluster).
+        # "local": a new instance, never the machine's "current cluster" (one an `ember cluster up` left behind).
         ray.init(address="local", num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()

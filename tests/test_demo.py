@@ -91,7 +91,7 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     assert "demo stopped at stage 4/6 (evaluate): models.base: model directory not found" in broken.stderr
     assert "kept from the earlier stages (tokenize, pretrain, finetune)" in broken.stderr
     assert (runs / "finetune-9" / "model" / "model.safetensors").is_file()
-    # No training run of the demo's or the cluster's (which ran before, in this test process) rebuilt the ops that
+    # No training run of the demo's or the cluster's (which ran before it) rebuilt the ops that
     # `make install` prebuilt.
     assert not (OPS_AT_START and rebuilt_deepspeed_ops())
 

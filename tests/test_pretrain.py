@@ -390,7 +390,7 @@ def test_an_fp16_run_goes_through_loss_scale_overflows(dataset, tmp_path):
 
 def test_no_training_run_rebuilt_the_prebuilt_deepspeed_ops(dataset, reference_run):
     """The ops `make install` built are the ones every training run of this module loaded (test_demo checks the same
-    after the cluster's jobs and the demo's runs, in the other test process)."""
+    after the cluster's jobs and the demo's runs)."""
     if not OPS_AT_START:
         pytest.skip("no DeepSpeed op was built before the suite started (make install builds them)")
     assert not rebuilt_deepspeed_ops()

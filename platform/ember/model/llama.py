@@ -303,7 +303,6 @@ class Transformer(nn.Module):
         return self.lm_head(x).float()
 
 
-@torch.no_grad()
 def build_model(cfg: ModelConfig, device="cpu") -> Transformer:
     """A randomly initialised model, built on the meta device and materialised once, on `device`: a GPU worker's
     weights never exist in host memory. On CPU these are the very weights `Transformer(cfg)` gives under the same
@@ -324,6 +323,7 @@ def build_model(cfg: ModelConfig, device="cpu") -> Transformer:
     return model
 
 
+@torch.no_grad()
 def resize_vocab(model: Transformer, vocab_size: int) -> None:
     """Grows the embedding and output matrices to `vocab_size` rows (added tokens); new rows start at the mean of the
     old ones, so a new token's logit starts near the average instead of dominating."""
