@@ -47,7 +47,8 @@ class NodeType:
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v:g}" for k, v in sorted(self.resources.items())
                           if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store")))
-        count = "no limit" if self.max_count is None else f"up to {self.max_count}"
+        count = "no limit" if self.max_count is None else "none added" if self.max_count == 0 else \
+            f"up to {self.max_count}"
         return f"{self.name} ({shown or 'no resources'}; {count})"
 
 
@@ -224,4 +225,4 @@ def check_fits(bundle: dict[str, float], count: int, what: str, lower: str, stra
         raise EmberError(f"{what} asks for {shown} ({strategy}) but the cluster can never hold them: not on its "
                          f"nodes, nor on the nodes its autoscaler can add ({types}; from {capacity.source}); lower "
                          f"{lower} or add a node type that holds them")
-    return f"{what}: {shown} wait for the autoscaler to add nodes of type {', '.join(t.name for t in addable)}"
+    return f"{what}: {shown} wait for the autoscaler to add nodes of type {', '.join(t.name for t, n in grown if n)}"
