@@ -138,7 +138,7 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
         plan["max_workers"] = max_workers
         plan["autoscaling_config"] = str(_write_autoscaling_config(directory, plan, max_workers))
     (directory / "plan.json").write_text(json.dumps(plan, indent=1))
-    return _wait_until_up(directory, _start_host(directory), timeout)
+    return _wait_until_up(directory, _start_host(directory, autoscaling=max_workers is not None), timeout)
 
 
 def _write_autoscaling_config(directory: Path, plan: dict, max_workers: int) -> Path:
@@ -208,7 +208,7 @@ def _plan(directory: Path, workers: int, cpus_per_node: float, port: int, dashbo
     }
 
 
-def _start_host(directory: Path) -> subprocess.Popen:
+def _start_host(directory: Path, autoscaling: bool) -> subprocess.Popen:
     """Starts the host process on DIR/plan.json, in its own session, logging to DIR/cluster.log."""
     # Job drivers inherit this environment: `python` there must be this Python, with Ember's dependencies. Only
     # `python` is put first on PATH, not the whole venv bin: the rest (ninja, which DeepSpeed's op builds use) stays
@@ -220,7 +220,7 @@ def _start_host(directory: Path) -> subprocess.Popen:
     launcher.chmod(0o755)
     env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if "autoscaling_config" in json.loads((directory / "plan.json").read_text()):
+    if autoscaling:
         # Ray's fake multi-node provider runs only where this says so; the autoscaler looks every second.
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     for client_setting in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # which cluster a client talks to, not this one

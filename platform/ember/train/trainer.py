@@ -21,7 +21,6 @@ checkpoint and at the end, and the export is uploaded with its `config.json` las
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -451,10 +450,8 @@ class Trainer:
                 model.config.gradient_checkpointing = False
                 save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos)
             else:
-                config = dataclasses.replace(self.plan.model, gradient_checkpointing=False)
-                if config.tie_word_embeddings:  # one tensor under both names, as the model's own state dict has it
-                    state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-                save_weights(state, config, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos)
+                save_weights(state, self.plan.model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype,
+                             eos_token_id=eos)
             log.info("model exported to %s", storage.display(out))
         if dist.is_initialized():
             dist.barrier()
