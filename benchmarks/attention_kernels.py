@@ -4,7 +4,9 @@ Ember's attention is one `F.scaled_dot_product_attention` call (`ember.model.lla
 rows (no mask), packed fine-tuning rows (a block-diagonal mask) and decoding with the KV cache (a mask over ragged
 cache lengths); grouped-query attention throughout (`enable_gqa`). For each shape this tries each of torch's SDPA
 backends alone and prints the ones that run, in the order torch tries them: the first is what the call gets. A
-masked shape that gets only MATH materialises the full B·H·T·S scores.
+masked shape that gets only MATH materialises the full B·H·T·S scores. On CUDA the masked shapes go through
+FlexAttention with a block mask instead (`Transformer.attention = "auto"`); for those this also times SDPA's dense
+mask against compiled FlexAttention (milliseconds a call, after a warm-up).
 
     python benchmarks/attention_kernels.py [--cpu]
 """
@@ -65,7 +67,35 @@ def main() -> int:
             except RuntimeError:
                 pass
         print(f"  {label:<38} gets {runs[0] if runs else 'nothing'}   (runs: {', '.join(runs) or 'none'})")
+        if mask is not None and device == "cuda":
+            dense_ms, flex_ms = time_masked(q, k, v, mask)
+            print(f"  {'':<38} Ember takes FLEX: dense-mask SDPA {dense_ms:.2f} ms, FlexAttention {flex_ms:.2f} ms "
+                  f"({dense_ms / flex_ms:.2f}x)")
     return 0
+
+
+def time_masked(q, k, v, mask) -> tuple[float, float]:
+    """Milliseconds a call of SDPA with the dense mask and of compiled FlexAttention with the same mask as blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dense = mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])
+    block = create_block_mask(lambda b, h, i, j: dense[b, 0, i, j], q.shape[0], None, q.shape[2], k.shape[2],
+                              device=q.device)
+    flex = torch.compile(flex_attention)
+    calls = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+             "flex": lambda: flex(q, k, v, block_mask=block, enable_gqa=True)}
+    times = []
+    for call in calls.values():
+        for _ in range(3):
+            call()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 20)
+    return times[0], times[1]
 
 
 if __name__ == "__main__":

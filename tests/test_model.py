@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import get_args
 
@@ -17,6 +18,7 @@ from ember.model import (
     ModelConfig,
     SamplingParams,
     Transformer,
+    build_model,
     fused_slices,
     generate_ids,
     load_model,
@@ -299,6 +301,87 @@ def test_an_ember_model_dir_with_its_tokenizer_works_in_transformers(tmp_path):
     assert ours == expected[: len(ours)] and (len(ours) == 12 or expected[len(ours)] == tok.token_to_id(EOS_TOKEN))
 
 
+def _both_kernels(model, run):
+    """`run()`'s outputs with masked attention through SDPA's dense mask and through FlexAttention's block mask."""
+    outputs = {}
+    for kernel in ("sdpa", "flex"):
+        model.attention = kernel
+        outputs[kernel] = run()
+    return outputs["sdpa"], outputs["flex"]
+
+
+@pytest.mark.parametrize("name", ["gqa-tied", "mha-untied"])
+def test_flex_attention_equals_the_dense_mask_on_packed_segments(name):
+    """Packed rows (3 sequences, then 1, the lengths crossing FlexAttention's 128-token blocks): the same logits
+    through either kernel, and each sequence's as if alone (torch has no FlexAttention backward on CPU; the GPU test
+    compares gradients)."""
+    torch.manual_seed(20)
+    model = Transformer(dataclasses.replace(ember_config(name), max_position_embeddings=320)).eval()
+    x = tokens(2, 300, seed=21)
+    segments = torch.tensor([[0] * 40 + [1] * 150 + [2] * 110, [0] * 300])
+    with torch.no_grad():
+        dense, flex = _both_kernels(model, lambda: model(x, segments=segments))
+        alone = model(x[:1, 40:190])[0]  # the second packed sequence on its own
+    assert torch.allclose(flex, dense, atol=1e-5, rtol=0)
+    assert torch.allclose(flex[0, 40:190], alone, atol=1e-5, rtol=0)
+
+
+def test_flex_attention_equals_the_dense_mask_on_a_ragged_kv_cache():
+    """Rows of different lengths prefilled into one cache, then decoded together: the same logits at every step."""
+    torch.manual_seed(22)
+    model = Transformer(ember_config("gqa-tied")).eval()
+    lengths = torch.tensor([5, 70, 33])
+    padded = tokens(3, 70, seed=23)
+
+    def run():
+        cache = KVCache(model.config, 3, 90)
+        out = [model(padded, cache=cache, num_new=lengths, last_only=True)]
+        for step in range(8):
+            nxt = out[-1].argmax(-1)[:, None]
+            out.append(model(nxt, cache=cache, num_new=torch.ones(3, dtype=torch.long), last_only=True))
+        return torch.stack(out)
+
+    with torch.no_grad():
+        dense, flex = _both_kernels(model, run)
+    assert torch.allclose(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_the_attention_kernel_is_flex_only_where_chosen_or_on_cuda():
+    from ember.model.llama import uses_flex
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_flex("auto", cpu, 64) and uses_flex("auto", cuda, 64) and uses_flex("flex", cpu, 64)
+    assert not uses_flex("auto", cuda, 22) and not uses_flex("sdpa", cuda, 64)  # a head size flex's kernel lacks
+    with pytest.raises(ValueError, match="attention kernel 'fast' is not one of auto, sdpa, flex"):
+        uses_flex("fast", cpu, 64)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_flex_attention_equals_the_dense_mask():
+    """The compiled FlexAttention kernel Ember picks on CUDA against SDPA's dense mask, packed and with a cache."""
+    torch.manual_seed(24)
+    model = Transformer(ember_config("gqa-tied")).cuda().eval()
+    x, segments = tokens(2, 64, seed=25).cuda(), torch.tensor([[0] * 20 + [1] * 44, [0] * 64]).cuda()
+    def packed():
+        model.zero_grad()
+        logits = model(x, segments=segments)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (dense, dense_grads), (flex, flex_grads) = _both_kernels(model, packed)
+    assert torch.allclose(flex, dense, atol=1e-4, rtol=0)
+    assert all(torch.allclose(f, d, atol=1e-4, rtol=1e-3) for f, d in zip(flex_grads, dense_grads))
+    with torch.no_grad():
+        def decode():
+            cache = KVCache(model.config, 2, 80, device="cuda")
+            first = model(x, cache=cache, num_new=torch.tensor([9, 64], device="cuda"), last_only=True)
+            one = torch.ones(2, dtype=torch.long, device="cuda")
+            return torch.stack([first, model(x[:, :1], cache=cache, num_new=one, last_only=True)])
+
+        dense, flex = _both_kernels(model, decode)
+        assert torch.allclose(flex, dense, atol=1e-4, rtol=0)
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_bf16_matches_fp32_and_the_cache_matches_a_full_forward():
     torch.manual_seed(12)
@@ -341,7 +424,7 @@ def test_a_model_built_on_the_meta_device_has_the_weights_of_the_eager_build(tie
     """`build_model` makes the weights once, on the device a run trains on (a GPU worker's host never holds them);
     under the same seed they are exactly `Transformer(cfg)`'s, so a run trains to the same losses as before. Its
     state dict written by `save_weights` (the ZeRO-3 export's path, with no model built) loads back the same."""
-    from ember.model import build_model, save_weights
+    from ember.model import save_weights
 
     cfg = preset("tiny", vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=tie)
@@ -355,7 +438,54 @@ def test_a_model_built_on_the_meta_device_has_the_weights_of_the_eager_build(tie
     assert (built.lm_head.weight is built.embed_tokens.weight) == tie
     ids = torch.randint(0, 320, (2, 12))
     assert torch.equal(eager(ids), built(ids))
+    torch.manual_seed(3)
+    half = build_model(cfg, dtype=torch.bfloat16)  # a bf16 run's model: never in fp32 as a whole
+    assert all(b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+               for a, b in zip(eager.state_dict().values(), half.state_dict().values()))
+    assert half.inv_freq.dtype == torch.float32 and (half.lm_head.weight is half.embed_tokens.weight) == tie
     state = {k: v.to(torch.bfloat16) for k, v in built.state_dict().items()}  # as ZeRO 3 gathers it, in 16 bits
     loaded = load_model(save_weights(state, cfg, tmp_path / "m", dtype=torch.bfloat16), dtype=torch.bfloat16)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+
+
+BUILD_PEAK = """
+import sys, torch
+from ember.model import Transformer, build_model, preset
+
+
+def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss would carry the forking parent's over exec)
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+
+
+cfg = preset("125m")
+before = status("VmRSS")
+if sys.argv[1] == "eager":  # the path before: the fp32 model, then DeepSpeed's cast to the training precision
+    model = Transformer(cfg).to(torch.bfloat16)
+else:
+    model = build_model(cfg, dtype=torch.bfloat16)
+print(status("VmHWM") - before)
+"""
+
+
+def test_building_the_125m_preset_for_a_bf16_run_takes_less_host_memory():
+    """Peak resident memory of making a bf16 run's `125m` model, each way in a fresh process: `build_model` holds the
+    16-bit model and one module in fp32 at most, where the eager build held the whole model in fp32 first."""
+    import os
+    import subprocess
+    import sys
+
+    def peak(how: str) -> int:
+        # A fixed mmap threshold: each large tensor is its own mapping, returned when freed, so the peak is what the
+        # build holds rather than what glibc's heap happens to keep after earlier frees.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        out = subprocess.run([sys.executable, "-c", BUILD_PEAK, how], capture_output=True, text=True, check=True,
+                             env=env)
+        return int(out.stdout.split()[-1])
+
+    eager, built = peak("eager"), peak("meta")
+    params_kib = num_parameters(preset("125m")) * 4 / 2**10  # the fp32 weights, in KiB
+    print(f"125m build peak: eager {eager / 2**10:.0f} MiB, meta+bf16 {built / 2**10:.0f} MiB, "
+          f"ratio {built / eager:.2f}")
+    assert eager > 0.9 * params_kib  # the eager build did hold the fp32 weights
+    assert built / eager < 0.85

@@ -9,16 +9,23 @@ by it.
 
 Shapes: B batch, T new tokens, S tokens attended to (cache), C hidden size, H query heads, K key/value heads,
 D head dim, V vocabulary. This file imports neither Ray nor DeepSpeed.
+
+Attention is `F.scaled_dot_product_attention` for causal rows. Rows that need a mask (packed segments, ragged KV
+cache lengths) get FlexAttention with a block mask on CUDA, a fused kernel that skips the blocks the mask empties
+instead of reading a dense B·T·S mask (which rules out flash attention there); on CPU, SDPA's flash kernel takes
+the dense mask. `Transformer.attention` chooses ("auto", "sdpa" or "flex"); both give the same outputs.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 ROPE_TYPES = ("default", "llama3")
@@ -211,9 +218,38 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions, span)  # (B, K, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.kv != self.h)  # (B, H, T, D)
+        y = attend(q, k, v, mask, gqa=self.kv != self.h)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+_compiled_flex = None
+
+
+def attend(q, k, v, mask, gqa: bool):
+    """Attention of q (B, H, T, D) over k, v (B, K, S, D): causal without a mask, else under `mask`, a dense boolean
+    (B, 1, T, S) for SDPA or a FlexAttention `BlockMask`. FlexAttention is compiled into its fused kernel on CUDA
+    (once per process); on CPU, where Ember only takes it when asked, it is torch's unfused reference."""
+    global _compiled_flex
+    if not isinstance(mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def uses_flex(kernel: str, device: torch.device, head_dim: int) -> bool:
+    """Whether masked attention goes through FlexAttention: when asked, or by default on CUDA for the head sizes
+    its kernel takes (a power of two, at least 16)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+    if kernel != "auto":
+        return kernel == "flex"
+    return device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 class MLP(nn.Module):
@@ -242,6 +278,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    attention = "auto"  # the kernel for masked attention: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa", "flex"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -270,21 +308,30 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         device = tokens.device
         steps = torch.arange(t, device=device)
+        allowed = mask = None  # allowed(row, head, query, key): whether the query attends to the key; None: causal
         if cache is None and segments is not None:
             starts = torch.ones_like(segments, dtype=torch.bool)
             starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
             first = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # each token's start
             positions, span = steps - first, t
-            causal = steps[None, :] <= steps[:, None]  # (T, T): query i sees key j <= i
-            mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]  # (B, 1, T, T)
+
+            def allowed(row, head, i, j):  # query i sees key j: earlier or itself, in its own sequence
+                return (j <= i) & (segments[row, i] == segments[row, j])
         elif cache is None:
-            positions, mask, span = steps.expand(b, t), None, t
+            positions, span = steps.expand(b, t), t
         else:
             positions = cache.lengths[:, None] + steps  # (B, T)
             span = int(positions.max()) + 1
             if span > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; this step needs {span}")
-            mask = torch.arange(span, device=device)[None, None, None, :] <= positions[:, None, :, None]
+
+            def allowed(row, head, i, j):  # new token i sees the cached and new positions up to its own
+                return j <= positions[row, i]
+        if allowed is not None and uses_flex(self.attention, device, self.config.head_dim):
+            mask = create_block_mask(allowed, b, None, t, span, device=device)
+        elif allowed is not None:  # the same function over every (row, query, key) at once
+            rows = torch.arange(b, device=device)[:, None, None, None]
+            mask = allowed(rows, 0, steps[:, None], torch.arange(span, device=device)[None, :])  # (B, 1, T, S)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2), in fp32 as HF does
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -303,24 +350,40 @@ class Transformer(nn.Module):
         return self.lm_head(x).float()
 
 
-def build_model(cfg: ModelConfig, device="cpu") -> Transformer:
-    """A randomly initialised model, built on the meta device and materialised once, on `device`: a GPU worker's
-    weights never exist in host memory. On CPU these are the very weights `Transformer(cfg)` gives under the same
-    seed: each module's own initialisation runs again in construction order, then the model's."""
+def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A randomly initialised model, built on the meta device and materialised once, on `device` and in `dtype` (the
+    training precision): a GPU worker's weights never exist in host memory, and a 16-bit run never holds an fp32
+    copy of the model. The weights are exactly `Transformer(cfg).to(dtype)`'s under the same seed: each module's own
+    initialisation runs again in construction order, then the model's, in fp32 one module at a time."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gave the two modules separate tensors
+        model.lm_head.weight = model.embed_tokens.weight
+    leaves = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding, RMSNorm))]
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.reset_parameters()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        if cfg.tie_word_embeddings:  # to_empty gave the two modules separate tensors
-            model.lm_head.weight = model.embed_tokens.weight
+        for module in leaves:
+            _in_fp32(module, module.reset_parameters if not isinstance(module, RMSNorm)
+                     else lambda m=module: m.weight.fill_(1.0))
+        for module in leaves:
+            _in_fp32(module, lambda m=module: model._init(m))
         model.inv_freq = rope_frequencies(cfg).to(device)
-        model.apply(model._init)
     return model
+
+
+def _in_fp32(module: nn.Module, init) -> None:
+    """Runs `init` (which fills `module`'s own parameters) on fp32 stand-ins, then stores the result in the module's
+    parameters in their dtype: the values fp32 initialisation then a cast give, with one module in fp32 at a time."""
+    own = dict(module.named_parameters(recurse=False))
+    if all(p.dtype == torch.float32 for p in own.values()):
+        init()
+        return
+    for name, p in own.items():
+        setattr(module, name, nn.Parameter(p.float()))  # what `init` leaves alone keeps its value
+    init()
+    for name, p in own.items():
+        p.copy_(getattr(module, name))
+        setattr(module, name, p)
 
 
 @torch.no_grad()

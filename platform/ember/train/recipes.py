@@ -17,6 +17,13 @@ from ember import storage
 from ember.model import Transformer, build_model, load_model, resize_vocab
 from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_dtype(spec) -> torch.dtype:
+    """The dtype a run's model is built in, trained in (DeepSpeed keeps fp32 masters) and exported in."""
+    return PRECISIONS[spec.deepspeed.precision]
+
 
 def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over rows of ids (B, T + 1)."""
@@ -47,9 +54,11 @@ def lm_loss(model, batch) -> torch.Tensor:
 class Pretraining:
     loss = staticmethod(next_token_loss)
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
-        """The model to train, made on `device` (never first in host memory), and its trainable parameters."""
-        init_from = plan.spec.model.init_from
-        model = load_model(init_from, device=device) if init_from else build_model(plan.model, device)
+        """The model to train, made on `device` in the training precision (never first in host memory, never in fp32
+        for a 16-bit run), and its trainable parameters."""
+        init_from, dtype = plan.spec.model.init_from, training_dtype(plan.spec)
+        model = (load_model(init_from, device=device, dtype=dtype) if init_from
+                 else build_model(plan.model, device, dtype))
         return model, list(model.parameters())
 
     def exports_from_state(self, plan) -> bool:
@@ -65,7 +74,7 @@ class SupervisedFinetuning:
 
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         spec = plan.spec
-        model = load_model(spec.base, device=device)
+        model = load_model(spec.base, device=device, dtype=training_dtype(spec))
         resize_vocab(model, max(plan.manifest["vocab_size"], model.config.vocab_size))
         if spec.method == "lora":
             return model, apply_lora(model, spec.lora)

@@ -48,7 +48,7 @@ from ember.progress import write_progress
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
-from ember.train.recipes import RECIPES, lm_loss
+from ember.train.recipes import RECIPES, lm_loss, training_dtype
 
 log = logging.getLogger("ember")
 
@@ -431,8 +431,7 @@ class Trainer:
         by default on GPUs). ZeRO 3: the shards are gathered to rank 0 in 16 bits and written as they are, with no
         model built for them, except LoRA's, whose adapters are merged on a model first."""
         out = storage.join(self.run_dir, "model")
-        precision = self.spec.deepspeed.precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        dtype = training_dtype(self.spec)
         eos = list(self.plan.eos_ids) if len(self.plan.eos_ids) > 1 else self.plan.eos_ids[0]
         model = state = None
         if self.spec.deepspeed.zero_stage == 3:
