@@ -197,8 +197,14 @@ BASE = dict(model_type="llama", vocab_size=97, hidden_size=48, intermediate_size
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "mistral"}, "model_type = 'mistral': not supported"),
+    ({"model_type": "gemma2"}, "model_type = 'gemma2': not supported .Ember runs 'llama', 'qwen2', 'qwen3', 'mistral'"),
+    ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, "expected Qwen2ForCausalLM"),
     ({"attention_bias": True}, "attention_bias = True: not supported"),
+    ({"model_type": "qwen3", "attention_bias": True}, "attention_bias = True: not supported .qwen3 models"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window = True: not supported"),
+    ({"model_type": "qwen3", "layer_types": ["sliding_attention"]},
+     "layer_types = .'sliding_attention'.: only full_attention"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window = 0: must be a positive integer"),
     ({"mlp_bias": True}, "mlp_bias = True: not supported"),
     ({"sliding_window": 4096}, "sliding_window = 4096: not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type = 'yarn': not supported"),

@@ -1,9 +1,12 @@
-"""Model directories in Hugging Face Llama format, read and written without `transformers`.
+"""Model directories in Hugging Face format, read and written without `transformers`, for the families Ember runs:
+Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral (`ember.model.llama.FAMILIES`; an exported dir is in its family's own
+format, so `transformers` and vLLM load it as that family).
 
-A model dir holds ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` (or shards plus
-``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. Weights are read only from
-safetensors, never from pickles. What Ember cannot run exactly (another model type, biases, sliding windows, other
-RoPE scalings) is refused with the field and value named, as are missing, unexpected and misshapen tensors.
+A model dir holds ``config.json`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...), ``model.safetensors`` (or shards
+plus ``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. Weights are read only from
+safetensors, never from pickles. What Ember cannot run exactly (another model type, MLP or output biases, Qwen's
+per-layer sliding windows, other RoPE scalings) is refused with the field and value named, as are missing,
+unexpected and misshapen tensors.
 
 A model dir is a location (`ember.storage`): a bucket prefix is read through the node cache (`local_model_dir`) and
 written whole, `config.json` last.
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 from ember import storage
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, path_stats
-from ember.model.llama import ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
+from ember.model.llama import FAMILIES, ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -34,16 +37,19 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 def _fused_weights(cfg: ModelConfig) -> dict[str, dict[str, slice]]:
-    """Ember's fused weights (name inside a block) → {HF weight name inside a block: rows}, in stacking order."""
+    """Ember's fused tensors (name inside a block) → {HF tensor name inside a block: rows}, in stacking order: the
+    weights, and the q/k/v biases of a family that has them."""
     out = {}
     for path, rows in fused_slices(cfg).items():
         parent = path.split(".")[0]  # self_attn or mlp: the same in both layouts
         out[f"{path}.weight"] = {f"{parent}.{name}.weight": r for name, r in rows.items()}
+        if cfg.qkv_bias and parent == "self_attn":
+            out[f"{path}.bias"] = {f"{parent}.{name}.bias": r for name, r in rows.items()}
     return out
 
 
 def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """Ember's state dict → HF Llama tensor names (fused projections split; the tied head left out)."""
+    """Ember's state dict → the family's HF tensor names (fused projections split; the tied head left out)."""
     fused = _fused_weights(cfg)
     out = {}
     for name, tensor in state.items():
@@ -59,7 +65,7 @@ def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
 
 
 def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
-    """HF Llama tensors → Ember's state dict (fused projections joined)."""
+    """The family's HF tensors → Ember's state dict (fused projections joined)."""
     out = {}
     for name, tensor in tensors.items():
         out[name[len("model."):] if name.startswith("model.") else name] = tensor
@@ -70,30 +76,57 @@ def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# Each family's config.json beyond the shared fields: its class, and the keys its readers expect.
+_HF_FAMILY = {
+    "llama": dict(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, pretraining_tp=1),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None,
+                  max_window_layers=0),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, use_sliding_window=False,
+                  sliding_window=None, max_window_layers=0),
+    "mistral": dict(architectures=["MistralForCausalLM"]),
+}
+_EMBER_ONLY = ("qkv_bias", "qk_norm")  # implied by the family: not config.json keys
+
+
 def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None, eos_token_id) -> dict:
-    """The config.json of a model dir: `LlamaForCausalLM` with legacy rope keys, which every Llama reader knows."""
+    """The config.json of a model dir, in the family's own format (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...)
+    with legacy rope keys, which every reader of the family knows."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _EMBER_ONLY}
+    if cfg.model_type != "mistral":
+        fields.pop("sliding_window")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": True,
-        **cfg.to_dict(),
+        "model_type": cfg.model_type, "hidden_act": "silu", "attention_dropout": 0.0, "use_cache": True,
+        **_HF_FAMILY[cfg.model_type], **fields,
         "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
     }
 
 
 def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
-    """A ModelConfig from a Llama config.json; anything Ember would not reproduce exactly is an error naming it."""
+    """A ModelConfig from a config.json of a supported family (`FAMILIES`); anything Ember would not reproduce
+    exactly is an error naming it."""
     def bad(field: str, value, why: str):
         raise EmberError(f"{where}: {field} = {value!r}: {why}")
 
-    if data.get("model_type") != "llama":
-        bad("model_type", data.get("model_type"), "not supported (Ember runs Llama-architecture models, 'llama')")
-    archs = data.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in archs:
-        bad("architectures", archs, "expected LlamaForCausalLM")
-    for key, expected in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
-                          ("sliding_window", None)):
-        if data.get(key, expected) != expected:
-            bad(key, data[key], f"not supported (Llama uses {expected!r})")
+    family = data.get("model_type")
+    if family not in FAMILIES:
+        bad("model_type", family, f"not supported (Ember runs {', '.join(repr(f) for f in FAMILIES)})")
+    expected_arch = _HF_FAMILY[family]["architectures"][0]
+    archs = data.get("architectures") or [expected_arch]
+    if expected_arch not in archs:
+        bad("architectures", archs, f"expected {expected_arch} for model_type {family!r}")
+    rules = [("mlp_bias", False), ("hidden_act", "silu")]
+    rules += [("attention_bias", False)] if family != "qwen2" else []  # Qwen2's q/k/v biases are its layout
+    rules += [("use_sliding_window", False)] if family in ("qwen2", "qwen3") else []
+    rules += [("sliding_window", None)] if family == "llama" else []
+    for key, expected in rules:
+        if data.get(key) is not None and data[key] != expected:
+            bad(key, data[key], f"not supported ({family} models here use {expected!r})")
+    layer_types = sorted({t for t in data.get("layer_types") or [] if t != "full_attention"})
+    if layer_types:
+        bad("layer_types", layer_types, "only full_attention layers are supported")
+    window = data.get("sliding_window") if family == "mistral" else None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        bad("sliding_window", window, "must be a positive integer or null")
     for key in _REQUIRED:
         if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
             bad(key, data.get(key), "missing or not an integer")
@@ -119,7 +152,8 @@ def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
             head_dim=data.get("head_dim") or 0, max_position_embeddings=data.get("max_position_embeddings", 2048),
             rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=data.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            initializer_range=data.get("initializer_range", 0.02))
+            initializer_range=data.get("initializer_range", 0.02), model_type=family,
+            sliding_window=window, **{k: v for k, v in FAMILIES[family].items() if k != "sliding_window"})
     except (ValueError, TypeError) as exc:
         raise EmberError(f"{where}: {exc}") from None
 

@@ -29,6 +29,13 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from torch.utils.checkpoint import checkpoint
 
 ROPE_TYPES = ("default", "llama3")
+# Each family's fixed differences from Llama; "sliding_window": True where a window may be set.
+FAMILIES: dict[str, dict] = {
+    "llama": dict(qkv_bias=False, qk_norm=False),
+    "qwen2": dict(qkv_bias=True, qk_norm=False),
+    "qwen3": dict(qkv_bias=False, qk_norm=True),
+    "mistral": dict(qkv_bias=False, qk_norm=False, sliding_window=True),
+}
 
 
 @dataclass
@@ -46,12 +53,27 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False  # share the embedding matrix with the output projection
     initializer_range: float = 0.02
+    # What the open families change in Llama's layout (`FAMILIES`), as data:
+    model_type: str = "llama"  # the Hugging Face family a model dir of this config is written as
+    qkv_bias: bool = False  # a bias on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before the rotary embedding (Qwen3)
+    sliding_window: int | None = None  # each query sees at most this many positions, itself included (Mistral)
     gradient_checkpointing: bool = field(default=False, compare=False)  # recompute activations in backward
 
     def __post_init__(self):
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         problems = []
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            problems.append(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}")
+        else:
+            problems += [f"{key} = {getattr(self, key)!r} is not what {self.model_type} models have ({want!r})"
+                         for key, want in family.items() if key != "sliding_window" and getattr(self, key) != want]
+            if self.sliding_window is not None and not family.get("sliding_window"):
+                problems.append(f"sliding_window: {self.model_type} models attend to the whole context here")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or self.sliding_window < 1):
+            problems.append(f"sliding_window ({self.sliding_window!r}) must be a positive number of positions")
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_key_value_heads})")
@@ -106,6 +128,7 @@ def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
     """Parameter count; `embeddings=False` leaves out the input embedding (and a tied output projection)."""
     c, d = cfg.hidden_size, cfg.head_dim
     attn = c * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    attn += (cfg.qkv_bias * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d) + cfg.qk_norm * 2 * d
     mlp = 3 * c * cfg.intermediate_size
     body = cfg.num_hidden_layers * (attn + mlp + 2 * c) + c
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
@@ -206,14 +229,19 @@ class Attention(nn.Module):
         self.layer, self.h, self.kv, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # q, k and v projections in one matrix (rows: q, then k, then v): one larger matmul instead of three.
         self.qkv_sizes = _sizes(fused_slices(cfg)["self_attn.qkv_proj"])  # [H·D, K·D, K·D]
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache: KVCache | None, positions, mask, span: int):
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(b, t, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
+        q, k = q.view(b, t, self.h, self.d), k.view(b, t, self.kv, self.d)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
         v = v.view(b, t, self.kv, self.d).transpose(1, 2)
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if cache is not None:
@@ -277,6 +305,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _causal(row, head, i, j):
+    return j <= i
+
+
 class Transformer(nn.Module):
     attention = "auto"  # the kernel for masked attention: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa", "flex"
 
@@ -295,6 +327,8 @@ class Transformer(nn.Module):
     def _init(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False, segments=None):
         """Logits (B, T, V), or (B, V) at each row's last new token with `last_only`.
@@ -327,6 +361,13 @@ class Transformer(nn.Module):
 
             def allowed(row, head, i, j):  # new token i sees the cached and new positions up to its own
                 return j <= positions[row, i]
+        window = self.config.sliding_window
+        if window is not None and window < span:  # the window leaves out keys some query would see
+            inner = allowed or _causal
+            at = positions if cache is not None else steps.expand(b, t)  # a query's index, comparable to its keys'
+
+            def allowed(row, head, i, j):  # and no further back than the window
+                return inner(row, head, i, j) & (at[row, i] - j < window)
         if allowed is not None and uses_flex(self.attention, device, self.config.head_dim):
             mask = create_block_mask(allowed, b, None, t, span, device=device)
         elif allowed is not None:  # the same function over every (row, query, key) at once
