@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from ember.data.chat import (
     template_source,
     to_messages,
 )
-from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
+from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, tokenizer_config, train_tokenizer
 from ember.train.recipes import lm_loss, masked_cross_entropy
 
 QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),
@@ -201,7 +203,6 @@ def test_conversations_are_read_from_parquet_and_jsonl_with_their_locations(tmp_
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
 def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path, tok, overlong):
-    import json
     from pathlib import Path
 
     from ember.config.specs import ChatDataSpec
@@ -230,3 +231,74 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
         assert kept == 2 and result["truncated"] == 1 and not result["skips"]["skipped"]
     shard = result["shards"]["train"][0]
     assert shard["rows"] == kept and shard["tokens"] == kept * 32  # one row each: neither fits beside the other
+
+
+TEMPLATES = Path(__file__).parent / "templates"
+# Each family's template (tests/templates, as the models ship them), its special tokens, and the target text the
+# loss mask of `TURNS` covers: each assistant turn as the template writes it, with its end marker.
+FAMILY_TEMPLATES = {
+    "qwen2.5": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ["<|im_start|>"],
+                "Red.<|im_end|>\nIn the sea.<|im_end|>\n"),
+    "qwen3": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ["<|im_start|>", "<think>", "</think>"],
+              "Red.<|im_end|>In the sea.<|im_end|>"),
+    "mistral-instruct": ({"bos_token": "<s>", "eos_token": "</s>"}, ["[INST]", "[/INST]"],
+                         " Red.</s> In the sea.</s>"),
+    "mistral-nemo": ({"bos_token": "<s>", "eos_token": "</s>"}, ["[INST]", "[/INST]"], "Red.</s>In the sea.</s>"),
+}
+TURNS = [{"role": "user", "content": "What color is the fox?"}, {"role": "assistant", "content": "Red."},
+         {"role": "user", "content": "Where does the whale live?"}, {"role": "assistant", "content": "In the sea."}]
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+
+
+def family_tokenizer(name: str, tmp_path):
+    """(Ember's tokenizer, its tokenizer_config.json, transformers' tokenizer of the same dir) with the family's
+    template and special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, extra, _ = FAMILY_TEMPLATES[name]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [m["content"] for m in TURNS + [SYSTEM]] * 20 + ["You are Qwen, created by Alibaba Cloud."] * 5
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel
+                                                      .alphabet(), show_progress=False))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*tokens.values(), *extra]])
+    source = (TEMPLATES / f"{name}.jinja").read_text()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+    hf.chat_template = source
+    hf.save_pretrained(str(tmp_path))
+    assert (tmp_path / "chat_template.jinja").read_text() == source  # where transformers writes it now
+    config = tokenizer_config(tmp_path)
+    return tok, config, hf
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_each_family_s_template_renders_as_transformers_renders_it(name, tmp_path):
+    _, config, hf = family_tokenizer(name, tmp_path)
+    ours = ChatTemplate.of(config)
+    cases = [([SYSTEM, *TURNS], {}), ([SYSTEM, *TURNS[:3]], {}), (TURNS, {})]  # Qwen2.5: its default system prompt
+    if name == "qwen3":
+        thinking = [*TURNS[:1], {"role": "assistant", "content": "<think>\nfoxes\n</think>\n\nRed."}, *TURNS[2:3]]
+        cases += [([SYSTEM, *TURNS[:3]], {"enable_thinking": False}), (thinking, {}), (thinking + TURNS[3:], {})]
+    for messages, switches in cases:
+        for prompt in (False, True):
+            expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **switches)
+            assert ours.render(messages, prompt, **switches) == expected, (messages, prompt, switches)
+    if name == "qwen2.5":
+        assert ours.render(TURNS).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    if name == "qwen3":
+        assert ours.render(TURNS[:1], True, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_the_loss_mask_covers_exactly_the_assistant_turns_in_each_family_s_template(name, tmp_path):
+    """Multi-turn with a system message: Qwen2.5 and Mistral-Instruct render turn by turn as prefixes; Qwen3 (its
+    last turn gets a thinking block) and Mistral Nemo (the system message moves to the last user turn) do not, and
+    their assistant contents are found in the text instead. Either way the targets are the assistant turns."""
+    tok, config, hf = family_tokenizer(name, tmp_path)
+    encoder = ChatEncoder(tok, ChatTemplate.of(config))
+    ids, mask = encoder.encode([SYSTEM, *TURNS])
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == hf.apply_chat_template([SYSTEM, *TURNS],
+                                                                                         tokenize=False)
+    assert tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False) == FAMILY_TEMPLATES[name][2]

@@ -71,6 +71,15 @@ HOSTILE = [
                                               '"logprobs": true}'), 400, "logprobs", "False"),
     ("chat-bad-role", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}'),
      400, "messages[0].role", "'system', 'user' or 'assistant'"),
+    ("template-kwargs-reserved", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
+                                                         '"hi"}], "chat_template_kwargs": {"add_generation_prompt": false}}'),
+     400, "chat_template_kwargs", "sets add_generation_prompt, which the server sets"),
+    ("template-kwargs-nested", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
+                                                       '"hi"}], "chat_template_kwargs": {"x": {"y": 1}}}'),
+     400, "chat_template_kwargs.x", "must be a boolean, a 32-bit integer or a string"),
+    ("template-kwargs-bad-name", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
+                                                         '"hi"}], "chat_template_kwargs": {"a-b": true}}'),
+     400, "chat_template_kwargs.a-b", "should match pattern"),
     ("over-body-limit", "completions", body(prompt="x" * 400_000), 413, None, "larger than 300000 bytes"),
 ]
 

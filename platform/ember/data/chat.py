@@ -7,7 +7,10 @@
   `transformers` renders it) or Ember's ChatML default.
 - The loss mask marks the tokens of each assistant turn as the template writes it (its content and its end marker):
   for turn i, the text of ``messages[:i]`` with the generation prompt is a prefix of the text of ``messages[:i+1]``,
-  and the characters between the two are that turn's. Tokens whose first character lies there are targets.
+  and the characters between the two are that turn's. Templates for which that does not hold (Mistral Nemo's puts
+  the system message on the last user turn; Qwen3's writes earlier turns without their thinking blocks) mark each
+  assistant content where it appears in the text, in order, with the special token right after it. Tokens whose
+  first character lies in a turn are targets.
 - `SFTPacker` packs whole conversations into rows of ``seq_len + 1`` with a segment number per token, so training
   keeps their attention and their positions apart (see `Transformer.forward(segments=...)`).
 """
@@ -122,10 +125,12 @@ class ChatTemplate:
         source = template_source(config)
         return cls(source, special_token_vars(config)) if source else None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+        """The conversation as text; `variables` are the template's own switches (Qwen3's `enable_thinking`, ...),
+        over the special-token variables, as `apply_chat_template(..., **kwargs)` passes them."""
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special)
+                                        **{**self.special, **variables})
         except TemplateError as exc:
             raise BadRecord("template_error", f"the chat template refused the conversation: {exc}") from None
 
@@ -162,23 +167,55 @@ def chat_tokenizer(tok: Tokenizer, config: dict) -> tuple[Tokenizer, dict, list[
 class ChatEncoder:
     """Renders a conversation with the template and tokenizes it, with the loss mask (see the module doc)."""
 
-    def __init__(self, tok: Tokenizer, template: ChatTemplate, train_on: str = "assistant"):
+    def __init__(self, tok: Tokenizer, template: ChatTemplate, train_on: str = "assistant",
+                 variables: dict | None = None):
         self.tok, self.template, self.train_on = tok, template, train_on
+        self.variables = dict(variables or {})
+        self.special = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special),
+                              key=len, reverse=True)
 
     def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its assistant turns."""
-        text = self.template.render(messages)
+        text = self.template.render(messages, **self.variables)
+        try:
+            return text, self._turn_spans(messages, text)
+        except BadRecord:
+            return text, self._content_spans(messages, text)
+
+    def _turn_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Each assistant turn as the template writes it (its header aside): what rendering the turn adds to the
+        conversation before it with the generation prompt. Needs each prefix of the conversation to render as a
+        prefix of the whole, which templates that move the system message to the last user turn (Mistral Nemo) or
+        write earlier turns differently from the last (Qwen3's thinking blocks) do not."""
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.template.render(messages[:i], add_generation_prompt=True)
-            through = self.template.render(messages[: i + 1])
+            before = self.template.render(messages[:i], add_generation_prompt=True, **self.variables)
+            through = self.template.render(messages[: i + 1], **self.variables)
             if not (through.startswith(before) and text.startswith(through)):
                 raise BadRecord("template_error", "the chat template does not render the conversation's turns as "
-                                "prefixes of each other, so the assistant tokens cannot be located")
+                                "prefixes of each other")
             spans.append((len(before), len(through)))
-        return text, spans
+        return spans
+
+    def _content_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """For the other templates: each assistant message's content, found in order in the rendered text, with the
+        special token the template writes right after it (its end-of-turn marker)."""
+        spans, cursor = [], 0
+        for m in messages:
+            content = m["content"].strip() if m["role"] == "assistant" else ""
+            if not content:
+                continue
+            start = text.find(content, cursor)
+            if start < 0:
+                raise BadRecord("template_error", "the chat template does not write an assistant turn's content "
+                                "as it is, so its tokens cannot be located")
+            end = start + len(content)
+            end += len(next((t for t in self.special if text.startswith(t, end)), ""))
+            spans.append((start, end))
+            cursor = end
+        return spans
 
     def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int64) and the loss mask (uint8, 1 = a training target) of one conversation."""

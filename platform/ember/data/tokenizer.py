@@ -71,15 +71,29 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise EmberError(f"{storage.display(location)}: not a valid tokenizer.json ({exc})") from None
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
 def tokenizer_config(path: str | os.PathLike) -> dict:
-    """The `tokenizer_config.json` beside a tokenizer.json, or {} when there is none."""
-    cfg = storage.join(storage.parent(tokenizer_file(path)), "tokenizer_config.json")
+    """The `tokenizer_config.json` beside a tokenizer.json, or {} when there is none; a `chat_template.jinja` beside
+    it (where `transformers` 4.43+ saves the template) is its `chat_template`."""
+    directory = storage.parent(tokenizer_file(path))
+    cfg = storage.join(directory, "tokenizer_config.json")
     try:
-        return json.loads(storage.read_bytes(cfg))
+        config = json.loads(storage.read_bytes(cfg))
     except FileNotFoundError:
-        return {}
+        config = {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EmberError(f"{storage.display(cfg)}: not valid JSON ({exc})") from None
+    if not config.get("chat_template"):
+        try:
+            config["chat_template"] = storage.read_bytes(storage.join(directory, CHAT_TEMPLATE_FILE)).decode()
+        except FileNotFoundError:
+            pass
+        except UnicodeDecodeError as exc:
+            raise EmberError(f"{storage.display(storage.join(directory, CHAT_TEMPLATE_FILE))}: not UTF-8 ({exc})") \
+                from None
+    return config
 
 
 def token_name(value) -> str | None:

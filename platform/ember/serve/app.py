@@ -371,7 +371,7 @@ class EmberServer:
             raise APIError(400, f"the model {self.name!r} has no chat template; use /v1/completions", "messages")
         try:
             text = self.template.render([{"role": m.role, "content": m.content} for m in body.messages],
-                                        add_generation_prompt=True)
+                                        add_generation_prompt=True, **(body.chat_template_kwargs or {}))
         except BadRecord as exc:
             raise APIError(400, exc.detail, "messages") from None
         prompts = [self.tokenizer.encode(text, add_special_tokens=False).ids]

@@ -129,10 +129,32 @@ class ChatMessage(BaseModel):
     name: Optional[Annotated[Text, Field(max_length=64)]] = None
 
 
+# Template variables a request may not set: the conversation, the prompt switch and the tokenizer's own tokens.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                               "pad_token", "unk_token")
+
+
+def _template_variables(value: dict) -> dict:
+    reserved = sorted(set(value) & set(RESERVED_TEMPLATE_VARIABLES))
+    if reserved:
+        raise PydanticCustomError("reserved", "sets {names}, which the server sets", {"names": ", ".join(reserved)})
+    return value
+
+
+TemplateName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+TemplateValue = Annotated[Union[bool, Annotated[int, Field(ge=-(1 << 31), lt=1 << 31)],
+                                Annotated[str, Field(max_length=256), AfterValidator(_valid_unicode)]],
+                          _one_of("a boolean, a 32-bit integer or a string of at most 256 characters")]
+
+
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024, description="The conversation so far.")
+    chat_template_kwargs: Optional[Annotated[dict[TemplateName, TemplateValue], Field(max_length=16),
+                                             AfterValidator(_template_variables)]] = Field(
+        None, description="The chat template's own switches, e.g. Qwen3's {\"enable_thinking\": false} (vLLM's "
+                          "extension).")
     logprobs: Optional[Literal[False]] = Field(None, description="Not supported for chat completions (false only).")
 
 
