@@ -72,7 +72,8 @@ HOSTILE = [
     ("chat-bad-role", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}'),
      400, "messages[0].role", "'system', 'user' or 'assistant'"),
     ("template-kwargs-reserved", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
-                                                         '"hi"}], "chat_template_kwargs": {"add_generation_prompt": false}}'),
+                                                         '"hi"}], "chat_template_kwargs": '
+                                                         '{"add_generation_prompt": false}}'),
      400, "chat_template_kwargs", "sets add_generation_prompt, which the server sets"),
     ("template-kwargs-nested", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
                                                        '"hi"}], "chat_template_kwargs": {"x": {"y": 1}}}'),
