@@ -15,6 +15,7 @@ import torch
 from conftest import merged, tiny_model_dir
 from ember import storage
 from ember.config import parse_spec
+from ember.data.tokenizer import load_tokenizer
 from ember.errors import EmberError
 from ember.model import load_model, save_model
 from ember.train.evaluate import run_evaluate
@@ -91,6 +92,36 @@ def hf_base(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def qwen_base(tmp_path_factory) -> Path:
+    """A tiny Qwen2 (Qwen2.5's layout: q/k/v biases, tied embeddings, rope_theta 1e6) saved by `transformers`, with
+    every tensor random and a tokenizer carrying Qwen2.5's own chat template (its default system prompt) in
+    chat_template.jinja, as `transformers` saves one now."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from ember.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen-base") / "model"
+    tok = train_tokenizer(_tokenizer_text() + ["You are Qwen, created by Alibaba Cloud. You are a helpful "
+                                               "assistant."] * 20, 320)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf_tok.chat_template = (Path(__file__).parent / "templates" / "qwen2.5.jinja").read_text()
+    hf_tok.save_pretrained(str(root))
+    eos = tok.token_to_id("<|im_end|>")
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos,
+                      bos_token_id=None, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(root))
+    return root
+
+
 def spec(base: Path, train_file: Path, run_dir: Path, **sections) -> dict:
     data = {"kind": "finetune", "base": str(base),
             "data": {"inputs": [str(train_file)], "seq_len": 64, "val_fraction": 0.1},
@@ -113,9 +144,10 @@ def full_run(hf_base, chat_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lora_run(ember_base, chat_data, tmp_path_factory) -> Path:
+def lora_run(qwen_base, chat_data, tmp_path_factory) -> Path:
+    """LoRA on the Qwen2 base (the adapters in PEFT's format, for Qwen2's module names)."""
     run_dir = tmp_path_factory.mktemp("ft") / "lora"
-    run_finetune(parse_spec(spec(ember_base, chat_data["train"], run_dir, method="lora", train={"lr": 1e-2},
+    run_finetune(parse_spec(spec(qwen_base, chat_data["train"], run_dir, method="lora", train={"lr": 1e-2},
                                  lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
                                  scaling={"workers": 1})))
     return run_dir
@@ -197,36 +229,61 @@ def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(lora_run, ember_base):
+def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(lora_run, qwen_base):
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     adapter = load_file(str(lora_run / "adapter" / "adapter_model.safetensors"))
     config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
-    base, merged = load_file(str(ember_base / "model.safetensors")), load_file(str(lora_run / "model" /
-                                                                                   "model.safetensors"))
-    assert set(base) == set(merged)
+    base, merged = load_file(str(qwen_base / "model.safetensors")), load_file(str(lora_run / "model" /
+                                                                                  "model.safetensors"))
+    assert set(base) == set(merged) and "model.layers.0.self_attn.q_proj.bias" in base
     scale = 8 / 4
     for name, weight in base.items():
-        module = name.rsplit(".", 1)[0]
+        module, kind = name.rsplit(".", 1)
         key = f"base_model.model.{module}.lora_A.weight"
-        if key in adapter:
+        if key in adapter and kind == "weight":
             delta = adapter[key.replace("lora_A", "lora_B")] @ adapter[key] * scale
             assert delta.abs().max() > 1e-4, name  # the adapter trained
             assert torch.allclose(merged[name], weight + delta, atol=1e-5), name
         else:
-            assert torch.equal(merged[name], weight), name  # frozen: bit for bit the base
+            assert torch.equal(merged[name], weight), name  # frozen (biases included): bit for bit the base
     assert sum(1 for k in adapter if k.endswith("lora_A.weight")) == 3 * 2  # 3 targets x 2 layers
 
-    # PEFT applies the saved adapter to the base as Ember merged it.
-    hf_base = LlamaForCausalLM.from_pretrained(str(ember_base))
+    # PEFT applies the saved adapter to the Qwen2 base as Ember merged it; the export is a Qwen2 model dir.
+    hf_base = AutoModelForCausalLM.from_pretrained(str(qwen_base))
     peft = PeftModel.from_pretrained(hf_base, str(lora_run / "adapter")).merge_and_unload().eval()
+    exported = AutoModelForCausalLM.from_pretrained(str(lora_run / "model")).eval()
+    assert type(peft) is type(exported) is Qwen2ForCausalLM
     ids = torch.tensor([[3, 50, 7, 99, 12]])
     with torch.no_grad():
         assert torch.allclose(peft(ids).logits, load_model(lora_run / "model")(ids), atol=1e-4)
+        assert torch.allclose(peft(ids).logits, exported(ids).logits, atol=1e-4)
+
+
+def test_the_lora_fine_tuned_qwen2_answers_through_the_openai_client_with_its_template(lora_run, serve_port):
+    """Served as it was exported: the chat prompt is Qwen2.5's template (its default system prompt, as
+    `apply_chat_template` renders it) and generation stops at its `<|im_end|>`."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from conftest import deployed, greedy
+
+    messages = [{"role": "user", "content": "What color is the fox?"}]
+    prompt = AutoTokenizer.from_pretrained(str(lora_run / "model")).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen")
+    eos = json.loads((lora_run / "model" / "generation_config.json").read_text())["eos_token_id"]
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    with deployed("qwen", serve_port, model_dir=str(lora_run / "model"), model_name="qwen") as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model="qwen", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == greedy(lora_run / "model", prompt, 12, stop_ids=eos)
+    assert chat.usage.prompt_tokens == len(load_tokenizer(lora_run / "model").encode(prompt,
+                                                                                     add_special_tokens=False).ids)
 
 
 def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full_run, ember_base, chat_data,
@@ -242,6 +299,15 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
     assert tuned["dataset"]["assistant_loss"] < base["dataset"]["assistant_loss"]
     assert tuned["conversations"]["token_f1"] > base["conversations"]["token_f1"]
     assert tuned["conversations"]["answered"] == 10 and len(tuned["conversations"]["examples"]) == 3
+
+
+def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen_base, chat_data, tmp_path):
+    results = run_evaluate(parse_spec({
+        "kind": "evaluate", "models": {"base": str(qwen_base), "lora": str(lora_run / "model")},
+        "data": {"dir": str(lora_run / "data"), "conversations": [str(chat_data["heldout"])]},
+        "generation": {"max_examples": 4, "max_new_tokens": 8}, "output": {"file": str(tmp_path / "e.json")}}))
+    assert results["lora"]["conversations"]["assistant_loss"] < results["base"]["conversations"]["assistant_loss"]
+    assert results["lora"]["dataset"]["assistant_loss"] < results["base"]["dataset"]["assistant_loss"]
 
 
 def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora_run, tmp_path):

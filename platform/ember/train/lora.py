@@ -1,4 +1,5 @@
-"""LoRA for Ember's Transformer, saved in PEFT's format for the Llama layout.
+"""LoRA for Ember's Transformer, saved in PEFT's format for the family's layout (Llama, Qwen2, Qwen3 and Mistral
+share the projection names).
 
 Ember fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``; an adapter on, say, ``q_proj`` is an adapter
 on the q rows of the fused matrix. `LoraLinear` wraps one linear layer and keeps one (A, B) pair per targeted row
@@ -69,8 +70,11 @@ class LoraLinear(nn.Module):
         for name, rows in self.blocks:
             if name in self.lora_A:
                 w[rows] += (self.lora_B[name].float() @ self.lora_A[name].float()).to(w.dtype) * self.scale
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        bias = self.base.bias
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
         layer.weight.copy_(w)
+        if bias is not None:  # Qwen2's q/k/v biases: LoRA leaves them as they are (PEFT's bias="none")
+            layer.bias.copy_(bias)
         return layer
 
 
