@@ -193,10 +193,10 @@ def _add_generate(verbs, common) -> None:
     gen = verbs.add_parser(
         "generate", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="generate text from a model dir, streamed to the terminal",
-        description="Load a Llama-format model dir (Ember's export, or any Llama checkpoint in safetensors with a "
-                    "tokenizer.json) and stream a continuation of the prompt. Temperature 0 is greedy.",
+        description="Load a model dir (Ember's export, or a Llama, Qwen2, Qwen3 or Mistral checkpoint in safetensors "
+                    "with a tokenizer.json) and stream a continuation of the prompt. Temperature 0 is greedy.",
         epilog="example:\n  ember generate runs/demo/model --prompt 'The json module' --max-tokens 64 --seed 1")
-    gen.add_argument("model_dir", metavar="MODEL_DIR", help="a Llama-format model directory")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (Llama, Qwen2, Qwen3 or Mistral)")
     gen.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user turn in the model's chat template and answer it")

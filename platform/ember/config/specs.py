@@ -123,8 +123,8 @@ class ModelSpec(SpecModel):
 
     preset: Optional[str] = Field("tiny", description="A shape from ember.model.PRESETS (tiny, small, 125m, 350m, 1b, "
                                                       "3b, 8b); vocab_size comes from the dataset's tokenizer.")
-    init_from: Optional[str] = Field(None, description="A Llama-format model dir to start from (its shape and "
-                                                       "weights); a path or a URI.")
+    init_from: Optional[str] = Field(None, description="A model dir to start from (its family, shape and weights: "
+                                                       "Llama, Qwen2, Qwen3 or Mistral); a path or a URI.")
     hidden_size: Optional[int] = Field(None, ge=8, description="Override the preset's hidden size.")
     intermediate_size: Optional[int] = Field(None, ge=8, description="Override the preset's SwiGLU width.")
     num_hidden_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
@@ -310,11 +310,12 @@ class LoraSpec(SpecModel):
 
 
 class FinetuneSpec(TrainingJobSpec):
-    """`kind: finetune` — supervised fine-tuning on conversations (full or LoRA) from a Llama-format model dir."""
+    """`kind: finetune` — supervised fine-tuning on conversations (full or LoRA) from a Llama, Qwen2, Qwen3 or
+    Mistral model dir."""
 
     kind: Literal["finetune"] = Field(description="Job kind.")
-    base: str = Field(description="The model dir to start from: an Ember export or any Llama-format dir (config.json, "
-                                  "safetensors weights, tokenizer.json); a path or a URI.")
+    base: str = Field(description="The model dir to start from: an Ember export or a Llama, Qwen2, Qwen3 or Mistral "
+                                  "dir (config.json, safetensors weights, tokenizer.json); a path or a URI.")
     data: ChatDataSpec = Field(description="Conversations.")
     method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train low-rank "
                                                                 "adapters on a frozen base.")

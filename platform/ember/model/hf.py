@@ -195,7 +195,8 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
 
 
 def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Builds the model a Llama-format dir describes and loads its safetensors weights (sharded or not)."""
+    """Builds the model a model dir of a supported family describes and loads its safetensors weights (sharded or
+    not)."""
     model_dir = local_model_dir(model_dir)
     cfg = config_from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     files = _weight_files(model_dir)
@@ -235,7 +236,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
 def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None,
                eos_token_id=None) -> Path:
-    """Writes a Llama-format model dir (atomically: a crash leaves the previous dir, or none, never half of one; in
+    """Writes a model dir in its family's format (atomically: a crash leaves the previous dir, or none, never half of one; in
     object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir` may be a URI
     too."""
     return save_weights(model.state_dict(), model.config, model_dir, tokenizer_dir=tokenizer_dir,
