@@ -237,8 +237,8 @@ def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_di
                dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None,
                eos_token_id=None) -> Path:
     """Writes a model dir in its family's format (atomically: a crash leaves the previous dir, or none, never half
-    of one; in object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir` may be a URI
-    too."""
+    of one; in object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir`
+    may be a URI too."""
     return save_weights(model.state_dict(), model.config, model_dir, tokenizer_dir=tokenizer_dir,
                         dtype=dtype or next(model.parameters()).dtype, max_shard_bytes=max_shard_bytes,
                         bos_token_id=bos_token_id, eos_token_id=eos_token_id)

@@ -75,8 +75,8 @@ class AutoscalingArgs(SpecModel):
 class ServeArgs(SpecModel):
     """The `args` of `ember.serve.app:build_app` (a Ray Serve config's application args)."""
 
-    model_dir: str = Field(description="The model dir to serve (Llama, Qwen2, Qwen3 or Mistral): a path, or a URI of object storage "
-                                       "that each replica's node pulls into its node cache.")
+    model_dir: str = Field(description="The model dir to serve (Llama, Qwen2, Qwen3 or Mistral): a path, or a URI "
+                                       "of object storage that each replica's node pulls into its node cache.")
     model_name: Optional[str] = Field(None, description="The model id clients send (default: the dir's name).")
     max_batch_size: int = Field(16, ge=1, description="Rows decoded together in one replica.")
     max_tokens_in_flight: Optional[int] = Field(None, ge=1, description="Prompt + output tokens of the running "
