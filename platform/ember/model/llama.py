@@ -364,15 +364,16 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if window is not None and window < span:  # the window leaves out keys some query would see
             inner = allowed or _causal
-            at = positions if cache is not None else steps.expand(b, t)  # a query's index, comparable to its keys'
+            at = positions if cache is not None else steps[None]  # a query's index, comparable to its keys'
 
             def allowed(row, head, i, j):  # and no further back than the window
                 return inner(row, head, i, j) & (at[row, i] - j < window)
+        rows = b if cache is not None or segments is not None else 1  # else one mask serves every row
         if allowed is not None and uses_flex(self.attention, device, self.config.head_dim):
-            mask = create_block_mask(allowed, b, None, t, span, device=device)
+            mask = create_block_mask(allowed, rows, None, t, span, device=device)
         elif allowed is not None:  # the same function over every (row, query, key) at once
-            rows = torch.arange(b, device=device)[:, None, None, None]
-            mask = allowed(rows, 0, steps[:, None], torch.arange(span, device=device)[None, :])  # (B, 1, T, S)
+            row = torch.arange(rows, device=device)[:, None, None, None]
+            mask = allowed(row, 0, steps[:, None], torch.arange(span, device=device)[None, :])  # (B or 1, 1, T, S)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2), in fp32 as HF does
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
