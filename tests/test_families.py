@@ -98,10 +98,12 @@ def test_the_cache_equals_a_full_forward_and_packed_rows_equal_separate_sequence
         cache = KVCache(ours.config, 1, 48)
         steps = [ours(x[:, :9], cache=cache)[0]] + [ours(x[:, t:t + 1], cache=cache)[0] for t in range(9, 40)]
         assert torch.allclose(torch.cat(steps), full, atol=1e-5, rtol=0), name
-        segments = torch.tensor([[0] * 25 + [1] * 15])
-        packed = ours(x, segments=segments)[0]
-        assert torch.allclose(packed[:25], ours(x[:, :25])[0], atol=1e-5, rtol=0)
-        assert torch.allclose(packed[25:], ours(x[:, 25:])[0], atol=1e-5, rtol=0)
+        two = torch.cat([x, tokens(1, 40, seed=8)])  # two rows: the second one packed differently
+        segments = torch.tensor([[0] * 25 + [1] * 15, [0] * 10 + [1] * 30])
+        packed = ours(two, segments=segments)
+        for row, cut in ((0, 25), (1, 10)):
+            assert torch.allclose(packed[row, :cut], ours(two[row:row + 1, :cut])[0], atol=1e-5, rtol=0), name
+            assert torch.allclose(packed[row, cut:], ours(two[row:row + 1, cut:])[0], atol=1e-5, rtol=0), name
 
 
 def test_ember_writes_the_family_s_own_format(pair, tmp_path):

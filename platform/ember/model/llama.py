@@ -364,10 +364,10 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if window is not None and window < span:  # the window leaves out keys some query would see
             inner = allowed or _causal
-            at = positions if cache is not None else steps[None]  # a query's index, comparable to its keys'
 
-            def allowed(row, head, i, j):  # and no further back than the window
-                return inner(row, head, i, j) & (at[row, i] - j < window)
+            def allowed(row, head, i, j):  # and no further back than the window (a cached row's query is at its
+                query = positions[row, i] if cache is not None else i  # position; a row's index is comparable)
+                return inner(row, head, i, j) & (query - j < window)
         rows = b if cache is not None or segments is not None else 1  # else one mask serves every row
         if allowed is not None and uses_flex(self.attention, device, self.config.head_dim):
             mask = create_block_mask(allowed, rows, None, t, span, device=device)
