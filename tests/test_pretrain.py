@@ -355,6 +355,35 @@ def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, referenc
     assert run_evaluate(parse_spec(spec))["trained"]["dataset"]["rows"] == 2
 
 
+def test_continued_pretraining_of_a_qwen3_model_starts_from_its_weights_and_exports_qwen3(dataset, tmp_path):
+    """`model.init_from` a Qwen3 dir saved by transformers (q/k norms, an explicit head_dim), trained 2 steps at a
+    learning rate too small to move a weight measurably: the export is a Qwen3 dir that transformers loads as
+    Qwen3ForCausalLM, with the base's logits (its weights, norms included, were the ones trained) and Ember's."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    base = tmp_path / "qwen3"
+    torch.manual_seed(5)
+    hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=None,
+                                      eos_token_id=None)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    hf.save_pretrained(base)
+    train(dataset, tmp_path / "r", model={"init_from": str(base)}, scaling={"workers": 1},
+          train={"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 2, "lr": 1e-9, "min_lr": 0,
+                 "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2})
+    assert [r["step"] for r in rows(tmp_path / "r") if "loss" in r][-1] == 2
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model").eval()
+    assert type(exported) is Qwen3ForCausalLM and exported.config.head_dim == 16
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        theirs = exported(ids).logits
+        assert torch.allclose(theirs, hf(ids).logits, atol=1e-3)
+        assert torch.allclose(theirs, load_model(tmp_path / "r" / "model")(ids), atol=1e-4)
+
+
 def test_resume_honours_never_and_checks_the_path(dataset, reference_run):
     with pytest.raises(EmberError, match="holds checkpoints of an earlier run and resume is 'never'"):
         train(dataset, reference_run, resume="never")
