@@ -87,7 +87,7 @@ def hf_base(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=0,
-                      bos_token_id=None, tie_word_embeddings=False)
+                      bos_token_id=7, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(str(root))
     return root
 
@@ -185,7 +185,7 @@ def test_full_finetune_of_a_transformers_model_adds_chat_tokens_and_loads_back_i
     assert metrics[-1]["val_loss"] < metrics[2]["val_loss"]
 
     hf = LlamaForCausalLM.from_pretrained(str(full_run / "model")).eval()
-    assert hf.config.vocab_size == 300 + 3
+    assert hf.config.vocab_size == 300 + 3 and hf.config.bos_token_id == 7  # the base's, kept
     ours = load_model(full_run / "model")
     ids = torch.tensor([[5, 17, 301, 40, 302, 9]])
     with torch.no_grad():

@@ -79,10 +79,9 @@ def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
 # Each family's config.json beyond the shared fields: its class, and the keys its readers expect.
 _HF_FAMILY = {
     "llama": dict(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, pretraining_tp=1),
-    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None,
-                  max_window_layers=0),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, use_sliding_window=False,
-                  sliding_window=None, max_window_layers=0),
+                  sliding_window=None),
     "mistral": dict(architectures=["MistralForCausalLM"]),
 }
 _EMBER_ONLY = ("qkv_bias", "qk_norm")  # implied by the family: not config.json keys
@@ -94,6 +93,8 @@ def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None,
     fields = {k: v for k, v in cfg.to_dict().items() if k not in _EMBER_ONLY}
     if cfg.model_type != "mistral":
         fields.pop("sliding_window")
+    if cfg.model_type in ("qwen2", "qwen3"):  # as Qwen's own configs: every layer full attention
+        fields.update(max_window_layers=cfg.num_hidden_layers, layer_types=["full_attention"] * cfg.num_hidden_layers)
     return {
         "model_type": cfg.model_type, "hidden_act": "silu", "attention_dropout": 0.0, "use_cache": True,
         **_HF_FAMILY[cfg.model_type], **fields,
@@ -156,6 +157,12 @@ def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
             sliding_window=window, **{k: v for k, v in FAMILIES[family].items() if k != "sliding_window"})
     except (ValueError, TypeError) as exc:
         raise EmberError(f"{where}: {exc}") from None
+
+
+def bos_token_id(config: dict) -> int | None:
+    """A config.json's beginning-of-text token id, when it names one (an int)."""
+    bos = config.get("bos_token_id")
+    return bos if isinstance(bos, int) and not isinstance(bos, bool) else None
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -17,7 +17,7 @@ from ember.data.sft import prepare_chat_dataset
 from ember.data.tokenizer import load_tokenizer, tokenizer_file, turn_end_ids
 from ember.errors import EmberError
 from ember.identity import read_stamp, write_stamp
-from ember.model.hf import config_from_hf, read_json, weights_fingerprint
+from ember.model.hf import bos_token_id, config_from_hf, read_json, weights_fingerprint
 from ember.train.launch import SNAPSHOT, RunPlan, launch, refuse_never, resume_path, total_steps
 
 log = logging.getLogger("ember")
@@ -54,7 +54,8 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     """The run a finetune spec asks for: checks the base, tokenizes the conversations (on Ray), and plans."""
     base = _base(spec)
     config = storage.join(base, "config.json")
-    cfg = config_from_hf(read_json(config), storage.display(config))
+    data = read_json(config)
+    cfg = config_from_hf(data, storage.display(config))
     run_dir = storage.normalize(spec.output.dir)
     refuse_never(spec, run_dir)
     data_dir = storage.normalize(spec.data.dir) if spec.data.dir else storage.join(run_dir, "data")
@@ -70,7 +71,8 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
              "every weight")
     return RunPlan(spec=spec, model=cfg, data_dir=data_dir, manifest=manifest, run_dir=run_dir,
                    total_steps=total_steps(spec, manifest), eos_ids=tuple(eos_ids),
-                   base_weights=_check_base_weights(run_dir, base, resuming), start_from=resume_path(spec))
+                   base_weights=_check_base_weights(run_dir, base, resuming), start_from=resume_path(spec),
+                   bos_id=bos_token_id(data))
 
 
 def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:

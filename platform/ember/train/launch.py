@@ -57,6 +57,7 @@ class RunPlan:
     eos_ids: tuple[int, ...]  # the end tokens the exported generation_config.json names
     base_weights: str | None = None  # fingerprint of the base model's weights (fine-tuning)
     start_from: str | None = None  # the checkpoint `resume: PATH` names
+    bos_id: int | None = None  # the base's beginning-of-text token (config.json's bos_token_id), kept in the export
 
     @property
     def kind(self) -> str:

@@ -12,7 +12,7 @@ from ember.config.specs import PretrainSpec
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
 from ember.model import ModelConfig, preset
-from ember.model.hf import config_from_hf, read_json
+from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.train.launch import RunPlan, launch, resume_path, total_steps
 
 
@@ -48,6 +48,8 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
     cfg = model_config(spec, manifest)
+    bos = bos_token_id(read_json(storage.join(storage.normalize(spec.model.init_from), "config.json"))) \
+        if spec.model.init_from else None
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
     spec.data.dir = storage.normalize(spec.data.dir)
     spec.output.dir = storage.normalize(spec.output.dir)
@@ -55,7 +57,7 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
         spec.model.init_from = storage.normalize(spec.model.init_from)
     return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
                    total_steps=total_steps(spec, manifest), eos_ids=(manifest["eos_id"],),
-                   start_from=resume_path(spec))
+                   start_from=resume_path(spec), bos_id=bos)
 
 
 def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:

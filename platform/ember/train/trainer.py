@@ -447,10 +447,11 @@ class Trainer:
             if model is not None:
                 self.recipe.before_export(model, self.plan, out)
                 model.config.gradient_checkpointing = False
-                save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos)
+                save_model(model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype, eos_token_id=eos,
+                           bos_token_id=self.plan.bos_id)
             else:
                 save_weights(state, self.plan.model, out, tokenizer_dir=self.plan.data_dir, dtype=dtype,
-                             eos_token_id=eos)
+                             eos_token_id=eos, bos_token_id=self.plan.bos_id)
             log.info("model exported to %s", storage.display(out))
         if dist.is_initialized():
             dist.barrier()
