@@ -190,6 +190,40 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (`mlflow server`, SQLite backend, artifacts it stores itself in a
+    temp dir, uploaded to it over HTTP): its URL."""
+    import subprocess
+    import time
+
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen([str(Path(EMBER).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+    log.close()
+
+
 # ----------------------------------------------------------------- serving: one tiny model and one app for the suite
 
 WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 from conftest import (
     OPS_AT_START,
+    free_port,
     kill_a_worker_once_checkpointed,
     merged,
     ray_address,
@@ -172,13 +174,15 @@ def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tm
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
 
 
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, s3_server, tmp_path,
-                                                             ray_session):
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, s3_server, mlflow_server,
+                                                             tmp_path, ray_session):
     """SIGKILL one training worker (found through Ray's state API) once Ray Train has taken in a checkpoint past the
     start: Ray Train restarts the workers, they restore its latest checkpoint (recorded in restores.jsonl), redo the
     steps the killed attempt had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its
     first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums. The run dir is a bucket prefix:
-    the checkpoints the new workers restore are the ones Ray Train uploaded there."""
+    the checkpoints the new workers restore are the ones Ray Train uploaded there. The run is tracked in a real
+    MLflow server: one MLflow run across the restart, each step's metrics once, the spec and the dataset as params,
+    the model and result.json as artifacts."""
     from ray.util.state import list_actors
 
     bucket, endpoint, _ = s3_server
@@ -197,9 +201,11 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, worker_pids, killed, 8, 24),
                               daemon=True)
     killer.start()
-    train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 3,
-                                   "eval_every": 0},
-          deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
+    result = train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4,
+                                            "keep_checkpoints": 3, "eval_every": 0,
+                                            "tracking": {"mlflow": {"tracking_uri": mlflow_server,
+                                                                    "experiment": "killed"}}},
+                   deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
     killer.join()
     assert killed and killed["registered"] < killed["at"] < 24, killed  # (the thread gives up after 300 s)
     metrics = rows(run_dir)
@@ -220,6 +226,50 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     kept = sorted(checkpoint_states(run_dir))
     assert kept[-3:] == [16, 20, 24] and sorted(registered_steps()) == [16, 20, 24]
     assert not list(tmp_path.iterdir())  # nothing of the run on local disk
+
+    # MLflow, through its REST API: one run, through the restart.
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "killed"}).json()
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment"]["experiment_id"]]})
+    [run] = runs.json()["runs"]
+    assert run["info"]["status"] == "FINISHED"
+    assert storage.read_json(storage.join(run_dir, "tracking.json"))["mlflow"]["run_id"] == run["info"]["run_id"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    manifest = storage.read_json(storage.join(dataset, "manifest.json"))
+    assert params["train.max_steps"] == "24" and params["deepspeed.zero_stage"] == "1"
+    assert params["data.identity"] == manifest["identity"]
+    assert params["data.tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+    history = requests.get(f"{api}/metrics/get-history", params={"run_id": run["info"]["run_id"],
+                                                                 "metric_key": "loss", "max_results": 1000})
+    logged = sorted((m["step"], m["value"]) for m in history.json()["metrics"])
+    assert [step for step, _ in logged] == list(range(1, 25))  # each step once, across the restart
+    assert all(abs(value - redone[step]) < 1e-6 for step, value in logged)
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"]}).json()
+    assert {"model", "result.json"} <= {f["path"] for f in artifacts["files"]}
+    model_files = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "model"})
+    assert "model/config.json" in {f["path"] for f in model_files.json()["files"]}
+    assert result["step"] == 24
+
+
+def test_an_unreachable_tracking_server_is_a_warning_or_with_required_an_error(dataset, tmp_path, caplog):
+    """Planned on the driver, before any worker: the run trains untracked after one warning naming the server, or,
+    with `tracking.required`, stops with an error naming it."""
+    from ember.train.pretrain import plan_pretrain
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    tracked = {"tracking": {"mlflow": {"tracking_uri": uri}}}
+    with caplog.at_level("WARNING", logger="ember"):
+        plan = plan_pretrain(parse_spec(spec(dataset, tmp_path / "r", train=tracked)))
+    assert plan.spec.train.tracking.mlflow is None  # the workers do not try again
+    [warning] = [r.getMessage() for r in caplog.records if "MLflow" in r.getMessage()]
+    assert f"cannot reach {uri}" in warning and "trains untracked" in warning
+    with pytest.raises(EmberError, match=rf"train\.tracking\.mlflow\.tracking_uri: cannot reach {uri}.*"
+                                         r"tracking\.required"):
+        plan_pretrain(parse_spec(spec(dataset, tmp_path / "r", train={"tracking": {**tracked["tracking"],
+                                                                                   "required": True}})))
+    with pytest.raises(EmberError, match="credentials .* do not belong in a spec.*MLFLOW_TRACKING_USERNAME"):
+        parse_spec(spec(dataset, tmp_path / "r", train={"tracking": {"mlflow": {
+            "tracking_uri": "http://user:secret@127.0.0.1:5000"}}}))
 
 
 def test_errors_before_any_worker_starts(dataset, tmp_path):

@@ -134,6 +134,38 @@ class ModelSpec(SpecModel):
     tie_word_embeddings: Optional[bool] = Field(None, description="Share the embedding and output matrices.")
 
 
+class MlflowSpec(SpecModel):
+    """An MLflow tracking server (or local store) the run is logged to."""
+
+    tracking_uri: str = Field(description="The tracking server (http://HOST:5000) or a local store (a path, "
+                                          "sqlite:///FILE); credentials only from the environment "
+                                          "(MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and _PASSWORD).")
+    experiment: str = Field("ember", min_length=1, description="The experiment (created when missing).")
+    run_name: Optional[str] = Field(None, description="The run's name (default: the spec's name, else the run "
+                                                      "dir's).")
+    log_model: bool = Field(True, description="Upload the exported model dir as the run's artifacts (else only "
+                                              "its location, as the tag ember.model).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(uri).password is not None or (urlsplit(uri).username and "@" in uri):
+            raise ValueError("credentials in the URI do not belong in a spec (it is written to the run dir): set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in "
+                             "the environment (ember submit --env NAME passes them to a job)")
+        return uri
+
+
+class TrackingSpec(SpecModel):
+    """Experiment tracking of a run: its parameters, every reported metric at its step, the model and result."""
+
+    mlflow: Optional[MlflowSpec] = Field(None, description="Log the run to MLflow.")
+    required: bool = Field(False, description="Stop before training when the tracking server cannot be reached "
+                                              "(default: one warning, and the run trains untracked).")
+
+
 class TrainSpec(SpecModel):
     """The optimisation: batch, length, learning rate schedule, evaluation, logging and checkpoints."""
 
@@ -161,6 +193,7 @@ class TrainSpec(SpecModel):
                                                  "RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`).")
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking (MLflow).")
 
     @model_validator(mode="after")
     def _one_length(self):

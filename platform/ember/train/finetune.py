@@ -19,6 +19,7 @@ from ember.errors import EmberError
 from ember.identity import read_stamp, write_stamp
 from ember.model.hf import bos_token_id, config_from_hf, read_json, weights_fingerprint
 from ember.train.launch import SNAPSHOT, RunPlan, launch, refuse_never, resume_path, total_steps
+from ember.train.tracking import settle_tracking
 
 log = logging.getLogger("ember")
 
@@ -66,6 +67,7 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     eos_ids = sorted({manifest["eos_id"], *turn_end_ids(load_tokenizer(data_dir))})
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
     spec.base, spec.output.dir = base, run_dir
+    settle_tracking(spec)
     log.info("finetune: %s from %s, %s", spec.method, storage.display(base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")

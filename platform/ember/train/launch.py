@@ -34,6 +34,7 @@ from ember.identity import identity_of, read_stamp, write_stamp
 from ember.model import ModelConfig
 from ember.runtime import debugging, ensure_ray, find_ember_error
 from ember.train.ds_config import deepspeed_config
+from ember.train.tracking import finish_tracking
 
 log = logging.getLogger("ember")
 
@@ -68,6 +69,7 @@ class RunPlan:
         same dir is other data), the network and the base's weights."""
         spec = json.loads(self.spec.model_dump_json())
         spec.pop("resume", None)
+        spec["train"].pop("tracking", None)  # where the run is logged is not what the run is
         return identity_of({"spec": spec, "dataset": self.manifest, "model": self.model.to_dict(),
                             "eos_ids": list(self.eos_ids), "base_weights": self.base_weights})
 
@@ -193,12 +195,17 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
              f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", plan.total_steps, spec.train.global_batch_size,
              plan.manifest["seq_len"], s.workers, spec.deepspeed.zero_stage, spec.deepspeed.precision,
              "; resuming from the latest checkpoint" if restarting and spec.resume == "auto" else "")
-    result = _fit(_torch_trainer(plan))
-    metrics = dict(result.metrics or {})
-    error = storage.read_json(storage.join(run_dir, ERROR_FILE))
-    if error is not None:
-        raise EmberError(error["error"])
+    try:
+        result = _fit(_torch_trainer(plan))
+        metrics = dict(result.metrics or {})
+        error = storage.read_json(storage.join(run_dir, ERROR_FILE))
+        if error is not None:
+            raise EmberError(error["error"])
+    except BaseException:
+        finish_tracking(plan, None, "FAILED")
+        raise
     write_stamp(storage.join(run_dir, RESULT_FILE), plan.identity(), total_steps=plan.total_steps, metrics=metrics)
+    finish_tracking(plan, storage.read_json(storage.join(run_dir, RESULT_FILE)), "FINISHED")
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", plan.kind, metrics.get("step"),
              metrics.get("loss", float("nan")), val, storage.display(storage.join(run_dir, "model")))

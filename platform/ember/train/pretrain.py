@@ -14,6 +14,7 @@ from ember.errors import EmberError
 from ember.model import ModelConfig, preset
 from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.train.launch import RunPlan, launch, resume_path, total_steps
+from ember.train.tracking import settle_tracking
 
 
 def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
@@ -55,6 +56,7 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
     spec.output.dir = storage.normalize(spec.output.dir)
     if spec.model.init_from:
         spec.model.init_from = storage.normalize(spec.model.init_from)
+    settle_tracking(spec)
     return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
                    total_steps=total_steps(spec, manifest), eos_ids=(manifest["eos_id"],),
                    start_from=resume_path(spec), bos_id=bos)

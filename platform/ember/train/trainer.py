@@ -49,6 +49,7 @@ from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import deepspeed_config
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss, training_dtype
+from ember.train.tracking import start_tracking
 
 log = logging.getLogger("ember")
 
@@ -136,8 +137,10 @@ class MetricsLog:
     losses, which the redone steps must repeat. In object storage (which has no append) the whole file is published
     again at each row, and the events are written locally and uploaded by `sync`."""
 
-    def __init__(self, run_dir: str, resumed_step: int, tensorboard: bool = False, restored: dict | None = None):
+    def __init__(self, run_dir: str, resumed_step: int, tensorboard: bool = False, restored: dict | None = None,
+                 tracker=None):
         self.path, self.remote = storage.join(run_dir, "metrics.jsonl"), storage.is_uri(run_dir)
+        self.tracker = tracker  # `ember.train.tracking.Tracker`: each row to MLflow too
         rows = _jsonl(self.path)
         self.rows = [r for r in rows if r.get("step", 0) <= resumed_step]
         superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
@@ -161,6 +164,8 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if self.tracker is not None:
+            self.tracker.log(row)
         if self.remote:
             storage.write_text(self.path, _to_jsonl(self.rows))
         else:
@@ -467,7 +472,8 @@ class Trainer:
                       if plan.manifest["splits"]["val"]["rows"] else None)
         restored = self.restore()
         batches = reader.batches(tr.micro_batch_size, start=self.samples)
-        metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored) if rank == 0 else None
+        tracker = start_tracking(plan) if rank == 0 else None
+        metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored, tracker) if rank == 0 else None
         gauges = TrainMetrics(self.spec.name or storage.name(self.run_dir)) if rank == 0 else None
         partitions = zero_partitions(self.engine, self.spec.deepspeed.zero_stage)  # with the first metrics row
         peak = _peak_flops(self.spec.scaling.use_gpu, self.spec.deepspeed.precision)

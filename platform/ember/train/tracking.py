@@ -1,0 +1,201 @@
+"""Experiment tracking: a run's parameters, metrics and outputs in MLflow (and W&B, `train.tracking`).
+
+Rank 0 holds the one `Tracker` of a training run; `MetricsLog` hands it each row it writes to metrics.jsonl (the same
+record: one statement of what a run reports), so MLflow shows every metric Ember reports at its step. The tracking
+run's id is kept in RUN_DIR/tracking.json: a resumed run continues the same MLflow run, and the steps the earlier
+attempt already logged (an exact resume repeats them with the same values) are not logged twice. Credentials come
+only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`, which the MLflow client
+reads itself); nothing here writes them anywhere.
+
+MLflow is spoken to through its own client (`mlflow.tracking.MlflowClient`) rather than Ray's `setup_mlflow`: that
+helper always starts a new run (ray/air/integrations/mlflow.py, `mlflow_util.start_run(run_name=...)`), and a
+resumed Ember run must continue the one it started.
+
+A tracking server that cannot be reached is a warning and an untracked run, or an error before any worker starts
+with `tracking.required: true` (`check_reachable`, on the driver).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ember import storage
+from ember.errors import EmberError
+
+log = logging.getLogger("ember.train")
+
+TRACKING_FILE = "tracking.json"  # the tracking run's id (no credentials), for a resumed run to continue it
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
+
+
+def flatten(value, prefix: str = "") -> dict[str, str]:
+    """A spec (nested dicts and lists) as MLflow parameters: dotted keys, values as text (`train.lr`: `0.001`)."""
+    out: dict[str, str] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
+        out[prefix] = json.dumps(value)[:MAX_PARAM_CHARS]
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}.{i}"))
+    else:
+        out[prefix] = ("" if value is None else str(value))[:MAX_PARAM_CHARS]
+    return out
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an MLflow tracking server at `uri` cannot be used, or None when it answers. Local stores (a path, `file:`,
+    `sqlite:`) need no server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"{uri}/health answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{uri}/health answered {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"cannot reach {uri} ({reason})"
+
+
+class Tracker:
+    """The tracking of one run on rank 0: parameters at the start, `log(row)` per metrics row (the driver records
+    the end, `finish_tracking`). A tracking server that fails mid-run costs one warning and the rest of the
+    tracking, never the training."""
+
+    def __init__(self, mlflow_spec, run_dir: str, name: str, params: dict[str, str]):
+        self.run_dir, self.active = run_dir, False
+        self.client = self.run_id = None
+        self.logged_through = 0  # the last step the tracking run already holds (an earlier attempt's)
+        try:
+            self._start(mlflow_spec, name, params)
+            self.active = True
+        except Exception as exc:  # noqa: BLE001 (any client or server failure: the run trains untracked)
+            self._warn("MLflow tracking is off for this run", exc)
+
+    def _start(self, spec, name: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=spec.tracking_uri)
+        saved = storage.read_json(storage.join(self.run_dir, TRACKING_FILE)) \
+            if storage.is_file(storage.join(self.run_dir, TRACKING_FILE)) else {}
+        run_id = (saved.get("mlflow") or {}).get("run_id")
+        if run_id:  # the run this run dir started: continue it
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "loss")
+            self.logged_through = max((m.step for m in history), default=0)
+            return
+        experiment = self.client.get_experiment_by_name(spec.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(spec.experiment)
+        run = self.client.create_run(experiment_id, run_name=spec.run_name or name,
+                                     tags={"ember.run_dir": storage.display(self.run_dir)})
+        self.run_id = run.info.run_id
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        storage.write_json(storage.join(self.run_dir, TRACKING_FILE),
+                           {"mlflow": {"tracking_uri": spec.tracking_uri,
+                                       "experiment_id": experiment_id, "run_id": self.run_id}})
+
+    def log(self, row: dict) -> None:
+        """One metrics row at its step; a step the tracking run already holds is left as it is."""
+        step = row.get("step", 0)
+        if not self.active or step <= self.logged_through:
+            return
+        from mlflow.entities import Metric
+
+        now = _millis()
+        metrics = [Metric(key, float(value), now, step) for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and math.isfinite(value)]
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("MLflow tracking stopped", exc)
+
+    def _warn(self, what: str, exc: Exception) -> None:
+        self.active = False
+        log.warning("%s: %s", what, _first_line(exc))
+
+
+def tracking_params(plan) -> dict[str, str]:
+    """What MLflow shows as the run's parameters: the spec flattened (where it is logged aside), the dataset's
+    identity and tokenizer hash, and the network's config."""
+    spec = json.loads(plan.spec.model_dump_json())
+    spec["train"].pop("tracking", None)
+    return {**flatten(spec), "data.identity": plan.manifest["identity"],
+            "data.tokenizer_sha256": (plan.manifest.get("tokenizer") or {}).get("sha256", ""),
+            **flatten(plan.model.to_dict(), "model_config")}
+
+
+def start_tracking(plan) -> Tracker | None:
+    """Rank 0's tracker for a run whose spec asks for one (a new MLflow run, or the run dir's own continued)."""
+    mlflow_spec = plan.spec.train.tracking.mlflow
+    if mlflow_spec is None:
+        return None
+    return Tracker(mlflow_spec, plan.run_dir, plan.spec.name or storage.name(plan.run_dir), tracking_params(plan))
+
+
+def settle_tracking(spec) -> None:
+    """On the driver, before any worker starts: a tracking server that does not answer is an error with
+    `tracking.required`, else one warning and the tracking is taken out of the spec the workers get."""
+    tracking = spec.train.tracking
+    if tracking.mlflow is None:
+        return
+    why = check_reachable(tracking.mlflow.tracking_uri)
+    if why is None:
+        return
+    if tracking.required:
+        raise EmberError(f"train.tracking.mlflow.tracking_uri: {why}; the run needs it (tracking.required is on)")
+    log.warning("MLflow: %s; the run trains untracked (set train.tracking.required: true to stop instead)", why)
+    tracking.mlflow = None
+
+
+def finish_tracking(plan, result: dict | None, status: str) -> None:
+    """On the driver, at the run's end: result.json and the exported model dir as the MLflow run's artifacts (the
+    model's location as the tag `ember.model` in any case), and its status. A failure here is a warning: the run
+    itself is done."""
+    mlflow_spec = plan.spec.train.tracking.mlflow
+    saved_path = storage.join(plan.run_dir, TRACKING_FILE)
+    if mlflow_spec is None or not storage.is_file(saved_path):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run_id = storage.read_json(saved_path)["mlflow"]["run_id"]
+        client = MlflowClient(tracking_uri=mlflow_spec.tracking_uri)
+        model_dir = storage.join(plan.run_dir, "model")
+        if result is not None:
+            with tempfile.TemporaryDirectory(prefix="ember-tracking-") as tmp:
+                path = Path(tmp, "result.json")
+                path.write_text(json.dumps(result, indent=2) + "\n")
+                client.log_artifact(run_id, str(path))
+            client.set_tag(run_id, "ember.model", storage.display(model_dir))
+            if mlflow_spec.log_model:
+                client.log_artifacts(run_id, str(storage.local_dir(model_dir)), artifact_path="model")
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 (the run is done; only its tracking record is short)
+        log.warning("MLflow could not record the run's end: %s", _first_line(exc))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _millis() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+
