@@ -301,13 +301,32 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
     assert tuned["conversations"]["answered"] == 10 and len(tuned["conversations"]["examples"]) == 3
 
 
-def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen_base, chat_data, tmp_path):
+def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen_base, chat_data, mlflow_server,
+                                                                   tmp_path):
+    """And the figures go to MLflow as one run (`tracking.mlflow`), each as a metric named MODEL.SECTION.FIGURE."""
+    import requests
+
     results = run_evaluate(parse_spec({
-        "kind": "evaluate", "models": {"base": str(qwen_base), "lora": str(lora_run / "model")},
+        "kind": "evaluate", "name": "qwen-eval", "models": {"base": str(qwen_base), "lora": str(lora_run / "model")},
         "data": {"dir": str(lora_run / "data"), "conversations": [str(chat_data["heldout"])]},
-        "generation": {"max_examples": 4, "max_new_tokens": 8}, "output": {"file": str(tmp_path / "e.json")}}))
+        "generation": {"max_examples": 4, "max_new_tokens": 8}, "output": {"file": str(tmp_path / "e.json")},
+        "tracking": {"mlflow": {"tracking_uri": mlflow_server, "experiment": "evaluations"}}}))
     assert results["lora"]["conversations"]["assistant_loss"] < results["base"]["conversations"]["assistant_loss"]
     assert results["lora"]["dataset"]["assistant_loss"] < results["base"]["dataset"]["assistant_loss"]
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "evaluations"}).json()
+    [run] = requests.post(f"{api}/runs/search", json={"experiment_ids": [
+        experiment["experiment"]["experiment_id"]]}).json()["runs"]
+    assert run["info"]["run_name"] == "qwen-eval" and run["info"]["status"] == "FINISHED"
+    logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    for model in ("base", "lora"):
+        for section in ("dataset", "conversations"):
+            key = f"{model}.{section}.assistant_loss"
+            assert logged[key] == pytest.approx(results[model][section]["assistant_loss"]), key
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["models.lora"] == str(lora_run / "model")
+    files = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"]}).json()["files"]
+    assert [f["path"] for f in files] == ["e.json"]
 
 
 def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora_run, tmp_path):

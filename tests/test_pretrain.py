@@ -262,7 +262,7 @@ def test_an_unreachable_tracking_server_is_a_warning_or_with_required_an_error(d
         plan = plan_pretrain(parse_spec(spec(dataset, tmp_path / "r", train=tracked)))
     assert plan.spec.train.tracking.mlflow is None  # the workers do not try again
     [warning] = [r.getMessage() for r in caplog.records if "MLflow" in r.getMessage()]
-    assert f"cannot reach {uri}" in warning and "trains untracked" in warning
+    assert f"cannot reach {uri}" in warning and "goes on untracked" in warning
     with pytest.raises(EmberError, match=rf"train\.tracking\.mlflow\.tracking_uri: cannot reach {uri}.*"
                                          r"tracking\.required"):
         plan_pretrain(parse_spec(spec(dataset, tmp_path / "r", train={"tracking": {**tracked["tracking"],

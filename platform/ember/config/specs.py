@@ -391,6 +391,8 @@ class EvaluateSpec(JobSpec):
     data: EvalDataSpec = Field(description="Datasets.")
     generation: GenerationEvalSpec = Field(default_factory=GenerationEvalSpec, description="Generation score.")
     output: EvalOutputSpec = Field(description="Results file.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Log the figures to MLflow too (one "
+                                                                             "run per evaluation).")
 
     @model_validator(mode="after")
     def _something(self):

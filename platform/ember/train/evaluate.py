@@ -41,6 +41,7 @@ from ember.identity import files_fingerprint, identity_of, path_stats, stamp_mat
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
 from ember.model.hf import weights_fingerprint
 from ember.train.recipes import lm_loss
+from ember.train.tracking import log_evaluation, settle_tracking
 
 log = logging.getLogger("ember")
 
@@ -170,12 +171,16 @@ def _identity(spec: EvaluateSpec) -> str:
     models = {name: weights_fingerprint(storage.normalize(path)) for name, path in spec.models.items()}
     data = load_manifest(spec.data.dir) if spec.data.dir else None
     files = files_fingerprint(path_stats(p for p in map(Path, spec.data.conversations or []) if p.is_file()))
-    return identity_of({"spec": json.loads(spec.model_dump_json()), "models": models, "files": files, "data": data})
+    spec_data = json.loads(spec.model_dump_json())
+    spec_data.pop("tracking", None)  # where the figures are logged is not what they are
+    return identity_of({"spec": spec_data, "models": models, "files": files, "data": data})
 
 
 def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
     """Evaluates every model of the spec; writes and returns {model name: figures}."""
     t0 = time.perf_counter()
+    spec = spec.model_copy(deep=True)
+    settle_tracking(spec.tracking, "tracking")
     for name, path in spec.models.items():
         if not storage.is_dir(path):
             raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
@@ -217,5 +222,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         log.info("evaluate: %-10s %s", name, "; ".join(parts))
     storage.write_text(out, json.dumps(results, indent=2) + "\n")
     write_stamp(stamp, identity)
+    if spec.tracking.mlflow is not None:
+        log_evaluation(spec, results)
     log.info("evaluate: results in %s (%.1fs)", storage.display(out), time.perf_counter() - t0)
     return results

@@ -67,7 +67,7 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     eos_ids = sorted({manifest["eos_id"], *turn_end_ids(load_tokenizer(data_dir))})
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
     spec.base, spec.output.dir = base, run_dir
-    settle_tracking(spec)
+    settle_tracking(spec.train.tracking)
     log.info("finetune: %s from %s, %s", spec.method, storage.display(base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")

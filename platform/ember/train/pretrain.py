@@ -56,7 +56,7 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
     spec.output.dir = storage.normalize(spec.output.dir)
     if spec.model.init_from:
         spec.model.init_from = storage.normalize(spec.model.init_from)
-    settle_tracking(spec)
+    settle_tracking(spec.train.tracking)
     return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
                    total_steps=total_steps(spec, manifest), eos_ids=(manifest["eos_id"],),
                    start_from=resume_path(spec), bos_id=bos)

@@ -145,19 +145,59 @@ def start_tracking(plan) -> Tracker | None:
     return Tracker(mlflow_spec, plan.run_dir, plan.spec.name or storage.name(plan.run_dir), tracking_params(plan))
 
 
-def settle_tracking(spec) -> None:
+def settle_tracking(tracking, where: str = "train.tracking") -> None:
     """On the driver, before any worker starts: a tracking server that does not answer is an error with
-    `tracking.required`, else one warning and the tracking is taken out of the spec the workers get."""
-    tracking = spec.train.tracking
+    `tracking.required`, else one warning and the tracking is taken out of the spec (`where` is its key there) the
+    workers get."""
     if tracking.mlflow is None:
         return
     why = check_reachable(tracking.mlflow.tracking_uri)
     if why is None:
         return
     if tracking.required:
-        raise EmberError(f"train.tracking.mlflow.tracking_uri: {why}; the run needs it (tracking.required is on)")
-    log.warning("MLflow: %s; the run trains untracked (set train.tracking.required: true to stop instead)", why)
+        raise EmberError(f"{where}.mlflow.tracking_uri: {why}; the run needs it (tracking.required is on)")
+    log.warning("MLflow: %s; the run goes on untracked (set %s.required: true to stop instead)", why, where)
     tracking.mlflow = None
+
+
+def log_evaluation(spec, results: dict) -> None:
+    """An evaluation as one MLflow run: the models and data as parameters, each figure as a metric named
+    `MODEL.SECTION.FIGURE` (`finetuned.conversations.token_f1`), and the results file as an artifact."""
+    mlflow_spec = spec.tracking.mlflow
+    try:
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=mlflow_spec.tracking_uri)
+        experiment = client.get_experiment_by_name(mlflow_spec.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(mlflow_spec.experiment)
+        run = client.create_run(experiment_id, run_name=mlflow_spec.run_name or spec.name or "evaluate",
+                                tags={"ember.kind": "evaluate"})
+        data = json.loads(spec.model_dump_json(include={"models", "data", "generation"}))
+        now = _millis()
+        figures = [Metric(key, float(value), now, 0) for key, value in _numbers(results).items()]
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(data).items()][:100],
+                         metrics=figures[:1000])
+        with tempfile.TemporaryDirectory(prefix="ember-tracking-") as tmp:
+            path = Path(tmp, storage.name(spec.output.file))
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            client.log_artifact(run.info.run_id, str(path))
+        client.set_terminated(run.info.run_id)
+        log.info("evaluate: logged to MLflow run %s (experiment %s)", run.info.run_id, mlflow_spec.experiment)
+    except Exception as exc:  # noqa: BLE001 (the results are written; only their tracking record is missing)
+        log.warning("MLflow could not record the evaluation: %s", _first_line(exc))
+
+
+def _numbers(value, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of nested results, by dotted path."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_numbers(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return {prefix: value}
+    return {}
 
 
 def finish_tracking(plan, result: dict | None, status: str) -> None:
