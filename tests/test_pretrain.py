@@ -405,10 +405,38 @@ def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, referenc
     assert run_evaluate(parse_spec(spec))["trained"]["dataset"]["rows"] == 2
 
 
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (`run-ID.wandb`): LevelDB-log framing (32 KiB blocks, 7-byte record headers:
+    CRC, length, type) after a 7-byte ':W&B' file header, each record a `wandb_internal_pb2.Record`."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, pending, offset = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while offset + 7 <= len(data):
+        if 32768 - offset % 32768 < 7:  # a block's tail too short for a header is padding
+            offset += 32768 - offset % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending += chunk
+        if kind in (1, 4):  # FULL, or the LAST piece of a record split across blocks
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
 def test_continued_pretraining_of_a_qwen3_model_starts_from_its_weights_and_exports_qwen3(dataset, tmp_path):
     """`model.init_from` a Qwen3 dir saved by transformers (q/k norms, an explicit head_dim), trained 2 steps at a
     learning rate too small to move a weight measurably: the export is a Qwen3 dir that transformers loads as
-    Qwen3ForCausalLM, with the base's logits (its weights, norms included, were the ones trained) and Ember's."""
+    Qwen3ForCausalLM, with the base's logits (its weights, norms included, were the ones trained) and Ember's. The
+    run is tracked in W&B's offline mode: its run file holds the spec as config and each metrics row at its step;
+    nothing is sent (no API key exists here)."""
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     base = tmp_path / "qwen3"
@@ -421,10 +449,27 @@ def test_continued_pretraining_of_a_qwen3_model_starts_from_its_weights_and_expo
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
     hf.save_pretrained(base)
+    wandb_dir = tmp_path / "wandb-runs"
     train(dataset, tmp_path / "r", model={"init_from": str(base)}, scaling={"workers": 1},
           train={"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 2, "lr": 1e-9, "min_lr": 0,
-                 "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2})
-    assert [r["step"] for r in rows(tmp_path / "r") if "loss" in r][-1] == 2
+                 "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2,
+                 "tracking": {"wandb": {"project": "ember-test", "mode": "offline", "dir": str(wandb_dir)}}})
+    metrics = rows(tmp_path / "r")
+    assert [r["step"] for r in metrics] == [1, 2]
+
+    run_id = json.loads((tmp_path / "r" / "tracking.json").read_text())["wandb"]["id"]
+    [run_file] = (wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = wandb_records(run_file)
+    def items(updates) -> dict:
+        return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in updates}
+
+    history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == [1, 2]
+    for logged, row in zip(history, metrics):
+        assert logged["loss"] == pytest.approx(row["loss"]) and logged["lr"] == pytest.approx(row["lr"])
+    assert "val_loss" in history[1]
+    [config] = [items(r.run.config.update) for r in records if r.WhichOneof("record_type") == "run"]
+    assert config["train.max_steps"] == "2" and config["model_config.model_type"] == "qwen3"
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model").eval()
     assert type(exported) is Qwen3ForCausalLM and exported.config.head_dim == 16
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(6))

@@ -158,10 +158,25 @@ class MlflowSpec(SpecModel):
         return uri
 
 
+class WandbSpec(SpecModel):
+    """A Weights & Biases project the run is logged to."""
+
+    project: str = Field(min_length=1, description="The W&B project.")
+    entity: Optional[str] = Field(None, description="The W&B team or user (default: the API key's).")
+    mode: Literal["online", "offline"] = Field("online", description="online sends to W&B (WANDB_API_KEY from the "
+                                                                     "environment); offline writes the run under "
+                                                                     "dir and sends nothing (`wandb sync` later).")
+    dir: Optional[str] = Field(None, description="Where W&B writes its run files on rank 0's node (default: the run "
+                                                 "dir when local, else the worker's working dir).")
+    run_name: Optional[str] = Field(None, description="The run's name (default: the spec's name, else the run "
+                                                      "dir's).")
+
+
 class TrackingSpec(SpecModel):
     """Experiment tracking of a run: its parameters, every reported metric at its step, the model and result."""
 
     mlflow: Optional[MlflowSpec] = Field(None, description="Log the run to MLflow.")
+    wandb: Optional[WandbSpec] = Field(None, description="Log the run to Weights & Biases (training runs).")
     required: bool = Field(False, description="Stop before training when the tracking server cannot be reached "
                                               "(default: one warning, and the run trains untracked).")
 

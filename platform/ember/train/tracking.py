@@ -1,11 +1,11 @@
-"""Experiment tracking: a run's parameters, metrics and outputs in MLflow (and W&B, `train.tracking`).
+"""Experiment tracking: a run's parameters, metrics and outputs in MLflow and Weights & Biases (`train.tracking`).
 
 Rank 0 holds the one `Tracker` of a training run; `MetricsLog` hands it each row it writes to metrics.jsonl (the same
-record: one statement of what a run reports), so MLflow shows every metric Ember reports at its step. The tracking
-run's id is kept in RUN_DIR/tracking.json: a resumed run continues the same MLflow run, and the steps the earlier
-attempt already logged (an exact resume repeats them with the same values) are not logged twice. Credentials come
-only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`, which the MLflow client
-reads itself); nothing here writes them anywhere.
+record: one statement of what a run reports), so MLflow and W&B show every metric Ember reports at its step. The
+tracking runs' ids are kept in RUN_DIR/tracking.json: a resumed run continues the same MLflow run, and the steps the
+earlier attempt already logged (an exact resume repeats them with the same values) are not logged twice. Credentials
+come only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `WANDB_API_KEY`,
+which the clients read themselves); nothing here writes them anywhere.
 
 MLflow is spoken to through its own client (`mlflow.tracking.MlflowClient`) rather than Ray's `setup_mlflow`: that
 helper always starts a new run (ray/air/integrations/mlflow.py, `mlflow_util.start_run(run_name=...)`), and a
@@ -66,28 +66,60 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
 
 
 class Tracker:
-    """The tracking of one run on rank 0: parameters at the start, `log(row)` per metrics row (the driver records
-    the end, `finish_tracking`). A tracking server that fails mid-run costs one warning and the rest of the
-    tracking, never the training."""
+    """The tracking of one run on rank 0: a sink per backend the spec names, each told the parameters at the start,
+    `log(row)` for every metrics row and `close()` at the end (the driver records MLflow's end,
+    `finish_tracking`). A backend that fails costs one warning and the rest of its tracking, never the training."""
 
-    def __init__(self, mlflow_spec, run_dir: str, name: str, params: dict[str, str]):
-        self.run_dir, self.active = run_dir, False
-        self.client = self.run_id = None
-        self.logged_through = 0  # the last step the tracking run already holds (an earlier attempt's)
-        try:
-            self._start(mlflow_spec, name, params)
-            self.active = True
-        except Exception as exc:  # noqa: BLE001 (any client or server failure: the run trains untracked)
-            self._warn("MLflow tracking is off for this run", exc)
+    def __init__(self, plan):
+        tracking, self.run_dir = plan.spec.train.tracking, plan.run_dir
+        name, params = plan.spec.name or storage.name(plan.run_dir), tracking_params(plan)
+        self.sinks = []
+        for backend, spec, sink in (("MLflow", tracking.mlflow, MlflowSink), ("W&B", tracking.wandb, WandbSink)):
+            if spec is None:
+                continue
+            try:
+                self.sinks.append(sink(spec, plan.run_dir, name, params))
+            except Exception as exc:  # noqa: BLE001 (any client or server failure: the run trains on untracked)
+                log.warning("%s tracking is off for this run: %s", backend, _first_line(exc))
 
-    def _start(self, spec, name: str, params: dict[str, str]) -> None:
+    def log(self, row: dict) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink.log(row)
+            except Exception as exc:  # noqa: BLE001
+                self.sinks.remove(sink)
+                log.warning("%s tracking stopped: %s", sink.backend, _first_line(exc))
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s tracking could not close its run: %s", sink.backend, _first_line(exc))
+        self.sinks = []
+
+
+def _saved(run_dir: str) -> dict:
+    path = storage.join(run_dir, TRACKING_FILE)
+    return storage.read_json(path) if storage.is_file(path) else {}
+
+
+def _save(run_dir: str, backend: str, record: dict) -> None:
+    storage.write_json(storage.join(run_dir, TRACKING_FILE), {**_saved(run_dir), backend: record})
+
+
+class MlflowSink:
+    """The run in MLflow: created with the parameters, or the run dir's own run continued; metrics in batches."""
+
+    backend = "MLflow"
+
+    def __init__(self, spec, run_dir: str, name: str, params: dict[str, str]):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=spec.tracking_uri)
-        saved = storage.read_json(storage.join(self.run_dir, TRACKING_FILE)) \
-            if storage.is_file(storage.join(self.run_dir, TRACKING_FILE)) else {}
-        run_id = (saved.get("mlflow") or {}).get("run_id")
+        self.logged_through = 0  # the last step the MLflow run already holds (an earlier attempt's)
+        run_id = (_saved(run_dir).get("mlflow") or {}).get("run_id")
         if run_id:  # the run this run dir started: continue it
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -97,34 +129,68 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(spec.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(spec.experiment)
         run = self.client.create_run(experiment_id, run_name=spec.run_name or name,
-                                     tags={"ember.run_dir": storage.display(self.run_dir)})
+                                     tags={"ember.run_dir": storage.display(run_dir)})
         self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        storage.write_json(storage.join(self.run_dir, TRACKING_FILE),
-                           {"mlflow": {"tracking_uri": spec.tracking_uri,
-                                       "experiment_id": experiment_id, "run_id": self.run_id}})
+        _save(run_dir, "mlflow", {"tracking_uri": spec.tracking_uri, "experiment_id": experiment_id,
+                                  "run_id": self.run_id})
 
     def log(self, row: dict) -> None:
-        """One metrics row at its step; a step the tracking run already holds is left as it is."""
-        step = row.get("step", 0)
-        if not self.active or step <= self.logged_through:
+        """One metrics row at its step; a step the MLflow run already holds is left as it is."""
+        if row.get("step", 0) <= self.logged_through:
             return
         from mlflow.entities import Metric
 
         now = _millis()
-        metrics = [Metric(key, float(value), now, step) for key, value in row.items()
-                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-                   and math.isfinite(value)]
-        try:
-            self.client.log_batch(self.run_id, metrics=metrics)
-        except Exception as exc:  # noqa: BLE001
-            self._warn("MLflow tracking stopped", exc)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, row["step"]) for k, v in _scalars(row)])
 
-    def _warn(self, what: str, exc: Exception) -> None:
-        self.active = False
-        log.warning("%s: %s", what, _first_line(exc))
+    def close(self) -> None:
+        """Nothing on rank 0: the driver adds the artifacts and ends the run (`finish_tracking`)."""
+
+
+class WandbSink:
+    """The run in Weights & Biases, through Ray's `setup_wandb` (on rank 0 only: Ember calls it there): offline mode
+    writes the run under `dir` and sends nothing; the run's id is kept for a resumed run to continue it."""
+
+    backend = "W&B"
+
+    def __init__(self, spec, run_dir: str, name: str, params: dict[str, str]):
+        import os
+
+        from ray.air.integrations.wandb import setup_wandb
+
+        os.environ["WANDB_MODE"] = spec.mode  # Ray's key lookup reads the mode from the environment
+        os.environ.setdefault("WANDB_SILENT", "true")  # no run summary in the training log
+        run_id = (_saved(run_dir).get("wandb") or {}).get("id") or _new_id()
+        directory = spec.dir or (run_dir if not storage.is_uri(run_dir) else None)
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        self.run = setup_wandb(config=params, rank_zero_only=False, trial_id=run_id, trial_name=spec.run_name or name,
+                               project=spec.project, entity=spec.entity, mode=spec.mode, dir=directory,
+                               resume="allow")
+        _save(run_dir, "wandb", {"project": spec.project, "entity": spec.entity, "id": run_id, "mode": spec.mode})
+        self.model = storage.display(storage.join(run_dir, "model"))
+
+    def log(self, row: dict) -> None:
+        self.run.log(dict(_scalars(row)), step=row["step"])
+
+    def close(self) -> None:
+        self.run.summary["ember.model"] = self.model
+        self.run.finish()
+
+
+def _scalars(row: dict) -> list[tuple[str, float]]:
+    """A metrics row's finite numbers, its step aside."""
+    return [(k, float(v)) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def _new_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
 
 
 def tracking_params(plan) -> dict[str, str]:
@@ -138,11 +204,9 @@ def tracking_params(plan) -> dict[str, str]:
 
 
 def start_tracking(plan) -> Tracker | None:
-    """Rank 0's tracker for a run whose spec asks for one (a new MLflow run, or the run dir's own continued)."""
-    mlflow_spec = plan.spec.train.tracking.mlflow
-    if mlflow_spec is None:
-        return None
-    return Tracker(mlflow_spec, plan.run_dir, plan.spec.name or storage.name(plan.run_dir), tracking_params(plan))
+    """Rank 0's tracker for a run whose spec asks for one (new tracking runs, or the run dir's own continued)."""
+    tracking = plan.spec.train.tracking
+    return Tracker(plan) if tracking.mlflow is not None or tracking.wandb is not None else None
 
 
 def settle_tracking(tracking, where: str = "train.tracking") -> None:

@@ -187,8 +187,11 @@ class MetricsLog:
 
     def close(self) -> None:
         """At the end of the run (finished, or stopped): the events not yet uploaded go up (a finished run's last
-        step was checkpointed and synced, so none), and their local copy is removed (object storage only)."""
+        step was checkpointed and synced, so none), and their local copy is removed (object storage only); the
+        tracking runs rank 0 holds are closed."""
         self.sync()
+        if self.tracker is not None:
+            self.tracker.close()
         if self.board is not None:
             self.board.close()
             if self.remote:
