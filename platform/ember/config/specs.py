@@ -397,22 +397,39 @@ class EvalOutputSpec(SpecModel):
     file: str = Field(description="A JSON file with every figure per model (a path or a URI).")
 
 
+class LmEvalSpec(SpecModel):
+    """Standard benchmarks through lm-evaluation-harness, scored by Ember's model on Ray actors."""
+
+    tasks: list[str] = Field(min_length=1, description="Harness task or group names (e.g. hellaswag, or the tasks "
+                                                       "of include_path).")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="Few-shot examples per request (default: each "
+                                                               "task's own).")
+    limit: Optional[int] = Field(None, ge=1, description="At most this many documents per task.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass on each actor.")
+    actors: int = Field(1, ge=1, description="Ray actors the requests are spread over, one model each (one CPU "
+                                             "each).")
+    include_path: Optional[str] = Field(None, description="A directory of the harness's YAML task files (local "
+                                                          "JSONL data works without network access).")
+
+
 class EvaluateSpec(JobSpec):
     """`kind: evaluate` — compare model dirs: perplexity, assistant-token loss, and a generation score."""
 
     kind: Literal["evaluate"] = Field(description="Job kind.")
     models: dict[str, str] = Field(min_length=1, description="Model dirs to evaluate, by a name for the report "
                                                              "(e.g. base: …, finetuned: …); paths or URIs.")
-    data: EvalDataSpec = Field(description="Datasets.")
+    data: EvalDataSpec = Field(default_factory=EvalDataSpec, description="Datasets.")
     generation: GenerationEvalSpec = Field(default_factory=GenerationEvalSpec, description="Generation score.")
     output: EvalOutputSpec = Field(description="Results file.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Log the figures to MLflow too (one "
                                                                              "run per evaluation).")
+    lm_eval: Optional[LmEvalSpec] = Field(None, description="Also score every model on lm-evaluation-harness "
+                                                            "tasks.")
 
     @model_validator(mode="after")
     def _something(self):
-        if not self.data.dir and not self.data.conversations:
-            raise ValueError("set data.dir, data.conversations or both")
+        if not self.data.dir and not self.data.conversations and self.lm_eval is None:
+            raise ValueError("set data.dir, data.conversations or lm_eval")
         return self
 
 

@@ -40,6 +40,8 @@ from ember.errors import EmberError
 from ember.identity import files_fingerprint, identity_of, path_stats, stamp_matches, write_stamp
 from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
 from ember.model.hf import weights_fingerprint
+from ember.runtime import ensure_ray
+from ember.train.harness import run_harness
 from ember.train.recipes import lm_loss
 from ember.train.tracking import log_evaluation, settle_tracking
 
@@ -194,6 +196,8 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
                  storage.display(out))
         return json.loads(storage.read_bytes(out))
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
+    if spec.lm_eval is not None:
+        ensure_ray(address)  # the harness's requests go to Ray actors
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
         model_dir = storage.normalize(path)
@@ -207,6 +211,8 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
             figures["conversations"] = conversation_scores(model, model_dir, conversations,
                                                            spec.generation.max_examples,
                                                            spec.generation.max_new_tokens)
+        if spec.lm_eval is not None:
+            figures["lm_eval"] = run_harness(model_dir, spec.lm_eval)
         results[name] = figures
         parts = []
         if "dataset" in figures:
@@ -219,6 +225,10 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
             if "token_f1" in c:
                 parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
                              f"over {c['answered']} answers")
+        if "lm_eval" in figures:
+            from lm_eval.utils import make_table
+
+            parts.append(f"lm-evaluation-harness:\n{make_table(figures['lm_eval'])}")
         log.info("evaluate: %-10s %s", name, "; ".join(parts))
     storage.write_text(out, json.dumps(results, indent=2) + "\n")
     write_stamp(stamp, identity)

@@ -1,0 +1,202 @@
+"""Standard benchmarks through EleutherAI's lm-evaluation-harness, scored by Ember's own model on Ray actors.
+
+`EmberLM` is a harness model class (registered as ``ember``): the harness builds the requests of each task and
+computes the metrics; Ember answers the requests. It follows the harness's `hf` class request by request, so the
+numbers are the harness's numbers: the same tokenization (`TemplateLM._encode_pair`, the tokenizer's own special
+tokens, an empty context scored after the BOS token or else the end-of-text one), the same left truncation to the
+model's context, the same rolling windows for perplexity tasks, greedy generation cut at the stop strings.
+
+The requests are spread over Ray actors (`ScoringActor`, one model each: one per GPU, or per CPU slot) in contiguous
+slices and gathered back in the harness's order, so the result is the same for any number of actors.
+
+    kind: evaluate
+    lm_eval: {tasks: [hellaswag], num_fewshot: 0, limit: 100, actors: 2, include_path: ./my-tasks}
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ember.errors import EmberError
+
+log = logging.getLogger("ember.train")
+
+
+def score_pairs(model, pairs: list[tuple[list[int], list[int]]], max_length: int,
+                batch_size: int) -> list[tuple[float, bool]]:
+    """(log-probability of the continuation, whether greedy decoding gives it) of each (context, continuation) of
+    token ids, as the harness's `hf` class computes them: the last max_length + 1 tokens, the final one dropped as
+    input; rows right-padded (causal attention keeps padding out of every real position)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        inputs = [(ctx + cont)[-(max_length + 1):][:-1] for ctx, cont in chunk]
+        width = max(len(i) for i in inputs)
+        batch = torch.zeros(len(inputs), width, dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(batch).float(), dim=-1)
+        for row, ((_, cont), ids) in enumerate(zip(chunk, inputs)):
+            span = logprobs[row, len(ids) - len(cont):len(ids)]  # the positions that predict the continuation
+            target = torch.tensor(cont, dtype=torch.long)
+            greedy = bool((span.argmax(-1) == target).all())
+            out.append((float(span.gather(1, target[:, None]).sum()), greedy))
+    return out
+
+
+class ScoringActor:
+    """One copy of the model, on a Ray actor: scores request slices and generates continuations."""
+
+    def __init__(self, model_dir: str, max_length: int, batch_size: int, stop_ids: list[int]):
+        from ember.model import load_model
+        from ember.model.hf import local_model_dir
+
+        self.model = load_model(local_model_dir(model_dir)).eval()
+        self.max_length, self.batch_size, self.stop_ids = max_length, batch_size, set(stop_ids)
+
+    def score(self, pairs):
+        return score_pairs(self.model, pairs, self.max_length, self.batch_size)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        """Greedy continuations, one prompt at a time (the hf class's batches are left-padded to the same
+        tokens)."""
+        from ember.model import SamplingParams, generate_ids
+
+        return [generate_ids(self.model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0),
+                             self.stop_ids)[0] for prompt, n in zip(prompts, max_new_tokens)]
+
+
+@functools.cache
+def _harness_class():
+    """`EmberLM`, defined (and registered) once, when the harness is first needed: lm_eval is imported only there."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+
+    from ember.data.tokenizer import load_tokenizer, token_name, tokenizer_config
+    from ember.model.hf import config_from_hf, local_model_dir, read_json, stop_token_ids
+
+    @register_model("ember")
+    class EmberLM(TemplateLM):
+        """Ember's model as a harness model: `model_args` model_dir, actors, batch_size."""
+
+        def __init__(self, model_dir: str, actors: int = 1, batch_size: int = 8, max_length: int | None = None,
+                     **_):
+            super().__init__()
+            import ray
+
+            local = local_model_dir(model_dir)
+            self.tok = load_tokenizer(local)
+            config = tokenizer_config(local)
+            cfg = config_from_hf(read_json(local / "config.json"), str(local / "config.json"))
+            self._max_length = int(max_length or cfg.max_position_embeddings)
+            eos = token_name(config.get("eos_token"))
+            bos = token_name(config.get("bos_token"))
+            self._eot = self.tok.token_to_id(eos) if eos else min(stop_token_ids(local, self.tok), default=0)
+            self._bos = self.tok.token_to_id(bos) if bos else None
+            self.stop_ids = sorted(stop_token_ids(local, self.tok) | {self._eot})
+            remote = ray.remote(num_cpus=1)(ScoringActor)
+            self.actors = [remote.remote(str(model_dir), self._max_length, int(batch_size), self.stop_ids)
+                           for _ in range(int(actors))]
+
+        @property
+        def eot_token_id(self) -> int:
+            return self._eot
+
+        @property
+        def prefix_token_id(self) -> int:
+            return self._bos if self._bos is not None else self._eot
+
+        @property
+        def max_length(self) -> int:
+            return self._max_length
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
+                       **kwargs) -> list[int]:
+            prefix = self.tok.decode([self.prefix_token_id], skip_special_tokens=False)
+            special = add_special_tokens if add_special_tokens is not None else not string.startswith(prefix)
+            ids = self.tok.encode(string, add_special_tokens=special).ids
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
+            return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+        def _spread(self, method: str, items: list, *extra) -> list:
+            """`method` of the actors over contiguous slices of `items`, gathered back in order."""
+            import ray
+
+            if not items:
+                return []
+            size = math.ceil(len(items) / len(self.actors))
+            calls = [getattr(actor, method).remote(items[i * size:(i + 1) * size],
+                                                   *[e[i * size:(i + 1) * size] for e in extra])
+                     for i, actor in enumerate(self.actors) if items[i * size:(i + 1) * size]]
+            return [out for part in ray.get(calls) for out in part]
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return self._spread("score", [(list(ctx), list(cont)) for _, ctx, cont in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            from lm_eval import utils
+
+            windows, owners = [], []
+            for i, (string,) in enumerate(req.args for req in requests):
+                for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length, context_len=1)):
+                    windows.append((list(ctx), list(cont)))
+                    owners.append(i)
+            scores = self._spread("score", windows)
+            totals = [0.0] * len(requests)
+            for owner, (logprob, _) in zip(owners, scores):
+                totals[owner] += logprob
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+            prompts, budgets, stops = [], [], []
+            eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            for context, gen_kwargs in (req.args for req in requests):
+                kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
+                if kwargs.get("do_sample"):
+                    raise EmberError("lm_eval: a task asks for sampling (do_sample: true); Ember scores tasks "
+                                     "greedily, as the harness's hf class does by default")
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                budget = int(kwargs.pop("max_gen_toks"))
+                prompts.append(self.tok_encode(context, left_truncate_len=self.max_length - budget))
+                budgets.append(budget)
+                stops.append(until)
+            outputs = self._spread("generate", prompts, budgets)
+            texts = []
+            for ids, until in zip(outputs, stops):
+                text = self.tok_decode(ids)
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                texts.append(text)
+            return texts
+
+    return EmberLM
+
+
+def run_harness(model_dir: str, spec) -> dict:
+    """The harness's results for one model dir (its `results`, `versions`, `n-shot` and `configs` sections)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=spec.include_path) if spec.include_path else TaskManager()
+    unknown = [t for t in spec.tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise EmberError(f"lm_eval.tasks: unknown task {', '.join(map(repr, unknown))} (not in the harness"
+                         f"{' nor in ' + spec.include_path if spec.include_path else ''})")
+    model = _harness_class()(model_dir=model_dir, actors=spec.actors, batch_size=spec.batch_size)
+    results = simple_evaluate(model=model, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+                              task_manager=manager, log_samples=False, batch_size=spec.batch_size,
+                              bootstrap_iters=0)
+    return {k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results}

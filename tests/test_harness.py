@@ -1,0 +1,129 @@
+"""lm-evaluation-harness tasks scored by Ember's model class on Ray actors, against the harness's own `hf` class on
+the same model dir: local YAML tasks over JSONL files this test writes (multiple choice, generate-until, rolling
+loglikelihood), no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model_dir
+from ember.config import parse_spec
+from ember.errors import EmberError
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+WORDS = "the fox is red and the crow is black while the whale lives in the sea near the quiet shore".split()
+TASKS = {
+    "ember_mc": """task: ember_mc
+dataset_path: json
+dataset_kwargs: {data_files: {test: %(dir)s/mc.jsonl}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list: [{metric: acc}]
+""",
+    "ember_gen": """task: ember_gen
+dataset_path: json
+dataset_kwargs: {data_files: {test: %(dir)s/gen.jsonl}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: [" sea"], max_gen_toks: 12, do_sample: false}
+metric_list: [{metric: exact_match}]
+""",
+    "ember_ppl": """task: ember_ppl
+dataset_path: json
+dataset_kwargs: {data_files: {test: %(dir)s/ppl.jsonl}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: "{{text}}"
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def model_and_tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness")
+    model = tiny_model_dir(root, [" ".join(WORDS)] * 50, 300, 64, hidden_size=64, intermediate_size=128)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    mc = [{"question": f"The {a} is", "choices": [" red", " black", " in the sea"], "answer": i % 3}
+          for i, a in enumerate(["fox", "crow", "whale", "shore", "sea", "fox and the crow"])]
+    gen = [{"prompt": f"the {a} is", "answer": " red"} for a in ("fox", "crow", "whale")]
+    ppl = [{"text": " ".join(WORDS[i:] + WORDS[:i]) * 3} for i in (0, 5)]  # longer than the 64-token context
+    for name, rows in (("mc", mc), ("gen", gen), ("ppl", ppl)):
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, text in TASKS.items():
+        (tasks / f"{name}.yaml").write_text(text % {"dir": tasks})
+    return model, tasks
+
+
+def evaluate(model, tasks: Path, **model_args) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=model, model_args=model_args or None, tasks=list(TASKS),
+                           task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+
+
+def per_sample(results: dict) -> dict:
+    """task -> the model's raw answers, in document and request order."""
+    return {task: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+            for task, samples in results["samples"].items()}
+
+
+def flat(value) -> list:
+    """The numbers and flags of a sample's nested responses, in order."""
+    return [x for item in value for x in flat(item)] if isinstance(value, (list, tuple)) else [value]
+
+
+def test_ember_s_harness_class_gives_the_hf_class_s_numbers_over_one_or_two_actors(model_and_tasks):
+    from ember.train.harness import _harness_class
+
+    model_dir, tasks = model_and_tasks
+    theirs = evaluate("hf", tasks, pretrained=str(model_dir), dtype="float32", batch_size=1, device="cpu")
+    EmberLM = _harness_class()
+    ours = evaluate(EmberLM(model_dir=str(model_dir), actors=1, batch_size=4), tasks)
+    two = evaluate(EmberLM(model_dir=str(model_dir), actors=2, batch_size=3), tasks)
+    expected = per_sample(theirs)
+    for got in (per_sample(ours), per_sample(two)):
+        for task in ("ember_mc", "ember_ppl"):
+            for a, b in zip(got[task], expected[task], strict=True):
+                flat_a, flat_b = flat(a), flat(b)
+                assert len(flat_a) == len(flat_b) > 0
+                for x, y in zip(flat_a, flat_b):
+                    if isinstance(y, bool):
+                        assert x == y, task
+                    else:
+                        assert abs(float(x) - float(y)) < 1e-4, (task, x, y)
+        assert got["ember_gen"] == expected["ember_gen"]  # the generated texts, exactly
+    for results in (ours, two):
+        assert results["results"]["ember_mc"]["acc,none"] == theirs["results"]["ember_mc"]["acc,none"]
+        assert results["results"]["ember_gen"]["exact_match,none"] == \
+            theirs["results"]["ember_gen"]["exact_match,none"]
+        assert results["results"]["ember_ppl"]["word_perplexity,none"] == pytest.approx(
+            theirs["results"]["ember_ppl"]["word_perplexity,none"], rel=1e-4)
+
+
+def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(model_and_tasks, tmp_path, capsys):
+    from ember.train.evaluate import run_evaluate
+
+    model_dir, tasks = model_and_tasks
+    spec = {"kind": "evaluate", "models": {"tiny": str(model_dir)},
+            "lm_eval": {"tasks": ["ember_mc", "ember_gen"], "include_path": str(tasks), "actors": 2},
+            "output": {"file": str(tmp_path / "results.json")}}
+    results = run_evaluate(parse_spec(spec))
+    harness = results["tiny"]["lm_eval"]
+    assert set(harness["results"]) == {"ember_mc", "ember_gen"} and "acc,none" in harness["results"]["ember_mc"]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    with pytest.raises(EmberError, match=r"lm_eval\.tasks: unknown task 'no_such_task'"):
+        run_evaluate(parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "tasks": ["no_such_task"]},
+                                 "output": {"file": str(tmp_path / "other.json")}}))
