@@ -300,6 +300,17 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
     assert tuned["conversations"]["token_f1"] > base["conversations"]["token_f1"]
     assert tuned["conversations"]["answered"] == 10 and len(tuned["conversations"]["examples"]) == 3
 
+    # `ember report` shows the evaluation next to the training curves (results under RUN_DIR/eval/ are found).
+    from ember.train.report import write_report
+
+    summary = write_report(ember_full_run)
+    assert "evaluation s3://" in summary and "eval/results.json:" in summary
+    line = next(x for x in summary.splitlines() if x.strip().startswith("finetuned"))
+    assert f"conversations assistant loss {tuned['conversations']['assistant_loss']:.4f}" in line
+    assert f"token F1 {tuned['conversations']['token_f1']:.3f}" in line
+    with pytest.raises(EmberError, match="--eval .*nothing.json: no such results file"):
+        write_report(ember_full_run, [str(tmp_path / "nothing.json")])
+
 
 def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen_base, chat_data, mlflow_server,
                                                                    tmp_path):

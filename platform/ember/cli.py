@@ -146,6 +146,9 @@ def _add_report_and_status(verbs, common) -> None:
                            description="Writes RUN_DIR/report/{loss,learning_rate,tokens_per_second}.png and "
                                        "summary.txt from the run's metrics.jsonl, and prints the summary.")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a pretrain or finetune output dir")
+    rep.add_argument("--eval", action="append", default=[], metavar="RESULTS.json",
+                     help="an evaluate job's results to show next to the curves (those under RUN_DIR/eval/ are "
+                          "shown anyway)")
 
     st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
                           description="Nodes and resources, running and recent Ember jobs with their latest progress, "
@@ -320,7 +323,7 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from ember.train.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(args.run_dir, args.eval))
     return 0
 
 

@@ -107,8 +107,37 @@ def summarize(run_dir: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> str:
-    """Writes the plots and summary.txt under RUN_DIR/report; returns the summary."""
+def evaluation_lines(path: str) -> list[str]:
+    """An evaluate job's results (`kind: evaluate`'s output.file), a line per model and per harness task."""
+    try:
+        results = json.loads(storage.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EmberError(f"{storage.display(path)}: not an evaluation's results ({exc})") from None
+    if not isinstance(results, dict):
+        raise EmberError(f"{storage.display(path)}: not an evaluation's results (not a JSON object)")
+    lines = [f"evaluation {storage.display(path)}:"]
+    for name, figures in results.items():
+        if not isinstance(figures, dict):
+            continue
+        parts = []
+        for section in ("dataset", "conversations"):
+            f = figures.get(section) or {}
+            key = "assistant_loss" if "assistant_loss" in f else "loss"
+            if isinstance(f.get(key), (int, float)):
+                parts.append(f"{section} {key.replace('_', ' ')} {f[key]:.4f}")
+            if isinstance(f.get("token_f1"), (int, float)):
+                parts.append(f"token F1 {f['token_f1']:.3f}")
+        lines.append(f"  {name:<10} {'; '.join(parts) or '-'}")
+        for task, metrics in ((figures.get("lm_eval") or {}).get("results") or {}).items():
+            shown = [f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))
+                     and not k.startswith(("alias", "sample_len")) and "stderr" not in k]
+            lines.append(f"  {'':<10} {task}: {', '.join(shown)}")
+    return lines
+
+
+def write_report(run_dir: str | Path, evaluations: list[str] = ()) -> str:
+    """Writes the plots and summary.txt under RUN_DIR/report; returns the summary. The evaluations shown next to the
+    curves: the files named, and any results under RUN_DIR/eval/."""
     run_dir = storage.normalize(run_dir)
     if not storage.is_dir(run_dir):
         raise EmberError(f"{storage.display(run_dir)}: no such run directory")
@@ -121,6 +150,13 @@ def write_report(run_dir: str | Path) -> str:
             _plot(rows, title, series, ylabel, local / name, log_y)
         text = summarize(run_dir, rows)
         text += f"\nplots: {', '.join(storage.display(storage.join(out, n)) for n in PLOTS)}"
+        eval_dir = storage.join(run_dir, "eval")
+        found = sorted(storage.join(eval_dir, rel) for rel, _ in storage.list_files(eval_dir)
+                       if rel.endswith(".json")) if storage.is_dir(eval_dir) else []
+        for path in [*map(storage.normalize, evaluations), *found]:
+            if not storage.is_file(path):
+                raise EmberError(f"--eval {storage.display(path)}: no such results file")
+            text += "\n" + "\n".join(evaluation_lines(path))
         (local / "summary.txt").write_text(text + "\n")
         if storage.is_uri(out):
             storage.upload_dir(local, out)
