@@ -124,6 +124,23 @@ def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(
     harness = results["tiny"]["lm_eval"]
     assert set(harness["results"]) == {"ember_mc", "ember_gen"} and "acc,none" in harness["results"]["ember_mc"]
     assert json.loads((tmp_path / "results.json").read_text()) == results
+    with pytest.raises(EmberError, match=r"lm_eval asks for 1 GPU in all \(1 × \{CPU 1, GPU 1\}\) but the Ray "
+                                         r"cluster has 0 and no autoscaler"):
+        run_evaluate(parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "actors": 1, "gpus_per_actor": 1},
+                                 "output": {"file": str(tmp_path / "gpu.json")}}))
     with pytest.raises(EmberError, match=r"lm_eval\.tasks: unknown task 'no_such_task'"):
         run_evaluate(parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "tasks": ["no_such_task"]},
                                  "output": {"file": str(tmp_path / "other.json")}}))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_actors_score_as_on_cpu(model_and_tasks):
+    from ember.train.harness import _harness_class
+
+    model_dir, tasks = model_and_tasks
+    EmberLM = _harness_class()
+    cpu = per_sample(evaluate(EmberLM(model_dir=str(model_dir), actors=1), tasks))
+    gpu = per_sample(evaluate(EmberLM(model_dir=str(model_dir), actors=1, gpus_per_actor=1), tasks))
+    for task in ("ember_mc", "ember_ppl"):
+        for a, b in zip(flat(gpu[task]), flat(cpu[task]), strict=True):
+            assert a == b if isinstance(b, bool) else abs(float(a) - float(b)) < 1e-3, task

@@ -408,6 +408,8 @@ class LmEvalSpec(SpecModel):
     batch_size: int = Field(8, ge=1, description="Requests per forward pass on each actor.")
     actors: int = Field(1, ge=1, description="Ray actors the requests are spread over, one model each (one CPU "
                                              "each).")
+    gpus_per_actor: float = Field(0, ge=0, le=8, description="GPUs each actor asks Ray for (1 on GPU nodes: its "
+                                                             "model on that GPU; 0: on CPU).")
     include_path: Optional[str] = Field(None, description="A directory of the harness's YAML task files (local "
                                                           "JSONL data works without network access).")
 

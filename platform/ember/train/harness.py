@@ -27,8 +27,8 @@ from ember.errors import EmberError
 log = logging.getLogger("ember.train")
 
 
-def score_pairs(model, pairs: list[tuple[list[int], list[int]]], max_length: int,
-                batch_size: int) -> list[tuple[float, bool]]:
+def score_pairs(model, pairs: list[tuple[list[int], list[int]]], max_length: int, batch_size: int,
+                device="cpu") -> list[tuple[float, bool]]:
     """(log-probability of the continuation, whether greedy decoding gives it) of each (context, continuation) of
     token ids, as the harness's `hf` class computes them: the last max_length + 1 tokens, the final one dropped as
     input; rows right-padded (causal attention keeps padding out of every real position)."""
@@ -41,7 +41,7 @@ def score_pairs(model, pairs: list[tuple[list[int], list[int]]], max_length: int
         for row, ids in enumerate(inputs):
             batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         with torch.no_grad():
-            logprobs = F.log_softmax(model(batch).float(), dim=-1)
+            logprobs = F.log_softmax(model(batch.to(device)).float(), dim=-1).cpu()
         for row, ((_, cont), ids) in enumerate(zip(chunk, inputs)):
             span = logprobs[row, len(ids) - len(cont):len(ids)]  # the positions that predict the continuation
             target = torch.tensor(cont, dtype=torch.long)
@@ -53,15 +53,19 @@ def score_pairs(model, pairs: list[tuple[list[int], list[int]]], max_length: int
 class ScoringActor:
     """One copy of the model, on a Ray actor: scores request slices and generates continuations."""
 
-    def __init__(self, model_dir: str, max_length: int, batch_size: int, stop_ids: list[int]):
+    def __init__(self, model_dir: str, max_length: int, batch_size: int, stop_ids: list[int], gpu: bool = False):
         from ember.model import load_model
         from ember.model.hf import local_model_dir
 
-        self.model = load_model(local_model_dir(model_dir)).eval()
+        if gpu and not torch.cuda.is_available():
+            raise EmberError("lm_eval.gpus_per_actor asks for a GPU but this actor's node has no CUDA device torch "
+                             f"{torch.__version__} can use")
+        self.device = "cuda" if gpu else "cpu"
+        self.model = load_model(local_model_dir(model_dir), device=self.device).eval()
         self.max_length, self.batch_size, self.stop_ids = max_length, batch_size, set(stop_ids)
 
     def score(self, pairs):
-        return score_pairs(self.model, pairs, self.max_length, self.batch_size)
+        return score_pairs(self.model, pairs, self.max_length, self.batch_size, self.device)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
         """Greedy continuations, one prompt at a time (the hf class's batches are left-padded to the same
@@ -86,7 +90,7 @@ def _harness_class():
         """Ember's model as a harness model: `model_args` model_dir, actors, batch_size."""
 
         def __init__(self, model_dir: str, actors: int = 1, batch_size: int = 8, max_length: int | None = None,
-                     **_):
+                     gpus_per_actor: float = 0, **_):
             super().__init__()
             import ray
 
@@ -100,9 +104,16 @@ def _harness_class():
             self._eot = self.tok.token_to_id(eos) if eos else min(stop_token_ids(local, self.tok), default=0)
             self._bos = self.tok.token_to_id(bos) if bos else None
             self.stop_ids = sorted(stop_token_ids(local, self.tok) | {self._eot})
-            remote = ray.remote(num_cpus=1)(ScoringActor)
-            self.actors = [remote.remote(str(model_dir), self._max_length, int(batch_size), self.stop_ids)
-                           for _ in range(int(actors))]
+            from ember.cluster.capacity import check_fits
+
+            # An actor the cluster can never hold would wait for ever: refused here, naming the numbers.
+            waiting = check_fits({"CPU": 1, "GPU": float(gpus_per_actor)}, int(actors), "lm_eval",
+                                 "lm_eval.actors or lm_eval.gpus_per_actor")
+            if waiting:
+                log.info("lm_eval: %s", waiting)
+            remote = ray.remote(num_cpus=1, num_gpus=float(gpus_per_actor))(ScoringActor)
+            self.actors = [remote.remote(str(model_dir), self._max_length, int(batch_size), self.stop_ids,
+                                         float(gpus_per_actor) > 0) for _ in range(int(actors))]
 
         @property
         def eot_token_id(self) -> int:
@@ -195,7 +206,8 @@ def run_harness(model_dir: str, spec) -> dict:
     if unknown:
         raise EmberError(f"lm_eval.tasks: unknown task {', '.join(map(repr, unknown))} (not in the harness"
                          f"{' nor in ' + spec.include_path if spec.include_path else ''})")
-    model = _harness_class()(model_dir=model_dir, actors=spec.actors, batch_size=spec.batch_size)
+    model = _harness_class()(model_dir=model_dir, actors=spec.actors, batch_size=spec.batch_size,
+                             gpus_per_actor=spec.gpus_per_actor)
     results = simple_evaluate(model=model, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
                               task_manager=manager, log_samples=False, batch_size=spec.batch_size,
                               bootstrap_iters=0)
