@@ -76,122 +76,132 @@ class ScoringActor:
                              self.stop_ids)[0] for prompt, n in zip(prompts, max_new_tokens)]
 
 
+class ScoringPool:
+    """The model dir's tokenizer and limits, and the Ray actors its requests go to (no lm_eval needed here)."""
+
+    def __init__(self, model_dir: str, actors: int, batch_size: int, max_length: int | None, gpus_per_actor: float):
+        import ray
+
+        from ember.cluster.capacity import check_fits
+        from ember.data.tokenizer import load_tokenizer, token_name, tokenizer_config
+        from ember.model.hf import config_from_hf, local_model_dir, read_json, stop_token_ids
+
+        local = local_model_dir(model_dir)
+        self.tok = load_tokenizer(local)
+        config = tokenizer_config(local)
+        cfg = config_from_hf(read_json(local / "config.json"), str(local / "config.json"))
+        self.max_length = int(max_length or cfg.max_position_embeddings)
+        eos, bos = token_name(config.get("eos_token")), token_name(config.get("bos_token"))
+        stops = stop_token_ids(local, self.tok)
+        self.eot = self.tok.token_to_id(eos) if eos else min(stops, default=0)
+        bos_id = self.tok.token_to_id(bos) if bos else None
+        self.prefix = bos_id if bos_id is not None else self.eot  # what an empty context is scored after
+        self.prefix_text = self.tok.decode([self.prefix], skip_special_tokens=False)
+        self.eot_text = self.tok.decode([self.eot], skip_special_tokens=False)
+        stop_ids = sorted(stops | {self.eot})
+        # An actor the cluster can never hold would wait for ever: refused here, naming the numbers.
+        waiting = check_fits({"CPU": 1, "GPU": float(gpus_per_actor)}, int(actors), "lm_eval",
+                             "lm_eval.actors or lm_eval.gpus_per_actor")
+        if waiting:
+            log.info("lm_eval: %s", waiting)
+        remote = ray.remote(num_cpus=1, num_gpus=float(gpus_per_actor))(ScoringActor)
+        self.actors = [remote.remote(str(model_dir), self.max_length, int(batch_size), stop_ids,
+                                     float(gpus_per_actor) > 0) for _ in range(int(actors))]
+
+    def encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None) -> list[int]:
+        """As the hf class: the tokenizer's special tokens unless the text already starts with the prefix token."""
+        special = add_special_tokens if add_special_tokens is not None else not string.startswith(self.prefix_text)
+        ids = self.tok.encode(string, add_special_tokens=special).ids
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def spread(self, method: str, items: list, *extra) -> list:
+        """`method` of the actors over contiguous slices of `items` (and of `extra`), gathered back in order."""
+        import ray
+
+        size = max(1, math.ceil(len(items) / len(self.actors)))
+        slices = [slice(i * size, (i + 1) * size) for i in range(len(self.actors)) if i * size < len(items)]
+        calls = [getattr(actor, method).remote(items[s], *[e[s] for e in extra])
+                 for actor, s in zip(self.actors, slices)]
+        return [out for part in ray.get(calls) for out in part]
+
+    def rolling(self, strings: list[str]) -> list[float]:
+        """Each text's log-likelihood over the harness's disjoint rolling windows of the context."""
+        from lm_eval import utils
+
+        windows, owners = [], []
+        for i, string in enumerate(strings):
+            for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                    token_list=self.encode(string), prefix_token=self.prefix, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append((list(ctx), list(cont)))
+                owners.append(i)
+        totals = [0.0] * len(strings)
+        for owner, (logprob, _) in zip(owners, self.spread("score", windows)):
+            totals[owner] += logprob
+        return totals
+
+    def generate(self, requests: list[tuple[str, dict]]) -> list[str]:
+        """Greedy continuations, left-truncated to leave room for their budget, cut at the stop strings."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        prompts, budgets, stops = [], [], []
+        for context, gen_kwargs in requests:
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
+            if kwargs.get("do_sample"):
+                raise EmberError("lm_eval: a task asks for sampling (do_sample: true); Ember scores tasks greedily, "
+                                 "as the harness's hf class does by default")
+            stops.append(handle_stop_sequences(kwargs.pop("until", None), eos=self.eot_text))
+            budgets.append(int(kwargs.pop("max_gen_toks")))
+            prompts.append(self.encode(context, left_truncate_len=self.max_length - budgets[-1]))
+        texts = []
+        for ids, until in zip(self.spread("generate", prompts, budgets), stops):
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            for stop in filter(None, until):
+                text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+
 @functools.cache
 def _harness_class():
     """`EmberLM`, defined (and registered) once, when the harness is first needed: lm_eval is imported only there."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 
-    from ember.data.tokenizer import load_tokenizer, token_name, tokenizer_config
-    from ember.model.hf import config_from_hf, local_model_dir, read_json, stop_token_ids
-
     @register_model("ember")
     class EmberLM(TemplateLM):
-        """Ember's model as a harness model: `model_args` model_dir, actors, batch_size."""
+        """Ember's model as a harness model (`model_args`: model_dir, actors, batch_size, gpus_per_actor); the
+        requests go to a `ScoringPool`."""
 
         def __init__(self, model_dir: str, actors: int = 1, batch_size: int = 8, max_length: int | None = None,
                      gpus_per_actor: float = 0, **_):
             super().__init__()
-            import ray
-
-            local = local_model_dir(model_dir)
-            self.tok = load_tokenizer(local)
-            config = tokenizer_config(local)
-            cfg = config_from_hf(read_json(local / "config.json"), str(local / "config.json"))
-            self._max_length = int(max_length or cfg.max_position_embeddings)
-            eos = token_name(config.get("eos_token"))
-            bos = token_name(config.get("bos_token"))
-            self._eot = self.tok.token_to_id(eos) if eos else min(stop_token_ids(local, self.tok), default=0)
-            self._bos = self.tok.token_to_id(bos) if bos else None
-            self.stop_ids = sorted(stop_token_ids(local, self.tok) | {self._eot})
-            from ember.cluster.capacity import check_fits
-
-            # An actor the cluster can never hold would wait for ever: refused here, naming the numbers.
-            waiting = check_fits({"CPU": 1, "GPU": float(gpus_per_actor)}, int(actors), "lm_eval",
-                                 "lm_eval.actors or lm_eval.gpus_per_actor")
-            if waiting:
-                log.info("lm_eval: %s", waiting)
-            remote = ray.remote(num_cpus=1, num_gpus=float(gpus_per_actor))(ScoringActor)
-            self.actors = [remote.remote(str(model_dir), self._max_length, int(batch_size), self.stop_ids,
-                                         float(gpus_per_actor) > 0) for _ in range(int(actors))]
+            self.pool = ScoringPool(model_dir, actors, batch_size, max_length, gpus_per_actor)
 
         @property
         def eot_token_id(self) -> int:
-            return self._eot
+            return self.pool.eot
 
         @property
         def prefix_token_id(self) -> int:
-            return self._bos if self._bos is not None else self._eot
+            return self.pool.prefix
 
         @property
         def max_length(self) -> int:
-            return self._max_length
+            return self.pool.max_length
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
                        **kwargs) -> list[int]:
-            prefix = self.tok.decode([self.prefix_token_id], skip_special_tokens=False)
-            special = add_special_tokens if add_special_tokens is not None else not string.startswith(prefix)
-            ids = self.tok.encode(string, add_special_tokens=special).ids
-            return ids[-left_truncate_len:] if left_truncate_len else ids
-
-        def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
-            return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-        def _spread(self, method: str, items: list, *extra) -> list:
-            """`method` of the actors over contiguous slices of `items`, gathered back in order."""
-            import ray
-
-            if not items:
-                return []
-            size = math.ceil(len(items) / len(self.actors))
-            calls = [getattr(actor, method).remote(items[i * size:(i + 1) * size],
-                                                   *[e[i * size:(i + 1) * size] for e in extra])
-                     for i, actor in enumerate(self.actors) if items[i * size:(i + 1) * size]]
-            return [out for part in ray.get(calls) for out in part]
+            return self.pool.encode(string, add_special_tokens, left_truncate_len)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-            return self._spread("score", [(list(ctx), list(cont)) for _, ctx, cont in requests])
+            return self.pool.spread("score", [(list(ctx), list(cont)) for _, ctx, cont in requests])
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from lm_eval import utils
-
-            windows, owners = [], []
-            for i, (string,) in enumerate(req.args for req in requests):
-                for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                        token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                        max_seq_len=self.max_length, context_len=1)):
-                    windows.append((list(ctx), list(cont)))
-                    owners.append(i)
-            scores = self._spread("score", windows)
-            totals = [0.0] * len(requests)
-            for owner, (logprob, _) in zip(owners, scores):
-                totals[owner] += logprob
-            return totals
+            return self.pool.rolling([req.args[0] for req in requests])
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-
-            prompts, budgets, stops = [], [], []
-            eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-            for context, gen_kwargs in (req.args for req in requests):
-                kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
-                if kwargs.get("do_sample"):
-                    raise EmberError("lm_eval: a task asks for sampling (do_sample: true); Ember scores tasks "
-                                     "greedily, as the harness's hf class does by default")
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                budget = int(kwargs.pop("max_gen_toks"))
-                prompts.append(self.tok_encode(context, left_truncate_len=self.max_length - budget))
-                budgets.append(budget)
-                stops.append(until)
-            outputs = self._spread("generate", prompts, budgets)
-            texts = []
-            for ids, until in zip(outputs, stops):
-                text = self.tok_decode(ids)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
-                texts.append(text)
-            return texts
+            return self.pool.generate([req.args for req in requests])
 
     return EmberLM
 
