@@ -285,6 +285,14 @@ def test_each_family_s_template_renders_as_transformers_renders_it(name, tmp_pat
         for prompt in (False, True):
             expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **switches)
             assert ours.render(messages, prompt, **switches) == expected, (messages, prompt, switches)
+    # continue_final_message: the text ends inside the last message (a prefilled answer, with or without the
+    # trailing space a template may strip), as transformers cuts it.
+    prefilled = [[SYSTEM, *TURNS], [*TURNS[:3], {"role": "assistant", "content": "In the "}], TURNS[:1]]
+    for messages in prefilled:
+        expected = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert ours.render(messages, continue_final_message=True) == expected, messages
+    with pytest.raises(BadRecord, match="cannot both be on"):
+        ours.render(TURNS, add_generation_prompt=True, continue_final_message=True)
     if name == "qwen2.5":
         assert ours.render(TURNS).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     if name == "qwen3":

@@ -47,6 +47,12 @@ doc_to_target: "{{text}}"
 metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
 """,
 }
+# Multiple choice whose answer the assistant's turn starts with a prefix: with the chat template, the context ends
+# inside that turn (transformers' continue_final_message).
+PREFIXED = """task: ember_mc_prefixed
+include: ember_mc.yaml
+gen_prefix: "Answer:"
+"""
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +69,17 @@ def model_and_tasks(tmp_path_factory):
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, text in TASKS.items():
         (tasks / f"{name}.yaml").write_text(text % {"dir": tasks})
+    (tasks / "ember_mc_prefixed.yaml").write_text(PREFIXED)
     return model, tasks
 
 
-def evaluate(model, tasks: Path, **model_args) -> dict:
+def evaluate(model, tasks: Path, names=tuple(TASKS), options: dict | None = None, **model_args) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=model, model_args=model_args or None, tasks=list(TASKS),
-                           task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model=model, model_args=model_args or None, tasks=list(names),
+                           task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0,
+                           **(options or {}))
 
 
 def per_sample(results: dict) -> dict:
@@ -113,6 +121,46 @@ def test_ember_s_harness_class_gives_the_hf_class_s_numbers_over_one_or_two_acto
             theirs["results"]["ember_ppl"]["word_perplexity,none"], rel=1e-4)
 
 
+def test_with_the_chat_template_the_requests_and_numbers_are_the_hf_class_s(model_and_tasks, tmp_path):
+    """Qwen2.5's template on the same model: a system instruction, one few-shot example as an earlier turn, and a
+    task whose answers follow an assistant prefix. The harness's requests (the templated texts) are the same for
+    both classes, and so are the numbers."""
+    import shutil
+
+    from conftest import REPO
+    from ember.train.harness import _harness_class
+
+    model_dir, tasks = model_and_tasks
+    plain, chat = tmp_path / "plain-model", tmp_path / "chat-model"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # Ember's ChatML default, which the model was saved with
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copytree(plain, chat)
+    (chat / "chat_template.jinja").write_text((REPO / "tests" / "templates" / "qwen2.5.jinja").read_text())
+    options = {"apply_chat_template": True, "fewshot_as_multiturn": True, "system_instruction": "Answer briefly.",
+               "num_fewshot": 1}
+    names = ("ember_mc_prefixed", "ember_gen")
+    theirs = evaluate("hf", tasks, names, options, pretrained=str(chat), dtype="float32", batch_size=1,
+                      device="cpu")
+    ours = evaluate(_harness_class()(model_dir=str(chat), actors=1, batch_size=4), tasks, names, options)
+    for task in names:
+        requests = [s["arguments"] for s in sorted(ours["samples"][task], key=lambda s: s["doc_id"])]
+        expected = [s["arguments"] for s in sorted(theirs["samples"][task], key=lambda s: s["doc_id"])]
+        assert requests == expected, task
+    context = requests[0]["gen_args_0"]["arg_0"] if isinstance(requests[0], dict) else requests[0][0][0]
+    assert context.startswith("<|im_start|>system\nAnswer briefly.")
+    mc = [s["arguments"] for s in ours["samples"]["ember_mc_prefixed"]]
+    assert all("<|im_start|>assistant\nAnswer:" in flat(a)[0] and not flat(a)[0].endswith("<|im_end|>\n")
+               for a in mc)  # the prefixed turn is continued, not closed
+    for a, b in zip(flat(per_sample(ours)["ember_mc_prefixed"]), flat(per_sample(theirs)["ember_mc_prefixed"]),
+                    strict=True):
+        assert a == b if isinstance(b, bool) else abs(float(a) - float(b)) < 1e-4
+    assert per_sample(ours)["ember_gen"] == per_sample(theirs)["ember_gen"]
+    with pytest.raises(EmberError, match=r"lm_eval\.apply_chat_template: the model .* has no chat template"):
+        evaluate(_harness_class()(model_dir=str(plain)), tasks, ("ember_gen",), {"apply_chat_template": True})
+
+
 def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(model_and_tasks, tmp_path, capsys):
     from ember.train.evaluate import run_evaluate
 
@@ -128,6 +176,8 @@ def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(
                                          r"cluster has 0 and no autoscaler"):
         run_evaluate(parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "actors": 1, "gpus_per_actor": 1},
                                  "output": {"file": str(tmp_path / "gpu.json")}}))
+    with pytest.raises(EmberError, match=r"lm_eval\.fewshot_as_multiturn needs lm_eval\.apply_chat_template"):
+        parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "fewshot_as_multiturn": True}})
     with pytest.raises(EmberError, match=r"lm_eval\.tasks: unknown task 'no_such_task'"):
         run_evaluate(parse_spec({**spec, "lm_eval": {**spec["lm_eval"], "tasks": ["no_such_task"]},
                                  "output": {"file": str(tmp_path / "other.json")}}))

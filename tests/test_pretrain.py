@@ -175,19 +175,21 @@ def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tm
 
 
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, s3_server, mlflow_server,
-                                                             tmp_path, ray_session):
+                                                             tmp_path, tmp_path_factory, ray_session):
     """SIGKILL one training worker (found through Ray's state API) once Ray Train has taken in a checkpoint past the
     start: Ray Train restarts the workers, they restore its latest checkpoint (recorded in restores.jsonl), redo the
     steps the killed attempt had logged with the same losses, and finish. ZeRO 1 with activation recomputation: its
     first 8 steps are also the reference run's (ZeRO 2) up to the order of the sums. The run dir is a bucket prefix:
     the checkpoints the new workers restore are the ones Ray Train uploaded there. The run is tracked in a real
     MLflow server: one MLflow run across the restart, each step's metrics once, the spec and the dataset as params,
-    the model and result.json as artifacts."""
+    the model and result.json as artifacts. And in W&B's offline mode: each attempt writes an offline run of the one
+    run id, and between them each step is logged once."""
     from ray.util.state import list_actors
 
     bucket, endpoint, _ = s3_server
     run_dir = f"s3://{bucket}/pretrain/killed-{tmp_path.name}?endpoint_override={endpoint}&scheme=http"
     address, killed = ray_address(), {}
+    wandb_dir = tmp_path_factory.mktemp("wandb-killed")
 
     def registered_steps() -> list[int]:
         """The checkpoints Ray Train's controller has taken in (its snapshot in the run dir)."""
@@ -204,7 +206,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     result = train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4,
                                             "keep_checkpoints": 3, "eval_every": 0,
                                             "tracking": {"mlflow": {"tracking_uri": mlflow_server,
-                                                                    "experiment": "killed"}}},
+                                                                    "experiment": "killed"},
+                                                         "wandb": {"project": "ember-test", "mode": "offline",
+                                                                   "dir": str(wandb_dir)}}},
                    deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
     killer.join()
     assert killed and killed["registered"] < killed["at"] < 24, killed  # (the thread gives up after 300 s)
@@ -249,6 +253,20 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     model_files = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "model"})
     assert "model/config.json" in {f["path"] for f in model_files.json()["files"]}
     assert result["step"] == 24
+
+    # W&B: an offline run per attempt, all of the one id. The latest holds every step once (the rows the run dir
+    # kept, then the rest); the killed one a prefix of them (what W&B had flushed of its file before the kill).
+    run_id = storage.read_json(storage.join(run_dir, "tracking.json"))["wandb"]["id"]
+    attempts = sorted((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(attempts) == 2 == len(list((wandb_dir / "wandb").glob("offline-run-*")))
+    def history(path) -> list[dict]:
+        return [{(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+
+    first, latest = map(history, attempts)
+    assert [h["_step"] for h in latest] == list(range(1, 25))
+    assert [h["_step"] for h in first] == list(range(1, len(first) + 1))
+    assert all(h["loss"] == pytest.approx(redone[h["_step"]]) for h in first + latest)
 
 
 def test_an_unreachable_tracking_server_is_a_warning_or_with_required_an_error(dataset, tmp_path, caplog):

@@ -33,6 +33,13 @@ def test_the_openai_client_lists_completes_and_chats(client, model_dir):
     rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "the crow"}], True)
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == greedy(model_dir, rendered, 6)  # as `ember generate --chat` would
+    prefill = [{"role": "user", "content": "the crow"}, {"role": "assistant", "content": "the fox is"}]
+    continued = client.chat.completions.create(model="tiny", messages=prefill, max_tokens=6, temperature=0,
+                                               extra_body={"add_generation_prompt": False,
+                                                           "continue_final_message": True})
+    rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render(prefill, continue_final_message=True)
+    assert rendered.endswith("<|im_start|>assistant\nthe fox is")  # the answer goes on from its prefill
+    assert continued.choices[0].message.content == greedy(model_dir, rendered, 6)
     two = client.completions.create(model="tiny", prompt="the sea", max_tokens=5, temperature=1.0, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and 2 <= two.usage.completion_tokens <= 10
 

@@ -81,6 +81,9 @@ HOSTILE = [
     ("template-kwargs-bad-name", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
                                                          '"hi"}], "chat_template_kwargs": {"a-b": true}}'),
      400, "chat_template_kwargs.a-b", "should match pattern"),
+    ("continue-and-open-a-turn", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", '
+                                                         '"content": "hi"}], "continue_final_message": true}'),
+     400, "continue_final_message", "add_generation_prompt must be false"),
     ("over-body-limit", "completions", body(prompt="x" * 400_000), 413, None, "larger than 300000 bytes"),
 ]
 

@@ -412,6 +412,19 @@ class LmEvalSpec(SpecModel):
                                                              "model on that GPU; 0: on CPU).")
     include_path: Optional[str] = Field(None, description="A directory of the harness's YAML task files (local "
                                                           "JSONL data works without network access).")
+    apply_chat_template: bool = Field(False, description="Write each request with the model's chat template (as "
+                                                     "the harness's --apply_chat_template).")
+    fewshot_as_multiturn: bool = Field(False, description="With the chat template: few-shot examples as earlier "
+                                                          "turns of the conversation.")
+    system_instruction: Optional[str] = Field(None, description="A system message before every request.")
+    chat_template_kwargs: dict[str, bool | int | str] = Field(default_factory=dict, description="The chat "
+                                                              "template's own switches (Qwen3's enable_thinking).")
+
+    @model_validator(mode="after")
+    def _multiturn_needs_the_template(self):
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("lm_eval.fewshot_as_multiturn needs lm_eval.apply_chat_template: true")
+        return self
 
 
 class EvaluateSpec(JobSpec):

@@ -29,6 +29,7 @@ from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, 
 from ember.errors import EmberError
 
 ROLES = ("system", "user", "assistant")
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for where a continued message ends
 FORMATS = ("auto", "messages", "prompt_response", "alpaca")
 
 
@@ -125,14 +126,35 @@ class ChatTemplate:
         source = template_source(config)
         return cls(source, special_token_vars(config)) if source else None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, continue_final_message: bool = False,
+               **variables) -> str:
         """The conversation as text; `variables` are the template's own switches (Qwen3's `enable_thinking`, ...),
-        over the special-token variables, as `apply_chat_template(..., **kwargs)` passes them."""
+        over the special-token variables, as `apply_chat_template(..., **kwargs)` passes them.
+
+        `continue_final_message` ends the text inside the last message, so that generation continues it (a prefilled
+        answer, or the harness's multiple-choice contexts), as transformers does it: the message is rendered with a
+        tag after its content and the text cut at the tag (and its trailing spaces too, when the template strips
+        the content)."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise BadRecord("template_error", "continue_final_message and add_generation_prompt cannot both be "
+                                "on: the first continues the last message, the second starts a new one")
+            if not messages:
+                raise BadRecord("template_error", "continue_final_message needs a message to continue")
+            final = messages[-1]["content"]
+            messages = [*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}]
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **{**self.special, **variables})
         except TemplateError as exc:
             raise BadRecord("template_error", f"the chat template refused the conversation: {exc}") from None
+        if not continue_final_message:
+            return text
+        at = text.rfind(CONTINUE_TAG.strip())
+        if at < 0 or final.strip() not in text:
+            raise BadRecord("template_error", "continue_final_message: the chat template does not write the last "
+                            "message's content as it is, so the text cannot end inside it")
+        return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
 
 
 def template_source(config: dict) -> str | None:

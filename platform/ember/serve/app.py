@@ -369,9 +369,14 @@ class EmberServer:
         self._check(body, 1)
         if self.template is None:
             raise APIError(400, f"the model {self.name!r} has no chat template; use /v1/completions", "messages")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise APIError(400, "continue_final_message continues the last message, so add_generation_prompt must be "
+                           "false", "continue_final_message")
         try:
             text = self.template.render([{"role": m.role, "content": m.content} for m in body.messages],
-                                        add_generation_prompt=True, **(body.chat_template_kwargs or {}))
+                                        add_generation_prompt=body.add_generation_prompt,
+                                        continue_final_message=body.continue_final_message,
+                                        **(body.chat_template_kwargs or {}))
         except BadRecord as exc:
             raise APIError(400, exc.detail, "messages") from None
         prompts = [self.tokenizer.encode(text, add_special_tokens=False).ids]

@@ -155,6 +155,11 @@ class ChatCompletionRequest(SamplingRequest):
                                              AfterValidator(_template_variables)]] = Field(
         None, description="The chat template's own switches, e.g. Qwen3's {\"enable_thinking\": false} (vLLM's "
                           "extension).")
+    add_generation_prompt: bool = Field(True, description="Open a new assistant turn after the conversation (vLLM's "
+                                                      "extension).")
+    continue_final_message: bool = Field(False, description="Continue the last message instead (an assistant "
+                                                            "prefill), with add_generation_prompt false (vLLM's "
+                                                            "extension).")
     logprobs: Optional[Literal[False]] = Field(None, description="Not supported for chat completions (false only).")
 
 

@@ -11,6 +11,9 @@ slices and gathered back in the harness's order, so the result is the same for a
 
     kind: evaluate
     lm_eval: {tasks: [hellaswag], num_fewshot: 0, limit: 100, actors: 2, include_path: ./my-tasks}
+
+With `apply_chat_template`, each request is written with the model's chat template as the hf class writes it
+(`ScoringPool.chat`: transformers' `continue_final_message` where the harness asks for no generation prompt).
 """
 
 from __future__ import annotations
@@ -83,12 +86,14 @@ class ScoringPool:
         import ray
 
         from ember.cluster.capacity import check_fits
+        from ember.data.chat import ChatTemplate
         from ember.data.tokenizer import load_tokenizer, token_name, tokenizer_config
         from ember.model.hf import config_from_hf, local_model_dir, read_json, stop_token_ids
 
-        local = local_model_dir(model_dir)
+        local, self.model_dir = local_model_dir(model_dir), str(model_dir)
         self.tok = load_tokenizer(local)
         config = tokenizer_config(local)
+        self.template = ChatTemplate.of(config)  # None: the model has no chat template
         cfg = config_from_hf(read_json(local / "config.json"), str(local / "config.json"))
         self.max_length = int(max_length or cfg.max_position_embeddings)
         eos, bos = token_name(config.get("eos_token")), token_name(config.get("bos_token"))
@@ -113,6 +118,25 @@ class ScoringPool:
         special = add_special_tokens if add_special_tokens is not None else not string.startswith(self.prefix_text)
         ids = self.tok.encode(string, add_special_tokens=special).ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+        """A request's conversation as the model's chat template writes it, as the hf class does: a conversation
+        the template refuses is tried once more without its system messages; without a generation prompt, the text
+        ends inside the last message (transformers' `continue_final_message`)."""
+        from ember.data.chat import BadRecord
+
+        if self.template is None:
+            raise EmberError(f"lm_eval.apply_chat_template: the model {self.model_dir} has no chat template "
+                             "(chat_template in its tokenizer_config.json or chat_template.jinja)")
+        render = functools.partial(self.template.render, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=not add_generation_prompt, **variables)
+        try:
+            return render(messages)
+        except BadRecord:
+            try:
+                return render([m for m in messages if m["role"] != "system"])
+            except BadRecord as exc:
+                raise EmberError(f"lm_eval.apply_chat_template: {exc.detail}") from None
 
     def spread(self, method: str, items: list, *extra) -> list:
         """`method` of the actors over contiguous slices of `items` (and of `extra`), gathered back in order."""
@@ -170,13 +194,24 @@ def _harness_class():
 
     @register_model("ember")
     class EmberLM(TemplateLM):
-        """Ember's model as a harness model (`model_args`: model_dir, actors, batch_size, gpus_per_actor); the
-        requests go to a `ScoringPool`."""
+        """Ember's model as a harness model (`model_args`: model_dir, actors, batch_size, gpus_per_actor,
+        chat_template_kwargs); the requests go to a `ScoringPool`."""
 
         def __init__(self, model_dir: str, actors: int = 1, batch_size: int = 8, max_length: int | None = None,
-                     gpus_per_actor: float = 0, **_):
+                     gpus_per_actor: float = 0, chat_template_kwargs: dict | None = None, **_):
             super().__init__()
             self.pool = ScoringPool(model_dir, actors, batch_size, max_length, gpus_per_actor)
+            self.template_variables = dict(chat_template_kwargs or {})
+
+        @property
+        def tokenizer_name(self) -> str:
+            return self.pool.model_dir.replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.pool.template.source if chat_template and self.pool.template is not None else None
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            return self.pool.chat(chat_history, add_generation_prompt, self.template_variables)
 
         @property
         def eot_token_id(self) -> int:
@@ -217,8 +252,10 @@ def run_harness(model_dir: str, spec) -> dict:
         raise EmberError(f"lm_eval.tasks: unknown task {', '.join(map(repr, unknown))} (not in the harness"
                          f"{' nor in ' + spec.include_path if spec.include_path else ''})")
     model = _harness_class()(model_dir=model_dir, actors=spec.actors, batch_size=spec.batch_size,
-                             gpus_per_actor=spec.gpus_per_actor)
+                             gpus_per_actor=spec.gpus_per_actor, chat_template_kwargs=spec.chat_template_kwargs)
     results = simple_evaluate(model=model, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
                               task_manager=manager, log_samples=False, batch_size=spec.batch_size,
-                              bootstrap_iters=0)
+                              bootstrap_iters=0, apply_chat_template=spec.apply_chat_template,
+                              fewshot_as_multiturn=spec.fewshot_as_multiturn,
+                              system_instruction=spec.system_instruction)
     return {k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results}

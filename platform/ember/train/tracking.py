@@ -2,8 +2,11 @@
 
 Rank 0 holds the one `Tracker` of a training run; `MetricsLog` hands it each row it writes to metrics.jsonl (the same
 record: one statement of what a run reports), so MLflow and W&B show every metric Ember reports at its step. The
-tracking runs' ids are kept in RUN_DIR/tracking.json: a resumed run continues the same MLflow run, and the steps the
-earlier attempt already logged (an exact resume repeats them with the same values) are not logged twice. Credentials
+tracking runs' ids are kept in RUN_DIR/tracking.json: a resumed run continues the same tracking runs. At the start
+of a resumed attempt, `MetricsLog` hands the tracker the rows the run dir kept (up to the restored checkpoint);
+each sink skips the steps its run already holds (MLflow's history, W&B's step), so a step the earlier attempt could
+not deliver is sent now, and the steps it did deliver (an exact resume repeats them with the same values) are not
+logged twice. Credentials
 come only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `WANDB_API_KEY`,
 which the clients read themselves); nothing here writes them anywhere.
 
@@ -152,7 +155,11 @@ class MlflowSink:
 
 class WandbSink:
     """The run in Weights & Biases, through Ray's `setup_wandb` (on rank 0 only: Ember calls it there): offline mode
-    writes the run under `dir` and sends nothing; the run's id is kept for a resumed run to continue it."""
+    writes the run under `dir` and sends nothing. The run's id is kept for a resumed run to continue it. Online, W&B
+    says which step the run holds, and the rows up to it are not sent again. Offline, each attempt writes one
+    offline run of that id, holding every step the run has done (a killed attempt loses what W&B had not flushed of
+    its file yet: `wandb sync` of the latest attempt gives the whole run, and W&B keeps each step once when the
+    earlier ones are synced too)."""
 
     backend = "W&B"
 
@@ -170,11 +177,14 @@ class WandbSink:
         self.run = setup_wandb(config=params, rank_zero_only=False, trial_id=run_id, trial_name=spec.run_name or name,
                                project=spec.project, entity=spec.entity, mode=spec.mode, dir=directory,
                                resume="allow")
+        # The last step the W&B run holds (a resumed online run: the one before its next step).
+        self.logged_through = max(0, self.run.starting_step - 1) if spec.mode == "online" and self.run.resumed else 0
         _save(run_dir, "wandb", {"project": spec.project, "entity": spec.entity, "id": run_id, "mode": spec.mode})
         self.model = storage.display(storage.join(run_dir, "model"))
 
     def log(self, row: dict) -> None:
-        self.run.log(dict(_scalars(row)), step=row["step"])
+        if row["step"] > self.logged_through:
+            self.run.log(dict(_scalars(row)), step=row["step"])
 
     def close(self) -> None:
         self.run.summary["ember.model"] = self.model

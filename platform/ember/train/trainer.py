@@ -140,12 +140,14 @@ class MetricsLog:
     def __init__(self, run_dir: str, resumed_step: int, tensorboard: bool = False, restored: dict | None = None,
                  tracker=None):
         self.path, self.remote = storage.join(run_dir, "metrics.jsonl"), storage.is_uri(run_dir)
-        self.tracker = tracker  # `ember.train.tracking.Tracker`: each row to MLflow too
+        self.tracker = tracker  # `ember.train.tracking.Tracker`: each row to MLflow and W&B too
         rows = _jsonl(self.path)
         self.rows = [r for r in rows if r.get("step", 0) <= resumed_step]
         superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]
         if rows:
             storage.write_text(self.path, _to_jsonl(self.rows))
+        for row in self.rows if tracker is not None else ():  # what the tracking runs may lack (see tracking.py)
+            tracker.log(row)
         if restored is not None:
             restores = storage.join(run_dir, RESTORES_FILE)
             storage.write_text(restores, _to_jsonl([*_jsonl(restores), {**restored, "superseded": superseded}]))
