@@ -6,9 +6,14 @@
     1, 8 and 32.
 
 Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, and
-the ratio c/a at concurrency 32. Every request generates exactly --new-tokens tokens (end-of-text ignored).
+the ratio c/a at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
+tokens (end-of-text ignored).
 
-    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--threads 2] [--gpu]
+Then prefix caching: 32 chat requests at once that share a ~400-token system prompt (each its own user message),
+against the server with `prefix_cache_tokens: 0` and with the default, after one request that puts the system prompt
+in the cache; prints the TTFT p50 of each and the ratio.
+
+    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--threads 2] [--repeat 3] [--gpu]
 
 With `--gpu` all three run on the GPU in bf16 (the replica with num_gpus: 1, its default dtype there).
 """
@@ -173,6 +178,47 @@ def bench_server(base, prompts, new_tokens, concurrency, show=True):
     return line(f"(c) Ember server, concurrency {concurrency}", tokens, seconds, ttft, tpot)
 
 
+def bench_shared_prefix(base, system: str, users: list[str], new_tokens: int = 8) -> float:
+    """TTFT p50 of one chat request per user message, all at once, each with the same system message (after one
+    request of it alone, so a prefix cache holds it)."""
+    import aiohttp
+
+    async def ask(session, user):
+        body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        t0 = time.perf_counter()
+        async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            async for raw in resp.content:
+                if raw.startswith(b"data: {") and b'"content"' in raw:
+                    return time.perf_counter() - t0
+        raise RuntimeError("no token came back")
+
+    async def run():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            await ask(session, "warm up")
+            return await asyncio.gather(*(ask(session, u) for u in users))
+
+    return pct(asyncio.run(run()), 50)
+
+
+def deploy(model_dir, args, port: int, **options) -> str:
+    from ray import serve
+
+    from ember.serve.app import build_app
+    from ember.serve.launch import wait_ready
+
+    serve.run(build_app({"model_dir": str(model_dir), "model_name": "bench", "num_replicas": 1,
+                         "num_cpus": args.threads, "num_gpus": 1 if args.gpu else 0,
+                         "max_batch_size": 32, "max_queue": 256,
+                         "torch_threads": args.server_threads or args.threads, **options}),
+              name="bench", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base)
+    return base
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
@@ -181,6 +227,7 @@ def main() -> int:
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of the replica (default: --threads)")
     parser.add_argument("--gpu", action="store_true", help="everything on the GPU in bf16")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (c) at concurrency 32; c/a is their median")
     args = parser.parse_args()
     global DEVICE, DTYPE
     if args.gpu:
@@ -205,24 +252,33 @@ def main() -> int:
         import ray
         from ray import serve
 
-        from ember.serve.app import build_app
-        from ember.serve.launch import wait_ready
+        from ember.data.tokenizer import load_tokenizer
 
         port = 8765
         ray.init(num_cpus=args.threads, num_gpus=1 if args.gpu else 0, include_dashboard=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model_dir": str(model_dir), "model_name": "bench", "num_replicas": 1,
-                             "num_cpus": args.threads, "num_gpus": 1 if args.gpu else 0,
-                             "max_batch_size": 32, "max_queue": 256,
-                             "torch_threads": args.server_threads or args.threads}),
-                  name="bench", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base)
+        base = deploy(model_dir, args, port)
         bench_server(base, prompts[:4], args.new_tokens, 1, show=False)  # warm-up
-        rates = {c: bench_server(base, prompts, args.new_tokens, c) for c in (1, 8, 32)}
+        rates = {c: bench_server(base, prompts, args.new_tokens, c) for c in (1, 8)}
+        at_32 = sorted(bench_server(base, prompts, args.new_tokens, 32) for _ in range(max(1, args.repeat)))
+        print(f"c/a at concurrency 32: {at_32[len(at_32) // 2] / a:.2f}  (median of {len(at_32)} runs: "
+              f"{', '.join(f'{r / a:.2f}' for r in at_32)}; c/a at 1 and 8: {rates[1] / a:.2f}, {rates[8] / a:.2f})")
+
+        tok = load_tokenizer(model_dir)
+        system = " ".join(" ".join(prompts).split()[:400])
+        system = tok.decode(tok.encode(system).ids[:400])
+        users = [" ".join(p.split()[:12]) for p in prompts[:32]]
+        users = (users * (32 // len(users) + 1))[:32]
+        ttft = {}
+        for cache, options in (("off", {"prefix_cache_tokens": 0}), ("on", {})):
+            serve.delete("bench")
+            base = deploy(model_dir, args, port, **options)
+            ttft[cache] = bench_shared_prefix(base, system, users)
+            print(f"shared 400-token system prompt, 32 chat requests at once, prefix cache {cache:<3}: "
+                  f"TTFT p50 {ttft[cache] * 1e3:7.1f} ms")
+        print(f"TTFT p50 cache off / on: {ttft['off'] / ttft['on']:.2f}  (target >= 3)")
         serve.shutdown()
         ray.shutdown()
-    print(f"c/a at concurrency 32: {rates[32] / a:.2f}  (target >= 5)")
     return 0
 
 

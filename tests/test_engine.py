@@ -147,7 +147,8 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_is_refused(engines):
     # The waiting request got the row after the cancel. (Its last step's record may still be on its way: on_step
     # runs after a step's tokens are handed out.)
     assert any(waiting.id in s.decoded or waiting.id in dict(s.prefilled) for s in after)
-    assert engine.stats() | {"steps": None} == {"running": 0, "queued": 0, "steps": None}
+    assert engine.stats() | {"steps": None, "kv_cache_budget_bytes": None} == {
+        "running": 0, "queued": 0, "steps": None, "kv_cache_bytes": 0, "kv_cache_budget_bytes": None}  # idle: freed
 
 
 def test_incremental_detokenization_equals_decoding_everything_and_honours_stop_strings():
@@ -257,28 +258,33 @@ def test_repeated_failed_steps_make_the_engine_unhealthy_and_a_good_step_heals_i
 
 
 def test_max_model_len_defaults_to_what_the_kv_memory_budget_holds():
+    """One request of max_model_len (and the prefill slack) must fit the rows' part of kv_cache_memory_gb, the rest
+    being the prefix cache's; more requests run together as their lengths allow (the rows grow by need)."""
     from ember.errors import EmberError
     from ember.model import preset
-    from ember.serve.app import ServeArgs, kv_bytes_per_token, plan_max_model_len
+    from ember.serve.app import ServeArgs, kv_budget, plan_max_model_len
+    from ember.serve.kv import kv_bytes_per_token
 
-    cfg = preset("1b")  # a 131072-token context: 16 rows of it would take 128 GiB of fp32 KV cache
-    assert kv_bytes_per_token(cfg, 4) == 2 * 16 * 8 * 64 * 4
-    args = ServeArgs(model_dir="m", max_batch_size=16)
-    assert plan_max_model_len(cfg, args, 4) == 4 * 2 ** 30 // (16 * 65536) - 128 == 3968
-    assert plan_max_model_len(cfg, args.model_copy(update={"kv_cache_memory_gb": 256}), 4) == 131072
-    with pytest.raises(EmberError, match=r"max_model_len: 131072 tokens × max_batch_size 16 need a KV cache of "
-                                         r"128\.12 GiB; kv_cache_memory_gb is 4\.0"):
+    cfg = preset("1b")  # a 131072-token context: 64 KiB of fp32 keys and values per token
+    assert kv_bytes_per_token(cfg, 4) == 2 * 16 * 8 * 64 * 4 == 65536
+    args = ServeArgs(model_dir="m", max_batch_size=16, prefix_cache_tokens=8192)
+    assert kv_budget(cfg, args, 4) == (4 * 2 ** 30 - 8192 * 65536, 8192 * 65536)
+    assert plan_max_model_len(cfg, args, 4) == (4 * 2 ** 30 - 8192 * 65536) // 65536 - 128 == 57216
+    assert plan_max_model_len(cfg, args.model_copy(update={"kv_cache_memory_gb": 16}), 4) == 131072
+    with pytest.raises(EmberError, match=r"max_model_len: one request of 131072 tokens needs 8\.01 GiB of KV cache; "
+                                         r"kv_cache_memory_gb is 4\.0, 0\.50 GiB of it the prefix cache's 8192"):
         plan_max_model_len(cfg, args.model_copy(update={"max_model_len": 131072}), 4)
     with pytest.raises(EmberError, match="max_model_len: 200000 is more than the model's context of 131072"):
         plan_max_model_len(cfg, args.model_copy(update={"max_model_len": 200000}), 4)
-    with pytest.raises(EmberError, match="kv_cache_memory_gb: 0.001 GiB holds 0 tokens per row"):
-        plan_max_model_len(cfg, args.model_copy(update={"kv_cache_memory_gb": 0.001}), 4)
+    with pytest.raises(EmberError, match=r"kv_cache_memory_gb: 0.5 GiB holds 0 tokens of one request .*prefix "
+                                         r"cache's 8192 tokens"):
+        plan_max_model_len(cfg, args.model_copy(update={"kv_cache_memory_gb": 0.5}), 4)
     assert plan_max_model_len(cfg, args.model_copy(update={"max_model_len": 2048}), 2) == 2048
 
 
 def test_an_engine_with_max_model_len_ends_requests_there(engines, model):
     engine = engines(max_model_len=20)
-    assert engine.cache.k.shape[3] == 20 + engine.prefill_chunk
+    assert engine.rows.max_len == 20 + engine.prefill_chunk and engine.cache is None  # allocated by need
 
     async def main():
         r = Request(list(range(1, 16)), SamplingParams(max_new_tokens=50, temperature=0.0), frozenset())
@@ -288,3 +294,91 @@ def test_an_engine_with_max_model_len_ends_requests_there(engines, model):
 
     events = asyncio.run(main())
     assert len(events) - 1 == 5 and events[-1].finish_reason == "length"  # 15 prompt + 5 new = 20
+
+
+def run_all(engine: Engine, waves: list[list[Request]]) -> list[list[int]]:
+    """Each wave's requests submitted together once the wave before has finished; their tokens, in order."""
+    async def main():
+        out = []
+        for wave in waves:
+            for r in wave:
+                r.attach(asyncio.get_running_loop())
+            engine.submit(*wave)
+            out += await asyncio.gather(*(drain_tokens(r.events()) for r in wave))
+        return out
+
+    return asyncio.run(main())
+
+
+def shared_prefix_waves(params_of) -> list[list[Request]]:
+    """A 24-token system prompt shared by 5 requests at once; a conversation's second turn (its first turn and answer
+    as the prefix); 3 choices of one prompt. `params_of(i)` gives request i's sampling."""
+    g = torch.Generator().manual_seed(7)
+    system = torch.randint(1, 97, (24,), generator=g).tolist()
+    users = [torch.randint(1, 97, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(5)]
+    first = [Request(system + u, params_of(i), frozenset()) for i, u in enumerate(users)]
+    turn = system + users[0] + [5, 6, 7, 8, 9, 10, 11, 12]  # (its answer here is fixed text, as a client sends it)
+    second = [Request(turn + [13, 14], params_of(5), frozenset())]
+    choices = [Request(system + [20, 21, 22], params_of(6 + i), frozenset()) for i in range(3)]
+    return [first, [Request(turn, params_of(9), frozenset())], second, choices]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_prefix_caching_gives_the_same_tokens_and_reads_shared_prefixes_once(engines, sampling):
+    """Shared system prompts, a later turn of a conversation and n choices of one prompt, with the prefix cache on
+    and off: the same tokens, greedy or sampled with seeds. With it on, the requests that follow read their shared
+    blocks from the cache (those arriving together wait for the first to compute them)."""
+    def params_of(i):
+        if sampling == "greedy":
+            return SamplingParams(max_new_tokens=10, temperature=0.0)
+        return SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=100 + i)
+
+    off = run_all(engines(max_batch_size=8, prefill_chunk=8), shared_prefix_waves(params_of))
+    cached = engines(max_batch_size=8, prefill_chunk=8, prefix_cache_tokens=512, block_size=4)
+    waves = shared_prefix_waves(params_of)
+    assert run_all(cached, waves) == off
+    first, turn, second, choices = waves
+    assert first[0].cached_tokens == 0 and all(r.cached_tokens == 24 for r in first[1:])  # the system prompt
+    assert second[0].cached_tokens >= len(turn[0].prompt) - 3  # the whole earlier turn, to its last full block
+    assert all(r.cached_tokens == 24 for r in choices[:1]) and all(r.cached_tokens == 24 for r in choices[1:])
+    stats = cached.stats()
+    prompt_tokens = sum(len(r.prompt) for w in waves for r in w)
+    hit = sum(r.cached_tokens for w in waves for r in w)
+    assert stats["prefix_cache_hit_rate"] == pytest.approx(hit / prompt_tokens, abs=1e-4) and hit > 0
+
+
+def test_eviction_under_a_small_bound_keeps_outputs_right(engines):
+    """A prefix cache of 8 tokens (two 4-token blocks) under prompts that each need more: blocks come and go, least
+    recently used first, and every output is what it is without a cache."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    ps = prompts(12)
+    waves = [[Request(p, params, frozenset())] for p in ps + ps[::-1]]
+    cached = engines(max_batch_size=4, prefill_chunk=8, prefix_cache_tokens=8, block_size=4)
+    got = run_all(cached, waves)
+    assert got == run_all(engines(max_batch_size=4, prefill_chunk=8), [[Request(p, params, frozenset())]
+                                                                       for p in ps + ps[::-1]])
+    assert cached.prefix.tokens <= 8 and len(cached.prefix.blocks) <= 2
+    assert any(w[0].cached_tokens for w in waves[12:])  # the last prompt again, right after: still cached
+
+
+def test_the_kv_memory_stays_within_its_budget_under_a_burst_of_long_prompts(engines, model):
+    """12 prompts of 40-60 tokens at once with room for about three rows of them: the rows grow by need and never
+    past the budget, requests wait for room instead of being refused, and each gets what it gets alone."""
+    from ember.serve.kv import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(model.config, 4)
+    budget = 3 * (64 + 8) * per_token
+    steps: list[StepRecord] = []
+    engine = engines(max_batch_size=8, prefill_chunk=8, kv_cache_bytes=budget, on_step=steps.append)
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(1, 97, (int(torch.randint(40, 60, (1,), generator=g)),), generator=g).tolist()
+          for _ in range(12)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    [got] = [run_all(engine, [[Request(p, params, frozenset()) for p in ps]])]
+    assert got == [generate_ids(model, [p], params)[0] for p in ps]
+    assert 0 < engine.rows.peak_bytes <= budget and all(s.kv_cache_bytes <= budget for s in steps)
+    assert max(s.rows for s in steps) <= 3 and engine.stats()["kv_cache_bytes"] == 0  # idle again: released
+    short = engines(max_batch_size=8, prefill_chunk=8, on_step=steps.append)
+    run_all(short, [[Request([1, 2, 3], params, frozenset()) for _ in range(8)]])
+    assert short.rows.peak_bytes < short.rows.bytes_for(8, 64 + 8) / 2  # 8 short rows: nothing like 8 full ones

@@ -157,6 +157,7 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
     # order of the sums: the same losses step by step.
     for a, b in zip(rows(reference_run), rows(tmp_path / "z3"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+    assert_grad_norms(rows(tmp_path / "z3"), rows(reference_run))
     exported = load_model(tmp_path / "z3" / "model")  # ZeRO-3 shards gathered into a whole model
     assert sum(p.numel() for p in exported.parameters()) == n_params
     # Its parameter and optimizer partitions re-cut for one worker continue the same losses.
@@ -166,12 +167,41 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
         assert a["step"] == b["step"] and a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 5e-4
 
 
+def first_step_grad_norm(dataset: Path) -> float:
+    """The gradient norm of the spec's first step in plain PyTorch: its initial weights (the seed's), the first
+    global batch (samples 0-7 of the global order: the mean of equal-length rows' mean losses is the mean over all),
+    one backward and `torch.nn.utils.clip_grad_norm_`'s total norm."""
+    from ember.data.shards import ShardReader
+    from ember.model import build_model
+    from ember.train.pretrain import plan_pretrain
+    from ember.train.recipes import next_token_loss
+
+    plan = plan_pretrain(parse_spec(spec(dataset, dataset.parent / "unused")))
+    torch.manual_seed(plan.spec.train.seed)
+    model = build_model(plan.model, "cpu", torch.float32)
+    reader = ShardReader(dataset, "train", seed=plan.spec.train.seed)
+    batch = torch.as_tensor(np.stack([reader.row(reader.sample_row(k)) for k in range(8)]), dtype=torch.long)
+    next_token_loss(model, batch).backward()
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), plan.spec.train.grad_clip))
+
+
+def assert_grad_norms(run: list[dict], reference: list[dict]) -> None:
+    """Each step's logged gradient norm is the reference run's (the same arithmetic, up to the order of sums)."""
+    for a, b in zip(reference, run, strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a["step"], a["grad_norm"], b["grad_norm"])
+
+
 def test_zero_stage_0_trains_to_the_losses_of_stage_2(dataset, reference_run, tmp_path):
     """Stage 0 (plain data parallelism) does the arithmetic of stage 2 up to the order of the sums. (Stage 1 is shown
-    in the killed-worker run.)"""
+    in the killed-worker run.) The gradient norm each stage logs is torch's `clip_grad_norm_` of the same step
+    (stage 0's engine keeps none: the loop measures it there)."""
     train(dataset, tmp_path / "z0", deepspeed={"zero_stage": 0}, train={"decay_steps": 8})
     for a, b in zip(rows(reference_run), rows(tmp_path / "z0"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+    expected = first_step_grad_norm(dataset)
+    assert expected > 0 and rows(reference_run)[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    assert rows(tmp_path / "z0")[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    assert_grad_norms(rows(tmp_path / "z0"), rows(reference_run))
 
 
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_run, s3_server, mlflow_server,
@@ -226,6 +256,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
         assert abs(before["loss"] - redone[before["step"]]) < 1e-5, before  # the same steps again
     for a, b in zip(rows(reference_run), metrics[:8]):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+    assert_grad_norms(metrics[:8], rows(reference_run))  # ZeRO 1's norms
     # Checkpoints every 4 steps; train.keep_checkpoints: 3 keeps the newest three, across the restart.
     kept = sorted(checkpoint_states(run_dir))
     assert kept[-3:] == [16, 20, 24] and sorted(registered_steps()) == [16, 20, 24]

@@ -42,6 +42,16 @@ def test_the_openai_client_lists_completes_and_chats(client, model_dir):
     assert continued.choices[0].message.content == greedy(model_dir, rendered, 6)
     two = client.completions.create(model="tiny", prompt="the sea", max_tokens=5, temperature=1.0, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and 2 <= two.usage.completion_tokens <= 10
+    # The same long system message twice: the second request reads its blocks from the prefix cache, same answer.
+    system = {"role": "system", "content": "the fox is red and the crow is black " * 6}
+    answers = [client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": user}],
+                                              max_tokens=6, temperature=0) for user in ("the sea", "the shore")]
+    first, second = (a.usage.prompt_tokens_details.cached_tokens for a in answers)
+    assert first < 32 <= second
+    rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([system, {"role": "user", "content": "the shore"}], True)
+    assert answers[1].choices[0].message.content == greedy(model_dir, rendered, 6)
+    assert requests.get(str(client.base_url).rstrip("/").removesuffix("/v1") + "/health", timeout=10).json()[
+        "prefix_cache_hit_rate"] > 0
 
 
 def test_streaming_chunks_end_with_done_and_match_the_whole_answer(client, server, model_dir):

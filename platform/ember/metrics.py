@@ -42,4 +42,6 @@ SERVE_METRICS = {
     "ember_serve_generated_tokens": "Tokens generated.",
     "ember_serve_batch_size": "Rows in the engine's latest decoding step.",
     "ember_serve_queue_depth": "Requests waiting for a row of the batch.",
+    "ember_serve_prefix_cache_hit_rate": "Prompt tokens read from the prefix cache over prompt tokens admitted.",
+    "ember_serve_kv_cache_bytes": "Bytes the running rows' KV cache holds now (allocated by need).",
 }

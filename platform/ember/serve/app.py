@@ -42,6 +42,7 @@ from ember.model.generate import StopStrings
 from ember.model.hf import DTYPES, config_from_hf, local_model_dir, read_json
 from ember.serve.engine import Engine, Overloaded, Request
 from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, key_digest, read_api_keys, require_keys
+from ember.serve.kv import kv_bytes_per_token
 from ember.serve.protocol import (
     MAX_N,
     APIError,
@@ -92,10 +93,13 @@ class ServeArgs(SpecModel):
                                                               "refused as soon as they pass it).")
     max_n: int = Field(16, ge=1, le=MAX_N, description="Choices per prompt (`n`) at most.")
     max_model_len: Optional[int] = Field(None, ge=2, description="Prompt + output tokens of one request at most "
-                                                                 "(default: the model's context, capped so the KV "
-                                                                 "cache fits kv_cache_memory_gb).")
-    kv_cache_memory_gb: float = Field(4.0, gt=0, description="Memory the KV cache may take per replica (GiB): "
-                                                             "max_batch_size × max_model_len tokens must fit.")
+                                                                 "(default: the model's context, capped so one "
+                                                                 "request fits kv_cache_memory_gb).")
+    kv_cache_memory_gb: float = Field(4.0, gt=0, description="Memory the KV cache may take per replica (GiB), the "
+                                                             "prefix cache's included; rows are allocated by need and "
+                                                             "admission waits for room.")
+    prefix_cache_tokens: int = Field(8192, ge=0, description="Tokens of prompt prefixes kept for the requests that "
+                                                             "start with them (0 = no prefix caching).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="Weights dtype (default: bfloat16 with num_gpus, float32 on CPU).")
     api_keys_env: Optional[str] = Field("EMBER_API_KEYS", description="Environment variable with comma-separated API "
@@ -148,32 +152,35 @@ def serving_device(num_gpus: float) -> str:
     return "cuda"
 
 
-def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
-    """Keys and values of every layer for one token."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+def kv_budget(cfg, args: ServeArgs, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes for the running rows' KV, bytes for the prefix cache): `kv_cache_memory_gb` is both together."""
+    store = args.prefix_cache_tokens * kv_bytes_per_token(cfg, dtype_bytes)
+    return int(args.kv_cache_memory_gb * GIB) - store, store
 
 
 def plan_max_model_len(cfg, args: ServeArgs, dtype_bytes: int) -> int:
-    """`max_model_len`: as configured, or the model's context capped so that max_batch_size rows (plus the prefill
-    slack) fit `kv_cache_memory_gb`; raises EmberError naming the numbers when they do not."""
+    """`max_model_len`: as configured, or the model's context capped so that one request of it (plus the prefill
+    slack) fits the rows' part of `kv_cache_memory_gb`; raises EmberError naming the numbers when it does not. The
+    rows are allocated by need: more requests run together as their lengths allow (see `ember.serve.kv`)."""
     context = cfg.max_position_embeddings
-    per_row = kv_bytes_per_token(cfg, dtype_bytes) * args.max_batch_size
-    budget = int(args.kv_cache_memory_gb * GIB)
-    fits = budget // per_row - args.prefill_chunk
+    per_token = kv_bytes_per_token(cfg, dtype_bytes)
+    rows, store = kv_budget(cfg, args, dtype_bytes)
+    fits = rows // per_token - args.prefill_chunk
+    of = (f"kv_cache_memory_gb is {args.kv_cache_memory_gb}, {store / GIB:.2f} GiB of it the prefix cache's "
+          f"{args.prefix_cache_tokens} tokens")
     if args.max_model_len is not None:
         if args.max_model_len > context:
             raise EmberError(f"max_model_len: {args.max_model_len} is more than the model's context of {context} "
                              "tokens")
-        need = per_row * (args.max_model_len + args.prefill_chunk)
-        if need > budget:
-            raise EmberError(f"max_model_len: {args.max_model_len} tokens × max_batch_size {args.max_batch_size} "
-                             f"need a KV cache of {need / GIB:.2f} GiB; kv_cache_memory_gb is "
-                             f"{args.kv_cache_memory_gb} (raise it, or lower max_model_len or max_batch_size)")
+        need = per_token * (args.max_model_len + args.prefill_chunk)
+        if need > rows:
+            raise EmberError(f"max_model_len: one request of {args.max_model_len} tokens needs {need / GIB:.2f} GiB "
+                             f"of KV cache; {of} (raise it, or lower max_model_len or prefix_cache_tokens)")
         return args.max_model_len
     if fits < min(context, 64):
-        raise EmberError(f"kv_cache_memory_gb: {args.kv_cache_memory_gb} GiB holds {max(fits, 0)} tokens per row "
-                         f"for max_batch_size {args.max_batch_size} ({per_row} bytes per token over the batch); "
-                         "raise it or lower max_batch_size")
+        raise EmberError(f"kv_cache_memory_gb: {args.kv_cache_memory_gb} GiB holds {max(fits, 0)} tokens of one "
+                         f"request ({per_token} bytes per token; {store / GIB:.2f} GiB go to the prefix cache's "
+                         f"{args.prefix_cache_tokens} tokens); raise it or lower prefix_cache_tokens")
     return min(context, fits)
 
 
@@ -241,7 +248,11 @@ class _Metrics:
                                    tag_keys=("model",))
         self.queue = metrics.Gauge("ember_serve_queue_depth", SERVE_METRICS["ember_serve_queue_depth"],
                                    tag_keys=("model",))
-        for m in (self.ttft, self.tpot, self.tokens, self.batch, self.queue):
+        self.prefix_hit_rate = metrics.Gauge("ember_serve_prefix_cache_hit_rate",
+                                             SERVE_METRICS["ember_serve_prefix_cache_hit_rate"], tag_keys=("model",))
+        self.kv_bytes = metrics.Gauge("ember_serve_kv_cache_bytes", SERVE_METRICS["ember_serve_kv_cache_bytes"],
+                                      tag_keys=("model",))
+        for m in (self.ttft, self.tpot, self.tokens, self.batch, self.queue, self.prefix_hit_rate, self.kv_bytes):
             m.set_default_tags(dict(tags))
         self._last_step = 0.0
 
@@ -263,6 +274,9 @@ class _Metrics:
             self._last_step = now
             self.batch.set(record.rows)
             self.queue.set(record.queued)
+            self.kv_bytes.set(record.kv_cache_bytes)
+            if record.prefix_hit_rate is not None:
+                self.prefix_hit_rate.set(record.prefix_hit_rate)
 
 
 app = FastAPI(title="Ember", docs_url=None, redoc_url=None)
@@ -328,10 +342,12 @@ class EmberServer:
         self.created = int(time.time())
         self.metrics = _Metrics(self.name)
         self.guard_policy = GuardPolicy(keys, a.max_body_bytes, self.metrics.request)
+        rows_bytes, _ = kv_budget(self.model.config, a, DTYPES[a.dtype].itemsize)
         self.engine = Engine(self.model, max_batch_size=a.max_batch_size, max_tokens_in_flight=a.max_tokens_in_flight,
                              max_queue=a.max_queue, prefill_chunk=a.prefill_chunk,
                              prefill_tokens_per_step=a.prefill_tokens_per_step, max_model_len=self.max_model_len,
-                             on_step=self.metrics.step)
+                             on_step=self.metrics.step, kv_cache_bytes=rows_bytes,
+                             prefix_cache_tokens=a.prefix_cache_tokens)
 
     def check_health(self):
         if not self.engine.healthy:
@@ -488,10 +504,16 @@ class EmberServer:
                 "model": self.name, "choices": list(choices), "usage": self._usage(jobs)}
 
     def _usage(self, jobs) -> dict:
+        """OpenAI's usage: each prompt counted once (not per choice), with the tokens of it read from the prefix
+        cache (the fewest over its choices: what no choice had to compute)."""
+        cached: dict[int, int] = {}
+        for r in jobs:
+            cached[id(r.prompt)] = min(cached.get(id(r.prompt), r.cached_tokens), r.cached_tokens)
         prompt_tokens = sum(len(p) for p in {id(r.prompt): r.prompt for r in jobs}.values())
         completion = sum(len(r.output) for r in jobs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+                "total_tokens": prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     async def _stream(self, jobs, ident: str, chat: bool, include_usage: bool):
         created = int(time.time())

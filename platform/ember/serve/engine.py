@@ -34,6 +34,7 @@ import torch
 
 from ember.model.llama import KVCache, Transformer
 from ember.model.sampling import SamplingParams, make_generator, next_tokens
+from ember.serve.kv import PrefixCache, RowCache, block_hashes
 
 log = logging.getLogger("ember")
 
@@ -60,6 +61,8 @@ class StepRecord:
     decoded: tuple[int, ...]  # ids of the requests that fed their last token and got their next one
     prefilled: tuple[tuple[int, int], ...]  # (request id, prompt tokens fed) of the requests reading their prompt
     queued: int  # requests still waiting for a row
+    kv_cache_bytes: int = 0  # what the rows' KV cache holds (see ember.serve.kv)
+    prefix_hit_rate: float | None = None  # the prefix cache's, since the start (None: no prefix caching)
 
     @property
     def rows(self) -> int:
@@ -79,8 +82,10 @@ class Request:
     cancelled: bool = False
     _loop: asyncio.AbstractEventLoop | None = None
     _queue: asyncio.Queue | None = None
-    _read: int = 0  # prompt tokens fed to the model so far
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of the model
+    _read: int = 0  # prompt tokens fed to the model so far (or read from the prefix cache)
     _generator: torch.Generator | None = None
+    _names: list[bytes] = field(default_factory=list)  # the prompt's full blocks (see ember.serve.kv)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop, self._queue = loop, asyncio.Queue()
@@ -99,9 +104,13 @@ class Request:
 
 
 class Engine:
+    """`kv_cache_bytes` bounds the rows' KV memory (default: every row at the context); `prefix_cache_tokens` > 0
+    keeps that many tokens of prompt prefixes for later requests (see `ember.serve.kv`)."""
+
     def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_tokens_in_flight: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 128, prefill_tokens_per_step: int = 512,
-                 max_model_len: int | None = None, max_failed_steps: int = 3, on_step=None):
+                 max_model_len: int | None = None, max_failed_steps: int = 3, on_step=None,
+                 kv_cache_bytes: int | None = None, prefix_cache_tokens: int = 0, block_size: int = 16):
         self.model = model.eval()
         self.cfg = model.config
         self.context = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
@@ -113,7 +122,12 @@ class Engine:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # Slack after the context: padding positions of a short row in a step with a prefill chunk land there.
-        self.cache = KVCache(self.cfg, max_batch_size, self.context + prefill_chunk, dtype=dtype, device=self.device)
+        longest = self.context + prefill_chunk
+        rows = RowCache(self.cfg, max_batch_size, longest, 0, dtype, self.device)
+        rows.budget = kv_cache_bytes if kv_cache_bytes is not None else rows.bytes_for(max_batch_size, longest)
+        self.rows = rows
+        self.prefix = PrefixCache(prefix_cache_tokens, block_size) if prefix_cache_tokens else None
+        self._pending: dict[bytes, Request] = {}  # blocks that rows reading their prompt will store
         self.active: list[Request] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
@@ -127,10 +141,18 @@ class Engine:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def cache(self) -> KVCache | None:
+        """The running rows' keys and values (None while idle)."""
+        return self.rows.cache
+
     def submit(self, *requests: Request) -> None:
         """Queues the choices of one client request, all or none (each prompt must fit the context; the caller
         checks); raises Overloaded when they do not fit in the free rows and the queue's room."""
         generators = [make_generator(r.params.seed, self.device) for r in requests]  # may raise: nothing queued yet
+        if self.prefix is not None:
+            for r in requests:
+                r._names = block_hashes(r.prompt, self.prefix.block_size)
         with self.lock:
             room = self.max_queue + self.max_batch_size - len(self.active) - len(self.waiting)
             if len(requests) > room:
@@ -151,7 +173,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"running": len(self.active), "queued": len(self.waiting), "steps": self.steps}
+            out = {"running": len(self.active), "queued": len(self.waiting), "steps": self.steps,
+                   "kv_cache_bytes": self.rows.bytes, "kv_cache_budget_bytes": self.rows.budget}
+            if self.prefix is not None:
+                out.update(prefix_cache_hit_rate=round(self.prefix.hit_rate, 4),
+                           prefix_cache_tokens=self.prefix.tokens)
+            return out
 
     def shutdown(self) -> None:
         with self.lock:
@@ -169,21 +196,76 @@ class Engine:
     def _budget(self, r: Request) -> int:
         return min(len(r.prompt) + r.params.max_new_tokens, self.context)
 
+    def _length(self, r: Request) -> int:
+        """The positions r's row can reach: its budget, and a prompt chunk's padding while it reads its prompt."""
+        return max(self._budget(r), len(r.prompt) + self.prefill_chunk)
+
     def _admit(self) -> None:
+        """Waiting requests into rows, in order, while the rows, the tokens in flight and the KV memory allow; a
+        request whose next prompt block a running row is computing waits for it in the prefix cache."""
         in_flight = sum(self._budget(r) for r in self.active)
+        length = max((self._length(r) for r in self.active), default=0)
+        deferred = []
         while self.waiting and len(self.active) < self.max_batch_size:
             nxt = self.waiting[0]
             if self.active and in_flight + self._budget(nxt) > self.max_tokens_in_flight:
                 break
+            grown = max(length, self._length(nxt))
+            if not self.rows.fits(len(self.active) + 1, grown):
+                if not self.active:  # alone it can never run: the caller's limits should have refused it
+                    self.waiting.popleft()
+                    nxt._emit(TokenEvent(None, finish_reason="error", error="the request does not fit the "
+                                         "KV cache's memory budget"))
+                    continue
+                break  # waits for memory
             self.waiting.popleft()
-            self.cache.lengths[len(self.active)] = 0
+            reused = self.prefix.match(nxt._names) if self.prefix is not None else 0
+            if reused < self._reusable(nxt) and nxt._names[reused] in self._pending:
+                deferred.append(nxt)
+                continue
+            row = len(self.active)
+            self.rows.ensure(row + 1, grown, row)
+            self.cache.lengths[row] = 0
+            if self.prefix is not None:
+                self._start_from_prefix(nxt, row, reused)
             self.active.append(nxt)
-            in_flight += self._budget(nxt)
+            in_flight, length = in_flight + self._budget(nxt), grown
+        self.waiting.extendleft(reversed(deferred))
+
+    def _reusable(self, r: Request) -> int:
+        """Blocks of r's prompt that can come from the prefix cache: those before its last token, which the model
+        must read to give the first new token's logits."""
+        return (len(r.prompt) - 1) // self.prefix.block_size if self.prefix is not None else 0
+
+    def _start_from_prefix(self, r: Request, row: int, blocks: int) -> None:
+        """r's row from its cached prompt blocks; the blocks it will compute are marked pending for the others."""
+        blocks = min(blocks, self._reusable(r))
+        tokens = blocks * self.prefix.block_size
+        if tokens:
+            self.prefix.copy_into(self.cache, row, r._names[:blocks], tokens)
+            self.cache.lengths[row] = tokens
+        r._read = r.cached_tokens = tokens
+        self.prefix.queried += len(r.prompt)
+        self.prefix.hit += tokens
+        for name in r._names[blocks:]:
+            self._pending.setdefault(name, r)
+
+    def _store_prefix(self, r: Request, row: int, tokens: list[int]) -> None:
+        """Keeps the full blocks of `tokens` that `row` holds, and clears r's pending marks."""
+        held = int(self.cache.lengths[row])
+        self.prefix.store(self.cache, row, block_hashes(tokens[:held], self.prefix.block_size))
+        self._unmark(r)
+
+    def _unmark(self, r: Request) -> None:
+        for name in r._names:
+            if self._pending.get(name) is r:
+                del self._pending[name]
 
     def _run(self) -> None:
         while True:
             with self.lock:
                 while not self._stop and not self.waiting and not self.active:
+                    self.rows.release()  # idle: no KV memory held
                     self.lock.wait()
                 if self._stop:
                     for r in list(self.active) + list(self.waiting):
@@ -235,6 +317,7 @@ class Engine:
         for r in gone:
             if r not in self.active:
                 continue
+            self._unmark(r)
             i, last = self.active.index(r), len(self.active) - 1
             if i != last:
                 n = int(self.cache.lengths[last])
@@ -252,17 +335,23 @@ class Engine:
         self.steps += 1
         reading = [r._read < len(r.prompt) for r in batch]
         record = StepRecord(tuple(r.id for r, p in zip(batch, reading) if not p),
-                            tuple((r.id, len(f)) for r, f, p in zip(batch, feeds, reading) if p), queued)
+                            tuple((r.id, len(f)) for r, f, p in zip(batch, feeds, reading) if p), queued,
+                            self.rows.bytes, self.prefix.hit_rate if self.prefix is not None else None)
         finished = []
         now = time.perf_counter()
-        ready = []
+        ready, read = [], []
         for i, r in enumerate(batch):
             if r._read < len(r.prompt):
                 r._read += len(feeds[i])
                 if r._read < len(r.prompt):
                     continue  # still reading its prompt
+                read.append(i)
             ready.append(i)
         chosen, failed = self._choose(batch, ready, logits)
+        if self.prefix is not None:  # prompts read in full (and sound): their blocks for the requests after them
+            for i in read:
+                if i in chosen:
+                    self._store_prefix(batch[i], i, batch[i].prompt)
         wants = [i for i in chosen if batch[i].logprobs is not None]
         logprobs = dict(zip(wants, torch.log_softmax(logits[wants].float(), -1))) if wants else {}
         for i, error in failed.items():
@@ -288,6 +377,10 @@ class Engine:
         poisoned = failed and not chosen and all(why == NON_FINITE for why in failed.values())
         self.failed_steps = self.failed_steps + 1 if poisoned else 0
         if finished:
+            if self.prefix is not None:  # a finished conversation's blocks, for its next turn
+                for r, last in finished:
+                    if last.finish_reason != "error":
+                        self._store_prefix(r, batch.index(r), r.prompt + r.output)
             with self.lock:
                 self._drop([r for r, _ in finished])
             for r, last in finished:  # after the row is free, so a client that sees its end sees it gone

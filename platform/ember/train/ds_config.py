@@ -15,6 +15,13 @@ def grad_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
     return global_batch // per_step
 
 
+def trainer_clips(ds: DeepSpeedSpec) -> bool:
+    """Whether the training loop measures and clips the gradient norm itself: for fp32 at ZeRO stage 0, DeepSpeed's
+    engine clips with torch's basic optimizer but keeps no norm (`get_global_grad_norm()` is None), so the loop does
+    both in one pass (`clip_grad_norm_`'s arithmetic) and the config turns DeepSpeed's clipping off."""
+    return ds.zero_stage == 0 and ds.precision == "fp32"
+
+
 def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu: bool = True) -> dict:
     """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
     step, which makes resumption exact), so no DeepSpeed scheduler is configured.
@@ -40,7 +47,7 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accumulation(train.global_batch_size, train.micro_batch_size, workers),
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips(ds) else train.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
                                                   "weight_decay": train.weight_decay,
                                                   **({} if ds.offload_optimizer else

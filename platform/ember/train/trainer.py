@@ -46,7 +46,7 @@ from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model, save_weights
 from ember.progress import write_progress
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
-from ember.train.ds_config import deepspeed_config
+from ember.train.ds_config import deepspeed_config, trainer_clips
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss, training_dtype
 from ember.train.tracking import start_tracking
@@ -200,6 +200,16 @@ class MetricsLog:
                 shutil.rmtree(self.local_board, ignore_errors=True)
 
 
+def _gather(values: list[int], device) -> list[list[int]]:
+    """Each rank's `values`, in rank order (all ranks must call)."""
+    if not dist.is_initialized():
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.long, device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [[int(x) for x in t] for t in gathered]
+
+
 def zero_partitions(engine, stage: int) -> dict:
     """Elements of parameters and of fp32 optimizer master weights held by each rank (all ranks must call)."""
     params = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in engine.module.parameters())
@@ -209,12 +219,19 @@ def zero_partitions(engine, stage: int) -> dict:
         master = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
     else:
         master = sum(p.numel() for p in engine.module.parameters())
-    local = torch.tensor([params, master], dtype=torch.long, device=engine.device)
-    if not dist.is_initialized():
-        return {"params": [params], "optimizer": [master]}
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return {"params": [int(t[0]) for t in gathered], "optimizer": [int(t[1]) for t in gathered]}
+    gathered = _gather([params, master], engine.device)
+    return {"params": [g[0] for g in gathered], "optimizer": [g[1] for g in gathered]}
+
+
+def peak_memory(device) -> int:
+    """This rank's peak memory in bytes: the GPU memory torch allocated on a GPU, else the process's peak resident
+    set (VmHWM: its own, where ru_maxrss would carry a forking parent's over exec)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _optimizer_shards(ds_dir: Path) -> list[Path]:
@@ -372,17 +389,28 @@ class Trainer:
         lr = lr_at(self.step, self.spec.train, self.plan.total_steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        losses, skipped_before = [], self.engine.skipped_steps
-        for _ in range(self.ds_config["gradient_accumulation_steps"]):
+        losses, skipped_before, grad_norm = [], self.engine.skipped_steps, None
+        micro_steps = self.ds_config["gradient_accumulation_steps"]
+        for micro in range(micro_steps):
             batch, self.samples = next(batches)
             loss = self.recipe.loss(self.engine, to_device(batch, self.device))
-            self.engine.backward(loss)
+            self.engine.backward(loss)  # at the last micro-batch: the gradients averaged over ranks
+            if micro == micro_steps - 1 and trainer_clips(self.spec.deepspeed):
+                grad_norm = self.clip_gradients()
             self.engine.step()
             losses.append(loss.detach())
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         skipped = self.spec.deepspeed.precision == "fp16" and self.engine.skipped_steps > skipped_before
         return _mean_over_ranks(torch.stack(losses).mean()), float(grad_norm) if grad_norm is not None else None, lr, \
             skipped
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The norm of the whole gradient, and the gradient clipped to train.grad_clip (see `trainer_clips`)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.spec.train.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.engine.module.parameters(), self.spec.train.grad_clip, norm)
+        return norm
 
     def stop_if_not_finite(self, loss: float, grad_norm: float | None, skipped: bool) -> bool:
         """Every rank sees the same all-reduced figures (and the same loss-scale overflow), so all stop here together,
@@ -504,6 +532,7 @@ class Trainer:
                        "step_time_s": seconds / interval_steps}
             if partitions:
                 metrics["zero_partitions"], partitions = partitions, None
+            metrics["peak_memory_bytes"] = [g[0] for g in _gather([peak_memory(self.device)], self.device)]
             if self.spec.deepspeed.precision == "fp16":
                 metrics["skipped_steps"] = self.overflows.total
             if peak:
