@@ -190,8 +190,9 @@ def bench_shared_prefix(base, system: str, users: list[str], new_tokens: int = 8
         async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-            async for raw in resp.content:
-                if raw.startswith(b"data: {") and b'"content"' in raw:
+            async for raw in resp.content:  # the first chunk with text (the one before it names the role)
+                if raw.startswith(b"data: {") and any(c["delta"].get("content")
+                                                      for c in json.loads(raw[6:])["choices"]):
                     return time.perf_counter() - t0
         raise RuntimeError("no token came back")
 

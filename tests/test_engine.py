@@ -143,7 +143,7 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_is_refused(engines):
     assert len(tokens) == 3
     after = steps[at_cancel:]
     assert sum(long.id in s.decoded for s in after) <= 1, after
-    assert len(long.output) <= 3  # of the 59 it could have had
+    assert len(long.output) <= at_cancel + 1 < 59  # a token per step until the cancel, one step at most after it
     # The waiting request got the row after the cancel. (Its last step's record may still be on its way: on_step
     # runs after a step's tokens are handed out.)
     assert any(waiting.id in s.decoded or waiting.id in dict(s.prefilled) for s in after)
