@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/storage_bench.py
+	$(BIN)/python benchmarks/zero_bench.py
 
 clean:
 	rm -rf $(VENV) data runs

@@ -9,9 +9,9 @@ weights) and K = 12 at stages 1-3 (DeepSpeed keeps an fp32 master partition besi
 states (and at stage 3 the parameters) move to host memory: on a GPU the device holds none of them; on CPU, where
 the host is the device, nothing moves.
 
-The measured peak is each worker's (GPU: torch's peak allocation; CPU: the process's peak resident set, which also
-holds the Python runtime, the libraries, the data reader and the activations: compare the differences between
-stages, not the absolute figures). Run in one go:
+The measured peak is each worker's over the training steps, counted from when its engine is built (GPU: torch's
+peak allocation; CPU: the process's peak resident set, which also holds the Python runtime, the libraries, the data
+reader and the activations: compare the differences between stages, not the absolute figures). Run in one go:
 
     python benchmarks/zero_bench.py [--preset 125m] [--steps 3] [--gpu]
 """

@@ -223,9 +223,25 @@ def zero_partitions(engine, stage: int) -> dict:
     return {"params": [g[0] for g in gathered], "optimizer": [g[1] for g in gathered]}
 
 
+def reset_peak_memory(device) -> None:
+    """Starts `peak_memory` afresh (after the engine is built: its set-up copies are not the training's memory): on
+    a GPU torch's peak statistics; on CPU the kernel's resident high-water mark (`5` to /proc/self/clear_refs), after
+    glibc has returned the freed memory it keeps (`malloc_trim`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the set-up's freed memory back to the system, out of the count
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux (glibc), or not allowed: the peak then counts from the process's start
+        pass
+
+
 def peak_memory(device) -> int:
-    """This rank's peak memory in bytes: the GPU memory torch allocated on a GPU, else the process's peak resident
-    set (VmHWM: its own, where ru_maxrss would carry a forking parent's over exec)."""
+    """This rank's peak memory in bytes since `reset_peak_memory`: the GPU memory torch allocated on a GPU, else the
+    process's peak resident set (VmHWM: its own, where ru_maxrss would carry a forking parent's over exec)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -504,6 +520,7 @@ class Trainer:
         val_reader = (ShardReader(plan.data_dir, "val", seed=tr.seed, rank=rank, world_size=self.world)
                       if plan.manifest["splits"]["val"]["rows"] else None)
         restored = self.restore()
+        reset_peak_memory(self.device)
         batches = reader.batches(tr.micro_batch_size, start=self.samples)
         tracker = start_tracking(plan) if rank == 0 else None
         metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored, tracker) if rank == 0 else None
