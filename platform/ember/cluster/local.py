@@ -194,7 +194,8 @@ def _plan(directory: Path, workers: int, cpus_per_node: float, port: int, dashbo
     total = psutil.virtual_memory().total
     # Each raylet would otherwise claim the whole machine's memory; share it out (object store capped at 2 GiB).
     store = (object_store_mb << 20) if object_store_mb else min(2 << 30, int(total * 0.25 / nodes))
-    ports = _free_ports(3 * nodes + 1)
+    # Free now, and none of them the ports asked for (free too until the cluster takes them, so the OS may offer them).
+    ports = [p for p in _free_ports(3 * nodes + 3) if p not in (port, dashboard_port)][: 3 * nodes + 1]
     return {
         "directory": str(directory),
         # Short, so Ray's unix socket paths (session dir + sockets/raylet.N) stay within the OS limit.
