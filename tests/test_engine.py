@@ -341,7 +341,7 @@ def test_prefix_caching_gives_the_same_tokens_and_reads_shared_prefixes_once(eng
     first, turn, second, choices = waves
     assert first[0].cached_tokens == 0 and all(r.cached_tokens == 24 for r in first[1:])  # the system prompt
     assert second[0].cached_tokens >= len(turn[0].prompt) - 3  # the whole earlier turn, to its last full block
-    assert all(r.cached_tokens == 24 for r in choices[:1]) and all(r.cached_tokens == 24 for r in choices[1:])
+    assert all(r.cached_tokens == 24 for r in choices)  # the system prompt, for each of the n choices
     stats = cached.stats()
     prompt_tokens = sum(len(r.prompt) for w in waves for r in w)
     hit = sum(r.cached_tokens for w in waves for r in w)
@@ -382,3 +382,15 @@ def test_the_kv_memory_stays_within_its_budget_under_a_burst_of_long_prompts(eng
     short = engines(max_batch_size=8, prefill_chunk=8, on_step=steps.append)
     run_all(short, [[Request([1, 2, 3], params, frozenset()) for _ in range(8)]])
     assert short.rows.peak_bytes < short.rows.bytes_for(8, 64 + 8) / 2  # 8 short rows: nothing like 8 full ones
+
+
+def test_block_names_chain_from_the_start_and_extend_a_known_prefix():
+    """A block's name says its tokens and everything before them; extending a prompt's names gives the names of the
+    whole sequence, as hashing it afresh does."""
+    from ember.serve.kv import block_hashes
+
+    tokens = list(range(1, 19))
+    names = block_hashes(tokens, 4)
+    assert len(names) == 4 and len(set(names)) == 4  # 4 full blocks; the 2 tokens after them are not a block
+    assert block_hashes(tokens, 4, block_hashes(tokens[:9], 4)) == names
+    assert block_hashes([9, 9, 9, 9] + tokens[4:], 4)[1] != names[1]  # same tokens, another prefix: another name

@@ -136,10 +136,8 @@ class Engine:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # Slack after the context: padding positions of a short row in a step with a prefill chunk land there.
-        longest = self.context + prefill_chunk
-        rows = RowCache(self.cfg, max_batch_size, longest, 0, dtype, self.device)
-        rows.budget = kv_cache_bytes if kv_cache_bytes is not None else rows.bytes_for(max_batch_size, longest)
-        self.rows = rows
+        self.rows = RowCache(self.cfg, max_batch_size, self.context + prefill_chunk, kv_cache_bytes, dtype,
+                             self.device)
         self.prefix = PrefixCache(prefix_cache_tokens, block_size) if prefix_cache_tokens else None
         self._pending: dict[bytes, Request] = {}  # blocks that rows reading their prompt will store
         self.active: list[Request] = []
@@ -266,10 +264,14 @@ class Engine:
         for name in r._names[blocks:]:
             self._pending.setdefault(name, r)
 
-    def _store_prefix(self, r: Request, row: int, tokens: list[int]) -> None:
-        """Keeps the full blocks of `tokens` that `row` holds, and clears r's pending marks."""
-        held = int(self.cache.lengths[row])
-        self.prefix.store(self.cache, row, block_hashes(tokens[:held], self.prefix.block_size))
+    def _store_prefix(self, r: Request, row: int, answer: bool) -> None:
+        """Keeps the full blocks `row` holds of r's prompt (and, with `answer`, of its answer so far), and clears r's
+        pending marks. The prompt's block names are those computed at submit."""
+        names = r._names
+        if answer:
+            held = int(self.cache.lengths[row])  # the tokens fed (the last one sampled has no keys yet)
+            names = block_hashes((r.prompt + r.output)[:held], self.prefix.block_size, names)
+        self.prefix.store(self.cache, row, names)
         self._unmark(r)
 
     def _unmark(self, r: Request) -> None:
@@ -369,7 +371,7 @@ class Engine:
         if self.prefix is not None:  # prompts read in full (and sound): their blocks for the requests after them
             for i in read:
                 if i in chosen:
-                    self._store_prefix(batch[i], i, batch[i].prompt)
+                    self._store_prefix(batch[i], i, answer=False)
         wants = [i for i in chosen if batch[i].logprobs is not None]
         logprobs = dict(zip(wants, torch.log_softmax(logits[wants].float(), -1))) if wants else {}
         for i, error in failed.items():
@@ -396,9 +398,10 @@ class Engine:
         self.failed_steps = self.failed_steps + 1 if poisoned else 0
         if finished:
             if self.prefix is not None:  # a finished conversation's blocks, for its next turn
+                row_of = {r.id: i for i, r in enumerate(batch)}
                 for r, last in finished:
                     if last.finish_reason != "error":
-                        self._store_prefix(r, batch.index(r), r.prompt + r.output)
+                        self._store_prefix(r, row_of[r.id], answer=True)
             with self.lock:
                 self._drop([r for r, _ in finished])
             for r, last in finished:  # after the row is free, so a client that sees its end sees it gone

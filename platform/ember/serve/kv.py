@@ -30,11 +30,13 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def block_hashes(tokens: list[int], block_size: int) -> list[bytes]:
-    """The name of each full block of `tokens`: its tokens' hash chained to the previous block's name."""
-    names, previous = [], b""
+def block_hashes(tokens: list[int], block_size: int, known: list[bytes] = ()) -> list[bytes]:
+    """The name of each full block of `tokens`: its tokens' hash chained to the previous block's name. `known` are
+    the names of its first blocks, already computed (a prompt's, when its answer is added): only the rest is hashed."""
+    names = list(known)
+    previous = names[-1] if names else b""
     ids = np.asarray(tokens, dtype=np.int64)
-    for start in range(0, len(ids) - block_size + 1, block_size):
+    for start in range(len(names) * block_size, len(ids) - block_size + 1, block_size):
         previous = hashlib.blake2b(previous + ids[start:start + block_size].tobytes(), digest_size=16).digest()
         names.append(previous)
     return names
@@ -103,10 +105,11 @@ def _power_of_two(n: int) -> int:
 class RowCache:
     """The running requests' rows of keys and values (see the module doc): `cache` is None while nothing runs."""
 
-    def __init__(self, cfg: ModelConfig, max_rows: int, max_len: int, budget_bytes: int, dtype, device):
-        self.cfg, self.max_rows, self.max_len, self.budget = cfg, max_rows, max_len, budget_bytes
-        self.dtype, self.device = dtype, device
+    def __init__(self, cfg: ModelConfig, max_rows: int, max_len: int, budget_bytes: int | None, dtype, device):
+        """`budget_bytes` None: room for every row at `max_len`."""
+        self.cfg, self.max_rows, self.max_len, self.dtype, self.device = cfg, max_rows, max_len, dtype, device
         self.per_token = kv_bytes_per_token(cfg, torch.empty((), dtype=dtype).element_size())
+        self.budget = budget_bytes if budget_bytes is not None else self.bytes_for(max_rows, max_len)
         self.cache: KVCache | None = None
         self.peak_bytes = 0
 

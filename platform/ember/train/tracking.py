@@ -6,9 +6,8 @@ tracking runs' ids are kept in RUN_DIR/tracking.json: a resumed run continues th
 of a resumed attempt, `MetricsLog` hands the tracker the rows the run dir kept (up to the restored checkpoint);
 each sink skips the steps its run already holds (MLflow's history, W&B's step), so a step the earlier attempt could
 not deliver is sent now, and the steps it did deliver (an exact resume repeats them with the same values) are not
-logged twice. Credentials
-come only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`, `WANDB_API_KEY`,
-which the clients read themselves); nothing here writes them anywhere.
+logged twice. Credentials come only from the environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME` /
+`PASSWORD`, `WANDB_API_KEY`, which the clients read themselves); nothing here writes them anywhere.
 
 MLflow is spoken to through its own client (`mlflow.tracking.MlflowClient`) rather than Ray's `setup_mlflow`: that
 helper always starts a new run (ray/air/integrations/mlflow.py, `mlflow_util.start_run(run_name=...)`), and a
