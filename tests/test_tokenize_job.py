@@ -152,6 +152,57 @@ def test_given_tokenizer_is_loaded_not_trained(tmp_path, mixed_corpus):
         run([corpus], tmp_path / "c", tokenizer={"path": str(tmp_path / "nope")})
 
 
+def _waiting_handoffs() -> set[str]:
+    """The job handoffs that a pool actor has called from its constructor: the actor has started and waits there
+    for the driver's job."""
+    from ray.util.state import list_tasks
+
+    return {t.actor_id for t in list_tasks(address=ray_address(), filters=[("name", "=", "JobHandoff.get")],
+                                           raise_on_missing_output=False, limit=10000)}
+
+
+def _pool_actors() -> dict[str, str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.state for a in list_actors(address=ray_address(), raise_on_missing_output=False,
+                                                      limit=10000) if "UnitWorker" in (a.class_name or "")}
+
+
+def test_the_pool_starts_while_the_tokenizer_is_prepared_and_stops_if_that_fails(tmp_path, mixed_corpus,
+                                                                                  monkeypatch):
+    from ember.data import pipeline
+
+    corpus, _ = mixed_corpus
+    prepare, before = pipeline._prepare_tokenizer, {}
+
+    def prepare_once_the_pool_waits(*args, fail=False):
+        """The tokenizer step, entered only when a pool actor waits for the job (it times out otherwise)."""
+        deadline = time.time() + 60
+        while not _waiting_handoffs() - before["handoffs"]:
+            assert time.time() < deadline, "no pool actor started while the tokenizer was prepared"
+            time.sleep(0.1)
+        if fail:
+            raise EmberError("the tokenizer step failed")
+        return prepare(*args)
+
+    before["handoffs"] = _waiting_handoffs()
+    monkeypatch.setattr(pipeline, "_prepare_tokenizer", prepare_once_the_pool_waits)
+    assert run([corpus], tmp_path / "a")["splits"]["train"]["rows"] > 0
+
+    before["handoffs"], earlier = _waiting_handoffs(), set(_pool_actors())
+    monkeypatch.setattr(pipeline, "_prepare_tokenizer", lambda *args: prepare_once_the_pool_waits(*args, fail=True))
+    with pytest.raises(EmberError, match="^the tokenizer step failed$"):
+        run([corpus], tmp_path / "b")
+    assert not list((tmp_path / "b" / ".ember" / "units").glob("u*.json"))  # no unit ran without the job
+    deadline = time.time() + 60
+    while True:
+        started = {i: state for i, state in _pool_actors().items() if i not in earlier}
+        if started and all(state == "DEAD" for state in started.values()):
+            break
+        assert time.time() < deadline, f"the failed job's pool actors still run: {started}"
+        time.sleep(0.2)
+
+
 def test_strict_failure_in_a_worker_names_file_and_line_and_keeps_finished_units(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -257,6 +308,13 @@ def test_cli_runs_a_spec_and_reports_errors_in_one_line(tmp_path, mixed_corpus, 
     assert missing.stderr.strip() == f"error: input not found: {tmp_path}/gone.jsonl"
     assert "Traceback" not in missing.stderr and "ray:" not in missing.stdout  # failed before any Ray work
     assert not (tmp_path / "other").exists()
+    bad = tmp_path / "bad-tokenizer.json"
+    bad.write_text('{"model": {"type": "BPE"')
+    broken = run_ember("run", spec_path, "--set", f"tokenizer.path={bad}", "--set", f"output.dir={tmp_path}/third",
+                       env=env)
+    assert broken.returncode == 1  # fails while the pool starts: the pool stops without a traceback of its own
+    assert broken.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not a valid tokenizer.json")
+    assert "Traceback" not in broken.stderr + broken.stdout
 
 
 def test_tokenizes_a_remote_corpus_through_ray_workers(tmp_path, s3_server):

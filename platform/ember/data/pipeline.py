@@ -1,9 +1,10 @@
 """`kind: tokenize`: corpus → tokenizer + packed Arrow shards, the work units run in parallel by Ray Data.
 
-The flow: resolve inputs (a missing path fails here, before any Ray work) → plan work units → train or load the
-tokenizer → (optional) a hash pass for exact-duplicate removal → the unit executor (`ember.data.units`) runs
-`CorpusEncoder` over the pending units: each unit's documents are read, normalised, split, tokenized and packed into
-its own shards → the units' leftover tokens are packed in unit order into a last shard per split → `manifest.json`.
+The flow: resolve inputs (a missing path fails here, before any Ray work) → plan work units → (optional) a hash
+pass for exact-duplicate removal → the unit executor (`ember.data.units`) starts its actor pool, and while the
+actors start the tokenizer is trained or loaded → the actors run `CorpusEncoder` over the pending units: each unit's
+documents are read, normalised, split, tokenized and packed into its own shards → the units' leftover tokens are
+packed in unit order into a last shard per split → `manifest.json`.
 
 Everything a unit writes depends only on the unit and the spec, and the final remainder is assembled in unit order,
 so the same input and spec give the same shards whatever the number of workers. A rerun after a crash redoes only
@@ -157,6 +158,12 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], give
     return target
 
 
+def _tokenizer_facts(tok_path: str) -> tuple[int, int]:
+    """(vocab size, EOS id) of the dataset's tokenizer."""
+    tok = load_tokenizer(tok_path)
+    return tok.get_vocab_size(), eos_token(tok, tokenizer_config(tok_path))[1]
+
+
 def _duplicates(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus: float) -> dict:
     """Exact-duplicate positions per unit: every occurrence after the first, in unit order."""
     per_unit = {item["unit"]: np.array(item["hashes"], dtype=np.uint64)
@@ -193,20 +200,22 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
         return finished
 
     units = plan_units(resolved, spec.source)
-    tok_path = _prepare_tokenizer(spec, out, units, given)
-    tok = load_tokenizer(tok_path)
-    _, eos_id = eos_token(tok, tokenizer_config(tok_path))
-    dtype = fmt.token_dtype(tok.get_vocab_size())
-
     ensure_ray(address)
     workers, num_cpus = ex.pool(spec.workers)
     duplicates = _duplicates(spec, units, workers, num_cpus) if spec.filter.dedup else {}
-    job = ex.UnitJob(out, spec.pack.seq_len + 1, dtype.name, spec.pack.shard_bytes,
-                     partial(CorpusEncoder, spec, tok_path, eos_id, dtype.name, duplicates),
-                     ex.unit_fingerprints(units, resolved), strict=spec.source.strict,
-                     threads=max(1, int(num_cpus)))
-    reused = ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="tokenize")
-    manifest = _assemble(spec, job, units, identity, fingerprint, tok_path, tok.get_vocab_size(), eos_id)
+    fingerprints = ex.unit_fingerprints(units, resolved)
+
+    def prepare() -> ex.UnitJob:  # runs while the pool's actors start
+        tok_path = _prepare_tokenizer(spec, out, units, given)
+        vocab_size, eos_id = _tokenizer_facts(tok_path)
+        dtype = fmt.token_dtype(vocab_size).name
+        return ex.UnitJob(out, spec.pack.seq_len + 1, dtype, spec.pack.shard_bytes,
+                          partial(CorpusEncoder, spec, tok_path, eos_id, dtype, duplicates), fingerprints,
+                          strict=spec.source.strict, threads=max(1, int(num_cpus)))
+
+    job, reused = ex.run_units(prepare, units, out_dir=out, fingerprints=fingerprints, workers=workers,
+                               num_cpus=num_cpus, label="tokenize")
+    manifest = _assemble(spec, job, units, identity, fingerprint)
     for line in _summary_lines(manifest, time.perf_counter() - t_start, reused):
         log.info(line)
     log.info("dataset: %s", storage.display(out))
@@ -216,9 +225,10 @@ def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     return manifest
 
 
-def _assemble(spec: TokenizeSpec, job: ex.UnitJob, units: list[WorkUnit], identity: str, fingerprint: str,
-              tok_path: str, vocab_size: int, eos_id: int) -> dict:
+def _assemble(spec: TokenizeSpec, job: ex.UnitJob, units: list[WorkUnit], identity: str, fingerprint: str) -> dict:
     """Packs the units' remainders (in unit order) into a last shard per split and writes manifest.json."""
+    tok_path = storage.join(job.out_dir, "tokenizer.json")
+    vocab_size, eos_id = _tokenizer_facts(tok_path)
     splits, skips, markers = ex.collect(job, units)
     dropped = 0
     for s in fmt.SPLITS:

@@ -167,10 +167,12 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
     units = plan_units(resolved, source_of(data))
     ensure_ray(address)
     workers, num_cpus = ex.pool(None)
+    fingerprints = ex.unit_fingerprints(units, resolved)
     job = ex.UnitJob(out, data.seq_len + 1, fmt.token_dtype(tok.get_vocab_size()).name, data.shard_bytes,
-                     partial(ConversationEncoder, data, out), ex.unit_fingerprints(units, resolved),
+                     partial(ConversationEncoder, data, out), fingerprints,
                      extra_columns=tuple(fmt.EXTRA_COLUMNS), strict=data.strict, strict_key="data.strict")
-    ex.run_units(job, units, workers=workers, num_cpus=num_cpus, label="finetune data", progress_dir=progress_dir)
+    ex.run_units(lambda: job, units, out_dir=out, fingerprints=fingerprints, workers=workers, num_cpus=num_cpus,
+                 label="finetune data", progress_dir=progress_dir)
     manifest = _publish(data, job, units, tok, config, added, identity, fingerprint, base_dir)
     _log_summary(manifest, data, out, time.perf_counter() - t0)
     if not manifest["splits"]["train"]["rows"]:

@@ -13,7 +13,9 @@ into rows; everything else is done here, the same way for both:
   marker. ``.ember/`` is removed once ``manifest.json`` is written.
 - **The actor pool** (`map_units`): one actor per worker builds its encoder once (the tokenizer is loaded once) and
   takes one unit per batch row. A user-facing error in a worker (strict mode) comes back as an error row and is
-  raised on the driver with its message; the units finished before it keep their markers.
+  raised on the driver with its message; the units finished before it keep their markers. `run_units` starts the
+  pool before the job is ready, so that the actors' start overlaps the driver's preparation (the tokenizer); they
+  wait for the job through a `JobHandoff`.
 - **Shards**: per unit and split ``u000123-000.arrow``, ``u000123-001.arrow``, ... rolled over at `shard_bytes`,
   with the job's extra columns; a crashed attempt's shards of a unit are removed before the unit is redone.
 - **The manifest** (`collect`, `publish`): per split the units' shards in unit order and their summed statistics,
@@ -26,10 +28,13 @@ every node write their shards and markers to directly, the manifest last.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -159,12 +164,12 @@ def update_job_state(out: str, **fields) -> None:
     write_stamp(job_stamp(out), state["identity"], **{k: v for k, v in state.items() if k != "identity"}, **fields)
 
 
-def read_markers(job: UnitJob, units: list[WorkUnit]) -> dict[int, dict]:
-    """The markers of the units that are finished: whose marker matches their input now."""
+def read_markers(out: str, fingerprints: dict, units: list[WorkUnit]) -> dict[int, dict]:
+    """The markers of the units that are finished: whose marker matches their input (`fingerprints`) now."""
     markers = {}
     for u in units:
-        marker = read_stamp(marker_path(job.out_dir, u.index))
-        if marker is not None and marker["identity"] == job.fingerprints[u.index]:
+        marker = read_stamp(marker_path(out, u.index))
+        if marker is not None and marker["identity"] == fingerprints[u.index]:
             markers[u.index] = marker
     return markers
 
@@ -199,17 +204,23 @@ class UnitRunner:
 
 
 class UnitWorker:
-    """Ray Data actor: builds its worker once, then runs one unit per batch row; a user-facing error becomes an
-    error row (its message intact) instead of failing the whole Ray Data job with a traceback."""
+    """Ray Data actor: builds its worker once, then runs one unit per batch row. A user-facing error, in a unit or
+    in building the worker, becomes an error row (its message intact) instead of failing the whole Ray Data job
+    with a traceback."""
 
     def __init__(self, make_worker: Callable[[], Callable[[WorkUnit], dict]]):
         quiet_libraries()
-        self.work = make_worker()
+        try:
+            self.work, self.failed = make_worker(), None
+        except EmberError as exc:
+            self.work, self.failed = None, str(exc)
 
     def __call__(self, batch: dict) -> dict:
         results = []
         for text in batch["unit"]:
             try:
+                if self.failed is not None:
+                    raise EmberError(self.failed)
                 results.append(json.dumps(self.work(unit_from_json(str(text)))))
             except EmberError as exc:
                 results.append(json.dumps({"error": str(exc)}))
@@ -243,26 +254,101 @@ def map_units(units: list[WorkUnit], make_worker: Callable[[], Callable[[WorkUni
         yield item
 
 
-def run_units(job: UnitJob, units: list[WorkUnit], *, workers: int, num_cpus: float, label: str,
-              progress_dir: str | os.PathLike | None = None) -> int:
-    """Runs the units without a matching marker, writing the job's progress record (`ember.progress`) into
-    `progress_dir` (default: the output dir) as they complete; returns how many were reused from an earlier run."""
-    done = set(read_markers(job, units))
+@ray.remote(num_cpus=0)
+class JobHandoff:
+    """Holds the job for a pool's actors that started before the driver had it ready: set once, to the job or to
+    None when the driver gave up. Async, so every waiting actor is answered at once."""
+
+    def __init__(self):
+        self._ready, self._job = asyncio.Event(), None
+
+    async def set(self, job: UnitJob | None) -> None:
+        self._job = job
+        self._ready.set()
+
+    async def get(self) -> UnitJob | None:
+        await self._ready.wait()
+        return self._job
+
+
+def handed_off_runner(handoff) -> UnitRunner:
+    """An actor's worker: waits for the driver's job, then builds its runner (the tokenizer loaded here)."""
+    job = ray.get(handoff.get.remote())
+    if job is None:
+        raise EmberError("the job stopped before its units started")  # the driver raises its own error
+    return UnitRunner(job)
+
+
+class _Prefetch:
+    """Drives an iterator on a thread from now on, so that its work (here: Ray Data starting an actor pool) runs
+    while the caller does something else; iterating this yields its items, or raises what it raised."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._drive, args=(items,), daemon=True, name="ember-units")
+        self._thread.start()
+
+    def _drive(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                self._queue.put(item)
+            self._queue.put(self._END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put(exc)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def run_units(prepare: Callable[[], UnitJob], units: list[WorkUnit], *, out_dir: str, fingerprints: dict,
+              workers: int, num_cpus: float, label: str, progress_dir: str | os.PathLike | None = None
+              ) -> tuple[UnitJob, int]:
+    """Runs the units without a matching marker in `out_dir` (by their input `fingerprints`); returns the job and
+    how many units were reused from an earlier run.
+
+    The actor pool starts first: each actor is a new process that imports Ray Data (about a second), and that start
+    overlaps `prepare()`, the driver's work the job needs (training or loading the tokenizer). The actors wait for
+    the job it returns; if it raises, they stop and its error is raised here. The job's progress record
+    (`ember.progress`) goes to `progress_dir` (default: the output dir) as units complete."""
+    done = set(read_markers(out_dir, fingerprints, units))
     pending = [u for u in units if u.index not in done]
     if done:
         log.info("%s: resuming: %d of %d units were finished by an earlier run and are reused", label, len(done),
                  len(units))
     if not pending:
-        return len(done)
+        return prepare(), len(done)
+    handoff = JobHandoff.remote()
+    results = _Prefetch(map_units(pending, partial(handed_off_runner, handoff), workers=workers, num_cpus=num_cpus))
+    try:
+        job = prepare()
+        assert job.out_dir == out_dir and job.fingerprints == fingerprints, "the job is not the one planned"
+    except BaseException:
+        handoff.set.remote(None)
+        results.join(timeout=60)  # the pool's actors fail and Ray Data stops the pool
+        ray.kill(handoff)
+        raise
+    handoff.set.remote(job)
     log.info("%s: %d units on %d workers", label, len(pending), min(workers, len(pending)))
     t0, tokens = time.perf_counter(), 0
-    for n, item in enumerate(map_units(pending, partial(UnitRunner, job), workers=workers, num_cpus=num_cpus), 1):
-        tokens += item["tokens"]
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        log.info("%s: %d/%d units, %s tokens, %s tokens/s", label, n, len(pending), f"{tokens:,}", f"{rate:,.0f}")
-        write_progress(progress_dir or job.out_dir, {"kind": "tokenize", "units": n, "total_units": len(pending),
+    try:
+        for n, item in enumerate(results, 1):
+            tokens += item["tokens"]
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            log.info("%s: %d/%d units, %s tokens, %s tokens/s", label, n, len(pending), f"{tokens:,}",
+                     f"{rate:,.0f}")
+            write_progress(progress_dir or out_dir, {"kind": "tokenize", "units": n, "total_units": len(pending),
                                                      "tokens": tokens, "tokens_per_s": rate})
-    return len(done)
+    finally:
+        ray.kill(handoff)
+    return job, len(done)
 
 
 # ---------------------------------------------------------------- the manifest
@@ -273,7 +359,7 @@ def collect(job: UnitJob, units: list[WorkUnit]) -> tuple[dict, SkipLog, list[di
     the markers themselves (for what a job adds)."""
     splits = {s: {"shards": []} for s in fmt.SPLITS}
     skips, markers = SkipLog(), []
-    found = read_markers(job, units)
+    found = read_markers(job.out_dir, job.fingerprints, units)
     for unit in units:
         marker = found.get(unit.index)
         if marker is None:
