@@ -348,6 +348,16 @@ def test_prefix_caching_gives_the_same_tokens_and_reads_shared_prefixes_once(eng
     assert stats["prefix_cache_hit_rate"] == pytest.approx(hit / prompt_tokens, abs=1e-4) and hit > 0
 
 
+def test_a_cache_salt_shares_blocks_only_with_requests_of_the_same_salt(engines):
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    prompt = prompts(1)[0] * 3
+    waves = [[Request(prompt, params, frozenset(), cache_salt=salt)] for salt in (None, "a", "b", "a", None)]
+    got = run_all(engines(max_batch_size=2, prefill_chunk=8, prefix_cache_tokens=512, block_size=4), waves)
+    assert len(set(map(tuple, got))) == 1  # the same answer whatever the salt
+    cached = [w[0].cached_tokens for w in waves]
+    assert cached[:3] == [0, 0, 0] and cached[3] == cached[4] >= len(prompt) - 4  # "a" after "a", None after None
+
+
 def test_eviction_under_a_small_bound_keeps_outputs_right(engines):
     """A prefix cache of 8 tokens (two 4-token blocks) under prompts that each need more: blocks come and go, least
     recently used first, and every output is what it is without a cache."""

@@ -167,6 +167,35 @@ def test_zero_3_shards_parameters_and_zero_1_2_shard_optimizer_state(dataset, re
         assert a["step"] == b["step"] and a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 5e-4
 
 
+def test_zero_buckets_are_scaled_to_the_model_unless_the_spec_sets_them(tmp_path):
+    """DeepSpeed's own bucket sizes (5e8 elements, 1e9 live parameters) exceed models under a few billion
+    parameters; Ember's defaults follow the model, and DeepSpeed's config model reads them under these names."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from ember.train.ds_config import bucket_sizes, deepspeed_config
+
+    def zero(stage: int, **keys) -> DeepSpeedZeroConfig:
+        s = parse_spec(spec(tmp_path, tmp_path / "run", deepspeed={"zero_stage": stage, **keys}))
+        section = deepspeed_config(s.train, s.deepspeed, 2, use_gpu=False)["zero_optimization"]
+        section.update(bucket_sizes(s.deepspeed, hidden_size=768, layer_params=7_000_000))
+        return DeepSpeedZeroConfig(**section)
+
+    assert bucket_sizes(parse_spec(spec(tmp_path, tmp_path / "run", deepspeed={"zero_stage": 0})).deepspeed,
+                        768, 7_000_000) == {}
+    two = zero(2)
+    assert (two.reduce_bucket_size, two.allgather_bucket_size) == (768 ** 2, 768 ** 2)
+    three = zero(3)
+    assert (three.reduce_bucket_size, three.prefetch_bucket_size, three.param_persistence_threshold,
+            three.max_live_parameters, three.max_reuse_distance) == (768 ** 2, int(0.9 * 768 ** 2), 7680,
+                                                                     14_000_000, 7_000_000)
+    chosen = zero(3, reduce_bucket_size=5000, stage3_param_persistence_threshold=0, stage3_max_live_parameters=10**9,
+                  stage3_max_reuse_distance=0)
+    assert (chosen.reduce_bucket_size, chosen.param_persistence_threshold, chosen.max_live_parameters,
+            chosen.max_reuse_distance) == (5000, 0, 10**9, 0)
+    with pytest.raises(Exception, match="reduce_bucket_size"):
+        parse_spec(spec(tmp_path, tmp_path / "run", deepspeed={"reduce_bucket_size": 0}))
+
+
 def first_step_grad_norm(dataset: Path) -> float:
     """The gradient norm of the spec's first step in plain PyTorch: its initial weights (the seed's), the first
     global batch (samples 0-7 of the global order: the mean of equal-length rows' mean losses is the mean over all),

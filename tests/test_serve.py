@@ -48,6 +48,13 @@ def test_the_openai_client_lists_completes_and_chats(client, model_dir):
                                               max_tokens=6, temperature=0) for user in ("the sea", "the shore")]
     first, second = (a.usage.prompt_tokens_details.cached_tokens for a in answers)
     assert first < 32 <= second
+    # Another tenant's salt shares none of those blocks; a second request with that salt reads its own.
+    salted = [client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": "the shore"}],
+                                             max_tokens=6, temperature=0, extra_body={"cache_salt": "tenant-b"})
+              for _ in range(2)]
+    assert [a.usage.prompt_tokens_details.cached_tokens for a in salted][0] == 0
+    assert salted[1].usage.prompt_tokens_details.cached_tokens >= second
+    assert {a.choices[0].message.content for a in salted} == {answers[1].choices[0].message.content}
     rendered = ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([system, {"role": "user", "content": "the shore"}], True)
     assert answers[1].choices[0].message.content == greedy(model_dir, rendered, 6)
     assert requests.get(str(client.base_url).rstrip("/").removesuffix("/v1") + "/health", timeout=10).json()[

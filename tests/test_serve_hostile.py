@@ -84,6 +84,11 @@ HOSTILE = [
     ("continue-and-open-a-turn", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", '
                                                          '"content": "hi"}], "continue_final_message": true}'),
      400, "continue_final_message", "add_generation_prompt must be false"),
+    ("empty-cache-salt", "completions", raw('{"model": "tiny", "prompt": "hi", "cache_salt": ""}'), 400,
+     "cache_salt", "at least 1 character"),
+    ("cache-salt-not-a-string", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", '
+                                                        '"content": "hi"}], "cache_salt": 42}'), 400, "cache_salt",
+     "string"),
     ("over-body-limit", "completions", body(prompt="x" * 400_000), 413, None, "larger than 300000 bytes"),
 ]
 

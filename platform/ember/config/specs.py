@@ -237,6 +237,23 @@ class DeepSpeedSpec(SpecModel):
     grad_accum_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
         None, description="What gradients are summed in across micro-batches (default: fp32 with bf16/fp16 and ZeRO "
                           "1-2; the training precision otherwise).")
+    reduce_bucket_size: Optional[int] = Field(
+        None, ge=1, description="ZeRO 1-3: gradient elements reduced at once (default: hidden_size², Hugging Face's "
+                                "`auto`; DeepSpeed's own 5e8 exceeds models under a few billion parameters).")
+    allgather_bucket_size: Optional[int] = Field(
+        None, ge=1, description="ZeRO 1-2: parameter elements gathered at once after the step (default: "
+                                "hidden_size²).")
+    stage3_prefetch_bucket_size: Optional[int] = Field(
+        None, ge=1, description="ZeRO 3: parameter elements fetched ahead of use (default: 0.9 × hidden_size²).")
+    stage3_param_persistence_threshold: Optional[int] = Field(
+        None, ge=0, description="ZeRO 3: parameters with fewer elements stay whole on every worker (default: 10 × "
+                                "hidden_size).")
+    stage3_max_live_parameters: Optional[int] = Field(
+        None, ge=1, description="ZeRO 3: gathered parameter elements kept at once (default: two decoder layers' "
+                                "worth; DeepSpeed's own 1e9 keeps every layer of a smaller model gathered).")
+    stage3_max_reuse_distance: Optional[int] = Field(
+        None, ge=0, description="ZeRO 3: a parameter used again within this many elements stays gathered (default: "
+                                "one decoder layer's worth).")
 
 
 class ScalingSpec(SpecModel):

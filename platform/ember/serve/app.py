@@ -423,7 +423,8 @@ class EmberServer:
             for k in range(body.n):
                 # n samples with one seed must still differ
                 choice = replace(params, seed=params.seed + k) if params.seed is not None and body.n > 1 else params
-                jobs.append(Request(prompt=p, params=choice, logprobs=logprobs, stop_ids=stop_ids))
+                jobs.append(Request(prompt=p, params=choice, logprobs=logprobs, stop_ids=stop_ids,
+                                    cache_salt=body.cache_salt))
         return jobs
 
     async def _generate(self, body: SamplingRequest, prompts, request: HTTPRequest, chat: bool, logprobs):

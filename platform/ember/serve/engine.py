@@ -89,6 +89,7 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     logprobs: int | None = None  # top-k log probabilities per token (0 = only the chosen token's)
+    cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
     id: int = field(default_factory=itertools.count().__next__)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -166,7 +167,7 @@ class Engine:
         generators = [make_generator(r.params.seed, self.device) for r in requests]  # may raise: nothing queued yet
         if self.prefix is not None:
             for r in requests:
-                r._names = block_hashes(r.prompt, self.prefix.block_size)
+                r._names = block_hashes(r.prompt, self.prefix.block_size, salt=r.cache_salt)
         with self.lock:
             room = self.max_queue + self.max_batch_size - len(self.active) - len(self.waiting)
             if len(requests) > room:
@@ -270,7 +271,7 @@ class Engine:
         names = r._names
         if answer:
             held = int(self.cache.lengths[row])  # the tokens fed (the last one sampled has no keys yet)
-            names = block_hashes((r.prompt + r.output)[:held], self.prefix.block_size, names)
+            names = block_hashes((r.prompt + r.output)[:held], self.prefix.block_size, names, r.cache_salt)
         self.prefix.store(self.cache, row, names)
         self._unmark(r)
 

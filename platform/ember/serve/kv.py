@@ -30,11 +30,13 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def block_hashes(tokens: list[int], block_size: int, known: list[bytes] = ()) -> list[bytes]:
-    """The name of each full block of `tokens`: its tokens' hash chained to the previous block's name. `known` are
+def block_hashes(tokens: list[int], block_size: int, known: list[bytes] = (), salt: str | None = None) -> list[bytes]:
+    """The name of each full block of `tokens`: its tokens' hash chained to the previous block's name, the first
+    chained to the request's `salt` (vLLM's `cache_salt`: only requests with the same salt share blocks). `known` are
     the names of its first blocks, already computed (a prompt's, when its answer is added): only the rest is hashed."""
     names = list(known)
-    previous = names[-1] if names else b""
+    root = hashlib.blake2b(b"salt\0" + salt.encode(), digest_size=16).digest() if salt else b""
+    previous = names[-1] if names else root
     ids = np.asarray(tokens, dtype=np.int64)
     for start in range(len(names) * block_size, len(ids) - block_size + 1, block_size):
         previous = hashlib.blake2b(previous + ids[start:start + block_size].tobytes(), digest_size=16).digest()

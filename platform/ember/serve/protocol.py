@@ -111,6 +111,10 @@ class SamplingRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
     user: Optional[Annotated[Text, Field(max_length=256)]] = Field(None, description="Accepted and ignored.")
+    cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]] = Field(
+        None, description="Prefix-cache isolation: the request shares cached prompt blocks only with requests of the "
+                          "same salt, so its time to first token reveals nothing of others' prompts (vLLM's "
+                          "extension).")
 
 
 class CompletionRequest(SamplingRequest):

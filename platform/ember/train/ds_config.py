@@ -22,6 +22,28 @@ def trainer_clips(ds: DeepSpeedSpec) -> bool:
     return ds.zero_stage == 0 and ds.precision == "fp32"
 
 
+def bucket_sizes(ds: DeepSpeedSpec, hidden_size: int, layer_params: int) -> dict:
+    """ZeRO's communication buffers and stage 3's gathered-parameter limits, in elements, for the
+    `zero_optimization` section: the spec's values, else scaled to the model (`hidden_size`, and `layer_params`, the
+    parameters of one decoder layer). The buckets follow Hugging Face's `auto` rule (hidden², 0.9 hidden², 10
+    hidden). DeepSpeed's own defaults (5e8-element buckets, 1e9 live parameters) exceed every model under a few
+    billion parameters, so on those a stage saves less than it could: stages 1-2 hold a whole flat gradient buffer and
+    stage 3 keeps every gathered parameter through the step."""
+    if ds.zero_stage == 0:
+        return {}
+    chosen = {"reduce_bucket_size": ds.reduce_bucket_size or hidden_size ** 2}
+    if ds.zero_stage < 3:
+        chosen["allgather_bucket_size"] = ds.allgather_bucket_size or hidden_size ** 2
+        return chosen
+    return {**chosen,
+            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size or int(0.9 * hidden_size ** 2),
+            "stage3_param_persistence_threshold": (10 * hidden_size if ds.stage3_param_persistence_threshold is None
+                                                   else ds.stage3_param_persistence_threshold),
+            "stage3_max_live_parameters": ds.stage3_max_live_parameters or 2 * layer_params,
+            "stage3_max_reuse_distance": (layer_params if ds.stage3_max_reuse_distance is None
+                                          else ds.stage3_max_reuse_distance)}
+
+
 def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu: bool = True) -> dict:
     """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
     step, which makes resumption exact), so no DeepSpeed scheduler is configured.

@@ -46,7 +46,7 @@ from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model, save_weights
 from ember.progress import write_progress
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
-from ember.train.ds_config import deepspeed_config, trainer_clips
+from ember.train.ds_config import bucket_sizes, deepspeed_config, trainer_clips
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss, training_dtype
 from ember.train.tracking import start_tracking
@@ -324,6 +324,8 @@ class Trainer:
         torch.manual_seed(tr.seed)  # the same initial weights on every rank
         model, trainable = self.recipe.build(self.plan, self.device)
         model.config.gradient_checkpointing = self.spec.deepspeed.activation_checkpointing
+        self.ds_config["zero_optimization"].update(bucket_sizes(
+            self.spec.deepspeed, model.config.hidden_size, sum(p.numel() for p in model.layers[0].parameters())))
         groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": tr.weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
         own = ray.train.get_checkpoint()
