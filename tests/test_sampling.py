@@ -109,7 +109,8 @@ def test_bad_prompts_and_sampling_values_are_refused(tiny):
     with pytest.raises(EmberError, match=r"the prompt has \d+ tokens; the model's context is 64 tokens"):
         TextStream(model, tok, "the model reads " * 40, SamplingParams(), set())
     for field, value in [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("max_new_tokens", 0),
-                         ("repetition_penalty", 0), ("stop", ("",)), ("temperature", float("nan"))]:
+                         ("repetition_penalty", 0), ("repetition_penalty", 5e-324), ("stop", ("",)),
+                         ("temperature", float("nan"))]:
         with pytest.raises(EmberError, match=f"invalid sampling value {field}="):
             SamplingParams(**{field: value}).validate()
 

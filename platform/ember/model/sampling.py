@@ -12,6 +12,8 @@ import torch
 
 from ember.errors import EmberError
 
+MIN_PENALTY = 0.01  # a smaller repetition penalty divides logits past float range (5e-324 is 0 in float32)
+
 
 @dataclass
 class SamplingParams:
@@ -31,7 +33,8 @@ class SamplingParams:
             ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty >= MIN_PENALTY,
+             f"a number >= {MIN_PENALTY}"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
         ]

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from ember.model.sampling import SamplingParams
+from ember.model.sampling import MIN_PENALTY, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # the hold-back scan for stop strings runs per token; its cost grows with their length
@@ -100,8 +100,8 @@ class SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, **Finite, description="Nucleus sampling: the smallest set of tokens "
                                                                   "holding this much probability.")
     top_k: int = Field(0, ge=-1, le=1 << 20, description="Sample among the k likeliest tokens (0 or -1: all).")
-    repetition_penalty: float = Field(1.0, gt=0, le=100, **Finite, description="Above 1 discourages tokens "
-                                                                                "already seen (vLLM's extension).")
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=100, **Finite,
+                                      description="Above 1 discourages tokens already seen (vLLM's extension).")
     presence_penalty: float = Field(0.0, ge=0, le=0, **Finite, description="Not supported: 0 only.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, **Finite, description="Not supported: 0 only.")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt (≤ the server's max_n).")
