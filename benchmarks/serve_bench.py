@@ -3,7 +3,9 @@
 (a) `transformers` `generate`, one request at a time (the baseline);
 (b) Ember's engine in-process with batching off (max_batch_size 1), one request at a time;
 (c) Ember's full server (Ray Serve, HTTP, the `openai` client streaming) with continuous batching, at concurrency
-    1, 8 and 32.
+    1, 8 and 32;
+(d) Ember's engine in-process with all prompts at once (32 rows), greedy and sampled (temperature 0.8, top-p 0.95,
+    a seed each): the ceiling of (c) on this machine, and what sampling costs a batched step (run before (c)).
 
 Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, and
 the ratio c/a at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
@@ -131,6 +133,42 @@ def bench_engine(model_dir, prompts, new_tokens):
     return rate
 
 
+def bench_engine_batch(model_dir, prompts, new_tokens, sampled: bool) -> float:
+    """Ember's engine in-process with every prompt submitted at once (max_batch_size 32, no Ray, no HTTP): the
+    ceiling of the server's throughput. `sampled`: temperature 0.8 and top-p 0.95, a seed per request."""
+    from ember.data.tokenizer import load_tokenizer
+    from ember.model import SamplingParams, load_model
+    from ember.serve.engine import Engine, Request
+
+    tok = load_tokenizer(model_dir)
+    engine = Engine(load_model(model_dir, dtype=DTYPE, device=DEVICE), max_batch_size=32)
+
+    def params(i):
+        if sampled:
+            return SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=i)
+        return SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+
+    async def run():
+        requests = [Request(tok.encode(p).ids, params(i), frozenset()) for i, p in enumerate(prompts)]
+        for r in requests:
+            r.attach(asyncio.get_running_loop())
+        engine.submit(*requests)
+        counts = await asyncio.gather(*(count(r) for r in requests))
+        return sum(counts)
+
+    async def count(r):
+        return sum([1 async for e in r.events() if e.token is not None])
+
+    asyncio.run(run())  # warm-up
+    start = time.perf_counter()
+    tokens = asyncio.run(run())
+    seconds = time.perf_counter() - start
+    engine.shutdown()
+    kind = "temperature 0.8, top-p 0.95" if sampled else "greedy"
+    print(f"{'(d) Ember engine, 32 at once, ' + kind:<48} {tokens / seconds:>10,.0f} tok/s")
+    return tokens / seconds
+
+
 def bench_server(base, prompts, new_tokens, concurrency, show=True):
     """`concurrency` clients (one asyncio loop, aiohttp: a light client, so the server's CPU is the server's) each
     stream completions; tokens are counted from the usage chunk, times taken as the text chunks arrive."""
@@ -249,6 +287,9 @@ def main() -> int:
               f"{len(prompts)} prompts of ~64 tokens, {args.new_tokens} new tokens each")
         a = bench_transformers(model_dir, prompts, args.new_tokens)
         bench_engine(model_dir, prompts, args.new_tokens)
+        greedy = bench_engine_batch(model_dir, prompts, args.new_tokens, sampled=False)
+        sampled = bench_engine_batch(model_dir, prompts, args.new_tokens, sampled=True)
+        print(f"engine at 32 / a: {greedy / a:.2f} (the ceiling of c/a here); sampled / greedy: {sampled / greedy:.2f}")
 
         import ray
         from ray import serve

@@ -100,6 +100,24 @@ def test_seeded_sampling_is_per_request_and_repeatable(engines, model):
     assert a == b == c == generate_ids(model, prompts(1), params)[0]
 
 
+def test_sampled_rows_of_one_kind_are_drawn_together_and_each_gets_what_it_gets_alone(engines, model):
+    """Three top-p requests and two with a repetition penalty (prompts of different lengths), each with its own seed,
+    decode in the same steps: each kind is sampled as one group, and each request's tokens are its own run alone."""
+    nucleus = [SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    penalized = [SamplingParams(max_new_tokens=8, temperature=0.7, repetition_penalty=1.3, seed=s) for s in (4, 5)]
+    ps, kinds = prompts(5), nucleus + penalized
+    steps: list[StepRecord] = []
+    engine = engines(max_batch_size=5, on_step=steps.append)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, Request(p, k, frozenset())) for p, k in zip(ps, kinds)))
+
+    got = asyncio.run(main())
+    assert max(len(s.decoded) for s in steps) == 5  # all five were sampled in one step
+    assert got == [generate_ids(model, [p], k)[0] for p, k in zip(ps, kinds)]
+    assert len({tuple(g) for g in got[:3]}) > 1  # the seeds differ, and so do the tokens
+
+
 def test_stop_tokens_end_a_request_with_reason_stop(engines, model):
     p = prompts(1)[0]
     free = generate_ids(model, [p], SamplingParams(max_new_tokens=8, temperature=0.0))[0]

@@ -17,7 +17,7 @@ from ember.data.tokenizer import train_tokenizer
 from ember.errors import EmberError
 from ember.model import ModelConfig, SamplingParams, TextStream, Transformer, generate_ids
 from ember.model.generate import StopStrings
-from ember.model.sampling import process_logits
+from ember.model.sampling import draw, process_logits
 
 
 @pytest.mark.parametrize("kw", [
@@ -42,6 +42,18 @@ def test_logits_processing_equals_transformers(kw):
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     finite = ~torch.isinf(expected)
     assert torch.allclose(got[finite], expected[finite], atol=1e-6)
+
+
+def test_draw_follows_the_distribution_and_never_takes_a_token_of_probability_zero():
+    """Inverse-CDF sampling (one uniform per row): frequencies match the probabilities, zeros are never drawn, not
+    even when the uniform's product rounds up to the row's total, and an unusable row gets -1."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20000, -1)
+    tokens = draw(probs, torch.rand(len(probs), generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    freq = torch.bincount(tokens, minlength=5) / len(tokens)
+    assert freq[1] == freq[4] == 0 and torch.allclose(freq, probs[0], atol=0.015)  # 4 standard deviations
+    assert draw(torch.tensor([[0.2, 0.8, 0.0]]), torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [1]
+    unusable = torch.tensor([[float("nan"), 0.5], [0.0, 0.0], [0.25, 0.75]])
+    assert draw(unusable, torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)).tolist() == [-1, -1, 1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.model.llama import KVCache, Transformer
-from ember.model.sampling import SamplingParams, make_generator, next_tokens
+from ember.model.sampling import SamplingParams, make_generator, next_tokens, padded_history
 
 
 def check_prompt(n_tokens: int, context: int) -> None:
@@ -50,11 +50,10 @@ def decode_steps(model: Transformer, prompts: list[list[int]], params: SamplingP
     active = [True] * b
     for _ in range(budget):
         logits = model(tokens, cache=cache, num_new=num_new, last_only=True)  # (B, V)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            width = max(len(h) for h in history)
-            seen = torch.tensor([h + h[:1] * (width - len(h)) for h in history], device=device)
+        seen = padded_history(history, device) if params.repetition_penalty != 1.0 else None
         chosen = next_tokens(logits, params, seen, generator).tolist()
+        if -1 in chosen:
+            raise EmberError("the model produced non-finite logits: its weights may be broken (NaN or infinite)")
         step: list[int | None] = []
         for i, token in enumerate(chosen):
             if active[i] and token in stops:

@@ -73,14 +73,39 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     return logits
 
 
+def padded_history(histories: list[list[int]], device="cpu") -> torch.Tensor:
+    """(B, S) ids seen per row for the repetition penalty; a shorter row is padded with its first id (a repeat of a
+    seen id penalizes nothing more)."""
+    width = max(len(h) for h in histories)
+    return torch.tensor([h + h[:1] * (width - len(h)) for h in histories], device=device)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds `uniforms[i]` (in
+    [0, 1)) times the row's total. One uniform per row where `torch.multinomial` draws an exponential per token (on
+    CPU, 32 rows of 8192: 0.4 ms against 6.7 ms). A row whose probabilities are not finite or all zero gets -1."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1]
+    chosen = torch.searchsorted(cdf, (uniforms.to(cdf) * total)[:, None], right=True).squeeze(-1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # a product rounded up to the total
+    return torch.minimum(chosen, last).masked_fill(~(torch.isfinite(total) & (total > 0)), -1)
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """The next token per row (B,) from (B, V) logits."""
+                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """The next token per row (B,) from (B, V) logits of rows that share `params`: one pass of the processors over
+    them all. `generator` draws for every row, or is a list of one per row (each request's own seed), so that a
+    row's token is the same in any batch. A sampled row whose probabilities are not finite gets -1."""
     logits = process_logits(logits.float(), params, history)
     if params.greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if isinstance(generator, list):
+        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device)
+                              for g in generator])
+    else:
+        uniforms = torch.rand(len(probs), generator=generator, dtype=torch.float64, device=probs.device)
+    return draw(probs, uniforms)
 
 
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:

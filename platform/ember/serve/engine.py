@@ -7,9 +7,9 @@ A background thread runs the step loop. Each step it
    prompt (each feeds its next `prefill_chunk` prompt tokens, up to `prefill_tokens_per_step` in all), so a long
    prompt or a burst of new ones is read over several steps while the others keep decoding;
 3. samples the next token of every row that has read its whole prompt, with that request's own sampling parameters
-   and seed, and hands it to the request's consumer. Each row is sampled under its own guard: a row whose logits
-   are not finite or whose sampling fails ends alone with an error event, and the other rows' tokens are exactly
-   what they would be without it;
+   and seed (rows of the same parameters in one pass, each drawing from its own generator), and hands the step's
+   tokens to their consumers in one call per event loop. A row whose logits are not finite or whose sampling fails
+   ends alone with an error event, and the other rows' tokens are exactly what they would be without it;
 4. drops finished or cancelled rows at once, moving the last active row into the freed one so active rows are
    always the first rows of the cache (the forward pass then runs over exactly the active rows).
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.model.llama import KVCache, Transformer
-from ember.model.sampling import SamplingParams, make_generator, next_tokens
+from ember.model.sampling import SamplingParams, make_generator, next_tokens, padded_history
 from ember.serve.kv import PrefixCache, RowCache, block_hashes
 
 log = logging.getLogger("ember")
@@ -106,8 +106,7 @@ class Request:
         self._loop, self._queue = loop, asyncio.Queue()
 
     def _emit(self, event: TokenEvent) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        deliver([(self, event)])
 
     async def events(self):
         """Token events until the last one (token None with its finish_reason)."""
@@ -116,6 +115,25 @@ class Request:
             yield event
             if event.token is None:
                 return
+
+
+def deliver(events: list[tuple[Request, TokenEvent]]) -> None:
+    """Hands a step's events to their consumers in order: one call into each event loop per step, not one per token
+    (each call wakes the loop through its self-pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for r, event in events:
+        if r._loop is not None:
+            by_loop.setdefault(r._loop, []).append((r._queue, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop closed: its consumers are gone
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 class Engine:
@@ -358,7 +376,7 @@ class Engine:
         record = StepRecord(tuple(r.id for r, p in zip(batch, reading) if not p),
                             tuple((r.id, len(f)) for r, f, p in zip(batch, feeds, reading) if p), queued,
                             self.rows.bytes, self.prefix.hit_rate if self.prefix is not None else None)
-        finished = []
+        finished, events = [], []
         now = time.perf_counter()
         ready, read = [], []
         for i, r in enumerate(batch):
@@ -391,7 +409,7 @@ class Engine:
             stop = token in r.stop_ids or token in r.params.stop_token_ids
             if not stop:
                 r.output.append(token)
-                r._emit(TokenEvent(token, logprob, top))
+                events.append((r, TokenEvent(token, logprob, top)))
             full = len(r.prompt) + len(r.output) >= self.context
             if stop or len(r.output) >= r.params.max_new_tokens or full or r.cancelled:
                 finished.append((r, TokenEvent(None, finish_reason="stop" if stop else "length")))
@@ -405,8 +423,7 @@ class Engine:
                         self._store_prefix(r, row_of[r.id], answer=True)
             with self.lock:
                 self._drop([r for r, _ in finished])
-            for r, last in finished:  # after the row is free, so a client that sees its end sees it gone
-                r._emit(last)
+        deliver(events + finished)  # after the rows are free, so a client that sees its end sees it gone
         return record
 
     def _forward(self, batch: list[Request]) -> tuple[list[Request], list[list[int]], torch.Tensor]:
@@ -445,25 +462,47 @@ class Engine:
     def _choose(self, batch: list[Request], ready: list[int], logits: torch.Tensor) -> tuple[dict, dict]:
         """The next token of each ready row ({row: token}) and the rows that failed ({row: why}).
 
-        Greedy rows take one argmax over the batch, fetched with every row's finiteness in one transfer; sampled
-        rows go one by one (each has its own parameters and generator), each under its own guard, so a row whose
-        sampling fails ends alone and the others' tokens are the same as without it."""
+        Greedy rows take one argmax over the batch, fetched with every row's finiteness in one transfer. Sampled
+        rows go in groups of the same temperature, top-k, top-p and penalty, one pass of the processors per group,
+        each row drawing from its own generator, so its token is what it gets alone. A group whose sampling raises
+        is retried row by row, each under its own guard: a row that fails ends alone and the others' tokens are the
+        same as without it."""
         top, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
         chosen: dict[int, int] = {}
         failed: dict[int, str] = {}
+        groups: dict[tuple, list[int]] = {}
         for i in ready:
-            r = batch[i]
+            p = batch[i].params
             if not finite[i]:
                 failed[i] = NON_FINITE
-            elif r.params.greedy and r.params.repetition_penalty == 1.0:
+            elif p.greedy and p.repetition_penalty == 1.0:
                 chosen[i] = top[i]
             else:
-                history = None
-                if r.params.repetition_penalty != 1.0:
-                    history = torch.tensor([r.prompt + r.output], device=self.device)
-                try:
-                    chosen[i] = int(next_tokens(logits[i: i + 1], r.params, history, r._generator)[0])
-                except Exception as exc:  # this request's parameters or logits; the other rows go on
-                    log.warning("sampling failed for one request (%s); it ends with an error", exc)
-                    failed[i] = f"sampling failed ({exc})"
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append(i)
+        for rows in groups.values():
+            try:
+                tokens = self._sample(batch, rows, logits)
+            except Exception as exc:  # these requests' parameters or logits; retried alone, the other rows go on
+                log.warning("sampling failed for %d requests (%s); retrying them one by one", len(rows), exc)
+                tokens = []
+                for i in rows:
+                    try:
+                        tokens += self._sample(batch, [i], logits)
+                    except Exception as one:
+                        failed[i] = f"sampling failed ({one})"
+                        tokens.append(None)
+            for i, token in zip(rows, tokens):
+                if token is not None and token < 0:
+                    failed[i] = "sampling failed (probabilities not finite after the request's sampling parameters)"
+                elif token is not None:
+                    chosen[i] = token
         return chosen, failed
+
+    def _sample(self, batch: list[Request], rows: list[int], logits: torch.Tensor) -> list[int]:
+        """The tokens of `rows`, which share their sampling parameters (-1: a row that could not be sampled)."""
+        requests = [batch[i] for i in rows]
+        params = requests[0].params
+        history = None
+        if params.repetition_penalty != 1.0:
+            history = padded_history([r.prompt + r.output for r in requests], self.device)
+        return next_tokens(logits[rows], params, history, [r._generator for r in requests]).tolist()
