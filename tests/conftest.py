@@ -88,8 +88,9 @@ def kill_a_worker_once_checkpointed(run_dir: str, worker_pids, killed: dict, min
                                     timeout: float = 300) -> None:
     """SIGKILLs one training worker (the last pid `worker_pids()` gives) once Ray Train's controller has registered a
     checkpoint at step `min_step` or later (its snapshot in the run dir, a path or a URI) and the workers have logged
-    a step past it, before `last_step`. Records in `killed` the pid, the step logged (`at`) and the newest registered
-    checkpoint (`registered`); gives up after `timeout` seconds, leaving `killed` empty. Run it in a thread."""
+    a step past it, before `last_step`. Records in `killed` the pid, its nice value, the step logged (`at`) and the
+    newest registered checkpoint (`registered`); gives up after `timeout` seconds, leaving `killed` empty. Run it in
+    a thread."""
     import json
     import signal
     import time
@@ -108,7 +109,8 @@ def kill_a_worker_once_checkpointed(run_dir: str, worker_pids, killed: dict, min
         if registered is not None and registered >= min_step and done and registered < done[-1] < last_step:
             pids = worker_pids()
             if pids:
-                killed.update(pid=pids[-1], at=done[-1], registered=registered)
+                killed.update(pid=pids[-1], at=done[-1], registered=registered,
+                              nice=os.getpriority(os.PRIO_PROCESS, pids[-1]))
                 os.kill(pids[-1], signal.SIGKILL)
                 return
         time.sleep(0.1)

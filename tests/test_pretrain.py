@@ -271,6 +271,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
                    deepspeed={"zero_stage": 1, "activation_checkpointing": True}, failure={"max_failures": 2})
     killer.join()
     assert killed and killed["registered"] < killed["at"] < 24, killed  # (the thread gives up after 300 s)
+    assert killed["nice"] == 0  # Ray starts workers at nice 15; Ember's training workers at 0 (training_worker_env)
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == list(range(1, 25))  # every step once: rows after the restore point redone
     assert [r["samples"] for r in metrics] == [8 * s for s in range(1, 25)]

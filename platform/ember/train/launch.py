@@ -32,7 +32,7 @@ from ember.config.specs import SPEC_KINDS, TrainingJobSpec
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, write_stamp
 from ember.model import ModelConfig
-from ember.runtime import debugging, ensure_ray, find_ember_error, openmp_env
+from ember.runtime import debugging, ensure_ray, find_ember_error, training_worker_env
 from ember.train.ds_config import deepspeed_config
 from ember.train.tracking import finish_tracking
 
@@ -166,7 +166,7 @@ def _torch_trainer(plan: RunPlan):
                              checkpoint_config=CheckpointConfig(num_to_keep=plan.spec.train.keep_checkpoints),
                              # Ray Train's set-up and per-rank report lines stay in its log files unless debugging.
                              logging_config=LoggingConfig(log_level="DEBUG" if debugging() else "WARNING"),
-                             worker_runtime_env={"env_vars": openmp_env()}),
+                             worker_runtime_env={"env_vars": training_worker_env()}),
     )
 
 
