@@ -40,6 +40,7 @@ from ember.serve.kv import PrefixCache, RowCache, block_hashes
 log = logging.getLogger("ember")
 
 NON_FINITE = "the model produced non-finite logits for this request"
+UNSAMPLEABLE = "sampling failed (probabilities not finite after the request's sampling parameters)"
 
 
 def release_openmp_threads() -> None:
@@ -481,20 +482,19 @@ class Engine:
                 groups.setdefault((p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append(i)
         for rows in groups.values():
             try:
-                tokens = self._sample(batch, rows, logits)
+                drawn = dict(zip(rows, self._sample(batch, rows, logits)))
             except Exception as exc:  # these requests' parameters or logits; retried alone, the other rows go on
                 log.warning("sampling failed for %d requests (%s); retrying them one by one", len(rows), exc)
-                tokens = []
+                drawn = {}
                 for i in rows:
                     try:
-                        tokens += self._sample(batch, [i], logits)
+                        drawn[i] = self._sample(batch, [i], logits)[0]
                     except Exception as one:
                         failed[i] = f"sampling failed ({one})"
-                        tokens.append(None)
-            for i, token in zip(rows, tokens):
-                if token is not None and token < 0:
-                    failed[i] = "sampling failed (probabilities not finite after the request's sampling parameters)"
-                elif token is not None:
+            for i, token in drawn.items():
+                if token < 0:
+                    failed[i] = UNSAMPLEABLE
+                else:
                     chosen[i] = token
         return chosen, failed
 
