@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     for add_verbs in (_add_run, _add_submit, _add_jobs, _add_demo, _add_report_and_status, _add_cluster, _add_serve,
-                      _add_generate):
+                      _add_generate, _add_import):
         add_verbs(verbs, common)
     return parser
 
@@ -214,6 +214,22 @@ def _add_generate(verbs, common) -> None:
                      help="compute dtype (default: float32)")
 
 
+def _add_import(verbs, common) -> None:
+    imp = verbs.add_parser(
+        "import", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="import a GGUF file (llama.cpp) as a model dir",
+        description="Read a .gguf file (Llama, Qwen2, Qwen3 or Mistral; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 "
+                    "and K-quant tensors), dequantize it and write a Hugging Face model dir: safetensors, config.json, "
+                    "tokenizer.json, tokenizer_config.json with the chat template, and lineage.json (the file's name, "
+                    "SHA-256 and quantization). Nothing is written unless the whole file reads and checks.",
+        epilog="example:\n  ember import SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2\n"
+               "  ember generate models/smollm2 --chat --prompt 'What does json.dumps do?' --temperature 0")
+    imp.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file (a path or a URI)")
+    imp.add_argument("output", metavar="OUTPUT", help="the model dir to write (a path or a bucket URI)")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="the weights' dtype in the model dir (default: float32)")
+
+
 def _runner(kind: str):
     module, _, name = JOB_RUNNERS[kind].partition(":")
     return getattr(importlib.import_module(module), name)
@@ -235,20 +251,21 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from ember.data.tokenizer import load_tokenizer
-    from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
+    from ember.model import SamplingParams, TextStream, builtin, load_model, stop_token_ids
     from ember.model.hf import DTYPES
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
                             seed=args.seed).validate()
-    model = load_model(args.model_dir, dtype=DTYPES[args.dtype])
-    tokenizer = load_tokenizer(args.model_dir)
-    prompt, stops = args.prompt, stop_token_ids(args.model_dir, tokenizer)
+    model_dir = builtin.resolve(args.model_dir)
+    model = load_model(model_dir, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(model_dir)
+    prompt, stops = args.prompt, stop_token_ids(model_dir, tokenizer)
     if args.chat:
         from ember.data.chat import ChatTemplate
         from ember.data.tokenizer import tokenizer_config, turn_end_ids
 
-        template = ChatTemplate.of(tokenizer_config(args.model_dir))
+        template = ChatTemplate.of(tokenizer_config(model_dir))
         if template is None:
             raise EmberError(f"{args.model_dir} has no chat template (tokenizer_config.json); drop --chat")
         prompt = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -263,6 +280,16 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     print(f"[{len(done.token_ids)} tokens in {seconds:.2f}s, {len(done.token_ids) / max(seconds, 1e-9):.1f} tokens/s, "
           f"finish: {done.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from ember.model.gguf import import_gguf
+
+    record = import_gguf(args.gguf, args.output, dtype=args.dtype)
+    source = record["source"]
+    print(f"imported {source['file']} ({source['general.architecture']}, {source['quantization']}, "
+          f"SHA-256 {source['sha256'][:12]}…) → {args.output} ({record['dtype']})")
     return 0
 
 
@@ -417,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         _use_address_form(args)
         return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
                 "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,
-                "report": cmd_report}[args.verb](args)
+                "report": cmd_report, "import": cmd_import}[args.verb](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ember import storage
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, path_stats
+from ember.model import builtin
 from ember.model.llama import FAMILIES, ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
 
 WEIGHTS = "model.safetensors"
@@ -177,7 +178,10 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def local_model_dir(model_dir: str | os.PathLike) -> Path:
-    """A model dir this process can open: a local one as it is, one in object storage through the node cache."""
+    """A model dir this process can open: a local one as it is, one in object storage through the node cache, a
+    built-in model (`builtin:NAME`) imported on this node."""
+    if builtin.is_builtin(model_dir):
+        return builtin.model_dir(str(model_dir)[len(builtin.PREFIX):])
     try:
         local = storage.local_dir(model_dir)
     except FileNotFoundError:
@@ -253,13 +257,16 @@ def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_di
 
 def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, model_dir: str | os.PathLike, *,
                  tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                 max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None, eos_token_id=None) -> Path:
+                 max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None, eos_token_id=None,
+                 files: dict[str, str] | None = None) -> Path:
     """`save_model` from a state dict in Ember's names (`Transformer.state_dict()`, or ZeRO-3's gathered one): no
-    model object is needed, so an export from partitioned weights builds none."""
+    model object is needed, so an export from partitioned weights builds none. `files` (name → text) are written
+    into the dir too (an import's tokenizer and lineage)."""
     if storage.is_uri(model_dir):
         with tempfile.TemporaryDirectory(prefix="ember-model-") as local:
             save_weights(state, cfg, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
-                         max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+                         max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         files=files)
             storage.delete_tree(model_dir)
             storage.upload_dir(Path(local) / "model", model_dir, marker="config.json")
         return model_dir
@@ -275,6 +282,8 @@ def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, model_dir: st
                     (staging / name).write_bytes(storage.read_bytes(storage.join(tokenizer_dir, name)))
                 except FileNotFoundError:
                     continue
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
         (staging / "config.json").write_text(json.dumps(
             hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id), indent=2) + "\n")
         generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": False}

@@ -37,7 +37,7 @@ from ember.data.chat import BadRecord, ChatTemplate
 from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
 from ember.metrics import SERVE_METRICS
-from ember.model import load_model, stop_token_ids
+from ember.model import builtin, load_model, stop_token_ids
 from ember.model.generate import StopStrings
 from ember.model.hf import DTYPES, config_from_hf, local_model_dir, read_json
 from ember.serve.engine import Engine, Overloaded, Request
@@ -597,12 +597,13 @@ def build_app(args: ServeArgs) -> Application:
     config fails before anything is deployed."""
     if isinstance(args, dict):
         args = ServeArgs.model_validate(args)
-    path = storage.normalize(args.model_dir)
+    path = builtin.resolve(args.model_dir)
     config = storage.join(path, "config.json")
     if not storage.is_file(config):
         raise EmberError(f"model_dir: {storage.display(path)} is not a model directory (no config.json)")
     plan_max_model_len(config_from_hf(read_json(config)), args, DTYPES[args.dtype].itemsize)
     digests = args.key_digests()
     require_keys(args.host, bool(digests), args.allow_unauthenticated, "build_app")
-    args = args.model_copy(update={"model_dir": path, "api_key_sha256": digests})
+    given = args.model_dir if builtin.is_builtin(args.model_dir) else path  # each node resolves builtin:
+    args = args.model_copy(update={"model_dir": given, "api_key_sha256": digests})
     return EmberServer.options(**deployment_options(args)).bind(args.model_dump())

@@ -19,6 +19,7 @@ import yaml
 
 from ember import storage
 from ember.errors import EmberError
+from ember.model import builtin
 from ember.runtime import ensure_ray, is_loopback
 
 log = logging.getLogger("ember")
@@ -122,10 +123,10 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
 def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, list[dict], str | None]:
     """(HTTP options, applications, proxy location) of a config file, or of Ember's app on a model dir."""
     path = Path(target).expanduser()
-    if storage.is_uri(target) or path.is_dir():  # a model dir, local or in object storage
+    if storage.is_uri(target) or path.is_dir() or builtin.is_builtin(target):  # a model dir: local, remote, built-in
         from ember.serve.app import ServeArgs
 
-        args = {"model_dir": storage.normalize(target)}
+        args = {"model_dir": target if builtin.is_builtin(target) else storage.normalize(target)}
         if host:
             args["host"] = host
         if port:

@@ -38,7 +38,7 @@ from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, identity_of, path_stats, stamp_matches, write_stamp
-from ember.model import SamplingParams, generate_ids, load_model, stop_token_ids
+from ember.model import SamplingParams, builtin, generate_ids, load_model, stop_token_ids
 from ember.model.hf import weights_fingerprint
 from ember.runtime import ensure_ray
 from ember.train.harness import run_harness
@@ -170,7 +170,7 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
 
 def _identity(spec: EvaluateSpec) -> str:
     """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
-    models = {name: weights_fingerprint(storage.normalize(path)) for name, path in spec.models.items()}
+    models = {name: weights_fingerprint(builtin.resolve(path)) for name, path in spec.models.items()}
     data = load_manifest(spec.data.dir) if spec.data.dir else None
     files = files_fingerprint(path_stats(p for p in map(Path, spec.data.conversations or []) if p.is_file()))
     spec_data = json.loads(spec.model_dump_json())
@@ -200,7 +200,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         ensure_ray(address)  # the harness's requests go to Ray actors
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
-        model_dir = storage.normalize(path)
+        model_dir = builtin.resolve(path)
         model = load_model(model_dir).eval()
         figures: dict = {"model": storage.display(model_dir)}
         if spec.data.dir:
@@ -212,7 +212,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
                                                            spec.generation.max_examples,
                                                            spec.generation.max_new_tokens)
         if spec.lm_eval is not None:
-            figures["lm_eval"] = run_harness(model_dir, spec.lm_eval)
+            figures["lm_eval"] = run_harness(path if builtin.is_builtin(path) else model_dir, spec.lm_eval)
         results[name] = figures
         parts = []
         if "dataset" in figures:

@@ -17,6 +17,7 @@ from ember.data.sft import prepare_chat_dataset
 from ember.data.tokenizer import load_tokenizer, tokenizer_file, turn_end_ids
 from ember.errors import EmberError
 from ember.identity import read_stamp, write_stamp
+from ember.model import builtin
 from ember.model.hf import bos_token_id, config_from_hf, read_json, weights_fingerprint
 from ember.train.launch import SNAPSHOT, RunPlan, launch, refuse_never, resume_path, total_steps
 from ember.train.tracking import settle_tracking
@@ -27,7 +28,7 @@ BASE_STAMP = "base_weights.json"  # in the run dir: the fingerprint of the base'
 
 
 def _base(spec: FinetuneSpec) -> str:
-    base = storage.normalize(spec.base)
+    base = builtin.resolve(spec.base)
     if not storage.is_file(storage.join(base, "config.json")):
         raise EmberError(f"base: {storage.display(base)} is not a model directory (no config.json)")
     try:
@@ -66,7 +67,9 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])
     eos_ids = sorted({manifest["eos_id"], *turn_end_ids(load_tokenizer(data_dir))})
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
-    spec.base, spec.output.dir = base, run_dir
+    spec.output.dir = run_dir
+    if not builtin.is_builtin(spec.base):  # a built-in base is resolved on each node, where its workers run
+        spec.base = base
     settle_tracking(spec.train.tracking)
     log.info("finetune: %s from %s, %s", spec.method, storage.display(base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else

@@ -11,7 +11,7 @@ from ember import storage
 from ember.config.specs import PretrainSpec
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
-from ember.model import ModelConfig, preset
+from ember.model import ModelConfig, builtin, preset
 from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.train.launch import RunPlan, launch, resume_path, total_steps
 from ember.train.tracking import settle_tracking
@@ -21,7 +21,7 @@ def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
     """The network to train: `init_from`'s config, or the preset with overrides and the dataset's vocabulary."""
     m = spec.model
     if m.init_from:
-        path = storage.join(storage.normalize(m.init_from), "config.json")
+        path = storage.join(builtin.resolve(m.init_from), "config.json")
         cfg = config_from_hf(read_json(path), storage.display(path))
     else:
         overrides = {k: v for k, v in m.model_dump(exclude={"preset", "init_from"}).items() if v is not None}
@@ -49,12 +49,12 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
     cfg = model_config(spec, manifest)
-    bos = bos_token_id(read_json(storage.join(storage.normalize(spec.model.init_from), "config.json"))) \
+    bos = bos_token_id(read_json(storage.join(builtin.resolve(spec.model.init_from), "config.json"))) \
         if spec.model.init_from else None
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
     spec.data.dir = storage.normalize(spec.data.dir)
     spec.output.dir = storage.normalize(spec.output.dir)
-    if spec.model.init_from:
+    if spec.model.init_from and not builtin.is_builtin(spec.model.init_from):  # each node resolves builtin:
         spec.model.init_from = storage.normalize(spec.model.init_from)
     settle_tracking(spec.train.tracking)
     return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
