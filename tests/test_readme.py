@@ -67,7 +67,7 @@ def test_every_ember_command_in_the_docs_parses_and_names_real_files(doc, args):
 
 def test_the_docs_mention_every_verb_and_the_cheap_ones_run():
     verbs = {args[0] for _, args in ember_commands() if args}
-    assert {"run", "submit", "jobs", "status", "cluster", "serve", "generate", "demo", "report"} <= verbs
+    assert {"run", "submit", "jobs", "status", "cluster", "serve", "generate", "demo", "report", "import"} <= verbs
     for verb in sorted(verbs):
         result = run_ember(verb, "--help", timeout=60)
         assert result.returncode == 0 and "usage: ember" in result.stdout, verb

@@ -1,7 +1,11 @@
 """`ember demo`: the whole pipeline on the built-in corpus, one stage after another, in one Ray instance.
 
-tokenize → pretrain (2 workers, ZeRO 2) → fine-tune on builtin:python-qa → evaluate base vs fine-tuned → report →
-serve with autoscaling → ask the served model a question through the OpenAI API → shut the app down (or keep it).
+tokenize → pretrain a small model from scratch (2 workers, ZeRO 2) → fine-tune a real pretrained model
+(SmolLM2-135M-Instruct, LoRA) on builtin:python-qa → evaluate it against its base → report → serve the fine-tuned
+model with autoscaling → ask it a question through the OpenAI API → shut the app down (or keep it).
+
+Pretraining shows what the platform is for (a corpus to a model of its own); the later stages start from real weights,
+so the answer at the end is a real one.
 
 Each stage is the job spec in jobs/ (the same files `ember run` takes), so the demo is what a user would run by hand.
 A rerun reuses what is finished: the dataset, finished runs and evaluation results are recognised by their inputs
@@ -109,7 +113,7 @@ class Demo:
     def stage_finetune(self) -> None:
         from ember.train.finetune import run_finetune
 
-        spec = self.spec("finetune", {"base": self.pretrain_dir / "model"})
+        spec = self.spec("finetune")
         metrics = run_finetune(spec, self.address)
         self.finetune_dir = Path(spec.output.dir).resolve()
         self.artefacts["fine-tuned model"] = str(self.finetune_dir / "model")
@@ -118,15 +122,17 @@ class Demo:
     def stage_evaluate(self) -> None:
         from ember.train.evaluate import run_evaluate
 
-        spec = self.spec("evaluate", {"models.base": self.pretrain_dir / "model",
-                                      "models.finetuned": self.finetune_dir / "model",
-                                      "data.dir": self.finetune_dir / "data"})
+        spec = self.spec("evaluate", {"models.finetuned": self.finetune_dir / "model"})
         results = run_evaluate(spec, self.address)
         self.artefacts["evaluation"] = str(Path(spec.output.file).resolve())
         scores = {}
         for name, figures in results.items():
             c = figures.get("conversations", {})
             scores[name] = {k: round(c[k], 4) for k in ("assistant_loss", "token_f1", "exact_match") if k in c}
+            scores[name]["harness"] = {
+                task: {k.split(",")[0]: round(v, 4) for k, v in metrics.items()
+                       if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, float)}
+                for task, metrics in figures.get("lm_eval", {}).get("results", {}).items()}
         self.figures["evaluate"] = scores
 
     def stage_report(self) -> None:
@@ -178,8 +184,10 @@ class Demo:
                 val = f", val loss {f[stage]['val_loss']:.3f}" if f[stage].get("val_loss") is not None else ""
                 lines.append(f"  {stage}: loss {f[stage]['loss']:.3f} after {f[stage]['step']} steps{val}")
         for name, s in f.get("evaluate", {}).items():
-            parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in s.items()]
-            lines.append(f"  evaluate {name}: {', '.join(parts)}")
+            parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in s.items() if k != "harness"]
+            tasks = [f"{task} " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+                     for task, m in s.get("harness", {}).items()]
+            lines.append(f"  evaluate {name}: {'; '.join([', '.join(parts), *tasks])}")
         if "serving" in f:
             s = f["serving"]
             lines.append(f"  serving: first token after {s['ttft_s'] * 1000:.0f} ms, {s['tokens']} tokens in "

@@ -86,6 +86,10 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed calls torch.distributed functions that torch has deprecated; nothing an Ember user can change.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
+    # Progress bars (tqdm: the harness's requests, datasets' splits, transformers' weight loading) are each library's
+    # own; Ember logs its progress. Read when a bar is made, so setting them here reaches every later one.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _ray_train_context_logger() -> dict[str, tuple[int, str | None]]:

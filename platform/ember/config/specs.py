@@ -395,10 +395,13 @@ class EvalDataSpec(SpecModel):
     split: Literal["train", "val"] = Field("val", description="Which split of data.dir.")
     batches: int = Field(50, ge=1, description="Rows of data.dir evaluated, in batches of batch_size: at most "
                                                "batches × batch_size.")
-    batch_size: int = Field(8, ge=1, description="Rows per forward pass.")
+    batch_size: int = Field(8, ge=1, description="Rows (or conversations, or answers generated together) per "
+                                                 "forward pass.")
     conversations: list[str] = Field(default_factory=list, description="Conversation files or builtin:python-qa:test:"
                                                                        " assistant-token loss with each model's own "
                                                                        "template, and a generation score.")
+    max_conversations: Optional[int] = Field(None, ge=1, description="Score at most this many of the conversations "
+                                                                     "(the first ones read; default: all).")
 
 
 class GenerationEvalSpec(SpecModel):

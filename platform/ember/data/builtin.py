@@ -172,3 +172,21 @@ def python_qa(part: int, split: str = "train") -> Iterator[dict]:
             prompt = _question(kind, name)
             if qa_split(prompt) == split:
                 yield {"prompt": prompt, "response": answer, "where": f"builtin:python-qa:{name.split('(', 1)[0]}"}
+
+
+def python_qa_choices(split: str = "test", choices: int = 4) -> list[dict]:
+    """``builtin:python-qa`` as a multiple-choice task: each question with its own answer and `choices - 1` other
+    answers of the same split as distractors, the right one at a position of its own; all fixed by a stable hash of
+    the question. ``{"question", "choices", "label", "where"}`` per question, in the corpus's order."""
+    import random
+
+    records = [r for part in range(num_parts(PYTHON_QA)) for r in python_qa(part, split)]
+    answers = sorted({r["response"] for r in records})
+    docs = []
+    for r in records:
+        rng = random.Random(hashlib.blake2b(r["prompt"].encode(), digest_size=8).digest())
+        others = rng.sample([a for a in answers if a != r["response"]], choices - 1)
+        label = rng.randrange(choices)
+        docs.append({"question": r["prompt"], "choices": others[:label] + [r["response"]] + others[label:],
+                     "label": label, "where": r["where"]})
+    return docs

@@ -124,7 +124,7 @@ def read_conversations(inputs: list[str]) -> list[tuple[list[dict], str]]:
 
 @torch.no_grad()
 def conversation_scores(model, model_dir: str, conversations: list[tuple[list[dict], str]], max_examples: int,
-                        max_new_tokens: int) -> dict:
+                        max_new_tokens: int, batch_size: int = 8) -> dict:
     tok, config, added = chat_tokenizer(load_tokenizer(model_dir), tokenizer_config(model_dir))
     if added:
         raise EmberError(f"{model_dir} has no chat template and its tokenizer lacks the tokens of Ember's default "
@@ -132,40 +132,63 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
     template = ChatTemplate.of(config)
     encoder = ChatEncoder(tok, template)
     context = model.config.max_position_embeddings
-    total, count = 0.0, 0
+    rows = []
     for messages, where in conversations:
         try:
             ids, mask = encoder.encode(messages)
         except BadRecord as bad:
             raise EmberError(f"{where}: {bad.detail} (model {model_dir})") from None
-        ids, mask = ids[:context], mask[:context]
-        if not mask[1:].any():
-            continue
-        batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype("int64"))[None],
-                 "segments": torch.ones(1, len(ids), dtype=torch.long)}
-        n = int(mask[1:].sum())
+        if mask[1:context].any():
+            rows.append((ids[:context], mask[:context]))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = _padded_batch(rows[start:start + batch_size])
+        n = int(batch["loss_mask"][:, 1:].sum())
         total += float(lm_loss(model, batch)) * n
         count += n
     result = {"assistant_loss": total / max(count, 1), "assistant_tokens": count}
     if max_examples:
-        stops = stop_token_ids(model_dir, tok) | turn_end_ids(tok)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0).validate()
-        f1, em, examples = [], [], []
-        for messages, where in conversations[:max_examples]:
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = tok.encode(template.render(messages[:last], add_generation_prompt=True),
-                                add_special_tokens=False).ids
-            prompt = prompt[-(context - max_new_tokens):] if len(prompt) + max_new_tokens > context else prompt
-            answer = tok.decode(generate_ids(model, [prompt], params, stops)[0]).strip()
-            reference = messages[last]["content"]
+        result.update(_answer_scores(model, model_dir, tok, template, conversations[:max_examples], max_new_tokens,
+                                     batch_size))
+    return result
+
+
+def _padded_batch(rows: list[tuple]) -> dict:
+    """Rows of (ids, loss mask) right-padded into one batch: causal attention keeps the padding out of every real
+    position, and the padding carries no loss."""
+    width = max(len(ids) for ids, _ in rows)
+    ids_out = torch.zeros(len(rows), width, dtype=torch.long)
+    mask_out = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rows):
+        ids_out[row, :len(ids)] = torch.from_numpy(ids.astype("int64"))
+        mask_out[row, :len(mask)] = torch.from_numpy(mask.astype("int64"))
+    return {"input_ids": ids_out, "loss_mask": mask_out, "segments": torch.ones_like(ids_out)}
+
+
+def _answer_scores(model, model_dir: str, tok, template, conversations: list, max_new_tokens: int,
+                   batch_size: int) -> dict:
+    """Token F1 and exact match of greedy answers to each conversation's last question, `batch_size` at a time."""
+    context = model.config.max_position_embeddings
+    stops = stop_token_ids(model_dir, tok) | turn_end_ids(tok)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0).validate()
+    asked = []
+    for messages, where in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = tok.encode(template.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
+        asked.append((prompt[-(context - max_new_tokens):] if len(prompt) + max_new_tokens > context else prompt,
+                      messages, last, where))
+    f1, em, examples = [], [], []
+    for start in range(0, len(asked), batch_size):
+        chunk = asked[start:start + batch_size]
+        for (_, messages, last, where), new in zip(chunk, generate_ids(model, [c[0] for c in chunk], params, stops)):
+            answer, reference = tok.decode(new).strip(), messages[last]["content"]
             f1.append(token_f1(answer, reference))
             em.append(exact_match(answer, reference))
             if len(examples) < 3:
                 examples.append({"where": where, "question": messages[last - 1]["content"] if last else "",
                                  "answer": answer, "reference": reference})
-        result.update({"token_f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "answered": len(f1),
-                       "examples": examples})
-    return result
+    return {"token_f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "answered": len(f1),
+            "examples": examples}
 
 
 def _identity(spec: EvaluateSpec) -> str:
@@ -184,7 +207,11 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
     spec = spec.model_copy(deep=True)
     settle_tracking(spec.tracking, "tracking")
     for name, path in spec.models.items():
-        if not storage.is_dir(path):
+        try:
+            found = storage.is_dir(builtin.resolve(path))
+        except EmberError as exc:  # an unknown built-in model, or its package missing
+            raise EmberError(f"models.{name}: {exc}") from None
+        if not found:
             raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
     if spec.data.dir:
         load_manifest(spec.data.dir)
@@ -196,6 +223,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
                  storage.display(out))
         return json.loads(storage.read_bytes(out))
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
+    conversations = conversations[:spec.data.max_conversations]
     if spec.lm_eval is not None:
         ensure_ray(address)  # the harness's requests go to Ray actors
     results: dict[str, dict] = {}
@@ -210,7 +238,7 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         if conversations:
             figures["conversations"] = conversation_scores(model, model_dir, conversations,
                                                            spec.generation.max_examples,
-                                                           spec.generation.max_new_tokens)
+                                                           spec.generation.max_new_tokens, spec.data.batch_size)
         if spec.lm_eval is not None:
             figures["lm_eval"] = run_harness(path if builtin.is_builtin(path) else model_dir, spec.lm_eval)
         results[name] = figures

@@ -19,12 +19,18 @@ With `apply_chat_template`, each request is written with the model's chat templa
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ember import storage
 from ember.errors import EmberError
 
 log = logging.getLogger("ember.train")
@@ -241,12 +247,59 @@ def _harness_class():
     return EmberLM
 
 
+# Harness tasks Ember builds from its built-in corpora (`builtin_task_dir`), usable by name in lm_eval.tasks.
+BUILTIN_TASKS = {"python_qa_choice": "builtin:python-qa's held-out questions, each with its own answer (a docstring "
+                                     "summary) among three others: acc and length-normalized acc_norm"}
+_CHOICE_TASK = """task: python_qa_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def builtin_task_dir() -> Path:
+    """A directory of the harness's task files for `BUILTIN_TASKS`, written once per node and Python build into the
+    node cache (the data is local JSONL: no network)."""
+    from ember.data.builtin import corpus_fingerprint, python_qa_choices
+
+    target = storage.cache_dir() / "lm_eval" / f"python-qa-{corpus_fingerprint()[:16]}"
+    if (target / "python_qa_choice.yaml").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    data = target / "python_qa_choice.jsonl"
+    (staging / data.name).write_text("".join(json.dumps(d) + "\n" for d in python_qa_choices()))
+    (staging / "python_qa_choice.yaml").write_text(_CHOICE_TASK.format(data=json.dumps(str(data))))
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process of the node wrote it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def run_harness(model_dir: str, spec) -> dict:
     """The harness's results for one model dir (its `results`, `versions`, `n-shot` and `configs` sections)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=spec.include_path) if spec.include_path else TaskManager()
+    include = ([str(builtin_task_dir())] if set(spec.tasks) & set(BUILTIN_TASKS) else []) + \
+        ([spec.include_path] if spec.include_path else [])
+    manager = TaskManager(include_path=include) if include else TaskManager()
     unknown = [t for t in spec.tasks if not manager.match_tasks([t])]
     if unknown:
         raise EmberError(f"lm_eval.tasks: unknown task {', '.join(map(repr, unknown))} (not in the harness"
