@@ -385,3 +385,16 @@ def test_ember_import_on_the_command_line(good_file, tmp_path):
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "copy.gguf" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_weights_and_a_block_count_the_tensors_lack_are_refused(bpe, tmp_path):
+    model = hf_family_model("llama", len(bpe[0]), 64)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[4, 5] = float("inf")
+    _refused(write_gguf(tmp_path / "nan.gguf", model, "llama", bpe), tmp_path,
+             r"tensor blk\.1\.ffn_up\.weight holds 2 NaN or infinite values")
+    model = hf_family_model("llama", len(bpe[0]), 64)
+    model.config.num_hidden_layers = 1 << 31  # hostile metadata: no model of that size is ever laid out
+    _refused(write_gguf(tmp_path / "blocks.gguf", model, "llama", bpe), tmp_path,
+             r"llama\.block_count = 2147483648, the file has tensors for 2 blocks")

@@ -178,6 +178,11 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         use_token_auth()
         use_loopback_node_address(address)
+    else:
+        # A local instance has no node that a cloud could drain: Ray Train's preemption watcher (an actor per run)
+        # would only cost a process and print Ray's error line about its constructor arguments. Its processes
+        # inherit this environment; a value set by the user is kept.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         ray.init(address=address, logging_level=logging.INFO if debugging() else logging.WARNING, log_to_driver=True,
                  runtime_env=_job_runtime_env())

@@ -130,6 +130,10 @@ def config_from_gguf(meta: dict, tensor_names: set[str], where: str) -> ModelCon
         raise EmberError(f"{where}: {arch}.rope.scaling.type = {scaling!r}"
                          f"{' (with rope_freqs)' if 'rope_freqs.weight' in tensor_names else ''}: scaled RoPE is not "
                          "supported by the import")
+    blocks = {n.split(".")[1] for n in tensor_names if n.startswith("blk.")}
+    if key("block_count") != len(blocks):  # before a model of that many layers is laid out, even on meta
+        raise EmberError(f"{where}: metadata {arch}.block_count = {key('block_count')!r}, the file has tensors for "
+                         f"{len(blocks)} blocks")
     heads = key("attention.head_count")
     hidden = key("embedding_length")
     head_dim = key("attention.key_length", None, required=False) or key("rope.dimension_count", None, required=False)
@@ -189,6 +193,8 @@ def read_tensors(reader, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, IndexError) as exc:  # a data region cut short by a truncated file
             raise EmberError(f"{where}: tensor {t.name}: truncated or corrupt data ({exc})") from None
+        if not np.isfinite(w).all():
+            raise EmberError(f"{where}: tensor {t.name} holds {int((~np.isfinite(w)).sum())} NaN or infinite values")
         if cfg.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rows(w, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
         out[name] = torch.from_numpy(np.array(w))  # a copy: F32 data is a read-only view of the file

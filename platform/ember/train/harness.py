@@ -235,6 +235,9 @@ def _harness_class():
                        **kwargs) -> list[int]:
             return self.pool.encode(string, add_special_tokens, left_truncate_len)
 
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)  # its progress bar: Ember logs its own
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             return self.pool.spread("score", [(list(ctx), list(cont)) for _, ctx, cont in requests])
 
