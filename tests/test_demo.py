@@ -75,7 +75,7 @@ def test_the_demo_runs_every_stage_then_trains_on_keeps_serving_reuses_and_stops
     assert not shown, shown
     summary = out[out.index("=== summary"):]
     for words in ("dataset:", "fine-tuned model:", "evaluation:", "tokens:", "pretrain: loss", "finetune: loss",
-                  "evaluate base:", "evaluate finetuned:", "python_qa_choice acc_norm", "serving: first token after"):
+                  "evaluate base:", "evaluate finetuned:", "python_qa_choice acc ", "serving: first token after"):
         assert words in summary, words
     runs = tmp_path / "runs"
     assert (runs / "pretrain-demo" / "report" / "loss.png").is_file()

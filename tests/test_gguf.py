@@ -398,3 +398,11 @@ def test_non_finite_weights_and_a_block_count_the_tensors_lack_are_refused(bpe, 
     model.config.num_hidden_layers = 1 << 31  # hostile metadata: no model of that size is ever laid out
     _refused(write_gguf(tmp_path / "blocks.gguf", model, "llama", bpe), tmp_path,
              r"llama\.block_count = 2147483648, the file has tensors for 2 blocks")
+
+
+def test_ember_generate_answers_with_the_built_in_model():
+    done = run_ember("generate", SMOLLM2, "--chat", "--temperature", "0", "--max-tokens", "24", "--prompt",
+                     "What does the function json.dumps do?", check=True)
+    assert "JSON" in done.stdout and "finish: length" in done.stderr
+    done = run_ember("generate", "builtin:gpt-5", "--prompt", "hi")
+    assert done.returncode == 1 and "no such built-in model" in done.stderr and "Traceback" not in done.stderr
