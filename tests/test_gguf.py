@@ -406,3 +406,26 @@ def test_ember_generate_answers_with_the_built_in_model():
     assert "JSON" in done.stdout and "finish: length" in done.stderr
     done = run_ember("generate", "builtin:gpt-5", "--prompt", "hi")
     assert done.returncode == 1 and "no such built-in model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_import_writes_to_a_bucket_and_reads_a_file_from_one(good_file, s3_server, tmp_path):
+    """OUTPUT a bucket prefix: the model dir is published whole (config.json last) and loads from there; a GGUF in
+    object storage is read through the node cache."""
+    from ember import storage
+
+    bucket, endpoint, client = s3_server
+    where = f"?endpoint_override={endpoint}&scheme=http"
+    client.upload_file(str(good_file), bucket, "gguf/good.gguf")
+    out = f"s3://{bucket}/imported/good{where}"
+    lineage = import_gguf(f"s3://{bucket}/gguf/good.gguf{where}", out)
+    assert lineage["source"]["file"] == "good.gguf"
+    with pytest.raises(EmberError, match="gguf/gone.gguf: no such GGUF file"):
+        import_gguf(f"s3://{bucket}/gguf/gone.gguf{where}", f"s3://{bucket}/imported/gone{where}")
+    assert not storage.list_files(f"s3://{bucket}/imported/gone{where}")
+    names = {n for n, _ in storage.list_files(out)}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", LINEAGE} <= names
+    local = tmp_path / "local"
+    import_gguf(good_file, local)
+    ids = torch.tensor([[3, 14, 15, 92]])
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(ids), load_model(local)(ids))

@@ -280,17 +280,18 @@ def tokenizer_config(meta: dict) -> dict:
     return config
 
 
-def describe_source(path: Path, reader, meta: dict) -> dict:
+def describe_source(path: Path, reader, meta: dict, name: str | None = None) -> dict:
     """The lineage of an import: the file (name, size, SHA-256) and its quantization."""
     types = Counter(t.tensor_type.name for t in reader.tensors)
-    return {"format": "gguf", "file": path.name, "bytes": path.stat().st_size,
+    return {"format": "gguf", "file": name or path.name, "bytes": path.stat().st_size,
             "sha256": storage.file_sha256(path), "quantization": types.most_common(1)[0][0] if types else None,
             "tensor_types": dict(sorted(types.items())), "general.name": meta.get("general.name"),
             "general.architecture": meta.get("general.architecture")}
 
 
-def load_gguf(path: str | os.PathLike) -> GGUFModel:
-    """Reads and checks a whole GGUF file: config, dequantized weights, tokenizer, lineage."""
+def load_gguf(path: str | os.PathLike, name: str | None = None) -> GGUFModel:
+    """Reads and checks a whole GGUF file (a local one; `name`: the file's own name, where it is a cached copy):
+    config, dequantized weights, tokenizer, lineage."""
     path = Path(path)
     reader = read_gguf(path)
     where = str(path)
@@ -306,7 +307,7 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
         return value if isinstance(value, int) else None
 
     return GGUFModel(cfg, tensors, tok, tokenizer_config(meta), token_id("bos_token_id"), token_id("eos_token_id"),
-                     describe_source(path, reader, meta))
+                     describe_source(path, reader, meta, name))
 
 
 def import_identity(source: dict, dtype: str) -> str:
@@ -319,9 +320,13 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, *, dtype: st
     lineage record. Nothing is written unless the whole file reads and checks."""
     if dtype not in DTYPES:
         raise EmberError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    name = storage.name(path)
     if storage.is_uri(path):
-        path = storage.NodeCache().fetch(path).path
-    model = load_gguf(path)
+        try:
+            path = storage.NodeCache().fetch(path).path
+        except FileNotFoundError:
+            raise EmberError(f"{storage.display(path)}: no such GGUF file") from None
+    model = load_gguf(path, name)
     lineage = {"source": model.lineage, "dtype": dtype, "identity": import_identity(model.lineage, dtype)}
     files = {"tokenizer.json": model.tokenizer.to_str(),
              "tokenizer_config.json": json.dumps(model.tokenizer_config, indent=2, sort_keys=True) + "\n",
