@@ -429,3 +429,14 @@ def test_the_import_writes_to_a_bucket_and_reads_a_file_from_one(good_file, s3_s
     ids = torch.tensor([[3, 14, 15, 92]])
     with torch.no_grad():
         assert torch.equal(load_model(out)(ids), load_model(local)(ids))
+
+
+def test_an_unknown_built_in_model_is_named_with_its_field(tmp_path):
+    from ember.config import parse_spec
+    from ember.train.evaluate import run_evaluate
+
+    spec = parse_spec({"kind": "evaluate", "models": {"mine": "builtin:gpt-5"},
+                       "data": {"conversations": ["builtin:python-qa:test"]},
+                       "output": {"file": str(tmp_path / "results.json")}})
+    with pytest.raises(EmberError, match="models.mine: builtin:gpt-5: no such built-in model"):
+        run_evaluate(spec)

@@ -62,7 +62,7 @@ def model_dir(name: str) -> Path:
 
     source = source_file(name)
     st = source.stat()
-    wanted = import_identity({"sha256": _sha256(str(source), st.st_size, st.st_mtime_ns)}, DTYPE)
+    wanted = import_identity(_sha256(str(source), st.st_size, st.st_mtime_ns), DTYPE)
     target = storage.cache_dir() / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

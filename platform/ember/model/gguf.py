@@ -234,9 +234,8 @@ def build_tokenizer(meta: dict, where: str):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
                                byte_fallback=False))
     split = PRE_TOKENIZERS[pre]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2))
     if split == _DIGITS_THEN_GPT2:
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -310,9 +309,9 @@ def load_gguf(path: str | os.PathLike, name: str | None = None) -> GGUFModel:
                      describe_source(path, reader, meta, name))
 
 
-def import_identity(source: dict, dtype: str) -> str:
-    """What an imported dir is the result of: the file's bytes, the dtype, the import's format."""
-    return identity_of(["gguf-import", IMPORT_FORMAT, source["sha256"], dtype])
+def import_identity(sha256: str, dtype: str) -> str:
+    """What an imported dir is the result of: the file's bytes (their SHA-256), the dtype, the import's format."""
+    return identity_of(["gguf-import", IMPORT_FORMAT, sha256, dtype])
 
 
 def import_gguf(path: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "float32") -> dict:
@@ -327,7 +326,7 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, *, dtype: st
         except FileNotFoundError:
             raise EmberError(f"{storage.display(path)}: no such GGUF file") from None
     model = load_gguf(path, name)
-    lineage = {"source": model.lineage, "dtype": dtype, "identity": import_identity(model.lineage, dtype)}
+    lineage = {"source": model.lineage, "dtype": dtype, "identity": import_identity(model.lineage["sha256"], dtype)}
     files = {"tokenizer.json": model.tokenizer.to_str(),
              "tokenizer_config.json": json.dumps(model.tokenizer_config, indent=2, sort_keys=True) + "\n",
              LINEAGE: json.dumps(lineage, indent=2, sort_keys=True) + "\n"}

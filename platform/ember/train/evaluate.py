@@ -201,18 +201,23 @@ def _identity(spec: EvaluateSpec) -> str:
     return identity_of({"spec": spec_data, "models": models, "files": files, "data": data})
 
 
-def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
-    """Evaluates every model of the spec; writes and returns {model name: figures}."""
-    t0 = time.perf_counter()
-    spec = spec.model_copy(deep=True)
-    settle_tracking(spec.tracking, "tracking")
-    for name, path in spec.models.items():
+def _check_models(models: dict[str, str]) -> None:
+    """Every model named is a model dir, or a built-in model (imported on this node now)."""
+    for name, path in models.items():
         try:
             found = storage.is_dir(builtin.resolve(path))
         except EmberError as exc:  # an unknown built-in model, or its package missing
             raise EmberError(f"models.{name}: {exc}") from None
         if not found:
             raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
+
+
+def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
+    """Evaluates every model of the spec; writes and returns {model name: figures}."""
+    t0 = time.perf_counter()
+    spec = spec.model_copy(deep=True)
+    settle_tracking(spec.tracking, "tracking")
+    _check_models(spec.models)
     if spec.data.dir:
         load_manifest(spec.data.dir)
     out = storage.normalize(spec.output.file)
