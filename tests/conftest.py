@@ -234,9 +234,10 @@ CONTEXT = 1024  # the served tiny model's context: long enough that a request ca
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random model with a CONTEXT-token context and a tokenizer trained on WORDS."""
-    return tiny_model_dir(tmp_path_factory.mktemp("served"), [" ".join(WORDS)] * 50, 300, CONTEXT, hidden_size=64,
-                          intermediate_size=128)
+    """A tiny random model with a CONTEXT-token context and a tokenizer trained on WORDS (heads of 32: the smallest
+    vLLM's CPU attention takes)."""
+    return tiny_model_dir(tmp_path_factory.mktemp("served"), [" ".join(WORDS)] * 50, 300, CONTEXT, hidden_size=128,
+                          intermediate_size=256)
 
 
 @pytest.fixture(scope="session")
@@ -254,7 +255,9 @@ def deploy(name: str, prefix: str, **args):
 
     from ember.serve.app import build_app
 
-    serve.run(build_app({"num_cpus": 0, **args}), name=name, route_prefix=prefix, blocking=False)
+    # A quarter of a CPU per engine replica, and a small KV cache: several apps fit the suite's 2-CPU instance.
+    serve.run(build_app({"num_cpus": 0.25, "ingress_num_cpus": 0, "kv_cache_memory_gb": 0.25, **args}), name=name,
+              route_prefix=prefix, blocking=False)
 
 
 @contextlib.contextmanager
@@ -268,17 +271,48 @@ def deployed(name: str, port: int, api_key: str | None = None, **args):
     try:
         deploy(name, f"/{name}", **args)
         base = f"http://127.0.0.1:{port}/{name}"
-        wait_ready(base, timeout=120, api_key=api_key)
+        wait_ready(base, api_key=api_key, app=name)
         yield base
     finally:
         serve.delete(name)
 
 
+def lora_adapter(model_dir: Path, root: Path, seed: int, targets: list[str]) -> tuple[Path, Path]:
+    """A LoRA adapter of random weights on `model_dir`, in Ember's (PEFT's) format, and its merged export."""
+    import torch
+
+    from ember.config.specs import LoraSpec
+    from ember.model import load_model, save_model
+    from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
+
+    torch.manual_seed(seed)
+    spec = LoraSpec(rank=8, alpha=16, dropout=0.0, target_modules=targets)
+    model = load_model(model_dir)
+    with torch.no_grad():
+        for p in apply_lora(model, spec):  # B starts at 0: an update large enough to change the greedy tokens
+            p.normal_(std=0.3)
+    save_adapter(adapter_state(model), spec, str(model_dir), root / "adapter")
+    merged = save_model(merge_lora(model), root / "merged", tokenizer_dir=model_dir, eos_token_id=0)
+    shutil.copy(model_dir / "generation_config.json", merged / "generation_config.json")
+    return root / "adapter", merged
+
+
 @pytest.fixture(scope="session")
-def server(model_dir, serve_port) -> str:
-    """The app most serving tests share: one replica of the tiny model at /main."""
-    deploy("main", "/main", model_dir=str(model_dir), model_name="tiny", num_replicas=1, max_batch_size=8,
-           max_body_bytes=300_000)
+def adapters(model_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Two adapters of the tiny model on different projections: name -> (adapter dir, merged model dir)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": lora_adapter(model_dir, root / "a", 1, ["q_proj", "v_proj", "down_proj"]),
+            "b": lora_adapter(model_dir, root / "b", 2, ["k_proj", "o_proj", "gate_proj", "up_proj"])}
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, adapters, serve_port) -> str:
+    """The app most serving tests share: one replica of the tiny model at /main, with two LoRA adapters."""
+    from ember.serve.launch import wait_ready
+
+    deploy("main", "/main", model_dir=str(model_dir), model_name="tiny", num_replicas=1, max_num_seqs=8,
+           max_body_bytes=300_000, adapters={name: str(a) for name, (a, _) in adapters.items()})
+    wait_ready(f"http://127.0.0.1:{serve_port}/main", app="main")
     return f"http://127.0.0.1:{serve_port}/main"
 
 
@@ -289,12 +323,18 @@ def client(server):
     return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def greedy(model_dir: Path, text: str, n: int, stop_ids=frozenset({0})) -> str:
-    """What `ember generate` answers (greedy; by default the model's end-of-text, token 0, stops it)."""
+def greedy_ids(model_dir: Path, text: str, n: int, stop_ids=frozenset({0})) -> list[int]:
+    """The tokens `ember generate` answers (greedy; by default the model's end-of-text, token 0, stops it)."""
     from ember.data.tokenizer import load_tokenizer
     from ember.model import SamplingParams, generate_ids, load_model
 
     tok = load_tokenizer(model_dir)
-    ids = generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
-                       SamplingParams(max_new_tokens=n, temperature=0.0), set(stop_ids))[0]
-    return tok.decode(ids)
+    return generate_ids(load_model(model_dir), [tok.encode(text, add_special_tokens=False).ids],
+                        SamplingParams(max_new_tokens=n, temperature=0.0), set(stop_ids))[0]
+
+
+def greedy(model_dir: Path, text: str, n: int, stop_ids=frozenset({0})) -> str:
+    """What `ember generate` answers, as text."""
+    from ember.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_dir).decode(greedy_ids(model_dir, text, n, stop_ids))

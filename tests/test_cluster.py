@@ -350,7 +350,8 @@ def test_serving_on_the_cluster_and_ember_status(cluster, served):
     assert ask(served, max_tokens=-1).status_code == 400
     status = cluster.ember("status", check=True).stdout
     assert "nodes: 3 alive" in status and "in use:" in status
-    assert "ember/EmberServer: RUNNING, 1/1 replicas running" in status
+    assert "ember/EmberLLMServer:model: RUNNING, 1/1 replicas running" in status
+    assert "ember/EmberIngress: RUNNING" in status
     assert "step 12/12" in status and "tokenize" in status
     assert "tokens, done" in status  # the tokenize job's last progress record
     assert f"dashboard: {cluster.info.dashboard_url}" in status
@@ -364,8 +365,11 @@ def test_prometheus_scrapes_every_metric_the_grafana_dashboard_names(cluster, tr
         pytest.skip(why)
     from test_cluster_files import dashboard_metric_names
 
-    for stream in (False, True):  # the serving metrics: requests, tokens, latencies, batch and queue gauges
+    for stream in (False, True):  # the serving metrics: requests, tokens, latencies, sequences, KV cache
         assert ask(served, stream).status_code == 200
+    shared = "The model reads a corpus of text and learns to predict the next token. " * 12  # > 128 tokens
+    for _ in range(2):  # a prompt of several KV blocks twice: the prefix cache's hits
+        assert ask(served, prompt=shared).status_code == 200
     assert ask(served, max_tokens=-1).status_code == 400
     # MFU needs a GPU's peak FLOPs; on a CPU run the gauge is never set, so it cannot be scraped here.
     wanted = dashboard_metric_names() - {"ray_ember_train_mfu"}

@@ -127,7 +127,7 @@ def dashboard_metric_names() -> set[str]:
 
 
 def test_the_grafana_dashboard_covers_training_and_serving():
-    from ember.metrics import SERVE_METRICS, TRAIN_GAUGES
+    from ember.metrics import ENGINE_METRICS, SERVE_METRICS, TRAIN_GAUGES
 
     names = dashboard_metric_names()
     for wanted in ("loss", "tokens_per_second", "mfu", "step_time_seconds"):
@@ -135,6 +135,8 @@ def test_the_grafana_dashboard_covers_training_and_serving():
     assert {f"ray_{n}" for n in TRAIN_GAUGES} >= {n for n in names if n.startswith("ray_ember_train_")}
     served = {re.sub(r"_(bucket|total)$", "", n) for n in names if n.startswith("ray_ember_serve_")}
     assert served == {f"ray_{n}" for n in SERVE_METRICS}, "every serving metric has a panel, and no panel a typo"
+    engine = {re.sub(r"_(bucket|total)$", "", n) for n in names if n.startswith("ray_vllm_")}
+    assert engine == {f"ray_{n}" for n in ENGINE_METRICS}, "vLLM's metrics: TTFT, TPOT, sequences, KV, prefix cache"
     assert "ray_serve_deployment_replica_healthy" in names
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from ember.config import parse_spec
 from ember.errors import EmberError
@@ -68,19 +69,27 @@ def test_the_mfu_peak_is_the_gpus_own_at_the_runs_precision(device, precision, t
     assert peak_flops(device, precision) == (tflops * 1e12 if tflops else None)
 
 
-def test_serving_dtype_follows_the_device_and_a_gpu_the_node_lacks_is_an_error():
-    from ember.serve.app import ServeArgs, serving_device
+def test_a_gpu_replica_is_bf16_with_a_bundle_per_tensor_parallel_rank():
+    """What vLLM is started with on GPUs, built here without one: bf16 by default, one placement-group bundle (a GPU
+    and a CPU) per rank, tensor_parallel_size the replica's GPUs, the KV cache by gpu_memory_utilization when
+    kv_cache_memory_gb is null; on CPU a bundle of the replica's CPUs, fp32, eager, the KV cache in bytes."""
+    from ember.serve.app import ServeArgs, llm_config
 
+    facts = {"name": "m", "max_model_len": 4096, "vocab_size": 100, "chat_template": True}
     assert ServeArgs(model_dir="/m").dtype == "float32"
-    assert ServeArgs(model_dir="/m", num_gpus=1).dtype == "bfloat16"
     assert ServeArgs(model_dir="/m", num_gpus=1, dtype="float16").dtype == "float16"
-    assert serving_device(0) == "cpu"
-    if torch.cuda.is_available():
-        assert serving_device(1) == "cuda"
-    else:  # this machine: a CPU build of torch
-        with pytest.raises(EmberError, match=r"^num_gpus is 1 but this replica's node has no CUDA device that torch "
-                                             r".* can use .*serve with num_gpus: 0$"):
-            serving_device(1)
+    gpu = llm_config(ServeArgs(model_dir="/m", num_gpus=2, kv_cache_memory_gb=None, accelerator_type="H100"), facts)
+    assert gpu.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
+    assert gpu.accelerator_type == "H100"
+    engine = gpu.engine_kwargs
+    assert engine["dtype"] == "bfloat16" and engine["tensor_parallel_size"] == 2
+    assert engine["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in engine
+    assert "enforce_eager" not in engine and engine["load_format"] == "safetensors"
+    cpu = llm_config(ServeArgs(model_dir="/m", num_cpus=2, kv_cache_memory_gb=0.5), facts)
+    assert cpu.placement_group_config["bundles"] == [{"CPU": 2}]
+    assert cpu.engine_kwargs["kv_cache_memory_bytes"] == 1 << 29 and cpu.engine_kwargs["enforce_eager"]
+    with pytest.raises(ValidationError, match="a CPU replica needs a KV cache size"):
+        ServeArgs(model_dir="/m", kv_cache_memory_gb=None)
 
 
 def test_the_optimizer_needs_no_op_built_at_run_time():

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import CONTEXT, REPO, WORDS, deployed, free_port, greedy, ray_address
+from conftest import CONTEXT, REPO, WORDS, deployed, free_port, greedy, greedy_ids, ray_address
 from ember import storage
 from ember.data.chat import ChatTemplate
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
@@ -22,7 +22,7 @@ from ember.errors import EmberError
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 def test_the_openai_client_lists_completes_and_chats(client, model_dir):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny:a", "tiny:b"]  # the base and its adapters
     done = client.completions.create(model="tiny", prompt="the fox is", max_tokens=8, temperature=0)
     assert done.choices[0].text == greedy(model_dir, "the fox is", 8)
     assert done.choices[0].finish_reason in ("length", "stop")
@@ -42,12 +42,13 @@ def test_the_openai_client_lists_completes_and_chats(client, model_dir):
     assert continued.choices[0].message.content == greedy(model_dir, rendered, 6)
     two = client.completions.create(model="tiny", prompt="the sea", max_tokens=5, temperature=1.0, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and 2 <= two.usage.completion_tokens <= 10
-    # The same long system message twice: the second request reads its blocks from the prefix cache, same answer.
-    system = {"role": "system", "content": "the fox is red and the crow is black " * 6}
+    # The same long system message twice: the second request reads its blocks from the prefix cache (vLLM's blocks
+    # are 128 tokens on CPU), same answer.
+    system = {"role": "system", "content": "the fox is red and the crow is black " * 40}
     answers = [client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": user}],
                                               max_tokens=6, temperature=0) for user in ("the sea", "the shore")]
-    first, second = (a.usage.prompt_tokens_details.cached_tokens for a in answers)
-    assert first < 32 <= second
+    first, second = (a.usage.prompt_tokens_details.cached_tokens or 0 for a in answers)
+    assert first == 0 and second >= 128
     # Another tenant's salt shares none of those blocks; a second request with that salt reads its own.
     salted = [client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": "the shore"}],
                                              max_tokens=6, temperature=0, extra_body={"cache_salt": "tenant-b"})
@@ -87,12 +88,20 @@ def test_concurrent_streams_are_independent_and_correct(client, model_dir):
 
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(ask, prompts))
-    assert answers == [greedy(model_dir, p, 12) for p in prompts]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+             for p in prompts]
+    assert answers == alone
+    # Where the random model's greedy tokens decode to whole characters, the text is `ember generate`'s (a stream
+    # holds back a byte token that does not end a UTF-8 sequence, as vLLM's detokenizer does).
+    expected = [greedy(model_dir, p, 12) for p in prompts]
+    whole = [i for i, text in enumerate(expected) if "\ufffd" not in text]
+    assert len(whole) >= 4 and [answers[i] for i in whole] == [expected[i] for i in whole]
 
 
 def test_a_client_that_goes_away_frees_its_row_at_once(server):
-    """A stream that could decode ~1000 more tokens is closed after its first: the engine frees its row within a few
-    steps of the disconnect (Serve's proxy cancels the request), not after the ~1000 steps it would otherwise run."""
+    """A stream that could decode ~1000 more tokens is closed after its first: vLLM aborts the sequence (Serve's
+    proxy cancels the request, the ingress its engine call) within a few steps, not after the ~1000 tokens it would
+    otherwise generate."""
     def health() -> dict:
         return requests.get(f"{server}/health", timeout=10).json()
 
@@ -103,12 +112,14 @@ def test_a_client_that_goes_away_frees_its_row_at_once(server):
         assert next(lines).startswith(b"data: ")
         decoding = health()
     deadline = time.time() + 60
-    while health()["running"] and time.time() < deadline:
+    while health()["requests"] and time.time() < deadline:
         time.sleep(0.02)
     freed = health()
-    assert decoding["running"] == 1 and freed["running"] == 0 and freed["queued"] == 0
-    taken = freed["steps"] - decoding["steps"]
-    assert taken < (CONTEXT - 8) // 4, f"the row kept decoding for {taken} steps after its client went away"
+    time.sleep(1)  # the engine would still be generating for it now if the abort had not reached it
+    after = health()
+    assert decoding["requests"] == 1 and freed["requests"] == 0 and after["running"] == 0
+    taken = after["generated_tokens"] - decoding["generated_tokens"]
+    assert taken < (CONTEXT - 8) // 4, f"the sequence went on for {taken} tokens after its client went away"
 
 
 def test_logprobs_of_completions(client):
@@ -141,7 +152,7 @@ def test_completions_of_a_list_of_texts_and_of_token_ids(client, model_dir):
     ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens",
      "max_tokens: Input should be a valid integer"),
     ({"model": "tiny", "prompt": "the " * (CONTEXT + 10)}, 400, "prompt",
-     f"this server's max_model_len is {CONTEXT} tokens"),
+     f"maximum context length is {CONTEXT} tokens"),
     ({"model": "tiny", "prompt": 5}, 400, "prompt", "must be a non-empty string"),
     ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n", "n: Input should be greater than or equal to 1"),
     ({"model": "tiny", "prompt": "hi", "stop": [1]}, 400, "stop", "stop: must be a non-empty string"),
@@ -154,7 +165,7 @@ def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(server, cl
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["param"] == param and error["type"]
-    if "max_model_len" in words:
+    if "context length" in words:
         assert error["code"] == "context_length_exceeded"
     assert client.completions.create(model="tiny", prompt="the", max_tokens=2).choices
 
@@ -165,22 +176,6 @@ def test_chat_errors(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
     r = requests.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=60)
     assert r.status_code == 400 and "messages: List should have at least 1 item" in r.json()["error"]["message"]
-
-
-def test_api_keys_are_required_when_configured(model_dir, serve_port, tmp_path):
-    from openai import AuthenticationError, OpenAI
-
-    (tmp_path / "keys").write_text("sekret-1\nsekret-2\n")
-    with deployed("locked", serve_port, api_key="sekret-2", model_dir=str(model_dir), model_name="tiny",
-                  num_replicas=1, api_keys_file=str(tmp_path / "keys")) as base:
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers,
-                              timeout=60)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        with pytest.raises(AuthenticationError):
-            OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
-        assert OpenAI(base_url=f"{base}/v1", api_key="sekret-1").completions.create(model="tiny", prompt="hi",
-                                                                                     max_tokens=2).choices
 
 
 def test_a_public_host_without_keys_refuses_to_start(model_dir, tmp_path):
@@ -201,11 +196,11 @@ def test_a_public_host_without_keys_refuses_to_start(model_dir, tmp_path):
         serve_target(str(config))
     # What each replica decides from the proxy's actual host (an unknown host counts as exposed).
     for host in ("0.0.0.0", "10.1.2.3", None):
-        with pytest.raises(EmberError, match="EmberServer: the HTTP proxy listens on"):
-            require_keys(host, False, False, "EmberServer")
-        require_keys(host, True, False, "EmberServer")
-        require_keys(host, False, True, "EmberServer")
-    require_keys("127.0.0.1", False, False, "EmberServer")
+        with pytest.raises(EmberError, match="EmberIngress: the HTTP proxy listens on"):
+            require_keys(host, False, False, "EmberIngress")
+        require_keys(host, True, False, "EmberIngress")
+        require_keys(host, False, True, "EmberIngress")
+    require_keys("127.0.0.1", False, False, "EmberIngress")
     with pytest.raises(EmberError, match="is not a model directory"):
         build_app({"model_dir": "/nowhere"})
 
@@ -214,6 +209,8 @@ def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir
                                                                      monkeypatch):
     """The replica's environment (Ray's workers started before this test) has no keys: it enforces the digests
     build_app put in its args, and no key is in those args in clear."""
+    from openai import AuthenticationError, OpenAI
+
     from ember.serve.app import build_app
     from ember.serve.guard import read_api_keys
     from ember.serve.launch import wait_ready
@@ -222,9 +219,9 @@ def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir
     keys.write_text("# the team's keys\nfile-key-1\n\n  # rotated out: old-key\n")
     assert read_api_keys(None, str(keys)) == {"file-key-1"}
     monkeypatch.setenv("EMBER_API_KEYS", "env-key-1, env-key-2")  # the default api_keys_env
-    app = build_app({"model_dir": str(model_dir), "model_name": "tiny", "num_replicas": 1, "num_cpus": 0,
-                     "api_keys_file": str(keys)})
-    args = json.dumps(app._bound_deployment.init_args)
+    app = build_app({"model_dir": str(model_dir), "model_name": "tiny", "num_replicas": 1, "num_cpus": 0.25,
+                     "ingress_num_cpus": 0, "kv_cache_memory_gb": 0.25, "api_keys_file": str(keys)})
+    args = json.dumps(app._bound_deployment.init_args[1:])  # the ingress's args (the first is the engine's app)
     assert "env-key" not in args and "file-key" not in args and args.count('"api_key_sha256"') == 1
     monkeypatch.delenv("EMBER_API_KEYS")
     keys.unlink()
@@ -233,7 +230,7 @@ def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir
     base = f"http://127.0.0.1:{serve_port}/digests"
     try:
         serve.run(app, name="digests", route_prefix="/digests", blocking=False)
-        assert wait_ready(base, timeout=120) is None  # up, and it needs a key this caller lacks
+        assert wait_ready(base, app="digests") is None  # up, and it needs a key this caller lacks
         with pytest.raises(EmberError, match="refused the configured API key"):
             wait_ready(base, timeout=30, api_key="old-key")
         for key in ("env-key-2", "file-key-1"):
@@ -241,6 +238,14 @@ def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir
         for key in ("# the team's keys", "old-key", "env-key-1, env-key-2", ""):
             r = requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
             assert r.status_code == 401, key
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers,
+                              timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        assert OpenAI(base_url=f"{base}/v1", api_key="file-key-1").completions.create(
+            model="tiny", prompt="hi", max_tokens=2).choices
         assert requests.get(f"{base}/health", timeout=30).status_code == 200  # for load balancers: no key
     finally:
         serve.delete("digests")
@@ -272,12 +277,12 @@ def test_the_serve_readme_lists_every_key_of_serve_args():
 def _replicas(app: str) -> int:
     from ray import serve
 
-    status = serve.status().applications[app].deployments["EmberServer"]
+    status = serve.status().applications[app].deployments["EmberLLMServer:tiny"]
     return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
 
 
 def test_autoscaling_adds_replicas_under_load_and_removes_them_after(model_dir, serve_port):
-    with deployed("auto", serve_port, model_dir=str(model_dir), model_name="tiny", max_batch_size=2,
+    with deployed("auto", serve_port, model_dir=str(model_dir), model_name="tiny", max_num_seqs=2,
                   autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                "upscale_delay_s": 1, "downscale_delay_s": 3}) as base:
         assert _replicas("auto") == 1
@@ -312,7 +317,7 @@ def _replica_actors(app: str) -> list:
 
     return [a for a in list_actors(address=ray_address(), filters=[("state", "=", "ALIVE")],
                                      raise_on_missing_output=False)
-            if a.class_name == f"ServeReplica:{app}:EmberServer"]
+            if a.class_name == f"ServeReplica:{app}:EmberLLMServer:tiny"]
 
 
 def _long_stream(base: str):
@@ -326,17 +331,25 @@ def _long_stream(base: str):
 
 
 def test_a_full_queue_answers_503_and_a_killed_replica_is_replaced(model_dir, serve_port):
-    """One row and no queue: while a stream decodes, another request gets 503 `overloaded`. Then the replica is
-    SIGKILLed under a stream: that stream ends (cut off, never completed), Serve starts a new replica (another
-    actor), and requests succeed again; every request in between got an error status, none a 4xx or a hang."""
+    """One request per replica and a queue of one: while a stream decodes and another request waits, a third gets
+    503 `overloaded`. Then the engine replica is SIGKILLed under a stream: that stream ends (cut off, never
+    completed), Serve starts a new replica (another actor), and requests succeed again; every request in between got
+    an error status, none a 4xx or a hang."""
     with deployed("small", serve_port, model_dir=str(model_dir), model_name="tiny", num_replicas=1,
-                  max_batch_size=1, max_queue=0) as base:
+                  max_num_seqs=1, max_ongoing_requests=1, max_queue=1) as base:
         r, _ = _long_stream(base)
-        with r:
-            full = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 2},
-                                 timeout=30)
+        with r, ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(requests.post, f"{base}/v1/completions", timeout=120,
+                                  json={"model": "tiny", "prompt": "the", "max_tokens": 2})
+            deadline, full = time.time() + 30, None
+            while time.time() < deadline and (full is None or full.status_code != 503):
+                time.sleep(0.2)  # until the second request is in the queue
+                full = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the",
+                                                                     "max_tokens": 2}, timeout=30)
             assert full.status_code == 503 and full.json()["error"]["code"] == "overloaded", full.text
             assert "at capacity" in full.json()["error"]["message"]
+            r.close()  # the stream's client goes away: the waiting request gets the replica
+            assert waiting.result().status_code == 200
 
         [old] = _replica_actors("small")
         r, lines = _long_stream(base)
@@ -347,7 +360,7 @@ def test_a_full_queue_answers_503_and_a_killed_replica_is_replaced(model_dir, se
             except requests.RequestException:  # the connection was cut
                 rest = []
         assert b"data: [DONE]" not in rest  # cut off: ~1000 tokens could not have finished
-        statuses, deadline = [], time.time() + 120
+        statuses, deadline = [], time.time() + 300
         while time.time() < deadline and statuses[-1:] != [200]:
             try:
                 statuses.append(requests.post(f"{base}/v1/completions", timeout=30, json={
@@ -402,3 +415,28 @@ def test_ember_serve_deploys_a_model_dir_and_a_config_file(model_dir, serve_port
     if not os.environ.get("RAY_ADDRESS"):
         with pytest.raises(EmberError, match="--detach needs a running Ray cluster"):
             serve_target(str(model_dir), detach=True)
+
+
+
+def test_lora_adapters_are_served_on_their_base_without_merging(server, adapters, model_dir):
+    """One replica serves the base and two adapters (`tiny:a`, `tiny:b`), loaded by name when first asked for; each
+    adapter's greedy text is its merged export's (what `ember generate` gives on it); an unknown adapter is a 404."""
+    from openai import NotFoundError, OpenAI
+
+    listed = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
+    assert [(m["id"], m["parent"]) for m in listed] == [("tiny", None), ("tiny:a", "tiny"), ("tiny:b", "tiny")]
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    served = {}
+    for prompt in ("the fox is", "the whale lives in", "the crow", "near the quiet"):
+        for model, merged in (("tiny", model_dir), ("tiny:a", adapters["a"][1]), ("tiny:b", adapters["b"][1])):
+            choice = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                               extra_body={"return_token_ids": True}).choices[0]
+            served[model, prompt] = choice.token_ids
+            assert choice.token_ids == greedy_ids(merged, prompt, 8), (model, prompt)
+    for prompt in ("the fox is", "the crow"):  # each adapter gives its own tokens
+        assert len({tuple(served[m, prompt]) for m in ("tiny", "tiny:a", "tiny:b")}) == 3, prompt
+    for missing in ("tiny:c", "tiny:../a", "other:a"):
+        with pytest.raises(NotFoundError) as caught:
+            client.completions.create(model=missing, prompt="the fox", max_tokens=2)
+        assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    assert _replicas("main") == 1

@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from conftest import CONTEXT, deployed, greedy
+from conftest import CONTEXT, greedy
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -117,9 +117,9 @@ class Canary:
 
     def _read(self):
         try:
-            chunks = [self.first] + [line for line in self.lines if line]
-            self.text = "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks
-                                if c.startswith(b"data: {") and b'"choices": [{' in c)
+            chunks = [json.loads(c[6:]) for c in [self.first] + [line for line in self.lines if line]
+                      if c.startswith(b"data: {")]
+            self.text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
         except Exception as exc:  # noqa: BLE001 (reported by the test)
             self.error = exc
 
@@ -201,7 +201,7 @@ def test_unknown_paths_and_methods_get_error_json(server):
 
 def test_after_the_hostile_requests_nothing_is_left_running(server):
     health = idle(server)
-    assert health["running"] == 0 and health["queued"] == 0
+    assert health["requests"] == 0 and health["running"] == 0 and health["waiting"] == 0
 
 
 def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server, quiet):
@@ -231,39 +231,5 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server, quiet):
 
         fuzz()
     health = idle(server)
-    assert health["running"] == 0 and health["queued"] == 0
+    assert health["requests"] == 0 and health["running"] == 0 and health["waiting"] == 0
     assert Canary(server).result() == quiet
-
-
-def test_a_poisoned_model_answers_errors_and_its_replica_reports_unhealthy(model_dir, serve_port, tmp_path):
-    """A model whose logits are NaN (as from a failing device): each request gets a 500 error JSON, or an error
-    event in its stream, never a 200 with empty text; after 3 such steps /health says 503 and Serve's health check
-    fails, so Serve replaces the replica."""
-    import shutil
-
-    import torch
-
-    from ember.model import load_model, save_model
-
-    poisoned = load_model(model_dir)
-    with torch.no_grad():
-        poisoned.norm.weight.fill_(float("nan"))
-    target = save_model(poisoned, tmp_path / "poisoned", tokenizer_dir=model_dir, eos_token_id=0)
-    shutil.copy(model_dir / "generation_config.json", target / "generation_config.json")
-    with deployed("poisoned", serve_port, model_dir=str(target), model_name="tiny", num_replicas=1) as base:
-        r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the fox", "max_tokens": 4},
-                          timeout=60)
-        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
-        assert "non-finite logits" in r.json()["error"]["message"]
-        with requests.post(f"{base}/v1/chat/completions", stream=True, timeout=60, json={
-                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                "stream": True}) as r:
-            lines = [line.decode() for line in r.iter_lines() if line]
-        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
-        assert json.loads(lines[-2][6:])["error"]["code"] == "generation_failed"
-        assert requests.get(f"{base}/health", timeout=10).status_code == 200  # two failed steps so far
-        r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 2},
-                          timeout=60)
-        assert r.status_code == 500
-        health = requests.get(f"{base}/health", timeout=10)
-        assert health.status_code == 503 and health.json()["status"] == "unhealthy"

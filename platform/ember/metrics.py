@@ -34,14 +34,21 @@ class TrainMetrics:
                 gauge.set(float(value), tags=self.tags)
 
 
-# Serving metrics of each replica (Ray Serve adds the deployment, replica and application tags).
+# Serving metrics of the ingress replicas (Ray Serve adds the deployment, replica and application tags).
 SERVE_METRICS = {
-    "ember_serve_requests": "Requests answered, by route and HTTP status code.",
-    "ember_serve_time_to_first_token_seconds": "Seconds from a request's arrival to its first generated token.",
-    "ember_serve_time_per_output_token_seconds": "Seconds per generated token after the first, per request.",
-    "ember_serve_generated_tokens": "Tokens generated.",
-    "ember_serve_batch_size": "Rows in the engine's latest decoding step.",
-    "ember_serve_queue_depth": "Requests waiting for a row of the batch.",
-    "ember_serve_prefix_cache_hit_rate": "Prompt tokens read from the prefix cache over prompt tokens admitted.",
-    "ember_serve_kv_cache_bytes": "Bytes the running rows' KV cache holds now (allocated by need).",
+    "ember_serve_requests": "Requests answered, by route and HTTP status code (including those refused before vLLM).",
+}
+
+# vLLM's own metrics of the engine replicas, exported through Ray's metrics by ray.serve.llm (`log_engine_metrics`,
+# vLLM's RayPrometheusStatLogger: `vllm:` becomes `vllm_`, Ray prefixes `ray_`); the Grafana dashboard shows these.
+ENGINE_METRICS = {
+    "vllm_time_to_first_token_seconds": "Seconds from a request's arrival to its first token (histogram).",
+    "vllm_request_time_per_output_token_seconds": "Seconds per output token after the first, per request "
+                                                  "(histogram).",
+    "vllm_num_requests_running": "Sequences in the engine's running batch.",
+    "vllm_num_requests_waiting": "Sequences waiting for room in the batch.",
+    "vllm_kv_cache_usage_perc": "Share of the KV cache's blocks in use (0 to 1).",
+    "vllm_prefix_cache_queries": "Prompt tokens looked up in the prefix cache (counter).",
+    "vllm_prefix_cache_hits": "Prompt tokens found in the prefix cache (counter).",
+    "vllm_generation_tokens": "Tokens generated (counter).",
 }

@@ -64,13 +64,18 @@ def _build(import_path: str, args: dict):
         raise EmberError(f"args.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
-def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> dict | None:
-    """Polls GET /v1/models until it answers: its JSON, or None when the app is up but refuses requests without a
-    key and none was given (401). A key the app refuses is an EmberError."""
+def wait_ready(url: str, timeout: float = 600, api_key: str | None = None, app: str | None = None) -> dict | None:
+    """Polls GET /health until an engine replica answers (vLLM takes tens of seconds to start), then GET /v1/models:
+    its JSON, or None when the app is up but refuses requests without a key and none was given (401). A key the app
+    refuses, or Serve's report that application `app` failed to deploy, is an EmberError."""
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
+        if app is not None:
+            _check_deployed(app)
         try:
+            with urllib.request.urlopen(f"{url}/health", timeout=15):
+                pass  # 200: the ingress is up and an engine replica answers
             req = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}
                                          if api_key else {})
             with urllib.request.urlopen(req, timeout=5) as resp:
@@ -85,6 +90,17 @@ def wait_ready(url: str, timeout: float = 300, api_key: str | None = None) -> di
             last = exc
         time.sleep(0.5)
     raise EmberError(f"the app did not answer at {url} within {timeout:.0f}s ({last})")
+
+
+def _check_deployed(app: str) -> None:
+    """Raises EmberError with Serve's message when application `app` failed to deploy (a replica's constructor
+    raised, for example vLLM refusing its engine arguments)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is not None and str(status.status).endswith("DEPLOY_FAILED"):
+        lines = [line for line in (status.message or "").splitlines() if line.strip()]
+        raise EmberError(f"the app {app} failed to deploy: {lines[-1] if lines else 'see the Serve logs'}")
 
 
 def _readiness_key(app_args: dict) -> str | None:
@@ -111,7 +127,7 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
     base = f"http://{shown}:{http['port']}"
     for name, prefix, _, key in built:
         url = base + (prefix.rstrip("/") if prefix and prefix != "/" else "")
-        models = wait_ready(url, api_key=key)
+        models = wait_ready(url, api_key=key, app=name)
         if models is None:
             log.info("serve: %s is up at %s/v1; it needs an API key (Authorization: Bearer KEY) that this shell "
                      "does not have", name, url)

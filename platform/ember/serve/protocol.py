@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from ember.model.sampling import MIN_PENALTY, SamplingParams
+from ember.model.sampling import MIN_PENALTY
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # the hold-back scan for stop strings runs per token; its cost grows with their length
@@ -102,14 +102,18 @@ class SamplingRequest(BaseModel):
     top_k: int = Field(0, ge=-1, le=1 << 20, description="Sample among the k likeliest tokens (0 or -1: all).")
     repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=100, **Finite,
                                       description="Above 1 discourages tokens already seen (vLLM's extension).")
-    presence_penalty: float = Field(0.0, ge=0, le=0, **Finite, description="Not supported: 0 only.")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, **Finite, description="Not supported: 0 only.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, **Finite, description="Above 0 discourages tokens already "
+                                                                            "generated, once each.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, **Finite, description="Above 0 discourages tokens already "
+                                                                             "generated, by their count.")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt (≤ the server's max_n).")
     seed: Optional[int] = Field(None, ge=0, lt=SEED_LIMIT, description="Same seed, same output.")
     stop: Optional[Stop] = Field(None, description="Text ends before the first of these strings.")
     stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format.")
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
+    return_token_ids: bool = Field(False, description="Also return the prompt's and each choice's token ids "
+                                                      "(vLLM's extension).")
     user: Optional[Annotated[Text, Field(max_length=256)]] = Field(None, description="Accepted and ignored.")
     cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]] = Field(
         None, description="Prefix-cache isolation: the request shares cached prompt blocks only with requests of the "
@@ -167,22 +171,13 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: Optional[Literal[False]] = Field(None, description="Not supported for chat completions (false only).")
 
 
-def sampling_params(req: SamplingRequest, default_max_tokens: int):
-    """The engine's SamplingParams for a validated request."""
-    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    return SamplingParams(max_new_tokens=req.max_tokens or default_max_tokens,
-                          temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
-                          top_p=req.top_p, top_k=max(req.top_k, 0), repetition_penalty=req.repetition_penalty,
-                          stop=tuple(stop), seed=req.seed)
-
-
 @dataclass(frozen=True)
 class ServerLimits:
     """The bounds that depend on the server: its context, `max_n`, and how many choices its queue can ever hold."""
 
     max_model_len: int
     max_n: int
-    max_choices: int  # max_queue + max_batch_size: more choices in one request can never be submitted together
+    max_choices: int  # prompts × n of one request
 
     def check(self, req: SamplingRequest, prompts: int) -> None:
         """Raises APIError (400) naming the field and the bound."""
