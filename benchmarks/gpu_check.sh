@@ -5,7 +5,8 @@
 #   3. the attention kernel each of the model's call shapes gets (benchmarks/attention_kernels.py);
 #   4. `pytest -m gpu` (the demo spec in bf16 with MFU, an fp16 run through loss-scale overflows, ...);
 #   5. a bf16 pretrain of the 125m preset on one GPU, printing its tokens/s and MFU;
-#   6. the serving engine and server on the GPU with their tokens/s (benchmarks/serve_bench.py --gpu);
+#   6. serving SmolLM2 on the GPU in bf16: transformers, vLLM offline and Ember's server on vLLM, tokens/s and the
+#      ratios (benchmarks/serve_bench.py --gpu);
 #   7. benchmarks/train_bench.py --gpu (Ember against a plain PyTorch loop, MFU).
 # Each step's output goes to the log; its last lines and its exit status to the summary. With $OUT set, both are
 # written there (gpu_check.txt, gpu_check.log). On a machine without CUDA it says so and exits 2.
@@ -74,7 +75,7 @@ assert rows, 'no metrics past the first interval'
 print(f\"125m bf16, 1 GPU: {sum(r['tokens_per_s'] for r in rows) / len(rows):,.0f} tokens/s, MFU \"
       f\"{sum(r.get('mfu', 0) for r in rows) / len(rows):.1%} (mean of steps {rows[0]['step']}-{rows[-1]['step']})\")
 "
-TAIL=8 step "serving on the GPU" "$PY" benchmarks/serve_bench.py --gpu --requests 32 --new-tokens 64
+TAIL=9 step "serving on the GPU" "$PY" benchmarks/serve_bench.py --gpu --requests 32 --new-tokens 64
 TAIL=8 step "train_bench --gpu" "$PY" benchmarks/train_bench.py --gpu
 finish "gpu_check: $failed of $ran steps failed"
 [ "$failed" -eq 0 ]

@@ -94,6 +94,8 @@ def _vllm_offline(model_dir, prompts, new_tokens, gpu, out):
 
     kwargs = {"dtype": "bfloat16"} if gpu else {"dtype": "float32", "enforce_eager": True,
                                                 "kv_cache_memory_bytes": 1 << 30}
+    if not gpu:  # every core computes, as in Ember's CPU replicas (ember.serve.app.llm_config)
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     llm = LLM(model=str(model_dir), max_model_len=2048, max_num_seqs=len(prompts), load_format="safetensors",
               **kwargs)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -253,7 +255,9 @@ def main() -> int:
 
     port = 8765
     ray.init(num_cpus=os.cpu_count(), num_gpus=1 if args.gpu else 0, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Serve's access log and INFO lines off, as `ember serve --quiet` has them: a line per request costs CPU here.
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
     base = deploy(args, port)
     bench_server(base, prompts[:4], args.new_tokens, 1, show=False)  # warm-up
     rates = {c: bench_server(base, prompts, args.new_tokens, c) for c in (1, 8)}

@@ -89,6 +89,8 @@ class ServeArgs(SpecModel):
                                                                             "quantization, "
                                                                             "speculative_config); unknown "
                                                                             "names are refused.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (vLLM's "
+                                                                       "VLLM_* settings, HF_HOME, NCCL_*, ...).")
     api_keys_env: Optional[str] = Field("EMBER_API_KEYS", description="Environment variable with comma-separated API "
                                                                       "keys; when set, requests need one as Bearer "
                                                                       "(read where build_app runs, and on each "
@@ -189,6 +191,11 @@ def llm_config(args: ServeArgs, facts: dict):
         raise EmberError(f"engine_kwargs: {', '.join(clash)} set by other keys of the serve args; set them there")
     engine.update(args.engine_kwargs)
     bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.num_gpus)] if gpu else [{"CPU": args.num_cpus}]
+    env = dict(args.env_vars)
+    if not gpu:
+        # vLLM's CPU backend keeps a core for its scheduler and binds its compute threads to the others: on a small
+        # node that is half the compute (on 2 cores, serving SmolLM2 at 32 concurrent went from 150 to 205 tok/s).
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     config = LLMConfig(
         model_loading_config={"model_id": facts["name"], "model_source": args.model_dir},
         engine_kwargs=engine, accelerator_type=args.accelerator_type,
@@ -196,7 +203,7 @@ def llm_config(args: ServeArgs, facts: dict):
         deployment_config=_engine_deployment(args),
         lora_config=LoraConfig(max_num_adapters_per_replica=args.max_adapters)
         if args.adapters or args.adapter_prefix else None,
-        log_engine_metrics=True)
+        runtime_env={"env_vars": env} if env else None, log_engine_metrics=True)
     try:
         config.get_engine_config()
     except ValueError as exc:

@@ -287,7 +287,8 @@ class CompletionResponse(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
+    role: Literal["assistant", "user", "system"] = Field(description="assistant; with add_generation_prompt false, "
+                                                                     "the role of the message it continues (vLLM).")
     content: str
 
 
