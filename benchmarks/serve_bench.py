@@ -90,6 +90,7 @@ def bench_transformers(model_dir, prompts, new_tokens, device, dtype):
 
 def _vllm_offline(model_dir, prompts, new_tokens, gpu, out):
     """(b) in a spawned process (vLLM's engine holds memory and threads that the server must not share)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM, SamplingParams
 
     kwargs = {"dtype": "bfloat16"} if gpu else {"dtype": "float32", "enforce_eager": True,

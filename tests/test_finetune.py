@@ -108,7 +108,7 @@ def qwen_base(tmp_path_factory) -> Path:
     hf_tok.chat_template = (Path(__file__).parent / "templates" / "qwen2.5.jinja").read_text()
     hf_tok.save_pretrained(str(root))
     eos = tok.token_to_id("<|im_end|>")
-    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos,
                       bos_token_id=None, tie_word_embeddings=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})

@@ -120,8 +120,10 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
     http, apps, proxy_location = _deployment(target, host, port)
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
-    built = _build_apps(apps, http, args)
+    # Ray first: building a ray.serve.llm deployment reads the job's runtime env, which would otherwise start a
+    # local Ray instance of its own (and an app on it that dies with this process, --detach or not).
     ensure_ray(address)
+    built = _build_apps(apps, http, args)
     _deploy(built, http, proxy_location, quiet)
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     base = f"http://{shown}:{http['port']}"
