@@ -10,7 +10,6 @@ latest figures (`ember.serve.stats`) and the requests in flight.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 from ray import serve
@@ -19,9 +18,6 @@ from ray.serve.llm import LLMServer
 from ember import storage
 from ember.errors import EmberError
 from ember.model.hf import local_model_dir
-
-log = logging.getLogger("ember")
-
 
 class EmberLLMServer(LLMServer):
     """One vLLM engine; `model_dir` and `adapters` are Ember paths or URIs (see the module docstring)."""
