@@ -19,6 +19,7 @@ from ember import storage
 from ember.errors import EmberError
 from ember.model.hf import local_model_dir
 
+
 class EmberLLMServer(LLMServer):
     """One vLLM engine; `model_dir` and `adapters` are Ember paths or URIs (see the module docstring)."""
 
