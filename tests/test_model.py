@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import get_args
 
 import pytest
@@ -495,3 +496,14 @@ def test_building_the_125m_preset_for_a_bf16_run_takes_less_host_memory():
           f"ratio {built / eager:.2f}")
     assert eager > 0.9 * params_kib  # the eager build did hold the fp32 weights
     assert built / eager < 0.85
+
+
+def test_a_weight_index_entry_outside_the_model_dir_is_refused(tmp_path):
+    """`model.safetensors.index.json` naming `../x.safetensors` would load weights from outside the model dir."""
+    from ember.model.hf import INDEX, _weight_files
+
+    (tmp_path / "m").mkdir()
+    for bad in ("../x.safetensors", "/etc/x.safetensors", "a/../../x.safetensors"):
+        (tmp_path / "m" / INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": bad}}))
+        with pytest.raises(EmberError, match=rf"{INDEX}: refusing '{re.escape(bad)}': not a plain relative path"):
+            _weight_files(tmp_path / "m")

@@ -1,5 +1,8 @@
 """The shard format's writer (atomic, rolling) and the reader training uses (deterministic, sliced, resumable)."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -109,3 +112,16 @@ def test_reader_errors_name_the_problem(tmp_path):
         ShardReader(tmp_path, "test")
     with pytest.raises(EmberError, match="rank 2 is outside world size 2"):
         ShardReader(tmp_path, rank=2, world_size=2)
+
+
+def test_a_manifest_shard_name_outside_the_split_is_refused(tmp_path):
+    """A manifest naming `../../x.arrow` (or an absolute path) would read a file outside the dataset."""
+    make_dataset(tmp_path / "data", 50)
+    outside = tmp_path / "outside.arrow"
+    (tmp_path / "data" / "train" / "u000000-000.arrow").rename(outside)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    for bad in ("../../outside.arrow", str(outside)):
+        manifest["splits"]["train"]["shards"][0]["file"] = bad
+        (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(EmberError, match=rf"manifest.json: refusing '{re.escape(bad)}': not a plain relative path"):
+            ShardReader(tmp_path / "data")

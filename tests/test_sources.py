@@ -180,6 +180,23 @@ def test_truncated_compressed_file_is_reported_by_name_and_earlier_documents_kep
         read_all([path], strict=True)
 
 
+def test_a_decompression_bomb_is_skipped_with_a_reason_and_the_other_files_read(tmp_path, monkeypatch):
+    from ember.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 4 << 20)  # the cap, small here: the mechanism is the same
+    doc = b"a" * (16 << 20)  # 16 MiB of one byte: a few kB compressed
+    (tmp_path / "bomb.txt.gz").write_bytes(gzip.compress(doc, 1))
+    (tmp_path / "bomb.jsonl.zst").write_bytes(COMPRESS["zst"](b'{"text": "' + doc + b'"}\n'))
+    (tmp_path / "lines.txt.bz2").write_bytes(bz2.compress(b"a\n" * (4 << 20)))  # one paragraph of 8 MiB
+    (tmp_path / "ok.jsonl").write_bytes(jsonl([{"text": "still read"}]))
+    files = [tmp_path / n for n in ("bomb.txt.gz", "bomb.jsonl.zst", "ok.jsonl")]
+    docs, skips, _ = read_all(files)
+    assert docs == ["still read"] and skips.skipped == {"too_large": 2}
+    assert skips.examples[0].startswith(f"{files[0]}: a document of more than 4 MiB")
+    docs, skips, _ = read_all([tmp_path / "lines.txt.bz2", tmp_path / "ok.jsonl"], text_unit="paragraph")
+    assert docs == ["still read"] and skips.skipped == {"too_large": 1}
+
+
 def test_missing_and_unreadable_inputs_fail_naming_the_path(tmp_path):
     with pytest.raises(EmberError, match=rf"input not found: {tmp_path / 'nope.txt'}"):
         resolve_inputs(SourceSpec(inputs=[str(tmp_path / "nope.txt")]))

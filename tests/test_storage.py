@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 
 import pytest
 
@@ -110,6 +111,107 @@ def test_the_node_cache_downloads_once_per_node_and_refetches_a_corrupted_copy(t
     with pytest.raises(EmberError, match=r"u000000-000.arrow: the object holds 1000000 bytes .* changed after it "
                                          r"was published"):
         storage.NodeCache(tmp_path / "other-cache").fetch(uri, size=size, sha256="0" * 64)
+
+
+def test_a_cached_copy_is_hashed_again_on_a_process_first_use(tmp_path, s3_server):
+    """A copy whose bytes were changed with its size and modification time kept passes a stat check; a new process
+    that knows the SHA-256 hashes it before trusting it."""
+    import hashlib
+
+    uri = bucket_uri(s3_server, f"rehash-{tmp_path.name}/u.arrow")
+    data = b"shard" * 200_000
+    storage.write_bytes(uri, data)
+    size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+    path = storage.NodeCache(tmp_path / "cache").fetch(uri, size=size, sha256=sha256).path
+    st = path.stat()
+    path.write_bytes(b"X" + data[1:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime as the record holds
+    results = multiprocessing.get_context("spawn").Queue()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_fetch_in_process, args=(str(tmp_path / "cache"), uri, size, sha256, results))
+    proc.start()
+    proc.join(60)
+    _, downloaded, intact = results.get(timeout=5)
+    assert downloaded and intact
+
+
+def test_object_keys_that_leave_their_dir_are_refused_and_nothing_is_written(tmp_path, s3_server):
+    """`m//abs/path` lists as an absolute path and `m/a/../../x` climbs out: the model dir fails naming the key,
+    and neither the file it aimed at nor any view is written."""
+    _, _, client = s3_server
+    victim = tmp_path / "victim"
+    victim.write_text("original")
+    for prefix, evil in ((f"keys-{tmp_path.name}/abs", f"/{str(victim).lstrip('/')}"),
+                         (f"keys-{tmp_path.name}/up", "a/../../victim")):
+        client.put_object(Bucket="ember-corpus", Key=f"{prefix}/config.json", Body=b"{}")
+        client.put_object(Bucket="ember-corpus", Key=f"{prefix}/{evil}", Body=b"evil")
+        client.put_object(Bucket="ember-corpus", Key=f"{prefix}/{evil.lstrip('/')}", Body=b"evil")
+        cache = storage.NodeCache(tmp_path / "cache")
+        with pytest.raises(EmberError, match=rf"{prefix}: refusing '{re.escape(evil)}': not a plain relative path"):
+            cache.fetch_dir(bucket_uri(s3_server, prefix))
+        assert victim.read_text() == "original"
+        assert not (tmp_path / "cache" / "dirs").exists() or not any((tmp_path / "cache" / "dirs").rglob("config.json"))
+    for bad in ("/etc/passwd", "../x", "a//b", "a/./b", "", "a\\b"):
+        with pytest.raises(EmberError, match="not a plain relative path"):
+            storage.relative_key(bad, "manifest.json")
+    assert storage.relative_key("train/u-000.arrow", "manifest.json") == "train/u-000.arrow"
+
+
+def test_a_reexported_model_dir_is_seen_whole_without_the_old_files(tmp_path, s3_server):
+    """Same URI, same sizes, other bytes, one file fewer: the cache fetches the new objects (their listed
+    modification time changed) and the new view lacks the file the new export lacks."""
+    import time
+
+    uri = bucket_uri(s3_server, f"reexport-{tmp_path.name}/model")
+    first = {"config.json": b'{"v": 1}', "model.safetensors": b"1" * 100, "model.safetensors.index.json": b"{}"}
+    for rel, data in first.items():
+        storage.write_bytes(storage.join(uri, rel), data)
+    cache = storage.NodeCache(tmp_path / "cache")
+    old = cache.fetch_dir(uri)
+    assert (old / "model.safetensors").read_bytes() == b"1" * 100
+    time.sleep(1.1)  # the store lists modification times in whole seconds
+    storage.delete(storage.join(uri, "model.safetensors.index.json"))
+    storage.write_bytes(storage.join(uri, "model.safetensors"), b"2" * 100)
+    storage.write_bytes(storage.join(uri, "config.json"), b'{"v": 2}')
+    new = cache.fetch_dir(uri)
+    assert sorted(p.name for p in new.iterdir()) == ["config.json", "model.safetensors"]
+    assert (new / "model.safetensors").read_bytes() == b"2" * 100 and (new / "config.json").read_bytes() == b'{"v": 2}'
+    assert (old / "model.safetensors").read_bytes() == b"1" * 100  # a process that opened v1 keeps what it opened
+
+
+def test_the_default_cache_is_this_user_s_own_private_dir(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.delenv(storage.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cache = storage.NodeCache()
+    assert cache.directory == tmp_path / f"ember-cache-{os.getuid()}"
+    assert cache.directory.stat().st_mode & 0o777 == 0o700
+    cache.directory.chmod(0o777)  # a dir others may write: refused, naming it
+    with pytest.raises(EmberError, match=rf"{cache.directory} belongs to uid {os.getuid()} with mode 777; .* private"):
+        storage.NodeCache()
+    if os.getuid() == 0:  # another user's dir (root can make one here)
+        cache.directory.chmod(0o700)
+        os.chown(cache.directory, 12345, 12345)
+        with pytest.raises(EmberError, match=r"belongs to uid 12345"):
+            storage.NodeCache()
+
+
+def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """Eight threads publish the same file at once: no write fails and the file is always one writer's whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "result.json"
+    payloads = [bytes([65 + i]) * (1 << 16) for i in range(8)]
+
+    def write(i):
+        for _ in range(20):
+            storage.write_bytes(target, payloads[i])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left
 
 
 def test_the_node_cache_keeps_to_its_budget_evicting_the_least_recently_used(tmp_path, s3_server):
@@ -302,3 +404,15 @@ def test_transient_errors_are_retried_and_a_store_that_keeps_failing_is_named(s3
     finally:
         flaky.server.shutdown()
         failing.server.shutdown()
+
+
+def test_a_torn_last_line_of_the_metrics_does_not_stop_a_resume(tmp_path):
+    """A crash mid-append leaves half a row at the end of metrics.jsonl: the resume drops it (it is past the
+    restored step) and goes on."""
+    from ember.train.trainer import MetricsLog
+
+    rows = "".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "lo')
+    log = MetricsLog(str(tmp_path), resumed_step=3)
+    assert [r["step"] for r in log.rows] == [1, 2, 3]
+    assert (tmp_path / "metrics.jsonl").read_text() == rows

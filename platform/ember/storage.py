@@ -6,15 +6,19 @@ A **location** is a local path or a URI that pyarrow opens (``s3://bucket/prefix
 (`join`). Credentials come from the usual AWS environment variables or the instance profile; a URI may also carry
 them, so `display` (what every message shows) drops the query.
 
-**Writes publish whole objects.** `write_bytes` writes a local file under a temporary name and renames it; an object
+**Writes publish whole objects.** `write_bytes` writes a local file under a unique temporary name, flushes it to disk
+and renames it (a crash leaves the old file or the new one); an object
 store has no rename, but an object appears only once its upload is complete, so a reader sees all of it or none. An
 output made of many objects (a dataset, a run, a model dir) is complete when its marker exists (a manifest, a stamp,
 `config.json`): writers write the marker last.
 
 **Reads of object storage go through the node cache** (`NodeCache`): one download per node, however many processes
-on the node ask for it (they wait on a file lock), checked against the size and SHA-256 its writer recorded, and
-verified again whenever the cached file changed on disk. The cache lives in `EMBER_CACHE_DIR` (default: the node's
-temp dir) and keeps at most `EMBER_CACHE_BYTES` (default 20 GiB), evicting the least recently used files first.
+on the node ask for it (they wait on a file lock), checked against the size and SHA-256 its writer recorded (hashed
+again on a process's first use, and whenever the cached file changed on disk) and the modification time the store
+lists (a rewritten object is fetched again). The cache lives in `EMBER_CACHE_DIR` (default: `ember-cache-UID` in the
+node's temp dir, private to its user: 0700, checked) and keeps at most `EMBER_CACHE_BYTES` (default 20 GiB), evicting
+the least recently used files first. Every path taken from a listing or a manifest is checked (`relative_key`) before
+anything is written: an object key cannot reach outside the directory it is copied into.
 
 Errors from the store (an unreachable endpoint, a missing bucket, refused credentials) become one `EmberError` that
 names the location and what to do (`storage_error`). Transient failures are retried with backoff by pyarrow's S3
@@ -101,6 +105,28 @@ def name(location: str | os.PathLike) -> str:
 def display(location: str | os.PathLike) -> str:
     """The location as messages show it: a URI without its query (which may carry credentials)."""
     return _split(str(location))[0] if is_uri(location) else str(location)
+
+
+def relative_key(rel: str, where: str | os.PathLike) -> str:
+    """`rel` if it is a plain relative POSIX path (no leading '/', no empty, '.' or '..' segment, no NUL or
+    backslash), so that joined onto a directory it stays inside it; else an EmberError naming it and `where` (the
+    listing or manifest it came from). Every path taken from a listing or a manifest goes through here: an object key
+    such as `m//etc/x` or `m/../x` must not reach outside the directory it is copied into."""
+    parts = rel.split("/")
+    if not rel or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise EmberError(f"{display(where)}: refusing {rel!r}: not a plain relative path inside it (an absolute "
+                         "path, an empty, '.' or '..' segment, or a backslash); nothing was written for it")
+    return rel
+
+
+def _at(location: str, path: str) -> str:
+    """The location of `path` (a path as `location`'s store lists it) on `location`'s store, with its query."""
+    if not is_uri(location):
+        return path
+    base, query = _split(location)
+    parts = urlsplit(base)
+    netloc = "" if parts.scheme in ("s3", "gs", "gcs") else parts.netloc
+    return f"{parts.scheme}://{netloc}{path}{query}"
 
 
 # ----------------------------------------------------------------- file systems
@@ -303,11 +329,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Publishes `data` whole: a local file under a temporary name, then renamed (creating the parent directory);
     an object in one upload."""
     if not is_uri(location):
-        path = Path(normalize(location))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _publish_local(Path(normalize(location)), lambda f: f.write(data))
         return
     fs, path = resolve(location)
 
@@ -329,22 +351,62 @@ def write_json(location: str | os.PathLike, data) -> None:
 def put_file(local: str | os.PathLike, location: str | os.PathLike) -> None:
     """Publishes a local file at `location` (a local path: a copy renamed into place)."""
     if not is_uri(location):
-        target = Path(normalize(location))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{target.name}")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
+        def copy(dst):
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, dst, 8 << 20)
+
+        _publish_local(Path(normalize(location)), copy)
         return
     fs, path = resolve(location)
     _store_call(location, "write", pafs.copy_files, str(local), path, pafs.LocalFileSystem(), fs)
 
 
+def _publish_local(target: Path, fill) -> None:
+    """Writes a local file whole or not at all: `fill(f)` writes into a temporary file of a unique name beside
+    `target` (two writers never share one), which is flushed to disk, renamed over `target`, and the rename itself
+    flushed (the directory), so a crash leaves the old file or the new one, never a torn one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def list_files(location: str | os.PathLike, recursive: bool = True) -> list[tuple[str, int]]:
-    """(path relative to `location`, size) of every file under it, sorted; [] when there is none."""
+    """(path relative to `location`, size) of every file under it, sorted; [] when there is none. A listed key
+    that is not a plain relative path under `location` (`relative_key`) is an error."""
+    return sorted((rel, i.size) for rel, i in _files(location, recursive))
+
+
+def _files(location: str | os.PathLike, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
+    """(checked relative path, the store's entry) of every file under `location`."""
     base, infos = _listing(location, recursive)
     prefix = base.rstrip("/") + "/"
-    return sorted((i.path[len(prefix):] if i.path.startswith(prefix) else i.path, i.size)
-                  for i in infos if i.type == pafs.FileType.File)
+    return [(relative_key(i.path[len(prefix):] if i.path.startswith(prefix) else i.path, location), i)
+            for i in infos if i.type == pafs.FileType.File]
 
 
 def file_stats(location: str | os.PathLike, prefix: str = "", contains: str = "") -> list[tuple[str, int, int]]:
@@ -377,9 +439,10 @@ def delete_tree(location: str | os.PathLike) -> None:
     if not is_uri(location):
         shutil.rmtree(normalize(location), ignore_errors=True)
         return
-    fs, path = resolve(location)
-    for rel, _ in list_files(location):
-        _store_call(location, "delete", fs.delete_file, f"{path}/{rel}")
+    fs, _ = resolve(location)
+    for entry in _listing(location, recursive=True)[1]:  # the exact keys listed, whatever their form
+        if entry.type == pafs.FileType.File:
+            _store_call(location, "delete", fs.delete_file, entry.path)
 
 
 def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike, marker: str | None = None) -> None:
@@ -401,7 +464,19 @@ def make_dirs(location: str | os.PathLike) -> None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "ember-cache")
+    """`EMBER_CACHE_DIR`, or this user's own dir in the node's temp dir (`ember-cache-UID`)."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / f"ember-cache-{os.getuid()}")
+
+
+def _private_dir(directory: Path) -> None:
+    """Creates `directory` (mode 0700), or checks that the one there is this user's and no one else's: a cache
+    another user can write could hand this one a file of their choosing."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = directory.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise EmberError(f"the node cache {directory} belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}; "
+                         f"it must be this user's (uid {os.getuid()}) and private (0700): fix it, or set "
+                         f"{CACHE_DIR_ENV} to a dir of your own")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -421,6 +496,9 @@ class Cached:
     downloaded: bool
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (entry, size, mtime) whose bytes this process has hashed
+
+
 class NodeCache:
     """Node-local copies of remote files (see the module docstring). Safe for many processes on one node."""
 
@@ -428,48 +506,54 @@ class NodeCache:
         self.directory = Path(directory) if directory else cache_dir()
         self.budget = budget_bytes if budget_bytes is not None else \
             int(os.environ.get(CACHE_BYTES_ENV) or DEFAULT_CACHE_BYTES)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.directory)
 
     def _entry(self, location: str) -> Path:
         # The key hashes the whole URI: the endpoint tells stores apart; the query may hold credentials.
         key = hashlib.sha256(normalize(location).encode()).hexdigest()[:40]
         return self.directory / "files" / key[:2] / f"{key}-{name(location)}"
 
-    def fetch(self, location: str | os.PathLike, size: int | None = None, sha256: str | None = None) -> Cached:
+    def fetch(self, location: str | os.PathLike, size: int | None = None, sha256: str | None = None,
+              version: int | None = None) -> Cached:
         """A local copy of a remote file, downloaded once per node and checked against `size` and `sha256` (when
-        given: a writer's record). A cached copy that changed on disk since it was checked is checked again and
-        fetched anew when it no longer matches."""
+        given: a writer's record). `version` (the modification time the store lists) tells a rewritten object from
+        the one cached, whatever its size. A cached copy is hashed again the first time a process uses it when a
+        `sha256` is known, and whenever it changed on disk since it was checked; one that no longer matches is
+        fetched anew."""
         from filelock import FileLock
 
         location = normalize(location)
         entry = self._entry(location)
         entry.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):
-            if self._still_good(entry, size, sha256):
+            if self._still_good(entry, size, sha256, version):
                 os.utime(entry.with_name(entry.name + ".json"))  # recently used: last to be evicted
                 return Cached(entry, False)
-            self._download(location, entry, size, sha256)
+            self._download(location, entry, size, sha256, version)
         self._evict(keep=entry)
         return Cached(entry, True)
 
-    def _still_good(self, entry: Path, size: int | None, sha256: str | None) -> bool:
+    def _still_good(self, entry: Path, size: int | None, sha256: str | None, version: int | None) -> bool:
         record_path = entry.with_name(entry.name + ".json")
         try:
             record, st = json.loads(record_path.read_text()), entry.stat()
         except (OSError, ValueError):
             return False
-        if (size is not None and st.st_size != size) or (sha256 is not None and record.get("sha256") != sha256):
+        if (size is not None and st.st_size != size) or (sha256 is not None and record.get("sha256") != sha256) \
+                or (version is not None and record.get("version") != version):
             return False
-        if [st.st_size, st.st_mtime_ns] == record.get("stat"):
+        seen = (str(entry), st.st_size, st.st_mtime_ns)
+        if [st.st_size, st.st_mtime_ns] == record.get("stat") and (sha256 is None or seen in _VERIFIED):
             return True
-        actual = file_sha256(entry)  # changed on disk since it was checked: check its bytes again
-        if actual != record.get("sha256"):
+        if file_sha256(entry) != record.get("sha256"):  # changed on disk, or first use here: check its bytes
             return False
+        _VERIFIED.add(seen)
         record["stat"] = [st.st_size, st.st_mtime_ns]
         record_path.write_text(json.dumps(record))
         return True
 
-    def _download(self, location: str, entry: Path, size: int | None, sha256: str | None) -> None:
+    def _download(self, location: str, entry: Path, size: int | None, sha256: str | None,
+                  version: int | None) -> None:
         fs, path = resolve(location)
         tmp = entry.with_name(f".tmp-{os.getpid()}-{entry.name}")
         h, n = hashlib.sha256(), 0
@@ -491,9 +575,10 @@ class NodeCache:
         finally:
             tmp.unlink(missing_ok=True)
         st = entry.stat()
+        _VERIFIED.add((str(entry), st.st_size, st.st_mtime_ns))
         entry.with_name(entry.name + ".json").write_text(json.dumps({
             "location": display(location), "sha256": h.hexdigest(), "stat": [st.st_size, st.st_mtime_ns],
-            "fetched": time.time()}))
+            "version": version, "fetched": time.time()}))
 
     def _evict(self, keep: Path) -> None:
         """Removes the least recently used files until the cache fits its budget (files in use by another process
@@ -521,23 +606,48 @@ class NodeCache:
                 continue
 
     def fetch_dir(self, location: str | os.PathLike) -> Path:
-        """A local copy of a remote directory of small files (a model dir), each file fetched through the cache and
-        linked into one directory per location; checked against the sizes the store lists."""
+        """A local copy of a remote directory of small files (a model dir): every listed key checked first
+        (`relative_key`; one that is not a plain relative path fails the whole dir before anything is written),
+        each exact key fetched through the cache (checked against its listed size and modification time), and
+        linked into a view of its own for this listing, so a re-export is seen whole, without files of the one
+        before."""
         location = normalize(location)
-        files = list_files(location)
+        files = _files(location)
         if not files:
             raise FileNotFoundError(display(location))
-        key = hashlib.sha256(location.encode()).hexdigest()[:40]
-        view = self.directory / "dirs" / f"{key}-{name(location)}"
-        for rel, size in files:
-            cached = self.fetch(join(location, rel), size=size)
-            target = view / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-            tmp.unlink(missing_ok=True)
-            os.link(cached.path, tmp)
-            os.replace(tmp, target)
+        listing = sorted((rel, i.size, i.mtime_ns or 0) for rel, i in files)
+        place = self.directory / "dirs" / hashlib.sha256(location.encode()).hexdigest()[:40]
+        view = place / f"{hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}-{name(location)}"
+        if view.is_dir():
+            os.utime(view)  # in use: not an old view (`_drop_old_views`)
+            return view
+        place.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=place))
+        try:
+            for rel, entry in files:
+                cached = self.fetch(_at(location, entry.path), size=entry.size, version=entry.mtime_ns)
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.link(cached.path, staging / rel)
+            try:
+                os.rename(staging, view)
+            except OSError:  # another process of the node published the same view first
+                if not view.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._drop_old_views(place, keep=view)
         return view
+
+    @staticmethod
+    def _drop_old_views(place: Path, keep: Path, age_s: float = 3600) -> None:
+        """Removes the views of earlier listings of a location not used for `age_s` (their files stay in the
+        cache; a process that opened them keeps what it opened)."""
+        for old in place.iterdir():
+            try:
+                if old != keep and not old.name.startswith(".tmp-") and time.time() - old.stat().st_mtime > age_s:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                continue
 
 
 def local_dir(location: str | os.PathLike) -> Path:

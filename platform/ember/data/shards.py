@@ -187,7 +187,8 @@ class ShardReader:
         self.extra_columns: list[str] | None = None  # loss_mask and segments in fine-tuning datasets
         start = 0
         for shard in self.manifest["splits"][split]["shards"]:
-            path = self._local(storage.join(self.dataset_dir, split, shard["file"]), shard)
+            rel = storage.relative_key(str(shard["file"]), storage.join(self.dataset_dir, "manifest.json"))
+            path = self._local(storage.join(self.dataset_dir, split, rel), shard)
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             extra = [c for c in EXTRA_COLUMNS if c in table.column_names]
             if self.extra_columns is None:

@@ -44,6 +44,8 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("python-docs", "python-qa", "python-qa:test")
 MAX_EXAMPLES = 5  # bad-record locations kept per reason kind, per unit and in the final summary
+MAX_DOCUMENT_BYTES = 256 << 20  # one document (line, paragraph or whole file) past this is skipped: a corrupt file or
+# a decompression bomb, which would otherwise take the worker's memory
 _READ_CHUNK = 1 << 20
 
 
@@ -306,6 +308,15 @@ class _Truncated(Exception):
     """A compressed stream ended early or is corrupt."""
 
 
+class _TooLarge(Exception):
+    """One document holds more than MAX_DOCUMENT_BYTES."""
+
+
+def _capped(size: int) -> None:
+    if size > MAX_DOCUMENT_BYTES:
+        raise _TooLarge(f"a document of more than {MAX_DOCUMENT_BYTES >> 20} MiB")
+
+
 class _ZstdReader:
     """Streams zstd frames, raising _Truncated when the input ends inside a frame (zstandard's own stream reader
     returns a silent short read there)."""
@@ -358,6 +369,16 @@ def _read_checked(stream, n: int) -> bytes:
         raise _Truncated(str(exc) or type(exc).__name__) from None
 
 
+def _read_whole(stream) -> bytes:
+    """All of a (decompressed) stream, as one document: at most MAX_DOCUMENT_BYTES."""
+    chunks, size = [], 0
+    while data := _read_checked(stream, _READ_CHUNK):
+        size += len(data)
+        _capped(size)
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def _lines(stream, start: int, end: int) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line without newline) for lines that start in [start, end); end=-1: to the end."""
     pos = 0
@@ -375,7 +396,9 @@ def _lines(stream, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         buf += data
         parts = buf.split(b"\n")
         buf = parts.pop()
+        _capped(len(buf))
         for line in parts:
+            _capped(len(line))
             if skip_first:
                 skip_first = False
             elif end >= 0 and pos >= end:
@@ -478,6 +501,9 @@ class RecordReader:
                 except _Truncated as exc:
                     self.skips.skip("truncated", seg.name, f"compressed file is truncated or corrupt ({exc}); "
                                     "records before this point were kept")
+                except _TooLarge as exc:
+                    self.skips.skip("too_large", seg.name, f"{exc} (a corrupt file or a decompression bomb); the "
+                                    "rest of the file was skipped, records before this point were kept")
 
     def _builtin(self, seg: Segment) -> Iterator[tuple[object, Location]]:
         corpus, _, split = seg.path.partition(":")
@@ -489,13 +515,7 @@ class RecordReader:
                 yield {"prompt": rec["prompt"], "response": rec["response"]}, Location(seg, rec["where"])
 
     def _whole_text(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
-        chunks = []
-        while True:
-            data = _read_checked(stream, _READ_CHUNK)
-            if not data:
-                break
-            chunks.append(data)
-        data = b"".join(chunks)
+        data = _read_whole(stream)
         if not data:
             self.skips.skip("empty_file", seg.name, "empty file")
             return
@@ -529,6 +549,7 @@ class RecordReader:
                 if seg.end >= 0 and pos >= seg.end:
                     return
                 first_line, first_pos = n, pos
+            _capped(pos - first_pos)
             lines.append(line.rstrip(b"\r"))
         if lines:
             yield from self._text_doc(seg, b"\n".join(lines), partial(where, first_pos, first_line))
@@ -543,7 +564,7 @@ class RecordReader:
     def _jsonl(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
         if _strip_compression(seg.path).endswith(".json"):
             # .json holds either one JSON array or JSON Lines; it is never split, so read it whole and look.
-            data = b"".join(iter(lambda: _read_checked(stream, _READ_CHUNK), b""))
+            data = _read_whole(stream)
             if data.lstrip()[:1] == b"[":
                 yield from self._json_array(seg, data)
                 return

@@ -195,7 +195,8 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> safetensors file holding it."""
     if (model_dir / INDEX).is_file():
         index = read_json(model_dir / INDEX)
-        return {name: model_dir / file for name, file in index.get("weight_map", {}).items()}
+        return {name: model_dir / storage.relative_key(str(file), model_dir / INDEX)
+                for name, file in index.get("weight_map", {}).items()}
     if (model_dir / WEIGHTS).is_file():
         with safe_open(model_dir / WEIGHTS, framework="pt") as f:
             return {name: model_dir / WEIGHTS for name in f.keys()}

@@ -119,10 +119,18 @@ def _peak_flops(use_gpu: bool, precision: str) -> float | None:
 
 
 def _jsonl(location: str) -> list[dict]:
+    """The rows of a JSON Lines file; a torn last line (a write cut short by a crash) is left out, as the rows
+    after a restored step are."""
     try:
-        return [json.loads(line) for line in storage.read_text(location).splitlines() if line.strip()]
+        text = storage.read_text(location)
     except FileNotFoundError:
         return []
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        return rows + [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        return rows
 
 
 def _to_jsonl(rows: list[dict]) -> str:
