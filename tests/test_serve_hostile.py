@@ -23,6 +23,11 @@ def body(**fields) -> bytes:
     return json.dumps({"model": "tiny", "prompt": "the fox", "max_tokens": 4, **fields}).encode()
 
 
+def chat(**fields) -> bytes:
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                       **fields}).encode()
+
+
 def raw(text: str) -> bytes:
     """A body as written, with what Python's JSON parser accepts beyond the standard (NaN, Infinity)."""
     return text.encode("utf-8", "surrogatepass")
@@ -84,6 +89,23 @@ HOSTILE = [
     ("template-kwargs-bad-name", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", "content": '
                                                          '"hi"}], "chat_template_kwargs": {"a-b": true}}'),
      400, "chat_template_kwargs.a-b", "should match pattern"),
+    ("template-kwargs-self", "chat/completions", chat(chat_template_kwargs={"self": True}), 400,
+     "chat_template_kwargs", "sets self, which the server sets"),
+    ("template-kwargs-continue", "chat/completions", chat(chat_template_kwargs={"continue_final_message": True}),
+     400, "chat_template_kwargs", "sets continue_final_message, which the server sets"),
+    ("template-kwargs-sanitize", "chat/completions", chat(chat_template_kwargs={"sanitize_control_tokens": False}),
+     400, "chat_template_kwargs", "sets sanitize_control_tokens, which the server sets"),
+    ("template-kwargs-jinja-global", "chat/completions", chat(chat_template_kwargs={"raise_exception": "x",
+                                                                                    "namespace": 1}),
+     400, "chat_template_kwargs", "sets namespace, raise_exception, which the server sets"),
+    ("prompt-over-max-prompt-chars", "completions", body(prompt="the " * (4 * CONTEXT + 1)), 400, "prompt",
+     f"at most {16 * CONTEXT} characters per prompt"),
+    ("one-of-the-prompts-over-max-prompt-chars", "completions", body(prompt=["the fox", "x" * (16 * CONTEXT + 1)]),
+     400, "prompt", f"at most {16 * CONTEXT} characters per prompt"),
+    ("messages-over-max-prompt-chars", "chat/completions",
+     chat(messages=[{"role": "system", "content": "the " * (2 * CONTEXT)},
+                    {"role": "user", "content": "the " * (2 * CONTEXT + 1)}]),
+     400, "messages", f"at most {16 * CONTEXT} characters per prompt"),
     ("continue-and-open-a-turn", "chat/completions", raw('{"model": "tiny", "messages": [{"role": "user", '
                                                          '"content": "hi"}], "continue_final_message": true}'),
      400, "continue_final_message", "add_generation_prompt must be false"),

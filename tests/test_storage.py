@@ -295,10 +295,13 @@ def locked_store():
 
 @pytest.mark.parametrize("who", ["wrong key", "no permission"])
 @pytest.mark.parametrize("doing", ["read", "list", "write"])
-def test_refused_credentials_and_denied_permission_are_told_apart(locked_store, who, doing):
+def test_refused_credentials_and_denied_permission_are_told_apart(locked_store, who, doing, monkeypatch):
     endpoint, key_id, secret = locked_store
     key_id, secret = ("AKIAEMBERWRONGKEY000", "wrong") if who == "wrong key" else (key_id, secret)
-    uri = f"s3://locked/data?endpoint_override={endpoint}&scheme=http&access_key={key_id}&secret_key={secret}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage._filesystem.cache_clear()  # a client with these keys (one per process and URI otherwise)
+    uri = f"s3://locked/data?endpoint_override={endpoint}&scheme=http"
     with pytest.raises(EmberError) as refused:
         {"read": lambda: storage.read_bytes(storage.join(uri, "manifest.json")),
          "list": lambda: storage.list_names(uri),

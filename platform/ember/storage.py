@@ -3,8 +3,9 @@
 A **location** is a local path or a URI that pyarrow opens (``s3://bucket/prefix``, ``gs://bucket/prefix``,
 ``file:///abs/path``). An S3-compatible store's options ride along as the URI's query
 (``s3://bucket/x?endpoint_override=127.0.0.1:9000&scheme=http``) and stay with every location joined under it
-(`join`). Credentials come from the usual AWS environment variables or the instance profile; a URI may also carry
-them, so `display` (what every message shows) drops the query.
+(`join`). Credentials come from the usual AWS environment variables, a profile, or the instance profile, never from
+a URI: a location is written to run dirs, job metadata, trackers and logs, so one that carries a key, a secret or a
+session token is refused (`secret_options`). `display` (what every message shows) drops the query all the same.
 
 **Writes publish whole objects.** `write_bytes` writes a local file under a unique temporary name, flushes it to disk
 and renames it (a crash leaves the old file or the new one); an object
@@ -49,10 +50,13 @@ DEFAULT_CACHE_BYTES = 20 << 30
 RETRY_ATTEMPTS = 5  # per S3 request, with the AWS SDK's exponential backoff between attempts
 RETRY_ATTEMPTS_ENV = "EMBER_S3_RETRY_ATTEMPTS"  # overrides RETRY_ATTEMPTS
 # The query options an s3:// URI may carry (pyarrow's S3FileSystem arguments of the same names).
-S3_OPTIONS = {"endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token", "role_arn",
-              "anonymous", "force_virtual_addressing", "connect_timeout", "request_timeout"}
+S3_OPTIONS = {"endpoint_override", "scheme", "region", "role_arn", "anonymous", "force_virtual_addressing",
+              "connect_timeout", "request_timeout"}
 _FLOAT_OPTIONS, _BOOL_OPTIONS = {"connect_timeout", "request_timeout"}, {"anonymous", "force_virtual_addressing"}
-_SECRET_OPTIONS = {"access_key", "secret_key", "session_token"}  # never shown in a message
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token")  # pyarrow's names; refused in every URI
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment "
+                    "(`ember submit --env NAME` passes one to a job), a profile in ~/.aws, or the node's instance "
+                    "profile")
 
 
 # ----------------------------------------------------------------- locations
@@ -141,6 +145,10 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
     if parts.scheme != "s3":
         return pafs.FileSystem.from_uri(fs_key)[0]
     options = _query_options(parts.query)
+    if secret_options(fs_key):
+        raise EmberError(f"{parts.scheme}://{parts.netloc}: credentials in a URI ({', '.join(secret_options(fs_key))}) "
+                         "are not accepted: a location is written to run dirs, job metadata and logs; "
+                         f"{CREDENTIALS_HELP}")
     unknown = sorted(set(options) - S3_OPTIONS)
     if unknown:
         raise EmberError(f"{parts.scheme}://{parts.netloc}: unknown S3 option(s) {', '.join(unknown)} in the URI "
@@ -170,6 +178,14 @@ def _filesystem(fs_key: str) -> pafs.FileSystem:
         raise EmberError(f"{where}: the S3 client refused the URI's options: {exc}") from None
 
 
+def secret_options(text: str) -> list[str]:
+    """The credential options (`SECRET_OPTIONS`) a URI's query carries, by name; [] for anything else."""
+    if "://" not in text or "?" not in text:
+        return []
+    found = {k.lower() for k, _ in parse_qsl(_split(text)[1].lstrip("?"), keep_blank_values=True)}
+    return [k for k in SECRET_OPTIONS if k in found]
+
+
 def _query_options(query: str) -> dict[str, str]:
     """A URI's `?option=value` pairs. A '+' stays a '+' (as pyarrow reads URIs): secret keys hold them, and form
     decoding would make them spaces."""
@@ -177,9 +193,9 @@ def _query_options(query: str) -> dict[str, str]:
 
 
 def _option_error(where: str, key: str, value: str, why: str) -> EmberError:
-    """A bad `?option=value` of an s3:// URI, its value shown unless it is a credential. A value holding a path is
+    """A bad `?option=value` of an s3:// URI (never a credential: those are refused first). A value holding a path is
     most often a path written after the query (`s3://b/x?scheme=http/data`): said so."""
-    shown = "(hidden)" if key in _SECRET_OPTIONS else repr(value)
+    shown = repr(value)
     hint = "; a URI's path goes before its '?': s3://bucket/path?option=value" \
         if "/" in value.split("://", 1)[-1] else ""
     return EmberError(f"{where}: S3 option {key}={shown} {why}{hint}")
@@ -231,14 +247,14 @@ def storage_error(exc: BaseException, location: str | os.PathLike, doing: str) -
 
 
 def _has_credentials(location: str) -> bool:
-    """Whether this process has AWS credentials for an s3:// location, or may have: in the URI, the environment,
+    """Whether this process has AWS credentials for an s3:// location, or may have: a role in the URI, the environment,
     the shared files, a web identity or container role, or (metadata lookup not disabled) an instance profile.
     Without any, a store's refusal says that, whatever words the store used."""
     if not location.startswith("s3://"):
         return True
     options = _query_options(_split(location)[1])
     env = os.environ
-    if options.get("access_key") or options.get("role_arn") or options.get("anonymous", "").lower() in ("1", "true"):
+    if options.get("role_arn") or options.get("anonymous", "").lower() in ("1", "true"):
         return True
     if any(env.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
                                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")):

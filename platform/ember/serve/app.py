@@ -28,6 +28,7 @@ from ember.serve.protocol import MAX_N
 
 GIB = 1 << 30
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.29's CPU attention backend's
+PROMPT_CHARS_PER_TOKEN = 16  # max_prompt_chars's default per context token: 4 × the context at 4 characters a token
 
 
 class AutoscalingArgs(SpecModel):
@@ -69,6 +70,12 @@ class ServeArgs(SpecModel):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a chat request gives none.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413 (read as a stream and "
                                                               "refused as soon as they pass it).")
+    body_timeout_s: float = Field(30, gt=0, description="Seconds a client has to send its whole request body; a "
+                                                        "slower one gets 408, so a stalled client frees its slot.")
+    max_prompt_chars: Optional[int] = Field(None, ge=1, description="Characters of one prompt at most (each text of "
+                                                                    "a completions request, a chat's messages "
+                                                                    "together), refused with 400 before tokenizing "
+                                                                    "(default: 16 × max_model_len).")
     max_n: int = Field(16, ge=1, le=MAX_N, description="Choices per prompt (`n`) at most.")
     max_choices: int = Field(64, ge=1, description="Choices of one request (prompts × n) at most.")
     max_model_len: Optional[int] = Field(None, ge=2, description="Prompt + output tokens of one request at most "
@@ -80,8 +87,16 @@ class ServeArgs(SpecModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="The share of each GPU's memory vLLM may "
                                                                        "take when kv_cache_memory_gb is null.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes across requests "
-                                                          "(vLLM's automatic prefix caching; cache_salt separates "
-                                                          "tenants).")
+                                                          "(vLLM's automatic prefix caching; see "
+                                                          "prefix_cache_per_key).")
+    prefix_cache_per_key: bool = Field(True, description="Requests share cached prompt blocks only with requests of "
+                                                         "the same API key (a cache_salt derived from the key's "
+                                                         "digest, before the client's own), so cached_tokens and "
+                                                         "timings tell nothing of other keys' prompts.")
+    sanitize_control_tokens: bool = Field(True, description="Special-token text inside a chat message (a turn "
+                                                            "marker, say) is encoded as plain text, so only the chat "
+                                                            "template writes control tokens (transformers' "
+                                                            "sanitize_control_tokens).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="Weights dtype (default: bfloat16 with num_gpus, float32 on CPU).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Further vLLM engine arguments "
@@ -115,6 +130,9 @@ class ServeArgs(SpecModel):
                                                               "e.g. H100).")
     ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica (it only validates and "
                                                            "forwards), so that one small node holds both.")
+    ingress_max_ongoing_requests: int = Field(4096, ge=1, description="Requests one ingress replica holds at once, "
+                                                                      "each from its first byte to its answer's "
+                                                                      "last; beyond it they wait in Serve's proxy.")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -141,6 +159,10 @@ class ServeArgs(SpecModel):
 
     def max_requests(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_num_seqs
+
+    def prompt_chars(self, max_model_len: int) -> int:
+        """Characters of one prompt at most: `max_prompt_chars`, or its default for a context of `max_model_len`."""
+        return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len
 
 
 def model_facts(args: ServeArgs, path: str) -> dict:
@@ -248,6 +270,6 @@ def build_app(args: ServeArgs) -> Application:
     server = build_llm_deployment(llm_config(args, facts), deployment_cls=EmberLLMServer, bind_kwargs={
         "model_dir": given, "adapters": args.adapters, "adapter_prefix": args.adapter_prefix,
         "max_adapters": args.max_adapters})
-    options = {"ray_actor_options": {"num_cpus": args.ingress_num_cpus}, "max_ongoing_requests": 4096,
-               "health_check_period_s": 5}
+    options = {"ray_actor_options": {"num_cpus": args.ingress_num_cpus},
+               "max_ongoing_requests": args.ingress_max_ongoing_requests, "health_check_period_s": 5}
     return EmberIngress.options(**options).bind(server, args.model_dump(), facts)

@@ -4,15 +4,20 @@
 Serve's model multiplexing) with Ember's routes: `GET /v1/models`, `POST /v1/completions`, `POST
 /v1/chat/completions` (streamed as server-sent events with `stream: true`) and `GET /health`. Each body is first
 validated as Ember's typed request (`ember.serve.protocol`: every field bounded, strict types, finite numbers, valid
-Unicode), then handed to vLLM as its own request model; vLLM's answer (or its error, turned into OpenAI's error JSON
-with `param`) goes back as it is. `RequestGuard` (`ember.serve.guard`) enforces API keys and the body limit here,
-where requests arrive, whatever started the app. A client that goes away cancels its engine request: Serve
-cancels the handle call, and vLLM aborts the sequence.
+Unicode, a prompt of at most `max_prompt_chars`), then handed to vLLM as its own request model, with what the server
+decides rather than the client: a prefix-cache salt of the request's API key (`cache_salt`, so keys share no cached
+blocks) and, for chats, `sanitize_control_tokens` (special-token text inside a message is encoded as text). vLLM's
+answer (or its error, turned into OpenAI's error JSON with `param`) goes back as it is; vLLM renders and tokenizes
+prompts in its own threads, off the engine replica's event loop, and this ingress tokenizes nothing.
+`RequestGuard` (`ember.serve.guard`) enforces API keys, the body limit and the body deadline here, where requests
+arrive, whatever started the app. A client that goes away cancels its engine request: Serve cancels the handle call,
+and vLLM aborts the sequence.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -82,23 +87,40 @@ async def proxy_host() -> Optional[str]:
         return None
 
 
-def vllm_request(body: SamplingRequest, chat: bool, default_max_tokens: int):
-    """vLLM's request model for a body Ember's protocol accepted: the fields the client set, greedy as 0."""
+def vllm_request(body: SamplingRequest, chat: bool, args: ServeArgs, key_digest: Optional[str] = None):
+    """vLLM's request model for a body Ember's protocol accepted: the fields the client set, greedy as 0, and what
+    the server sets (see the module docstring); `key_digest` is the request's API key's, None without keys."""
     fields = body.model_dump(exclude_unset=True, exclude_none=True)
     if "temperature" in fields and body.temperature < GREEDY_BELOW:
         fields["temperature"] = 0.0  # 1e-320 would divide the logits by zero
+    if args.prefix_cache_per_key and key_digest is not None:
+        fields["cache_salt"] = key_cache_salt(key_digest, body.cache_salt)
     if chat:
-        fields.setdefault("max_tokens", default_max_tokens)
+        fields.setdefault("max_tokens", args.default_max_tokens)
+        if args.sanitize_control_tokens:
+            # transformers' apply_chat_template encodes the control tokens found in messages as text when it
+            # tokenizes the chat itself (vLLM otherwise renders text and tokenizes that; its path for Mistral's
+            # tokenizers does the same), in vLLM's renderer threads like the rest.
+            fields["chat_template_kwargs"] = {**fields.get("chat_template_kwargs", {}), "sanitize_control_tokens": True,
+                                              "tokenize": True}
         return VLLMChatRequest.model_validate(fields)
     return VLLMCompletionRequest.model_validate(fields)
 
 
+def key_cache_salt(key_digest: str, client_salt: Optional[str]) -> str:
+    """The prefix-cache salt of a request made with the key of `key_digest` (a hash of the digest, never the key), with
+    the client's own salt after it: requests of two keys never share a salt, whatever salts their clients send."""
+    tenant = hashlib.sha256(b"ember prefix cache\0" + bytes.fromhex(key_digest)).hexdigest()[:32]
+    return tenant if client_salt is None else f"{tenant}:{client_salt}"
+
+
 def engine_error(error, field: str) -> APIError:
-    """vLLM's ErrorResponse as Ember's APIError: the prompt's length (vLLM's `input_tokens`) is the request's
-    `prompt` / `messages`, with OpenAI's code `context_length_exceeded`."""
+    """vLLM's ErrorResponse as Ember's APIError: the prompt's length (vLLM's `input_tokens`, or `input_text` for the
+    characters it checks before tokenizing) is the request's `prompt` / `messages`, with OpenAI's code
+    `context_length_exceeded`."""
     e = error.error
     status = e.code if isinstance(e.code, int) and 400 <= e.code < 600 else 500
-    if e.param == "input_tokens":
+    if e.param in ("input_tokens", "input_text"):
         return APIError(400, e.message, field, code="context_length_exceeded")
     kind = "invalid_request_error" if status < 500 else "server_error"
     return APIError(status, e.message, e.param, kind=kind)
@@ -155,15 +177,16 @@ class EmberIngress(OpenAiIngress):
         keys = APIKeys(a.key_digests(missing_ok=True))
         require_keys(await proxy_host(), bool(keys), a.allow_unauthenticated, "EmberIngress")
         self.name, self.facts = facts["name"], facts
-        self.limits = ServerLimits(facts["max_model_len"], a.max_n, a.max_choices)
+        self.limits = ServerLimits(facts["max_model_len"], a.max_n, a.max_choices,
+                                   a.prompt_chars(facts["max_model_len"]))
         self.created = int(time.time())
         self.metrics = _Metrics(self.name)
-        self.guard_policy = GuardPolicy(keys, a.max_body_bytes, self.metrics.request)
+        self.guard_policy = GuardPolicy(keys, a.max_body_bytes, a.body_timeout_s, self.metrics.request)
         self.server = server
 
     # ----------------------------------------------------------------- routes
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(self):
         """The ingress is up and an engine replica answers; its figures (`ember.serve.stats`)."""
         try:
@@ -190,7 +213,7 @@ class EmberIngress(OpenAiIngress):
         vocab = self.facts["vocab_size"]
         if not isinstance(prompt, str) and isinstance(prompt[0], int) and vocab and any(p >= vocab for p in prompt):
             raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", "prompt")
-        return await self._forward(body, chat=False)
+        return await self._forward(body, request, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None, responses=documented(ChatCompletionResponse))
     async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest):
@@ -200,7 +223,7 @@ class EmberIngress(OpenAiIngress):
         if body.continue_final_message and body.add_generation_prompt:
             raise APIError(400, "continue_final_message continues the last message, so add_generation_prompt must be "
                            "false", "continue_final_message")
-        return await self._forward(body, chat=True)
+        return await self._forward(body, request, chat=True)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -214,9 +237,9 @@ class EmberIngress(OpenAiIngress):
                                 f"{', '.join(repr(s) for s in served)}", "model", code="model_not_found")
         self.limits.check(body, prompts)
 
-    async def _forward(self, body: SamplingRequest, chat: bool):
+    async def _forward(self, body: SamplingRequest, http: HTTPRequest, chat: bool):
         """Sends the request to an engine replica; its JSON, its stream, or its error as OpenAI's error JSON."""
-        request = vllm_request(body, chat, self.args.default_max_tokens)
+        request = vllm_request(body, chat, self.args, http.scope["state"].get("api_key_sha256"))
         handle = self._get_configured_serve_handle(body.model)
         stream = handle.chat.remote(request, None) if chat else handle.completions.remote(request, None)
         try:

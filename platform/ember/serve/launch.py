@@ -60,8 +60,13 @@ def _build(import_path: str, args: dict):
     try:
         return target(args)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise EmberError(f"args.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise _args_error(exc) from None
+
+
+def _args_error(exc) -> EmberError:
+    """A pydantic error of serve args as one line per problem, naming each key; never the values (a URI may carry
+    credentials)."""
+    return EmberError("; ".join(f"args.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
 
 
 def wait_ready(url: str, timeout: float = 600, api_key: str | None = None, app: str | None = None) -> dict | None:
@@ -142,6 +147,8 @@ def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, 
     """(HTTP options, applications, proxy location) of a config file, or of Ember's app on a model dir."""
     path = Path(target).expanduser()
     if storage.is_uri(target) or path.is_dir() or builtin.is_builtin(target):  # a model dir: local, remote, built-in
+        from pydantic import ValidationError
+
         from ember.serve.app import ServeArgs
 
         args = {"model_dir": target if builtin.is_builtin(target) else storage.normalize(target)}
@@ -149,7 +156,10 @@ def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, 
             args["host"] = host
         if port:
             args["port"] = port
-        s = ServeArgs.model_validate(args)
+        try:
+            s = ServeArgs.model_validate(args)
+        except ValidationError as exc:
+            raise _args_error(exc) from None
         apps = [{"name": "ember", "route_prefix": "/", "import_path": "ember.serve.app:build_app", "args": args}]
         return {"host": s.host, "port": s.port}, apps, None
     if not path.is_file():

@@ -3,7 +3,8 @@
 The routes take these models, so `/openapi.json` describes the real request bodies and FastAPI validates each body
 before a route sees it. Numbers are finite (`NaN` and `Infinity`, which Python's JSON parser accepts, are refused),
 strings are valid Unicode (no lone surrogates), lists are bounded, and types are strict (`"10"` is not an integer).
-Bounds that depend on the server (the context, `max_n`, the queue's room) are checked by `ServerLimits.check`.
+`chat_template_kwargs` may not use the names the server or the template engine sets. Bounds that depend on the
+server (the context, `max_n`, the queue's room, a prompt's characters) are checked by `ServerLimits.check`.
 
 A failure becomes OpenAI's error JSON (`APIError`): status 400 and `param` naming the field, e.g. `messages[2].role`.
 """
@@ -33,15 +34,16 @@ class APIError(Exception):
     """An error a client sees as OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 code: Optional[str] = None):
+                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _valid_unicode(text: str) -> str:
@@ -117,8 +119,8 @@ class SamplingRequest(BaseModel):
     user: Optional[Annotated[Text, Field(max_length=256)]] = Field(None, description="Accepted and ignored.")
     cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]] = Field(
         None, description="Prefix-cache isolation: the request shares cached prompt blocks only with requests of the "
-                          "same salt, so its time to first token reveals nothing of others' prompts (vLLM's "
-                          "extension).")
+                          "same salt (and, on a server with API keys, of the same key), so its time to first token "
+                          "reveals nothing of others' prompts (vLLM's extension).")
 
 
 class CompletionRequest(SamplingRequest):
@@ -137,9 +139,20 @@ class ChatMessage(BaseModel):
     name: Optional[Annotated[Text, Field(max_length=64)]] = None
 
 
-# Template variables a request may not set: the conversation, the prompt switch and the tokenizer's own tokens.
-RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
-                               "pad_token", "unk_token")
+# Names a request's chat_template_kwargs may not use, since the server or the template engine sets them: the
+# conversation and the tokenizer's own tokens (template variables); the parameters of transformers'
+# `apply_chat_template`, which vLLM passes them as (`self` is a TypeError there, a client's `continue_final_message`
+# is silently replaced by vLLM's, and `sanitize_control_tokens` is the server's); and the globals of its Jinja
+# environment and Jinja's own special names (a `namespace` or `raise_exception` that is a string breaks a template
+# that uses it). A test keeps this list current with transformers.
+RESERVED_TEMPLATE_VARIABLES = (
+    "messages", "bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token",
+    "additional_special_tokens",
+    "self", "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "kwargs",
+    "range", "dict", "lipsum", "cycler", "joiner", "namespace", "raise_exception", "strftime_now", "loop", "caller",
+    "varargs")
 
 
 def _template_variables(value: dict) -> dict:
@@ -173,14 +186,17 @@ class ChatCompletionRequest(SamplingRequest):
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """The bounds that depend on the server: its context, `max_n`, and how many choices its queue can ever hold."""
+    """The bounds that depend on the server: its context, `max_n`, how many choices its queue can ever hold, and the
+    characters of a prompt (checked before anything tokenizes it)."""
 
     max_model_len: int
     max_n: int
     max_choices: int  # prompts × n of one request
+    max_prompt_chars: int  # of each text of a completions request, of a chat's messages together
 
     def check(self, req: SamplingRequest, prompts: int) -> None:
         """Raises APIError (400) naming the field and the bound."""
+        self._check_prompt_chars(req)
         if req.max_tokens is not None and req.max_tokens > self.max_model_len:
             raise APIError(400, f"max_tokens: {req.max_tokens} is more than this model's context of "
                                 f"{self.max_model_len} tokens", "max_tokens")
@@ -189,6 +205,17 @@ class ServerLimits:
         if prompts * req.n > self.max_choices:
             raise APIError(400, f"{prompts} prompt(s) × n={req.n} is {prompts * req.n} choices; this server takes at "
                                 f"most {self.max_choices} in one request", "n")
+
+    def _check_prompt_chars(self, req: SamplingRequest) -> None:
+        if isinstance(req, ChatCompletionRequest):
+            param, chars = "messages", sum(len(m.content) for m in req.messages)
+        else:
+            texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+            param, chars = "prompt", max(map(len, texts), default=0)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"{param}: a prompt of {chars} characters; this server takes at most "
+                                f"{self.max_prompt_chars} characters per prompt (max_prompt_chars)", param,
+                           code="prompt_too_long")
 
 
 def _message(error: dict) -> str:
@@ -312,6 +339,7 @@ def documented(success: type[BaseModel]) -> dict:
     """A route's `responses`: its JSON body (or, with `stream: true`, server-sent events) and OpenAI's errors."""
     errors = {status: {"model": ErrorResponse, "description": what} for status, what in (
         (400, "An invalid request (the error's param names the field)"), (401, "A missing or wrong API key"),
-        (404, "An unknown model"), (413, "A body over max_body_bytes"),
+        (404, "An unknown model"), (408, "A body that did not arrive within body_timeout_s"),
+        (413, "A body over max_body_bytes"),
         (500, "Generation failed for this request"), (503, "The server is at capacity; retry later"))}
     return {200: {"model": success, "content": {"text/event-stream": {}}}, **errors}
