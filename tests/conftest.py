@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray instance for the whole session, small corpora written to temporary files."""
+"""Shared fixtures: one Ray instance for the whole session, small corpora written to temporary files, servers (MLflow,
+S3) that stop with whatever they started."""
 
 from __future__ import annotations
 
@@ -186,44 +187,82 @@ def s3_server():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-    client.create_bucket(Bucket="ember-corpus")
-    yield "ember-corpus", f"127.0.0.1:{port}", client
-    server.stop()
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="ember-corpus")
+        yield "ember-corpus", f"127.0.0.1:{port}", client
+    finally:
+        server.stop()
+
+
+def wait_for_http(url: str, deadline: float, running=lambda: True, read_timeout: float = 2) -> bool:
+    """GETs `url` until it answers 200 (True) or the `deadline` (time.monotonic()) passes or `running()` turns false
+    (False). Every failed try is "not yet": a refused connection, a timeout (a busy machine answers slowly), an error
+    status."""
+    import time
+
+    import requests
+
+    while running() and time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=(2, read_timeout)).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """Stops everything in the process group `proc` leads (started with start_new_session): the server and the
+    workers it started, SIGTERM first and SIGKILL for what is left after `timeout`."""
+    import signal
+    import subprocess
+    import time
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.1)  # reaps the leader, so that only live members answer below
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+
+
+@contextlib.contextmanager
+def http_server(args: list[str], url: str, log_path: Path, timeout: float = 120, ready_path: str = "/health"):
+    """A server process started in a process group of its own, yielded (its `url`) once GET `ready_path` answers
+    200; its whole group is stopped afterwards, and also when it is not ready within `timeout` seconds (the test
+    then fails with its log's tail) or the set-up fails in any other way."""
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if not wait_for_http(f"{url}{ready_path}", time.monotonic() + timeout, lambda: server.poll() is None):
+                raise AssertionError(f"{Path(args[0]).name} did not get ready within {timeout:.0f}s (exit code "
+                                     f"{server.poll()}):\n{log_path.read_text()[-3000:]}")
+            yield url
+        finally:
+            stop_process_group(server)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (`mlflow server`, SQLite backend, artifacts it stores itself in a
-    temp dir, uploaded to it over HTTP): its URL."""
-    import subprocess
-    import time
-
-    import requests
-
+    temp dir, uploaded to it over HTTP): its URL. Stopped with its workers, however its set-up ends."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen([str(Path(EMBER).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise AssertionError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
-    log.close()
+    args = [str(Path(EMBER).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with http_server(args, f"http://127.0.0.1:{port}", root / "server.log") as url:
+        yield url
 
 
 # ----------------------------------------------------------------- serving: one tiny model and one app for the suite

@@ -1,8 +1,10 @@
 """The cluster definitions in cluster/ against the schemas Ray ships: the launcher's ray-schema.json, Ray Serve's
-config schema, and KubeRay's API versions and required fields; the Grafana dashboard's queries name Ember's metrics."""
+config schema, and KubeRay's API versions and required fields; the Grafana dashboard's queries name Ember's metrics;
+the cloud files' security settings: IMDSv2 on every node, the head's scoped IAM policy, the image's .dockerignore."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -40,6 +42,72 @@ def test_a_broken_launcher_config_is_refused_by_the_same_check():
     config["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
     with pytest.raises(jsonschema.ValidationError, match="eight"):
         validate_config(prepare_config(config))
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_every_aws_node_requires_imdsv2_and_the_head_has_a_scoped_profile_of_its_own():
+    """The head (autoscaler and job drivers) gets cluster/aws-head-policy.json, not the launcher's default role (full
+    EC2 and S3): the autoscaler's calls, EC2 changes only to this cluster's instances and worker types, the workers'
+    role to pass, and the run bucket. Every node type requires IMDSv2."""
+    text = (REPO / "cluster" / "aws.yaml").read_text()
+    aws = yaml.safe_load(text)
+    types = aws["available_node_types"]
+    for name, node_type in types.items():
+        assert node_type["node_config"].get("MetadataOptions", {}).get("HttpTokens") == "required", name
+    head = types[aws["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"] == {"Name": "ember-head"} and "cluster/aws-head-policy.json" in text
+    workers = {n: t["node_config"] for n, t in types.items() if n != aws["head_node_type"]}
+
+    policy = json.loads((REPO / "cluster" / "aws-head-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17" and all(s["Effect"] == "Allow" for s in policy["Statement"])
+    granted = {a: [] for s in policy["Statement"] for a in _listed(s["Action"])}
+    for s in policy["Statement"]:
+        for action in _listed(s["Action"]):
+            granted[action].append(s)
+    assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:RunInstances",
+                            "ec2:CreateTags", "ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances",
+                            "iam:PassRole", "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    unscoped = {a for a, statements in granted.items() for s in statements if "*" in _listed(s["Resource"])}
+    assert unscoped == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes"}, "only reads on every resource"
+    [launch] = [s for s in granted["ec2:RunInstances"] if s["Resource"] == "arn:aws:ec2:*:*:instance/*"]
+    assert set(launch["Condition"]["StringEquals"]["ec2:InstanceType"]) == {c["InstanceType"] for c in workers.values()}
+    cluster_tag = {"aws:ResourceTag/ray-cluster-name": aws["cluster_name"]}
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"):
+        assert all(s["Condition"]["StringEquals"] == cluster_tag for s in granted[action]), action
+    assert all(s.get("Condition") for s in granted["ec2:CreateTags"]), "tags only at launch or on the cluster's nodes"
+    roles = {c["IamInstanceProfile"]["Name"] for c in workers.values()}
+    assert {r for s in granted["iam:PassRole"] for r in _listed(s["Resource"])} == {
+        f"arn:aws:iam::*:role/{r}" for r in roles}
+    s3 = {r for a, statements in granted.items() if a.startswith("s3:") for s in statements
+          for r in _listed(s["Resource"])}
+    assert s3 == {"arn:aws:s3:::ember-bucket", "arn:aws:s3:::ember-bucket/*"}
+    readme = (REPO / "cluster" / "README.md").read_text()
+    assert "cluster/aws-head-policy.json" in readme and "--role-name ember-head" in readme
+
+
+def _docker_ignores(patterns: list[str], path: str) -> bool:
+    """Whether Docker leaves `path` out of the build context: a pattern matches it or a folder above it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, pattern.removeprefix("**/"))
+               for pattern in patterns for p in prefixes)
+
+
+def test_the_image_build_context_leaves_out_local_state_and_keeps_what_the_image_installs():
+    """cluster/Dockerfile copies its whole context: .dockerignore keeps this checkout's history, environment, runs
+    (specs, checkpoints) and data out of the image, and none of what `pip install -e .` and the demo read."""
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for local in (".git/config", ".venv/bin/python", "runs/pretrain-demo/spec.yaml", "data/docs/manifest.json",
+                  "platform/ember/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v/cache/lastfailed"):
+        assert _docker_ignores(patterns, local), local
+    for needed in ("pyproject.toml", "README.md", "platform/ember/cli.py", "jobs/tokenize-demo.yaml",
+                   "serve/demo.yaml", "cluster/Dockerfile"):
+        assert (REPO / needed).exists() and not _docker_ignores(patterns, needed), needed
+    assert "COPY --chown=ray:users . /home/ray/ember" in (REPO / "cluster" / "Dockerfile").read_text()
 
 
 def _ray_containers(pod_template: dict) -> list[dict]:

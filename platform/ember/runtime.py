@@ -1,8 +1,14 @@
-"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance; and keeping other
-libraries' chatter off the console of every process Ember runs in.
+"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance; the cluster token;
+and keeping other libraries' chatter off the console of every process Ember runs in.
 
 Ray's token authentication stays on: a local instance enables it by default, and a client of an existing cluster
-must present the cluster's token, which Ray only does with RAY_AUTH_MODE=token.
+must present the cluster's token, which Ray only does with RAY_AUTH_MODE=token. Whoever reads the token can run code
+on the cluster, so the token file Ember creates or reads is kept to its owner (0600, and 0700 on ~/.ray), with a
+warning when it was open to others.
+
+A new local instance (`ember run` or `ember demo` without a cluster) listens on 127.0.0.1 only, its metrics endpoints
+and agents included, and all of it stops when the process that started it exits: Ray's processes, and whatever of
+theirs outlives them (a Ray Data actor that missed its raylet's end).
 
 What a user sees is Ember's lines and every library's warnings and errors. Set-up and progress lines of Ray Data,
 Ray Train and DeepSpeed, and torch's deprecation notices for the calls DeepSpeed makes, stay off the console
@@ -12,11 +18,14 @@ EMBER_LOG_LEVEL=DEBUG, shows everything, in the driver and in the workers.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from urllib.parse import urlparse
 
 from ember.errors import EmberError
@@ -151,11 +160,88 @@ def is_loopback(address: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+_NODE_ADDRESS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": 127.0.0.1 is this node's address
+
+
 def use_loopback_node_address(address: str | None) -> None:
-    """For a cluster bound to 127.0.0.1 (`ember cluster up`), keeps Ray from swapping 127.0.0.1 for this machine's
-    network address, where that cluster does not listen. Ray reads the variable at import: call this first."""
-    if is_loopback(address):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """For a new local instance (no address, or "local") or a cluster bound to 127.0.0.1 (`ember cluster up`), keeps
+    Ray from swapping 127.0.0.1 for this machine's network address: a new instance then listens on 127.0.0.1 only
+    (its GCS, raylet, agents and metrics endpoints), and a loopback cluster is reached where it listens. Ray reads the
+    variable at import: call this first. A value set by the user is kept."""
+    if address in (None, "", "local") or is_loopback(address):
+        os.environ.setdefault(_NODE_ADDRESS_ENV, "0")
+
+
+def _bind_local_instance_to_loopback() -> None:
+    """`use_loopback_node_address` for the local instance about to start, also where Ray was imported before it was
+    called (a library caller): Ray then read the variable already, and is told what it would have read."""
+    use_loopback_node_address(None)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ[_NODE_ADDRESS_ENV].lower() not in ("1", "true"):
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+_DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+
+
+def token_file() -> Path:
+    """The file Ray reads the cluster token from: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or _DEFAULT_TOKEN_FILE).expanduser()
+
+
+def find_token() -> str | None:
+    """The cluster token where Ray looks for it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names,
+    ~/.ray/auth_token (kept to its owner first: `protect_token_file`)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = token_file()
+    if not path.is_file():
+        return None
+    protect_token_file(path)
+    return path.read_text().strip() or None
+
+
+def ensure_token() -> None:
+    """Makes sure a token exists for a cluster Ember starts: where none is found, Ray's generator makes one (as `ray
+    get-auth-token --generate` does) into ~/.ray/auth_token, created readable by its owner only (Ray's own writes it
+    with the umask's mode)."""
+    if find_token() or os.environ.get("RAY_AUTH_TOKEN_PATH"):  # a named file that is missing is the user's to fix
+        return
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    path = token_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # another process made it meanwhile: that one is the token
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(generate_new_authentication_token())
+    protect_token_file(path)
+
+
+def protect_token_file(path: Path) -> None:
+    """Keeps the token file readable by its owner only (0600) and Ray's default dir for it, ~/.ray, private (0700):
+    a wider mode is narrowed, with a warning. A file or dir of another owner (a mounted secret) is left as it is,
+    and so is a dir the user chose with RAY_AUTH_TOKEN_PATH."""
+    places = [(path, 0o600)]
+    if path == _DEFAULT_TOKEN_FILE.expanduser():
+        places.append((path.parent, 0o700))
+    for place, mode in places:
+        try:
+            st = place.stat()
+        except OSError:
+            continue
+        if st.st_uid != os.geteuid() or not st.st_mode & 0o077:
+            continue
+        was = st.st_mode & 0o777
+        try:
+            place.chmod(mode)
+        except OSError as exc:
+            log.warning("warning: %s is open to other users of this machine (mode %03o) and could not be made %03o "
+                        "(%s): whoever reads the cluster token can run code on the cluster", place, was, mode,
+                        exc.strerror)
+            continue
+        log.warning("warning: %s was open to other users of this machine (mode %03o); made it %03o, since whoever "
+                    "reads the cluster token can run code on the cluster", place, was, mode)
 
 
 def use_token_auth() -> None:
@@ -165,12 +251,15 @@ def use_token_auth() -> None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connects this process to Ray unless it already is; a new local instance binds to 127.0.0.1."""
+    """Connects this process to Ray unless it already is: to the cluster at `address` or RAY_ADDRESS, else to a new
+    local instance, bound to 127.0.0.1 and stopped, all of it, when this process exits (`_stop_local_instance`)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and "ray" not in sys.modules:
+        use_loopback_node_address(None)  # before Ray's import, which reads it (not once Ray runs here: see below)
     import ray  # here, not at the top: Ray reads RAY_AUTH_MODE and the loopback setting once, at import
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     # The `ember` command has translated a dashboard URL by now (ember.cluster.address); a library caller is told.
     if address and urlparse(address).scheme in ("http", "https"):
         raise EmberError(f"{address} is a Ray dashboard URL; joining the cluster needs its GCS address HOST:PORT "
@@ -183,12 +272,74 @@ def ensure_ray(address: str | None = None) -> None:
         # would only cost a process and print Ray's error line about its constructor arguments. Its processes
         # inherit this environment; a value set by the user is kept.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        _bind_local_instance_to_loopback()
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+            ensure_token()
     try:
-        ray.init(address=address, logging_level=logging.INFO if debugging() else logging.WARNING, log_to_driver=True,
-                 runtime_env=_job_runtime_env())
+        # "local": a new instance, as documented, never a `ray start` instance that /tmp/ray records on this machine.
+        ray.init(address=address or "local", logging_level=logging.INFO if debugging() else logging.WARNING,
+                 log_to_driver=True, runtime_env=_job_runtime_env())
     except ConnectionError as exc:
         raise EmberError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    if address is None:
+        atexit.register(_stop_local_instance)  # runs before Ray's own ray.shutdown at exit (registered earlier)
     log.info("ray: %s (%s CPUs)", address or "started a local instance", int(ray.cluster_resources().get("CPU", 0)))
+
+
+def _stop_local_instance() -> None:
+    """Stops the local instance this process started, all of it. `ray.shutdown()` stops the node's own processes
+    (GCS, raylet, dashboard, agents), and the raylet's workers are meant to exit with it; a process of the instance
+    still running moments later is ended: one under those processes, or one elsewhere (a worker's own child that left
+    its process group, parented to init) whose environment names the raylet that started its worker. A Ray Data pool
+    actor was once seen alive 40 minutes after its run had ended."""
+    import psutil
+    import ray
+    from ray._private import ray_constants
+
+    node = ray._private.worker._global_node
+    if node is None:
+        return
+    started = {}
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(info.process.pid)
+                started.update((p.pid, p) for p in [process, *process.children(recursive=True)])
+    raylets = {str(p.pid): p.create_time() for p in started.values()
+               if p.pid in {i.process.pid for i in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])}}
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started.values(), timeout=2)
+    end_processes(list({p.pid: p for p in [*alive, *_workers_of(raylets)]}.values()))
+
+
+def _workers_of(raylets: dict[str, float]):
+    """This user's processes started by one of these raylets (pid -> start time), or by a process they started: Ray
+    gives every worker RAY_RAYLET_PID, and its children inherit it. Only processes younger than their raylet, so a
+    process of an earlier raylet that had the same pid is not taken for one."""
+    import psutil
+
+    for process in psutil.process_iter(["uids", "create_time"]):
+        uids = process.info["uids"]  # None where it may not be read: another user's
+        with contextlib.suppress(psutil.Error):
+            if not uids or uids.real != os.getuid():
+                continue
+            started = raylets.get(process.environ().get("RAY_RAYLET_PID"))
+            if started is not None and process.info["create_time"] >= started:
+                yield process
+
+
+def end_processes(processes: list, grace: float = 5) -> None:
+    """Ends these processes (psutil's): SIGTERM, then SIGKILL for what still runs `grace` seconds later."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _inner_errors(exc: BaseException) -> list:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.progress import show_progress
-from ember.runtime import is_loopback, use_token_auth
+from ember.runtime import find_token, is_loopback, use_token_auth
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
@@ -56,8 +56,6 @@ def resolve_dashboard(address: str | None) -> str:
 
 def auth_headers() -> dict[str, str]:
     """The cluster token as Ray's clients send it, looked up where Ray looks for it."""
-    from ember.cluster.local import find_token
-
     token = find_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 

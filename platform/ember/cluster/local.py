@@ -14,7 +14,8 @@ Everything binds to 127.0.0.1: the GCS, the raylets, the dashboard and every nod
 binds a multi-node cluster to the machine's network address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes it
 treat 127.0.0.1 as the node address; the host sets it for the cluster's processes and Ember's clients set it when they
 talk to a loopback address. Ray's token authentication is on: the cluster uses the token in `~/.ray/auth_token` (or
-`RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), made with `ray get-auth-token --generate` when there is none.
+`RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), made with Ray's generator when there is none, readable by its owner only
+(`ember.runtime.ensure_token`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.runtime import end_processes, ensure_token
 
 LOOPBACK = "127.0.0.1"
 LOCAL_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # 127.0.0.1 is the node address, see the docstring
@@ -103,25 +105,6 @@ def _is_host(pid: int) -> bool:
         return False
 
 
-def find_token() -> str | None:
-    """The cluster token where Ray looks for it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names,
-    ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"]
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if not path.is_file():
-        return None
-    return path.read_text().strip() or None
-
-
-def ensure_token() -> None:
-    """Makes sure a token exists for the cluster to use (Ray's own `ray get-auth-token --generate`)."""
-    if find_token() or os.environ.get("RAY_AUTH_TOKEN_PATH"):  # a named file that is missing is the user's to fix
-        return
-    ray_cli = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], check=True, capture_output=True)
-
-
 def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = None, port: int = 6379,
        dashboard_port: int = 8265, head_cpus: float | None = None, object_store_mb: int | None = None,
        max_workers: int | None = None, timeout: float = 180) -> ClusterInfo:
@@ -132,7 +115,7 @@ def up(workers: int = 2, cpus_per_node: float = 1, *, directory: Path | None = N
     if max_workers is not None and max_workers < workers:
         raise EmberError(f"--max-workers {max_workers}: must be at least --workers ({workers})")
     directory.mkdir(parents=True, exist_ok=True)
-    ensure_token()
+    ensure_token()  # kept to its owner (ember.runtime)
     plan = _plan(directory, workers, cpus_per_node, port, dashboard_port, head_cpus, object_store_mb)
     if max_workers is not None:
         plan["max_workers"] = max_workers
@@ -244,8 +227,24 @@ def _wait_until_up(directory: Path, proc: subprocess.Popen, timeout: float) -> C
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
             raise EmberError(f"the local cluster failed to start (log: {log_path}):\n  " + "\n  ".join(tail))
         time.sleep(0.5)
-    proc.terminate()
-    raise EmberError(f"the local cluster did not come up within {timeout:.0f}s (log: {log_path})")
+    _kill_host(proc)
+    raise EmberError(f"the local cluster did not come up within {timeout:.0f}s (log: {log_path}); its processes "
+                     "were stopped")
+
+
+def _kill_host(proc: subprocess.Popen) -> None:
+    """Kills a host that is not up yet and every process under it: until it is up, it holds SIGTERM back (see
+    `_host`), so it would go on starting nodes that nothing then stops."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        host = psutil.Process(proc.pid)
+        tree = [host, *host.children(recursive=True)]
+        for p in tree:  # the host first: it starts no node after that
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=10)
+    proc.wait(timeout=10)
 
 
 def down(directory: Path | None = None, timeout: float = 60) -> ClusterInfo | None:
@@ -291,14 +290,7 @@ def _stop_added_nodes(cluster) -> None:
 
     head = cluster.head_node
     monitors = head.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if head is not None else []
-    children = [c for m in monitors for c in psutil.Process(m.process.pid).children(recursive=True)]
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+    end_processes([c for m in monitors for c in psutil.Process(m.process.pid).children(recursive=True)], grace=10)
 
 
 @contextlib.contextmanager
