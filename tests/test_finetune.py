@@ -205,6 +205,31 @@ def test_resuming_a_run_whose_conversations_changed_is_refused(full_run, hf_base
     assert (full_run / "data" / "manifest.json").read_text() == before  # the run's data is untouched
 
 
+def test_a_data_dir_holding_another_dataset_is_refused_unless_data_overwrite(hf_base, chat_data, tmp_path):
+    """`data.dir` naming a dir that holds another dataset (a pretraining one, as `--set data.dir=data/python-docs`
+    would) is refused before anything in it is touched, as tokenize refuses its output.dir; `data.overwrite: true`
+    replaces it."""
+    from conftest import sentences
+    from ember.config.specs import ChatDataSpec
+    from ember.data.pipeline import run_tokenize
+    from ember.data.sft import prepare_chat_dataset
+
+    docs = tmp_path / "python-docs"
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(200, seed=3)))
+    run_tokenize(parse_spec({"kind": "tokenize", "source": {"inputs": [str(tmp_path / "corpus.jsonl")]},
+                             "tokenizer": {"vocab_size": 300}, "pack": {"seq_len": 32},
+                             "output": {"dir": str(docs)}}))
+    before = {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    tiny = {"max_steps": 2, "checkpoint_every": 2, "eval_every": 2}
+    with pytest.raises(EmberError, match=rf"^{docs} holds a different dataset .*; set data\.overwrite: true to "
+                                         r"replace it, or choose another data\.dir"):
+        run_finetune(parse_spec(spec(hf_base, chat_data["train"], tmp_path / "run", data={"dir": str(docs)},
+                                     train=tiny, scaling={"workers": 1})))
+    assert {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()} == before, "the dataset was touched"
+    data = ChatDataSpec(inputs=[str(chat_data["train"])], seq_len=64, dir=str(docs), overwrite=True)
+    assert prepare_chat_dataset(data, hf_base, docs, 128)["kind"] == "sft"
+
+
 def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_base, chat_data, tmp_path):
     """The run's checkpoints were made from the base as it was: once the base's weights are rewritten in place,
     continuing them is refused before anything is touched (a copy of the run and its base, so others keep theirs)."""

@@ -166,7 +166,8 @@ def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(
 
     model_dir, tasks = model_and_tasks
     spec = {"kind": "evaluate", "models": {"tiny": str(model_dir)},
-            "lm_eval": {"tasks": ["ember_mc", "ember_gen"], "include_path": str(tasks), "actors": 2},
+            "lm_eval": {"tasks": ["ember_mc", "ember_gen"], "include_path": str(tasks), "allow_code": True,
+                        "actors": 2},
             "output": {"file": str(tmp_path / "results.json")}}
     results = run_evaluate(parse_spec(spec))
     harness = results["tiny"]["lm_eval"]

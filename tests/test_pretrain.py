@@ -565,6 +565,71 @@ def test_resume_honours_never_and_checks_the_path(dataset, reference_run):
         train(dataset, reference_run.parent / "elsewhere", resume=str(reference_run))
 
 
+def test_a_run_dir_is_continued_only_by_a_longer_run_of_its_spec(dataset, reference_run, tmp_path):
+    """Ray Train restores a run dir's latest checkpoint whatever the spec asks, so a run dir holding checkpoints of
+    another spec (lr, seed, shape, dataset) is refused before anything in it is touched; a longer train.max_steps
+    continues it, and a shorter one is refused. result.json goes only once training has started: a continuation
+    whose workers fail to restore keeps it. (A copy of the reference run, so other tests keep theirs.)"""
+    import shutil
+
+    run, other_data = tmp_path / "run", tmp_path / "ds"
+    shutil.copytree(reference_run, run)
+    shutil.copytree(dataset, other_data)
+    same = {"decay_steps": 8, "tensorboard": True}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    for change, named in [({"train": {**same, "lr": 1e-3}}, r"train\.lr: 0\.003 → 0\.001"),
+                          ({"train": {**same, "seed": 1}}, r"train\.seed: 0 → 1"),
+                          ({"train": same, "model": {"hidden_size": 64}}, r"model\.hidden_size: 32 → 64"),
+                          ({"train": same, "data": {"dir": str(other_data)}}, rf"data\.dir: .* → {other_data}")]:
+        with pytest.raises(EmberError, match=rf"^{run} holds a run of another spec \({named}.*\); choose another "
+                                             r"output\.dir"):
+            train(dataset, run, **change)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "the run dir was touched"
+
+    states = at_step(run, 8) / "deepspeed" / "mp_rank_00_model_states.pt"
+    good, result = states.read_bytes(), (run / "result.json").read_text()
+    states.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):  # noqa: B017 - whatever DeepSpeed raises for a broken file
+        train(dataset, run, train={**same, "max_steps": 10})
+    assert (run / "result.json").read_text() == result  # no training started: the finished result stays
+    states.write_bytes(good)
+    assert train(dataset, run, train={**same, "max_steps": 10})["step"] == 10
+    assert [r["step"] for r in rows(run)] == list(range(1, 11))
+    restores = [json.loads(line) for line in (run / "restores.jsonl").read_text().splitlines()]
+    assert restores[-1]["source"] == "latest" and restores[-1]["step"] == 8
+    assert json.loads((run / "result.json").read_text())["total_steps"] == 10
+    with pytest.raises(EmberError, match=r"holds a run of 10 steps .* 8 .*not shortened"):
+        train(dataset, run, train=same)
+
+
+class RunsCode:
+    """Unpickled, it writes a marker file: what a crafted checkpoint file could do on every worker."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_that_would_run_code_when_unpickled_is_refused(dataset, reference_run, tmp_path):
+    """DeepSpeed unpickles checkpoint files: Ember's workers load them with torch's weights-only unpickler and
+    DeepSpeed's own state classes, so a checkpoint file holding anything else is refused, naming trust_checkpoint,
+    and its code never runs: loaded as it is (2 workers) or through the universal conversion (1 worker)."""
+    import shutil
+
+    crafted, marker = tmp_path / "crafted", tmp_path / "code-ran"
+    shutil.copytree(at_step(reference_run, 4), crafted)
+    states = crafted / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "ds_version": RunsCode(marker)}, states)
+    for workers in (2, 1):
+        with pytest.raises(EmberError, match=rf"^checkpoint {crafted} holds objects other than tensors .*\(exec\): "
+                                             r"unpickling them could run code.*trust_checkpoint: true"):
+            train(dataset, tmp_path / f"run-{workers}", train={"decay_steps": 8}, scaling={"workers": workers},
+                  resume=str(crafted))
+        assert not marker.exists(), f"the checkpoint's code ran ({workers} workers)"
+
+
 @pytest.mark.gpu
 def test_the_demo_spec_trains_on_one_gpu_with_bf16_and_reports_mfu(dataset, tmp_path):
     from conftest import REPO

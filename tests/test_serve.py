@@ -105,8 +105,14 @@ def test_a_client_that_goes_away_frees_its_row_at_once(server):
     """A stream that could decode ~1000 more tokens is closed after its first: vLLM aborts the sequence (Serve's
     proxy cancels the request, the ingress its engine call) within a few steps, not after the ~1000 tokens it would
     otherwise generate."""
-    def health() -> dict:
-        return requests.get(f"{server}/health", timeout=10).json()
+    def health() -> dict:  # a busy machine may answer slowly: a timeout is "not yet", up to a minute
+        deadline = time.time() + 60
+        while True:
+            try:
+                return requests.get(f"{server}/health", timeout=10).json()
+            except requests.Timeout:
+                if time.time() > deadline:
+                    raise
 
     with requests.post(f"{server}/v1/completions", stream=True, timeout=60, json={
             "model": "tiny", "prompt": "the fox", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True,

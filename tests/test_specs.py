@@ -118,3 +118,60 @@ def test_spec_reference_is_current():
     assert (REPO / "docs" / "specs.md").read_text() == reference
     rows = [line for line in reference.splitlines() if line.startswith("| `")]
     assert len(rows) > 20 and not [r for r in rows if r.endswith("|  |")], "every spec key has a description"
+
+
+SECRET_URI = "s3://b/x?endpoint_override=127.0.0.1:1&scheme=http&secret_key=HUSH-123&access_key=AKIA-HUSH"
+
+
+@pytest.mark.parametrize("job, keys", [
+    ("tokenize-demo.yaml", ["source.inputs", "output.dir"]),
+    ("pretrain-demo.yaml", ["data.dir", "output.dir", "resume", "model.init_from"]),
+    ("finetune-demo.yaml", ["base", "data.inputs", "data.dir", "output.dir"]),
+    ("evaluate-demo.yaml", ["models.base", "data.conversations", "output.file"]),  # models: a mapping, named whole
+])
+def test_a_uri_with_credentials_is_refused_in_every_field_without_showing_them(job, keys):
+    """A spec is written to the run dir and sent to Ray: a URI holding a key or secret is refused at load, each
+    field named, the secret shown nowhere; the error says where credentials go instead."""
+    overrides = [f'{k}=["{SECRET_URI}"]' if k in ("source.inputs", "data.inputs", "data.conversations")
+                 else f"{k}={SECRET_URI}" for k in keys]
+    with pytest.raises(EmberError) as refused:
+        load_spec(REPO / "jobs" / job, overrides)
+    message = str(refused.value)
+    for key in keys:
+        named = "models" if key == "models.base" else key
+        assert f"{named}: credentials in a URI (access_key, secret_key) do not belong in a spec" in message
+    assert "HUSH" not in message and "AWS_ACCESS_KEY_ID" in message
+    with pytest.raises(EmberError) as refused:  # a value that fails another check is not shown either
+        load_spec(REPO / "jobs" / job, [f"name={SECRET_URI}"])
+    assert "HUSH" not in str(refused.value)
+
+
+def test_a_value_that_fails_another_check_is_not_shown_when_it_holds_credentials(tmp_path):
+    with pytest.raises(EmberError) as refused:
+        load_spec(write(tmp_path, GOOD), [f"pack.seq_len={SECRET_URI}"])
+    assert str(refused.value) == ("--set pack.seq_len=…: pack.seq_len: Input should be a valid integer, unable to "
+                                  "parse string as an integer (the value is not shown: it holds credentials)")
+
+
+def test_ember_serve_and_the_storage_layer_refuse_credentials_in_uris_too(tmp_path):
+    from conftest import run_ember
+    from ember import storage
+
+    done = run_ember("serve", SECRET_URI, env={"RAY_ADDRESS": ""})
+    assert done.returncode != 0 and "HUSH" not in done.stdout + done.stderr
+    assert "args.model_dir: credentials in a URI (access_key, secret_key)" in done.stderr
+    assert "Traceback" not in done.stderr
+    for call in (storage.read_bytes, storage.list_names, storage.NodeCache(tmp_path / "cache").fetch_dir):
+        with pytest.raises(EmberError, match=r"^s3://b: credentials in a URI \(access_key, secret_key\) are not "
+                                             r"accepted") as refused:
+            call(SECRET_URI)
+        assert "HUSH" not in str(refused.value)
+
+
+def test_harness_task_files_need_allow_code(tmp_path):
+    """include_path's YAML task files may run Python (`!function`): the spec must say it trusts them."""
+    base = {"kind": "evaluate", "models": {"m": "m"}, "output": {"file": "r.json"}}
+    with pytest.raises(EmberError, match=r"lm_eval.include_path: the harness's task files can run Python on the "
+                                         r"cluster .*set lm_eval.allow_code: true"):
+        parse_spec({**base, "lm_eval": {"tasks": ["t"], "include_path": "tasks/"}})
+    assert parse_spec({**base, "lm_eval": {"tasks": ["t"], "include_path": "tasks/", "allow_code": True}})

@@ -451,14 +451,26 @@ def delete(location: str | os.PathLike) -> None:
 
 
 def delete_tree(location: str | os.PathLike) -> None:
-    """Removes a directory (or every object under a prefix) and all it holds."""
+    """Removes a directory (or every object under a prefix, whatever the keys' form, and the prefix's own marker
+    object, which uploads create) and all it holds."""
     if not is_uri(location):
         shutil.rmtree(normalize(location), ignore_errors=True)
         return
-    fs, _ = resolve(location)
-    for entry in _listing(location, recursive=True)[1]:  # the exact keys listed, whatever their form
-        if entry.type == pafs.FileType.File:
-            _store_call(location, "delete", fs.delete_file, entry.path)
+    fs, path = resolve(location)
+    try:
+        _store_call(location, "delete", fs.delete_dir, path)
+    except FileNotFoundError:
+        pass
+
+
+def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies a file within one store (S3's CopyObject: the bytes stay in the store; locally, a published copy)."""
+    if not is_uri(target):
+        put_file(normalize(source), target)
+        return
+    fs, source_path = resolve(source)
+    _, target_path = resolve(target)
+    _store_call(target, "write", fs.copy_file, source_path, target_path)
 
 
 def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike, marker: str | None = None) -> None:
@@ -468,6 +480,28 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike, marker
     files.sort(key=lambda p: p.relative_to(local_dir).as_posix() == marker)
     for path in files:
         put_file(path, join(location, path.relative_to(local_dir).as_posix()))
+
+
+def publish_dir(local_dir: str | os.PathLike, location: str | os.PathLike, marker: str) -> None:
+    """Publishes a local dir at a location so that the dir there stays whole until the new one is (a model dir that
+    replicas may be loading): uploaded beside it first (`.tmp-NAME-RANDOM/`), then copied into place inside the
+    store, `marker` last; only then are the previous files the new set lacks removed, and the uploaded copies. A
+    kill during the upload (the long part) leaves the previous dir as it was."""
+    import uuid
+
+    local_dir = Path(local_dir)
+    staging = join(parent(location), f".tmp-{name(location)}-{uuid.uuid4().hex[:12]}")
+    previous = {rel for rel, _ in list_files(location)}
+    new = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    new.sort(key=lambda rel: rel == marker)
+    try:
+        upload_dir(local_dir, staging, marker=marker)
+        for rel in new:
+            copy(join(staging, rel), join(location, rel))
+        for rel in sorted(previous - set(new)):
+            delete(join(location, rel))
+    finally:
+        delete_tree(staging)
 
 
 def make_dirs(location: str | os.PathLike) -> None:

@@ -14,8 +14,9 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ember.config.specs import SPEC_KINDS, SpecModel
+from ember.config.specs import CREDENTIALS_ERROR, SPEC_KINDS, SpecModel, strings_in
 from ember.errors import EmberError
+from ember.storage import secret_options
 
 
 def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
@@ -59,10 +60,11 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict[tuple, str]:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise EmberError(f"--set {text}: {'.'.join(parts[: i + 1])} is not a section")
+                raise EmberError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
-        origins[tuple(parts)] = f"--set {text}"
+        # Named by its key alone when its value carries credentials (refused by the spec; never shown).
+        origins[tuple(parts)] = f"--set {'.'.join(parts)}=…" if secret_options(text) else f"--set {text}"
     return origins
 
 
@@ -98,8 +100,12 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if err["type"] == "missing":
         return f"{dotted}: required key is missing"
     got = err.get("input")
+    if err["type"] == CREDENTIALS_ERROR:  # the value holds a secret: never shown
+        return f"{dotted}: {err['msg']}"
     if err["type"] == "value_error" and isinstance(got, dict):  # a check across a section's keys: its text says all
         return f"{dotted}: {err['msg'].removeprefix('Value error, ')}"
+    if any(secret_options(text) for text in strings_in(got)):
+        return f"{dotted}: {err['msg']} (the value is not shown: it holds credentials)"
     shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
     return f"{dotted}: {err['msg']} (got {shown})"
 

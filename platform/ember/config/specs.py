@@ -9,14 +9,41 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MiB = 1 << 20
 
 
 class SpecModel(BaseModel):
-    """Base of every spec section: unknown keys are errors, assignments are validated."""
+    """Base of every spec section: unknown keys are errors, assignments are validated, and no value is a URI that
+    carries credentials (a spec is written to the run dir and sent to Ray as job metadata)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials_in_uris(cls, value):
+        from ember.storage import CREDENTIALS_HELP, secret_options
+
+        found = sorted({k for text in strings_in(value) for k in secret_options(text)})
+        if found:
+            raise PydanticCustomError(CREDENTIALS_ERROR, f"credentials in a URI ({', '.join(found)}) do not belong "
+                                      f"in a spec: it is written to the run dir and sent to Ray; {CREDENTIALS_HELP}")
+        return value
+
+
+CREDENTIALS_ERROR = "credentials_in_uri"  # the error type whose input the loader never shows
+
+
+def strings_in(value) -> list[str]:
+    """The strings a spec value holds (itself, list items, mapping values), for checks on every one."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in strings_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in strings_in(v)]
+    return []
 
 
 class SourceSpec(SpecModel):
@@ -152,9 +179,10 @@ class MlflowSpec(SpecModel):
         from urllib.parse import urlsplit
 
         if urlsplit(uri).password is not None or (urlsplit(uri).username and "@" in uri):
-            raise ValueError("credentials in the URI do not belong in a spec (it is written to the run dir): set "
-                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in "
-                             "the environment (ember submit --env NAME passes them to a job)")
+            raise PydanticCustomError(
+                CREDENTIALS_ERROR, "credentials in the URI do not belong in a spec (it is written to the run dir): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in the "
+                "environment (ember submit --env NAME passes them to a job)")
         return uri
 
 
@@ -296,9 +324,14 @@ class TrainingJobSpec(JobSpec):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Worker failure handling.")
     output: RunOutputSpec = Field(description="Run directory.")
-    resume: str = Field("auto", description="auto: continue the latest checkpoint in the run dir; never: refuse a "
-                                            "run dir that has one; or the path (or URI) of a checkpoint to start "
-                                            "from.")
+    resume: str = Field("auto", description="auto: continue the latest checkpoint in the run dir (of this spec: "
+                                            "another is refused, a longer train.max_steps or max_tokens continues "
+                                            "it); never: refuse a run dir that has one; or the path (or URI) of a "
+                                            "checkpoint to start from.")
+    trust_checkpoint: bool = Field(False, description="Unpickle checkpoints whole, any Python object in them: only "
+                                                      "for checkpoints from writers you trust (unpickling can run "
+                                                      "code). Default: only tensors and DeepSpeed's training state "
+                                                      "load, anything else is refused.")
 
     @model_validator(mode="after")
     def _defaults_follow_the_device(self):
@@ -356,6 +389,9 @@ class ChatDataSpec(SpecModel):
     shard_bytes: int = Field(64 * MiB, ge=4096, description="Target size of one Arrow shard file.")
     dir: Optional[str] = Field(None, description="Where the tokenized conversations go (default: RUN_DIR/data); "
                                                  "reused when inputs and settings are unchanged.")
+    overwrite: bool = Field(False, description="Replace a data.dir that holds a different dataset (the default, "
+                                               "RUN_DIR/data, is the run's own: rebuilt when the data settings "
+                                               "change, unless the run has checkpoints).")
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -431,7 +467,10 @@ class LmEvalSpec(SpecModel):
     gpus_per_actor: float = Field(0, ge=0, le=8, description="GPUs each actor asks Ray for (1 on GPU nodes: its "
                                                              "model on that GPU; 0: on CPU).")
     include_path: Optional[str] = Field(None, description="A directory of the harness's YAML task files (local "
-                                                          "JSONL data works without network access).")
+                                                          "JSONL data works without network access); needs "
+                                                          "allow_code.")
+    allow_code: bool = Field(False, description="Trust include_path's task files: they may run Python on the "
+                                                "cluster (`!function`, `process_results`).")
     apply_chat_template: bool = Field(False, description="Write each request with the model's chat template (as "
                                                      "the harness's --apply_chat_template).")
     fewshot_as_multiturn: bool = Field(False, description="With the chat template: few-shot examples as earlier "
@@ -444,6 +483,9 @@ class LmEvalSpec(SpecModel):
     def _multiturn_needs_the_template(self):
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ValueError("lm_eval.fewshot_as_multiturn needs lm_eval.apply_chat_template: true")
+        if self.include_path and not self.allow_code:
+            raise ValueError("lm_eval.include_path: the harness's task files can run Python on the cluster "
+                             "(`!function`); set lm_eval.allow_code: true if you trust this directory")
         return self
 
 

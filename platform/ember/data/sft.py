@@ -4,7 +4,8 @@ The result is a dataset dir in the shard format of `kind: tokenize` with manifes
 (``loss_mask``, ``segments``; see `ember.data.shards`). Its tokenizer is the base model's, plus the chat tokens the
 default template needs, and its `tokenizer_config.json` carries the chat template, so the fine-tuned model dir gets
 both. The work is the unit executor's (`ember.data.units`), as for `kind: tokenize`: the same work units, shard
-names, `shard_bytes`, per-unit resume and reuse of a finished dataset; `ConversationEncoder` is what differs.
+names, `shard_bytes`, per-unit resume and reuse of a finished dataset, and the refusal to replace another dataset in a
+`data.dir` unless `data.overwrite`; `ConversationEncoder` is what differs.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class ConversationEncoder:
 
 def _identities(data: ChatDataSpec, tok, config: dict, fingerprint: str) -> tuple[str, str]:
     """(job, dataset): the settings, tokenizer and template that shape the rows; and those with the input content."""
-    shaping = data.model_dump(exclude={"dir", "strict", "unit_bytes"})
+    shaping = data.model_dump(exclude={"dir", "overwrite", "strict", "unit_bytes"})
     job = identity_of({"data": shaping, "tokenizer": identity_of(tok.to_str()), "template": template_source(config),
                        "format_version": fmt.FORMAT_VERSION})
     return job, identity_of({"job": job, "inputs": fingerprint})
@@ -155,7 +156,10 @@ def prepare_chat_dataset(data: ChatDataSpec, base_dir: str | os.PathLike, out: s
                          f"checkpoints (their data positions index {storage.display(out)}); choose another "
                          "output.dir to start "
                          "over, or restore the previous data spec to resume")
-    finished = ex.prepare_output(out, job_id, identity, overwrite=True, dir_key="data.dir")
+    # The default RUN_DIR/data is its run's own (the run refuses changed data once it has checkpoints: `locked_by`);
+    # a data.dir the spec names may hold another dataset, which goes only with data.overwrite, as in tokenize.
+    finished = ex.prepare_output(out, job_id, identity, overwrite=data.overwrite or data.dir is None,
+                                 dir_key="data.dir", overwrite_key="data.overwrite")
     if finished is not None:
         log.info("finetune data: %s already holds these conversations (same inputs, settings and tokenizer): "
                  "reused", storage.display(out))

@@ -9,7 +9,9 @@ per-layer sliding windows, other RoPE scalings) is refused with the field and va
 unexpected and misshapen tensors.
 
 A model dir is a location (`ember.storage`): a bucket prefix is read through the node cache (`local_model_dir`) and
-written whole, `config.json` last.
+written whole (`storage.publish_dir`): uploaded beside it, copied into place with `config.json` last, and only then
+are the previous model's files the new one lacks removed, so a model there stays loadable while its successor
+uploads.
 """
 
 from __future__ import annotations
@@ -268,8 +270,7 @@ def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, model_dir: st
             save_weights(state, cfg, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
                          max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          files=files)
-            storage.delete_tree(model_dir)
-            storage.upload_dir(Path(local) / "model", model_dir, marker="config.json")
+            storage.publish_dir(Path(local) / "model", model_dir, marker="config.json")
         return model_dir
     model_dir = Path(model_dir)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state(state, cfg).items()}

@@ -61,7 +61,8 @@ def plan_finetune(spec: FinetuneSpec, address: str | None = None) -> RunPlan:
     run_dir = storage.normalize(spec.output.dir)
     refuse_never(spec, run_dir)
     data_dir = storage.normalize(spec.data.dir) if spec.data.dir else storage.join(run_dir, "data")
-    resuming = spec.resume == "auto" and storage.is_file(storage.join(run_dir, SNAPSHOT))
+    # Ray Train restores the run dir's own latest checkpoint first, whatever `resume` names (never: refused above).
+    resuming = storage.is_file(storage.join(run_dir, SNAPSHOT))
     manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
                                     locked_by=storage.display(run_dir) if resuming else None, progress_dir=run_dir)
     cfg.vocab_size = max(cfg.vocab_size, manifest["vocab_size"])

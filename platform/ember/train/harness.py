@@ -10,7 +10,7 @@ The requests are spread over Ray actors (`ScoringActor`, one model each: one per
 slices and gathered back in the harness's order, so the result is the same for any number of actors.
 
     kind: evaluate
-    lm_eval: {tasks: [hellaswag], num_fewshot: 0, limit: 100, actors: 2, include_path: ./my-tasks}
+    lm_eval: {tasks: [hellaswag], num_fewshot: 0, limit: 100, actors: 2, include_path: ./my-tasks, allow_code: true}
 
 With `apply_chat_template`, each request is written with the model's chat template as the hf class writes it
 (`ScoringPool.chat`: transformers' `continue_final_message` where the harness asks for no generation prompt).

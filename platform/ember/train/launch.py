@@ -3,13 +3,16 @@
 `pretrain.py` and `finetune.py` only build a `RunPlan`: what to train (the spec and the network), on what data
 (a dataset dir and its manifest), from which weights (a base model's fingerprint, a checkpoint to start from), and
 where to (the run dir). `launch` checks what Ray Train cannot (batch arithmetic, resources, a run dir that must not be
-resumed), reuses a finished identical run, and otherwise runs the trainer (`ember.train.trainer`) on a
-`TorchTrainer`. The plan reaches every worker as its `train_loop_config` (`to_config` / `from_config`): the workers
-read nothing else.
+resumed or holds another run), reuses a finished identical run, and otherwise runs the trainer
+(`ember.train.trainer`) on a `TorchTrainer`. The plan reaches every worker as its `train_loop_config` (`to_config`
+/ `from_config`): the workers read nothing else.
 
 A run dir holds (besides Ray Train's checkpoints and its `checkpoint_manager_snapshot.json`): `spec.yaml`,
-`metrics.jsonl`, `restores.jsonl`, `error.json` (a run that stopped itself says why), `model/` and, once finished,
-`result.json`: the run's identity (see `ember.identity`) and its last metrics.
+`run.json` (the trajectory its checkpoints are points of, and the run's length), `metrics.jsonl`, `restores.jsonl`,
+`error.json` (a run that stopped itself says why), `model/` and, once finished, `result.json`: the run's identity
+(see `ember.identity`) and its last metrics. Ray Train restores a run dir's latest checkpoint whatever the plan, so a
+run dir whose checkpoints are on another trajectory is refused before anything in it is touched (`refuse_another_run`):
+a longer run is the one continuation; the previous `result.json` goes only once the workers have restored.
 
 The run dir is a location (`ember.storage`): a local path, or a bucket prefix that becomes Ray Train's storage path,
 so that checkpoints are uploaded there and a restarted worker group, or a rerun on another cluster, restores from it.
@@ -18,6 +21,7 @@ so that checkpoints are uploaded there and a restarted worker group, or a rerun 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -43,6 +47,15 @@ RESULT_FILE = "result.json"  # written when a run finishes: its identity, length
 ERROR_FILE = "error.json"  # a run that stopped itself (non-finite loss) says why here; the driver raises it
 STATE_FILE = "ember_state.json"  # in each checkpoint: step, samples consumed, world size, spec
 RESTORES_FILE = "restores.jsonl"  # one record per restore of a checkpoint (see trainer.MetricsLog)
+RUN_FILE = "run.json"  # the trajectory the run dir's checkpoints are points of (`RunPlan.trajectory`), its length
+# Spec keys that are not what a run is: how to resume, how far to trust a checkpoint, where it is logged, whether a
+# fine-tune's data.dir may be replaced. A finished run is reused whatever they say.
+NOT_THE_RUN = ("resume", "trust_checkpoint", "train.tracking", "data.overwrite")
+# And those that say how a run goes, not what it trains: a run dir's checkpoints continue under other values (its
+# length only grows: see `refuse_another_run`).
+HOW_IT_RUNS = (*NOT_THE_RUN, "name", "output", "scaling", "failure", "train.max_steps", "train.max_tokens",
+               "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.tensorboard")
 
 
 @dataclass(frozen=True)
@@ -65,13 +78,18 @@ class RunPlan:
         return self.spec.kind
 
     def identity(self) -> str:
-        """What makes two runs the same run: the spec (without how to resume), the dataset (a dataset rebuilt in the
+        """What makes two runs the same run: the spec (without `NOT_THE_RUN`), the dataset (a dataset rebuilt in the
         same dir is other data), the network and the base's weights."""
-        spec = json.loads(self.spec.model_dump_json())
-        spec.pop("resume", None)
-        spec["train"].pop("tracking", None)  # where the run is logged is not what the run is
+        spec = _without(json.loads(self.spec.model_dump_json()), NOT_THE_RUN)
         return identity_of({"spec": spec, "dataset": self.manifest, "model": self.model.to_dict(),
                             "eos_ids": list(self.eos_ids), "base_weights": self.base_weights})
+
+    def trajectory(self) -> dict:
+        """What the run's checkpoints are points of: the identity's parts without the run's length and without how
+        it runs (`HOW_IT_RUNS`). A run dir's checkpoints are continued only by a plan of the same trajectory."""
+        return {"spec": _without(json.loads(self.spec.model_dump_json()), HOW_IT_RUNS),
+                "dataset": identity_of(self.manifest), "model": self.model.to_dict(), "eos_ids": list(self.eos_ids),
+                "base_weights": self.base_weights}
 
     def to_config(self) -> dict:
         """The plan as JSON-able data: the `train_loop_config` of every worker."""
@@ -116,6 +134,63 @@ def refuse_never(spec: TrainingJobSpec, run_dir: str) -> None:
     if spec.resume == "never" and storage.is_file(storage.join(run_dir, SNAPSHOT)):
         raise EmberError(f"{storage.display(run_dir)} holds checkpoints of an earlier run and resume is 'never'; set "
                          "resume: auto to continue it, or choose another output.dir")
+
+
+def refuse_another_run(plan: RunPlan) -> None:
+    """A run dir holding checkpoints of another trajectory fails before anything in it is touched: Ray Train
+    restores a run dir's latest checkpoint whatever the plan (and prunes the old run's checkpoints by
+    keep_checkpoints). The one continuation allowed is a longer run on the same trajectory (train.max_steps or
+    max_tokens raised)."""
+    run_dir, shown = plan.run_dir, storage.display(plan.run_dir)
+    if not storage.is_file(storage.join(run_dir, SNAPSHOT)):
+        return
+    trajectory = plan.trajectory()
+    stamp = read_stamp(storage.join(run_dir, RUN_FILE)) or _trajectory_from_spec_yaml(run_dir, trajectory)
+    if stamp["identity"] != identity_of(trajectory):
+        differences = "; ".join(_differences(stamp["trajectory"], trajectory)) or "unknown differences"
+        raise EmberError(f"{shown} holds a run of another spec ({differences}); choose another output.dir, or delete "
+                         "that directory to start over (only a longer train.max_steps continues a run)")
+    if plan.total_steps < stamp["total_steps"]:
+        raise EmberError(f"{shown} holds a run of {stamp['total_steps']} steps and this spec asks for "
+                         f"{plan.total_steps} (train.max_steps or max_tokens): a run is extended, not shortened; "
+                         "choose another output.dir for a shorter run")
+
+
+def _trajectory_from_spec_yaml(run_dir: str, trajectory: dict) -> dict:
+    """The stamp of a run dir written before run.json: what its spec.yaml says (the other parts unknown, taken to
+    be the plan's)."""
+    spec_file = storage.join(run_dir, "spec.yaml")
+    spec = yaml.safe_load(storage.read_text(spec_file)) if storage.is_file(spec_file) else None
+    known = {**trajectory, "spec": _without(spec or {}, HOW_IT_RUNS)}
+    return {"identity": identity_of(known), "trajectory": known, "total_steps": 0}
+
+
+def _without(spec: dict, keys: tuple[str, ...]) -> dict:
+    """A copy of the spec (as JSON) without the dotted `keys`."""
+    spec = json.loads(json.dumps(spec))
+    for key in keys:
+        *sections, last = key.split(".")
+        functools.reduce(lambda section, name: section.get(name) or {}, sections, spec).pop(last, None)
+    return spec
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for each spec key that differs (URIs as displayed), then the other parts that do."""
+    def leaves(value, prefix=""):
+        if not isinstance(value, dict):
+            return {prefix: value}
+        return {k: v for key, sub in value.items() for k, v in leaves(sub, f"{prefix}{key}.").items()} or \
+            {prefix: value}
+
+    def shown(value) -> str:
+        return storage.display(value) if isinstance(value, str) else json.dumps(value)  # a URI without its query
+
+    before, after = leaves(old.get("spec", {})), leaves(new["spec"])
+    out = [f"{key.rstrip('.')}: {shown(before.get(key))} → {shown(after.get(key))}"
+           for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    named = {"dataset": "the dataset (its manifest.json)", "model": "the network", "eos_ids": "the end tokens",
+             "base_weights": "the base's weights"}
+    return out + [what for part, what in named.items() if part in old and old[part] != new[part]]
 
 
 def resume_path(spec: TrainingJobSpec) -> str | None:
@@ -184,11 +259,13 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
         return finished
     restarting = storage.is_file(storage.join(run_dir, SNAPSHOT))
     refuse_never(spec, run_dir)
+    refuse_another_run(plan)
     ensure_ray(address)
     _check_resources(spec)  # before the run dir is touched: a job the cluster can never hold leaves nothing behind
     storage.make_dirs(run_dir)
-    for stale in (RESULT_FILE, ERROR_FILE):
-        storage.delete(storage.join(run_dir, stale))
+    storage.delete(storage.join(run_dir, ERROR_FILE))  # result.json stays until training starts (the trainer)
+    write_stamp(storage.join(run_dir, RUN_FILE), identity_of(plan.trajectory()), trajectory=plan.trajectory(),
+                total_steps=plan.total_steps)
     storage.write_text(storage.join(run_dir, "spec.yaml"),
                        yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
     cfg, s = plan.model, spec.scaling

@@ -133,7 +133,7 @@ def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_dir: str, 
     if storage.is_uri(out):
         with tempfile.TemporaryDirectory(prefix="ember-adapter-") as local:
             save_adapter(state, spec, base_dir, Path(local))
-            storage.upload_dir(local, out, marker="adapter_config.json")
+            storage.publish_dir(Path(local), out, marker="adapter_config.json")
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

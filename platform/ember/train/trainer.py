@@ -10,8 +10,9 @@ Each worker builds the model, wraps it in a DeepSpeed engine configured from the
 `ember_state.json` (step, samples consumed) in one Ray Train checkpoint; restoring one continues the same global
 sample order, also with another worker count (partitioned ZeRO states are converted to DeepSpeed's universal
 checkpoint format first, once per node: its first rank converts, the others wait and load the same files;
-`restores.jsonl` records which ranks converted). Rank 0 writes `metrics.jsonl`, the progress line and the Ray
-metrics, and exports the model.
+`restores.jsonl` records which ranks converted); its files are unpickled by torch's weights-only unpickler
+(`ember.train.unpickling`) unless the spec says `trust_checkpoint`. Rank 0 writes `metrics.jsonl`, the progress line
+and the Ray metrics, and exports the model.
 
 The run dir is a location (`ember.storage`): in object storage, Ray Train uploads the checkpoints there (the run's
 `storage_path`), rank 0 publishes `metrics.jsonl` whole at each row and uploads TensorBoard's events at each
@@ -47,9 +48,10 @@ from ember.model import flops_per_token, save_model, save_weights
 from ember.progress import write_progress
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import bucket_sizes, deepspeed_config, trainer_clips
-from ember.train.launch import ERROR_FILE, RESTORES_FILE, STATE_FILE, RunPlan
+from ember.train.launch import ERROR_FILE, RESTORES_FILE, RESULT_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss, training_dtype
 from ember.train.tracking import start_tracking
+from ember.train.unpickling import weights_only_loading
 
 log = logging.getLogger("ember")
 
@@ -342,6 +344,9 @@ class Trainer:
             filesystem, path = storage.resolve(self.plan.start_from)  # a local path or a bucket's
             checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
         with contextlib.ExitStack() as stack:
+            if checkpoint is not None:  # its files (and a universal conversion's) unpickled safely: see unpickling.py
+                stack.enter_context(weights_only_loading(storage.display(str(checkpoint.path)),
+                                                         self.spec.trust_checkpoint))
             load = self._checkpoint_to_load(checkpoint, stack) if checkpoint is not None else None
             # DeepSpeed prints its op builds ("... op built successfully"); --debug shows them.
             with contextlib.nullcontext() if debugging() else contextlib.redirect_stdout(io.StringIO()):
@@ -530,6 +535,8 @@ class Trainer:
         val_reader = (ShardReader(plan.data_dir, "val", seed=tr.seed, rank=rank, world_size=self.world)
                       if plan.manifest["splits"]["val"]["rows"] else None)
         restored = self.restore()
+        if rank == 0:  # training starts: the result of the run this one continues no longer describes the run dir
+            storage.delete(storage.join(self.run_dir, RESULT_FILE))
         reset_peak_memory(self.device)
         batches = reader.batches(tr.micro_batch_size, start=self.samples)
         tracker = start_tracking(plan) if rank == 0 else None
