@@ -8,7 +8,9 @@ and output lengths:
 
 Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT) p50/p99 for each, then
 c/a and c/b at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
-tokens (end of text ignored). With --prefix, then: 32 chat requests at once sharing a ~400-token system prompt, against
+tokens (end of text ignored). Two more lines at concurrency 32 show where the server's CPU goes on a small machine:
+the same requests not streamed (one response each), and streamed with vLLM's `stream_interval` at 4 (a chunk per 4
+tokens; `engine_kwargs: {stream_interval: 4}` in a serve spec). With --prefix, then: 32 chat requests at once sharing a ~400-token system prompt, against
 the server with prefix caching off and on; prints the TTFT p50 of each and their ratio.
 
     python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--repeat 3] [--prefix] [--gpu]
@@ -165,6 +167,34 @@ def bench_server(base, prompts, new_tokens, concurrency, show=True):
     return line(f"(c) Ember server, concurrency {concurrency}", tokens, seconds, ttft, tpot)
 
 
+def bench_unstreamed(base, prompts, new_tokens, concurrency) -> float:
+    """Output tokens/s of the same work as `bench_server`, each completion returned whole."""
+    import aiohttp
+
+    work = (prompts * ((concurrency * 2) // len(prompts) + 1))[: max(len(prompts), concurrency * 2)]
+
+    async def run():
+        queue, counts = list(work), []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+            async def client():
+                while queue:
+                    body = {"model": "bench", "prompt": queue.pop(), "max_tokens": new_tokens, "temperature": 0,
+                            "ignore_eos": True}
+                    async with session.post(f"{base}/v1/completions", json=body) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+                        counts.append((await resp.json())["usage"]["completion_tokens"])
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        return sum(counts)
+
+    start = time.perf_counter()
+    tokens = asyncio.run(run())
+    rate = tokens / (time.perf_counter() - start)
+    print(f"{f'(c) concurrency {concurrency}, not streamed':<34} {rate:>8,.0f} tok/s", flush=True)
+    return rate
+
+
 def bench_shared_prefix(base, system: str, users: list[str], new_tokens: int = 8) -> float:
     """TTFT p50 of one chat request per user message, all at once, each with the same system message (after one
     request of it alone, so a prefix cache holds it)."""
@@ -267,6 +297,15 @@ def main() -> int:
     print(f"c/a at concurrency 32: {c / a:.2f} (target >= 15); c/b: {c / b:.2f} (target >= 0.9)  (median of "
           f"{len(at_32)} runs: {', '.join(f'{r:.0f}' for r in at_32)} tok/s; c/a at 1 and 8: {rates[1] / a:.2f}, "
           f"{rates[8] / a:.2f})")
+    unstreamed = bench_unstreamed(base, prompts, args.new_tokens, 32)
+    serve.delete("bench")
+    base = deploy(args, port, engine_kwargs={"stream_interval": 4})
+    bench_server(base, prompts[:4], args.new_tokens, 1, show=False)
+    interval = sorted(bench_server(base, prompts, args.new_tokens, 32, show=False) for _ in range(max(1, args.repeat)))
+    chunked = interval[len(interval) // 2]
+    print(f"{'(c) concurrency 32, stream_interval 4':<34} {chunked:>8,.0f} tok/s (median of {len(interval)})")
+    print(f"c/b at concurrency 32: not streamed {unstreamed / b:.2f}, stream_interval 4 {chunked / b:.2f}; the most "
+          f"c/a can be here is b/a = {b / a:.2f}", flush=True)
     if args.prefix:
         bench_prefix(args, port, prompts)
     serve.shutdown()
