@@ -10,8 +10,9 @@ Prints output tokens/s, time to first token (TTFT) p50/p99 and time per output t
 c/a and c/b at concurrency 32 (the median of --repeat runs of (c)). Every request generates exactly --new-tokens
 tokens (end of text ignored). Two more lines at concurrency 32 show where the server's CPU goes on a small machine:
 the same requests not streamed (one response each), and streamed with vLLM's `stream_interval` at 4 (a chunk per 4
-tokens; `engine_kwargs: {stream_interval: 4}` in a serve spec). With --prefix, then: 32 chat requests at once sharing a ~400-token system prompt, against
-the server with prefix caching off and on; prints the TTFT p50 of each and their ratio.
+tokens; `engine_kwargs: {stream_interval: 4}` in a serve spec). With --prefix, then: 32 chat requests at once
+sharing a ~400-token system prompt, against the server with prefix caching off and on; prints the TTFT p50 of each
+and their ratio.
 
     python benchmarks/serve_bench.py [--requests 32] [--new-tokens 64] [--repeat 3] [--prefix] [--gpu]
 
