@@ -153,10 +153,19 @@ def test_a_value_that_fails_another_check_is_not_shown_when_it_holds_credentials
                                   "parse string as an integer (the value is not shown: it holds credentials)")
 
 
-def test_ember_serve_and_the_storage_layer_refuse_credentials_in_uris_too(tmp_path):
+def test_ember_run_submit_serve_and_the_storage_layer_refuse_credentials_in_uris_too(tmp_path):
+    """Nothing is written, submitted or logged with the secret: `ember run` and `ember submit` stop at the spec
+    (no run dir, nothing sent to Ray), `ember serve` at its args, the storage layer at the URI."""
     from conftest import run_ember
     from ember import storage
 
+    run_dir = tmp_path / "run"
+    for verb in ("run", "submit"):
+        done = run_ember(verb, str(REPO / "jobs" / "pretrain-demo.yaml"), "--set", f"output.dir={run_dir}",
+                         "--set", f"data.dir={SECRET_URI}", env={"RAY_ADDRESS": "127.0.0.1:1"})
+        assert done.returncode != 0 and "HUSH" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+        assert "data.dir: credentials in a URI (access_key, secret_key) do not belong in a spec" in done.stderr
+        assert not run_dir.exists()
     done = run_ember("serve", SECRET_URI, env={"RAY_ADDRESS": ""})
     assert done.returncode != 0 and "HUSH" not in done.stdout + done.stderr
     assert "args.model_dir: credentials in a URI (access_key, secret_key)" in done.stderr
