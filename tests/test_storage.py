@@ -188,8 +188,11 @@ def test_the_default_cache_is_this_user_s_own_private_dir(tmp_path, monkeypatch)
     assert cache.directory == tmp_path / f"ember-cache-{os.getuid()}"
     assert cache.directory.stat().st_mode & 0o777 == 0o700
     cache.directory.chmod(0o777)  # a dir others may write: refused, naming it
-    with pytest.raises(EmberError, match=rf"{cache.directory} belongs to uid {os.getuid()} with mode 777; .* private"):
+    with pytest.raises(EmberError, match=rf"{cache.directory} belongs to uid {os.getuid()} with mode 777; .* "
+                                         r"writable by no one else"):
         storage.NodeCache()
+    with pytest.raises(EmberError, match="belongs to uid"):  # every user of the cache dir checks it
+        storage.cache_dir()
     if os.getuid() == 0:  # another user's dir (root can make one here)
         cache.directory.chmod(0o700)
         os.chown(cache.directory, 12345, 12345)

@@ -514,19 +514,22 @@ def make_dirs(location: str | os.PathLike) -> None:
 
 
 def cache_dir() -> Path:
-    """`EMBER_CACHE_DIR`, or this user's own dir in the node's temp dir (`ember-cache-UID`)."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / f"ember-cache-{os.getuid()}")
+    """`EMBER_CACHE_DIR`, or this user's own dir in the node's temp dir (`ember-cache-UID`): created 0700, and
+    checked to be this user's and writable by no one else (`_private_dir`)."""
+    directory = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / f"ember-cache-{os.getuid()}")
+    _private_dir(directory)
+    return directory
 
 
 def _private_dir(directory: Path) -> None:
-    """Creates `directory` (mode 0700), or checks that the one there is this user's and no one else's: a cache
-    another user can write could hand this one a file of their choosing."""
+    """Creates `directory` (mode 0700), or checks that the one there is this user's and that no one else may write
+    it: a cache another user can write could hand this one a file of their choosing."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = directory.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
         raise EmberError(f"the node cache {directory} belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}; "
-                         f"it must be this user's (uid {os.getuid()}) and private (0700): fix it, or set "
-                         f"{CACHE_DIR_ENV} to a dir of your own")
+                         f"it must be this user's (uid {os.getuid()}) and writable by no one else (0700): fix it, "
+                         f"or set {CACHE_DIR_ENV} to a dir of your own")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -556,7 +559,8 @@ class NodeCache:
         self.directory = Path(directory) if directory else cache_dir()
         self.budget = budget_bytes if budget_bytes is not None else \
             int(os.environ.get(CACHE_BYTES_ENV) or DEFAULT_CACHE_BYTES)
-        _private_dir(self.directory)
+        if directory:
+            _private_dir(self.directory)
 
     def _entry(self, location: str) -> Path:
         # The key hashes the whole URI: the endpoint tells stores apart; the query may hold credentials.
