@@ -20,7 +20,6 @@ from ember import storage
 from ember.data.chat import ChatTemplate
 from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, load_tokenizer
 from ember.errors import EmberError
-from ember.serve.guard import key_digest
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -217,66 +216,77 @@ def test_a_public_host_without_keys_refuses_to_start(model_dir, tmp_path):
         build_app({"model_dir": "/nowhere"})
 
 
-def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(model_dir, serve_port, tmp_path,
-                                                                     monkeypatch):
-    """The replica's environment (Ray's workers started before this test) has no keys: it enforces the digests
-    build_app put in its args, and no key is in those args in clear."""
+def test_keys_reach_replicas_as_digests_and_comment_lines_are_not_keys(keyed_app, tmp_path):
+    """The keyed app's keys came from a keys file and EMBER_API_KEYS, both gone before it deployed, and the
+    replicas' environment (Ray's workers started before) has none: they enforce the digests build_app put in their
+    args, and no key is in those args in clear."""
     from openai import AuthenticationError, OpenAI
 
-    from ember.serve.app import build_app
     from ember.serve.guard import read_api_keys
     from ember.serve.launch import wait_ready
 
-    keys = tmp_path / "keys"
-    keys.write_text("# the team's keys\nfile-key-1\n\n  # rotated out: old-key\n")
-    assert read_api_keys(None, str(keys)) == {"file-key-1"}
-    monkeypatch.setenv("EMBER_API_KEYS", "env-key-1, env-key-2")  # the default api_keys_env
-    app = build_app({"model_dir": str(model_dir), "model_name": "tiny", "num_replicas": 1, "num_cpus": 0.25,
-                     "ingress_num_cpus": 0, "kv_cache_memory_gb": 0.25, "api_keys_file": str(keys)})
-    args = json.dumps(app._bound_deployment.init_args[1:])  # the ingress's args (the first is the engine's app)
+    (tmp_path / "keys").write_text(KEYS_FILE)
+    assert read_api_keys(None, str(tmp_path / "keys")) == {"file-key-1"}
+    base, args = keyed_app
     assert "env-key" not in args and "file-key" not in args and args.count('"api_key_sha256"') == 1
-    monkeypatch.delenv("EMBER_API_KEYS")
-    keys.unlink()
-    from ray import serve
-
-    base = f"http://127.0.0.1:{serve_port}/digests"
-    try:
-        serve.run(app, name="digests", route_prefix="/digests", blocking=False)
-        assert wait_ready(base, app="digests") is None  # up, and it needs a key this caller lacks
-        with pytest.raises(EmberError, match="refused the configured API key"):
-            wait_ready(base, timeout=30, api_key="old-key")
-        for key in ("env-key-2", "file-key-1"):
-            assert wait_ready(base, timeout=30, api_key=key)["data"][0]["id"] == "tiny"
-        for key in ("# the team's keys", "old-key", "env-key-1, env-key-2", ""):
-            r = requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-            assert r.status_code == 401, key
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers,
-                              timeout=60)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        with pytest.raises(AuthenticationError):
-            OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
-        assert OpenAI(base_url=f"{base}/v1", api_key="file-key-1").completions.create(
-            model="tiny", prompt="hi", max_tokens=2).choices
-        assert requests.get(f"{base}/health", timeout=30).status_code == 200  # for load balancers: no key
-    finally:
-        serve.delete("digests")
+    assert wait_ready(base, app="keyed") is None  # up, and it needs a key this caller lacks
+    with pytest.raises(EmberError, match="refused the configured API key"):
+        wait_ready(base, timeout=30, api_key="old-key")
+    for key in ("env-key-2", "file-key-1"):
+        assert wait_ready(base, timeout=30, api_key=key)["data"][0]["id"] == "tiny"
+    for key in ("# the team's keys", "old-key", "env-key-1, env-key-2", ""):
+        r = requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 401, key
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers,
+                          timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    assert OpenAI(base_url=f"{base}/v1", api_key="file-key-1").completions.create(
+        model="tiny", prompt="hi", max_tokens=2).choices
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200  # for load balancers: no key
 
 
 # ----------------------------------------------------------------- what API keys keep apart
 
-KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
+KEYS_FILE = "# the team's keys\nfile-key-1\n\n  # rotated out: old-key\n"
+KEY_A, KEY_B = "file-key-1", "env-key-2"  # two tenants: one key from the keys file, one from EMBER_API_KEYS
 INGRESS_SLOTS = 4  # the keyed app's ingress_max_ongoing_requests
 
 
 @pytest.fixture(scope="module")
-def keyed(model_dir, serve_port):
-    """An app with two API keys whose ingress holds INGRESS_SLOTS requests at once and gives a body 3 s, with
-    special-token text in messages left as control tokens (`sanitize_control_tokens: false`)."""
-    with deployed("keyed", serve_port, api_key=KEY_A, model_dir=str(model_dir), model_name="tiny", num_replicas=1,
-                  api_key_sha256=[key_digest(KEY_A), key_digest(KEY_B)], ingress_max_ongoing_requests=INGRESS_SLOTS,
-                  body_timeout_s=3, sanitize_control_tokens=False) as base:
-        yield base
+def keyed_app(model_dir, serve_port, tmp_path_factory):
+    """An app whose API keys come from a keys file and EMBER_API_KEYS, both gone before it deploys; its ingress
+    holds INGRESS_SLOTS requests at once and gives a body 3 s, and special-token text in messages is left as control
+    tokens (`sanitize_control_tokens: false`). Yields its base URL and the ingress's args as JSON."""
+    from ray import serve
+
+    from ember.serve.app import build_app
+    from ember.serve.launch import wait_ready
+
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(KEYS_FILE)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EMBER_API_KEYS", "env-key-1, env-key-2")  # the default api_keys_env
+        app = build_app({"model_dir": str(model_dir), "model_name": "tiny", "num_replicas": 1, "num_cpus": 0.25,
+                         "ingress_num_cpus": 0, "kv_cache_memory_gb": 0.25, "api_keys_file": str(keys),
+                         "ingress_max_ongoing_requests": INGRESS_SLOTS, "body_timeout_s": 3,
+                         "sanitize_control_tokens": False})
+    keys.unlink()
+    args = json.dumps(app._bound_deployment.init_args[1:])  # the ingress's args (the first is the engine's app)
+    base = f"http://127.0.0.1:{serve_port}/keyed"
+    try:
+        serve.run(app, name="keyed", route_prefix="/keyed", blocking=False)
+        wait_ready(base, api_key=KEY_A, app="keyed")
+        yield base, args
+    finally:
+        serve.delete("keyed")
+
+
+@pytest.fixture(scope="module")
+def keyed(keyed_app) -> str:
+    return keyed_app[0]
 
 
 def _bearer(key: str) -> dict:

@@ -77,7 +77,7 @@ def test_a_server_that_never_gets_ready_fails_its_set_up_and_leaves_nothing_runn
     args, url = _start_args(tmp_path, mode)
     started = time.monotonic()
     with pytest.raises(AssertionError, match="did not"):
-        with http_server(args, url, tmp_path / "server.log", timeout=8):
+        with http_server(args, url, tmp_path / "server.log", timeout=3):
             pass
     assert time.monotonic() - started < 60, "the deadline bounds the wait, however long one poll hangs"
     assert _still_running(tmp_path) == [], "a failed set-up stops the server and the workers it started"
