@@ -1,7 +1,7 @@
 """lm-evaluation-harness on CPU, in one run, same model, same task, same results:
 
 (a) the harness's own `hf` model class in one process (the baseline);
-(b) Ember's harness class (`ember.train.harness`) with the requests spread over 2 Ray actors.
+(b) Ember's harness class (`ember.eval.harness`) with the requests spread over 2 Ray actors.
 
 The task is a local multiple-choice task (the harness's YAML over a JSONL file this script writes; no network):
 DOCS documents of 4 choices each, loglikelihood requests. Prints requests/s of each and the ratio b/a, after
@@ -53,9 +53,9 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     from ember.data.tokenizer import save_tokenizer, train_tokenizer
+    from ember.eval.harness import _harness_class
     from ember.model import Transformer, preset, save_model
     from ember.runtime import ensure_ray
-    from ember.train.harness import _harness_class
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"Python {platform.python_version()}")

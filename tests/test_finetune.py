@@ -17,8 +17,8 @@ from ember import storage
 from ember.config import parse_spec
 from ember.data.tokenizer import load_tokenizer
 from ember.errors import EmberError
+from ember.eval.evaluate import run_evaluate
 from ember.model import load_model, save_model
-from ember.train.evaluate import run_evaluate
 from ember.train.finetune import run_finetune
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -326,7 +326,7 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
     assert tuned["conversations"]["answered"] == 10 and len(tuned["conversations"]["examples"]) == 3
 
     # `ember report` shows the evaluation next to the training curves (results under RUN_DIR/eval/ are found).
-    from ember.train.report import write_report
+    from ember.runs.report import write_report
 
     summary = write_report(ember_full_run)
     assert "evaluation s3://" in summary and "eval/results.json:" in summary
@@ -339,7 +339,7 @@ def test_the_finetuned_model_beats_its_base_on_held_out_conversations(ember_full
 
 def test_conversation_scores_are_the_same_one_at_a_time_and_in_batches(ember_full_run, chat_data):
     """Right-padded batches of conversations give each one's loss and greedy answer as it gets alone."""
-    from ember.train.evaluate import conversation_scores, read_conversations
+    from ember.eval.evaluate import conversation_scores, read_conversations
 
     model_dir = storage.join(ember_full_run, "model")
     model = load_model(model_dir)

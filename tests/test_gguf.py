@@ -433,7 +433,7 @@ def test_the_import_writes_to_a_bucket_and_reads_a_file_from_one(good_file, s3_s
 
 def test_an_unknown_built_in_model_is_named_with_its_field(tmp_path):
     from ember.config import parse_spec
-    from ember.train.evaluate import run_evaluate
+    from ember.eval.evaluate import run_evaluate
 
     spec = parse_spec({"kind": "evaluate", "models": {"mine": "builtin:gpt-5"},
                        "data": {"conversations": ["builtin:python-qa:test"]},

@@ -94,7 +94,7 @@ def flat(value) -> list:
 
 
 def test_ember_s_harness_class_gives_the_hf_class_s_numbers_over_one_or_two_actors(model_and_tasks):
-    from ember.train.harness import _harness_class
+    from ember.eval.harness import _harness_class
 
     model_dir, tasks = model_and_tasks
     theirs = evaluate("hf", tasks, pretrained=str(model_dir), dtype="float32", batch_size=1, device="cpu")
@@ -128,7 +128,7 @@ def test_with_the_chat_template_the_requests_and_numbers_are_the_hf_class_s(mode
     import shutil
 
     from conftest import REPO
-    from ember.train.harness import _harness_class
+    from ember.eval.harness import _harness_class
 
     model_dir, tasks = model_and_tasks
     plain, chat = tmp_path / "plain-model", tmp_path / "chat-model"
@@ -162,7 +162,7 @@ def test_with_the_chat_template_the_requests_and_numbers_are_the_hf_class_s(mode
 
 
 def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(model_and_tasks, tmp_path, capsys):
-    from ember.train.evaluate import run_evaluate
+    from ember.eval.evaluate import run_evaluate
 
     model_dir, tasks = model_and_tasks
     spec = {"kind": "evaluate", "models": {"tiny": str(model_dir)},
@@ -186,7 +186,7 @@ def test_kind_evaluate_scores_every_model_on_the_tasks_and_refuses_unknown_ones(
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_actors_score_as_on_cpu(model_and_tasks):
-    from ember.train.harness import _harness_class
+    from ember.eval.harness import _harness_class
 
     model_dir, tasks = model_and_tasks
     EmberLM = _harness_class()
@@ -202,8 +202,8 @@ def test_the_built_in_python_qa_choice_task_runs_offline_on_the_real_model(tmp_p
     questions, each answer among three others) into the node cache. SmolLM2 picks the right docstring summary far
     more often than chance (0.25), and the harness's figures are in the results."""
     from ember.data.builtin import python_qa_choices
-    from ember.train.evaluate import run_evaluate
-    from ember.train.harness import builtin_task_dir
+    from ember.eval.evaluate import run_evaluate
+    from ember.eval.harness import builtin_task_dir
 
     docs = python_qa_choices()
     assert [d["question"] for d in docs] == [d["question"] for d in python_qa_choices()]  # deterministic

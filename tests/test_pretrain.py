@@ -98,7 +98,7 @@ def test_a_run_logs_metrics_checkpoints_and_exports_a_model(reference_run):
 def test_a_finished_run_is_reused_and_reported(dataset, reference_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ember.train.report import write_report
+    from ember.runs.report import write_report
 
     before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
     metrics = train(dataset, reference_run, train={"decay_steps": 8, "tensorboard": True})  # the same spec again
@@ -409,7 +409,7 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(
     takes the global samples the two would have taken, so the losses follow the uninterrupted 2-worker run. Its run
     dir is a bucket prefix: Ray Train uploads the checkpoints there, rank 0 the metrics and the model, and the
     finished run is recognised there and reused; `ember report` reads it from there and writes the report beside it."""
-    from ember.train.report import write_report
+    from ember.runs.report import write_report
 
     bucket, endpoint, client = s3_server
     run_dir = f"s3://{bucket}/pretrain/one-worker-{tmp_path.name}?endpoint_override={endpoint}&scheme=http"
@@ -450,7 +450,7 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(
 
 
 def test_evaluate_gives_the_perplexity_of_a_model_on_a_dataset(dataset, reference_run, tmp_path):
-    from ember.train.evaluate import run_evaluate
+    from ember.eval.evaluate import run_evaluate
 
     spec = {"kind": "evaluate", "models": {"trained": str(reference_run / "model")},
             "data": {"dir": str(dataset), "split": "val", "batches": 2, "batch_size": 2},

@@ -1,5 +1,5 @@
-"""Progress as data (`ember.progress`): the record a job writes, what `ember jobs status` and `ember status` show from
-it, and where `ember submit` says it will be. No Ray: the Jobs API client is a stand-in that serves job details."""
+"""Progress as data (`ember.runs.progress`): the record a job writes, what `ember jobs status` and `ember status` show
+from it, and where `ember submit` says it will be. No Ray: the Jobs API client is a stand-in that serves job details."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from ember.cluster import jobs as J
 from ember.cluster.status import render
-from ember.progress import FILE, describe_progress, read_progress, show_progress, write_progress
+from ember.runs.progress import FILE, describe_progress, read_progress, show_progress, write_progress
 
 TRAIN = {"kind": "train", "step": 12, "total_steps": 12, "loss": 3.12341, "tokens_per_s": 1234.4, "val_loss": None}
 TOKENIZE = {"kind": "tokenize", "units": 3, "total_units": 5, "tokens": 12345, "tokens_per_s": 6789.2}

@@ -24,7 +24,7 @@ from ember.data.shards import ShardReader, load_manifest
 from ember.data.tokenizer import load_tokenizer
 from ember.errors import EmberError
 from ember.identity import content_sha256
-from ember.progress import read_progress
+from ember.runs.progress import read_progress
 from ember.runtime import find_ember_error
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -29,7 +29,7 @@ JOB_RUNNERS = {
     "tokenize": "ember.data.pipeline:run_tokenize",
     "pretrain": "ember.train.pretrain:run_pretrain",
     "finetune": "ember.train.finetune:run_finetune",
-    "evaluate": "ember.train.evaluate:run_evaluate",
+    "evaluate": "ember.eval.evaluate:run_evaluate",
 }
 
 _EPILOG = """examples:
@@ -348,7 +348,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ember.train.report import write_report
+    from ember.runs.report import write_report
 
     print(write_report(args.run_dir, args.eval))
     return 0

@@ -120,7 +120,7 @@ class Demo:
         self.figures["finetune"] = _losses(metrics)
 
     def stage_evaluate(self) -> None:
-        from ember.train.evaluate import run_evaluate
+        from ember.eval.evaluate import run_evaluate
 
         spec = self.spec("evaluate", {"models.finetuned": self.finetune_dir / "model"})
         results = run_evaluate(spec, self.address)
@@ -136,7 +136,7 @@ class Demo:
         self.figures["evaluate"] = scores
 
     def stage_report(self) -> None:
-        from ember.train.report import write_report
+        from ember.runs.report import write_report
 
         for name, run_dir in (("pretrain", self.pretrain_dir), ("finetune", self.finetune_dir)):
             self.say(write_report(run_dir))

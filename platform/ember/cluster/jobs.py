@@ -10,7 +10,7 @@ Ray's own `ray job` reads them) or by its GCS address, whose dashboard `ember.cl
 the local cluster from `ember cluster up` is used. Requests carry the cluster's token (Ray's token authentication),
 from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 
-A job's progress is not read from its log: the job writes a record in its output dir (`ember.progress`), and the
+A job's progress is not read from its log: the job writes a record in its output dir (`ember.runs.progress`), and the
 job's metadata (`ember_progress`) says where, when this client can name that place.
 """
 
@@ -28,14 +28,14 @@ import uuid
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.progress import show_progress
+from ember.runs.progress import show_progress
 from ember.runtime import find_token, is_loopback, use_token_auth
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
 FORWARDED_ENV = ("EMBER_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write ember.progress records in output.dir
+PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write ember.runs.progress records in output.dir
 
 
 def resolve_dashboard(address: str | None) -> str:
@@ -136,8 +136,8 @@ def _job_name(spec, path: Path) -> str:
 
 
 def progress_location(spec, workdir: str | None, same_machine: bool) -> str | None:
-    """Where the job will keep its progress record (`ember.progress`), as this client names it: the spec's output dir
-    as an absolute path or a URI. None for a kind that writes none, and for a path whose meaning only the job's node
+    """Where the job will keep its progress record (`ember.runs.progress`), as this client names it: the spec's output
+    dir as an absolute path or a URI. None for a kind that writes none, and for a path whose meaning only the job's node
     knows: a relative one resolved in Ray's temporary working dir (no --workdir), or `~` on another machine."""
     if spec.kind not in PROGRESS_KINDS:
         return None

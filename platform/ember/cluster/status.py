@@ -1,6 +1,6 @@
 """`ember status`: one screen with the cluster's nodes and resources, Ember's jobs with their latest progress, the
 Serve applications with their replicas, and where the dashboard is. Read over the dashboard's HTTP APIs, and the jobs'
-progress records (`ember.progress`) where their metadata says they are."""
+progress records (`ember.runs.progress`) where their metadata says they are."""
 
 from __future__ import annotations
 

@@ -49,8 +49,8 @@ from ember.data import shards as fmt
 from ember.data.sources import InputFile, Segment, SkipLog, WorkUnit, input_stats
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, stamp_matches, write_stamp
-from ember.progress import FILE as PROGRESS_FILE
-from ember.progress import write_progress
+from ember.runs.progress import FILE as PROGRESS_FILE
+from ember.runs.progress import write_progress
 from ember.runtime import quiet_libraries
 
 log = logging.getLogger("ember")
@@ -317,7 +317,7 @@ def run_units(prepare: Callable[[], UnitJob], units: list[WorkUnit], *, out_dir:
     The actor pool starts first: each actor is a new process that imports Ray Data (about a second), and that start
     overlaps `prepare()`, the driver's work the job needs (training or loading the tokenizer). The actors wait for
     the job it returns; if it raises, they stop and its error is raised here. The job's progress record
-    (`ember.progress`) goes to `progress_dir` (default: the output dir) as units complete."""
+    (`ember.runs.progress`) goes to `progress_dir` (default: the output dir) as units complete."""
     done = set(read_markers(out_dir, fingerprints, units))
     pending = [u for u in units if u.index not in done]
     if done:

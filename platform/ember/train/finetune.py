@@ -19,8 +19,8 @@ from ember.errors import EmberError
 from ember.identity import read_stamp, write_stamp
 from ember.model import builtin
 from ember.model.hf import bos_token_id, config_from_hf, read_json, weights_fingerprint
+from ember.runs.tracking import settle_tracking
 from ember.train.launch import SNAPSHOT, RunPlan, launch, refuse_never, resume_path, total_steps
-from ember.train.tracking import settle_tracking
 
 log = logging.getLogger("ember")
 

@@ -36,9 +36,9 @@ from ember.config.specs import SPEC_KINDS, TrainingJobSpec
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, write_stamp
 from ember.model import ModelConfig
+from ember.runs.tracking import finish_tracking
 from ember.runtime import debugging, ensure_ray, find_ember_error, training_worker_env
 from ember.train.ds_config import deepspeed_config
-from ember.train.tracking import finish_tracking
 
 log = logging.getLogger("ember")
 

@@ -13,8 +13,8 @@ from ember.data.shards import load_manifest
 from ember.errors import EmberError
 from ember.model import ModelConfig, builtin, preset
 from ember.model.hf import bos_token_id, config_from_hf, read_json
+from ember.runs.tracking import settle_tracking
 from ember.train.launch import RunPlan, launch, resume_path, total_steps
-from ember.train.tracking import settle_tracking
 
 
 def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:

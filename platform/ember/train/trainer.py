@@ -45,12 +45,12 @@ from ember.config.specs import TrainSpec
 from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
 from ember.model import flops_per_token, save_model, save_weights
-from ember.progress import write_progress
+from ember.runs.progress import write_progress
+from ember.runs.tracking import start_tracking
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.ds_config import bucket_sizes, deepspeed_config, trainer_clips
 from ember.train.launch import ERROR_FILE, RESTORES_FILE, RESULT_FILE, STATE_FILE, RunPlan
 from ember.train.recipes import RECIPES, lm_loss, training_dtype
-from ember.train.tracking import start_tracking
 from ember.train.unpickling import weights_only_loading
 
 log = logging.getLogger("ember")
@@ -150,7 +150,7 @@ class MetricsLog:
     def __init__(self, run_dir: str, resumed_step: int, tensorboard: bool = False, restored: dict | None = None,
                  tracker=None):
         self.path, self.remote = storage.join(run_dir, "metrics.jsonl"), storage.is_uri(run_dir)
-        self.tracker = tracker  # `ember.train.tracking.Tracker`: each row to MLflow and W&B too
+        self.tracker = tracker  # `ember.runs.tracking.Tracker`: each row to MLflow and W&B too
         rows = _jsonl(self.path)
         self.rows = [r for r in rows if r.get("step", 0) <= resumed_step]
         superseded = [{"step": r["step"], "loss": r.get("loss")} for r in rows if r.get("step", 0) > resumed_step]

@@ -37,13 +37,13 @@ from ember.data.shards import ShardReader, load_manifest
 from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
 from ember.errors import EmberError
+from ember.eval.harness import run_harness
 from ember.identity import files_fingerprint, identity_of, path_stats, stamp_matches, write_stamp
 from ember.model import SamplingParams, builtin, generate_ids, load_model, stop_token_ids
 from ember.model.hf import weights_fingerprint
+from ember.runs.tracking import log_evaluation, settle_tracking
 from ember.runtime import ensure_ray
-from ember.train.harness import run_harness
 from ember.train.recipes import lm_loss
-from ember.train.tracking import log_evaluation, settle_tracking
 
 log = logging.getLogger("ember")
 
