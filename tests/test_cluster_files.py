@@ -155,7 +155,7 @@ def test_kuberay_resources_have_their_api_version_and_required_fields(name, kind
 def test_the_rayservice_serve_config_is_valid_for_ray_serve_and_ember():
     from ray.serve.schema import ServeDeploySchema
 
-    from ember.serve.app import ServeArgs
+    from ember.serve.args import ServeArgs
 
     doc = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
     config = yaml.safe_load(doc["spec"]["serveConfigV2"])

@@ -73,7 +73,8 @@ def test_a_gpu_replica_is_bf16_with_a_bundle_per_tensor_parallel_rank():
     """What vLLM is started with on GPUs, built here without one: bf16 by default, one placement-group bundle (a GPU
     and a CPU) per rank, tensor_parallel_size the replica's GPUs, the KV cache by gpu_memory_utilization when
     kv_cache_memory_gb is null; on CPU a bundle of the replica's CPUs, fp32, eager, the KV cache in bytes."""
-    from ember.serve.app import ServeArgs, llm_config
+    from ember.serve.app import llm_config
+    from ember.serve.args import ServeArgs
 
     facts = {"name": "m", "max_model_len": 4096, "vocab_size": 100, "chat_template": True}
     assert ServeArgs(model_dir="/m").dtype == "float32"

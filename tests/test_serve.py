@@ -409,7 +409,7 @@ def test_the_shipped_serve_config_is_valid_for_ray_serve():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from ember.serve.app import ServeArgs
+    from ember.serve.args import ServeArgs
 
     config = yaml.safe_load((REPO / "serve" / "demo.yaml").read_text())
     ServeDeploySchema.model_validate(config)
@@ -421,7 +421,7 @@ def test_the_shipped_serve_config_is_valid_for_ray_serve():
 def test_the_serve_readme_lists_every_key_of_serve_args():
     """serve/README.md's table of `args` is the one the code generates (regenerate with key_rows(ServeArgs))."""
     from ember.config.reference import key_rows
-    from ember.serve.app import ServeArgs
+    from ember.serve.args import ServeArgs
 
     text = (REPO / "serve" / "README.md").read_text()
     table = text[text.index("<!-- serve-args -->"): text.index("<!-- /serve-args -->")]

@@ -70,34 +70,45 @@ def to_messages(record, fmt: str = "auto") -> list[dict]:
         messages = [{"role": "user", "content": _text(record, "prompt")},
                     {"role": "assistant", "content": _text(record, "response")}]
     elif kind == "alpaca":
-        instruction, extra = _text(record, "instruction"), record.get("input") or ""
-        if not isinstance(extra, str):
-            raise BadRecord("wrong_type", f"field 'input' is {type(extra).__name__}, expected a string")
-        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-                    {"role": "assistant", "content": _text(record, "output")}]
+        messages = _alpaca_messages(record)
     else:
-        if "messages" not in record:
-            raise BadRecord("missing_field", "missing field 'messages'")
-        raw = record["messages"]
-        if not isinstance(raw, list):
-            raise BadRecord("wrong_type", f"field 'messages' is {type(raw).__name__}, expected a list")
-        if not raw:
-            raise BadRecord("empty_conversation", "'messages' is empty")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise BadRecord("missing_field", f"messages[{i}] needs 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise BadRecord("unknown_role", f"messages[{i}] has unknown role {m['role']!r} "
-                                f"(one of: {', '.join(ROLES)})")
-            if not isinstance(m["content"], str):
-                raise BadRecord("wrong_type", f"messages[{i}].content is {type(m['content']).__name__}, "
-                                "expected a string")
-            messages.append({"role": m["role"], "content": m["content"]})
+        messages = _listed_messages(record)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no_assistant_turn", "the conversation has no assistant turn")
     if all(not m["content"].strip() for m in messages):
         raise BadRecord("empty_conversation", "every message is empty")
+    return messages
+
+
+def _alpaca_messages(record: dict) -> list[dict]:
+    """instruction (+ input) as the user's turn, output as the assistant's."""
+    instruction, extra = _text(record, "instruction"), record.get("input") or ""
+    if not isinstance(extra, str):
+        raise BadRecord("wrong_type", f"field 'input' is {type(extra).__name__}, expected a string")
+    return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": _text(record, "output")}]
+
+
+def _listed_messages(record: dict) -> list[dict]:
+    """A record's own `messages` list, each checked: a dict with a known role and string content."""
+    if "messages" not in record:
+        raise BadRecord("missing_field", "missing field 'messages'")
+    raw = record["messages"]
+    if not isinstance(raw, list):
+        raise BadRecord("wrong_type", f"field 'messages' is {type(raw).__name__}, expected a list")
+    if not raw:
+        raise BadRecord("empty_conversation", "'messages' is empty")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRecord("missing_field", f"messages[{i}] needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise BadRecord("unknown_role", f"messages[{i}] has unknown role {m['role']!r} "
+                            f"(one of: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise BadRecord("wrong_type", f"messages[{i}].content is {type(m['content']).__name__}, "
+                            "expected a string")
+        messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
 

@@ -330,15 +330,10 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False, segments=None):
-        """Logits (B, T, V), or (B, V) at each row's last new token with `last_only`.
-
-        Without a cache: a causal forward over `tokens` (B, T) from position 0 (training). `segments` (B, T), for
-        rows that pack several sequences, numbers the sequence each token belongs to: positions restart at 0 with
-        each sequence and attention stays inside it, so a packed row computes what its sequences would alone.
-        With a cache: the tokens continue each row from `cache.lengths`; `num_new` (B,) says how many of the T are
-        real per row (the rest is right padding), and the cache advances by it.
-        """
+    def _attention_plan(self, tokens, cache: KVCache | None, segments):
+        """Each token's position (B, T), the keys' span S, and the attention mask (None: plain causal): packed
+        sequences restart their positions and see only themselves, cached rows continue from `cache.lengths`, and a
+        sliding window leaves out keys further back than it."""
         b, t = tokens.shape
         device = tokens.device
         steps = torch.arange(t, device=device)
@@ -374,6 +369,20 @@ class Transformer(nn.Module):
         elif allowed is not None:  # the same function over every (row, query, key) at once
             row = torch.arange(rows, device=device)[:, None, None, None]
             mask = allowed(row, 0, steps[:, None], torch.arange(span, device=device)[None, :])  # (B or 1, 1, T, S)
+        return positions, span, mask
+
+    def forward(self, tokens, cache: KVCache | None = None, num_new=None, last_only: bool = False, segments=None):
+        """Logits (B, T, V), or (B, V) at each row's last new token with `last_only`.
+
+        Without a cache: a causal forward over `tokens` (B, T) from position 0 (training). `segments` (B, T), for
+        rows that pack several sequences, numbers the sequence each token belongs to: positions restart at 0 with
+        each sequence and attention stays inside it, so a packed row computes what its sequences would alone.
+        With a cache: the tokens continue each row from `cache.lengths`; `num_new` (B,) says how many of the T are
+        real per row (the rest is right padding), and the cache advances by it.
+        """
+        b, t = tokens.shape
+        device = tokens.device
+        positions, span, mask = self._attention_plan(tokens, cache, segments)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2), in fp32 as HF does
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()

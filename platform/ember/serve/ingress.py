@@ -37,7 +37,7 @@ from ray.serve.llm.openai_api_models import CompletionRequest as VLLMCompletionR
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.metrics import SERVE_METRICS
-from ember.serve.app import ServeArgs
+from ember.serve.args import ServeArgs
 from ember.serve.guard import APIKeys, GuardPolicy, RequestGuard, require_keys
 from ember.serve.protocol import (
     GREEDY_BELOW,

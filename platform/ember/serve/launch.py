@@ -20,7 +20,8 @@ import yaml
 from ember import storage
 from ember.errors import EmberError
 from ember.model import builtin
-from ember.runtime import ensure_ray, is_loopback
+from ember.connection import LOOPBACK, cluster_address, is_loopback
+from ember.runtime import ensure_ray
 
 log = logging.getLogger("ember")
 
@@ -110,7 +111,7 @@ def _check_deployed(app: str) -> None:
 
 def _readiness_key(app_args: dict) -> str | None:
     """A key the app accepts, read as the app reads its keys (for the readiness check only; never printed)."""
-    from ember.serve.app import ServeArgs
+    from ember.serve.args import ServeArgs
     from ember.serve.guard import read_api_keys
 
     args = ServeArgs.model_validate(app_args)
@@ -123,14 +124,14 @@ def serve_target(target: str, *, address: str | None = None, detach: bool = Fals
     """Deploys a config file or a model dir; returns (base URL, application names). `args` override the args of
     Ember's apps in a config; `quiet` keeps Ray Serve's own INFO lines and access logs out of the output."""
     http, apps, proxy_location = _deployment(target, host, port)
-    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+    if detach and not cluster_address(address):
         raise EmberError("--detach needs a running Ray cluster to keep the app (--address or RAY_ADDRESS)")
     # Ray first: building a ray.serve.llm deployment reads the job's runtime env, which would otherwise start a
     # local Ray instance of its own (and an app on it that dies with this process, --detach or not).
     ensure_ray(address)
     built = _build_apps(apps, http, args)
     _deploy(built, http, proxy_location, quiet)
-    shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+    shown = LOOPBACK if http["host"] in ("0.0.0.0", "::") else http["host"]
     base = f"http://{shown}:{http['port']}"
     for name, prefix, _, key in built:
         url = base + (prefix.rstrip("/") if prefix and prefix != "/" else "")
@@ -149,7 +150,7 @@ def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, 
     if storage.is_uri(target) or path.is_dir() or builtin.is_builtin(target):  # a model dir: local, remote, built-in
         from pydantic import ValidationError
 
-        from ember.serve.app import ServeArgs
+        from ember.serve.args import ServeArgs
 
         args = {"model_dir": target if builtin.is_builtin(target) else storage.normalize(target)}
         if host:
@@ -166,7 +167,7 @@ def _deployment(target: str, host: str | None, port: int | None) -> tuple[dict, 
         raise EmberError(f"{target}: neither a serve config file nor a model directory")
     config = load_serve_config(path)
     http = dict(config.get("http_options") or {})
-    http.setdefault("host", "127.0.0.1")
+    http.setdefault("host", LOOPBACK)
     http.setdefault("port", 8000)
     if host:
         http["host"] = host
