@@ -144,8 +144,8 @@ def lora_baseline(data: Path, steps: int, warmup: int) -> tuple[float, int]:
     from transformers import LlamaForCausalLM
 
     from ember.model import builtin
+    from ember.train.metrics import peak_memory, reset_peak_memory
     from ember.train.recipes import masked_cross_entropy
-    from ember.train.trainer import peak_memory, reset_peak_memory
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(builtin.resolve(SMOLLM2), dtype=torch.float32, attn_implementation="sdpa")

@@ -23,7 +23,7 @@ from ember.data.chat import (
     to_messages,
 )
 from ember.data.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer, tokenizer_config, train_tokenizer
-from ember.train.recipes import lm_loss, masked_cross_entropy
+from ember.train.recipes import masked_cross_entropy, supervised_loss
 
 QA = [("What color is the fox?", "The fox is red."), ("What color is the crow?", "The crow is black."),
       ("Where does the whale live?", "The whale lives in the sea.")]
@@ -107,7 +107,7 @@ def test_a_prompt_tokens_label_cannot_change_the_loss_and_an_assistant_tokens_ca
     ids, mask = encoder.encode(conversation(1, system=True))
     batch = {"input_ids": torch.from_numpy(ids)[None], "loss_mask": torch.from_numpy(mask.astype(np.int64))[None],
              "segments": torch.ones(1, len(ids), dtype=torch.long)}
-    loss = float(lm_loss(model, batch))
+    loss = float(supervised_loss(model, batch))
     logits = model(batch["input_ids"][:, :-1])
     labels, label_mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
     assert abs(float(masked_cross_entropy(logits, labels, label_mask)) - loss) < 1e-6  # what training minimises
@@ -206,7 +206,7 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
     from pathlib import Path
 
     from ember.config.specs import ChatDataSpec
-    from ember.data.sft import ConversationEncoder, source_of
+    from ember.data.sft import ConversationEncoder
     from ember.data.sources import plan_units, resolve_inputs
     from ember.data.units import UnitJob, UnitRunner, marker_path
 
@@ -218,7 +218,7 @@ def test_conversations_longer_than_a_row_are_cut_or_dropped_and_counted(tmp_path
         {"prompt": "What color is the fox?", "response": "The fox is red."},
         {"prompt": "What color is the crow?", "response": long_answer}]))
     data = ChatDataSpec(inputs=[str(tmp_path / "c.jsonl")], seq_len=31, overlong=overlong, val_fraction=0.0)
-    unit = plan_units(resolve_inputs(source_of(data)), source_of(data))[0]
+    unit = plan_units(resolve_inputs(data.source()), data.source())[0]
     job = UnitJob(str(tmp_path / "ds"), 32, "uint16", data.shard_bytes,
                   partial(ConversationEncoder, data, str(tmp_path / "ds")), {unit.index: "input"},
                   extra_columns=("loss_mask", "segments"))

@@ -107,3 +107,25 @@ def test_ember_run_starts_a_local_ray_whose_dashboard_is_on_loopback_with_token_
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert urllib.parse.urlparse(out["url"]).hostname == "127.0.0.1"
     assert out["anonymous"] == 401 and out["with_token"] == 200
+
+
+def test_every_verb_names_its_handler_and_its_address_form_has_one_owner():
+    import argparse
+
+    from ember.cli import _parser
+    from ember.connection import ADDRESS_FORMS, DASHBOARD, GCS
+
+    def leaves(parser, path=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                yield from leaves(child, (*path, name))
+
+    found = dict(leaves(_parser()))
+    assert len(found) == 15
+    for path, parser in found.items():
+        assert callable(parser.get_default("func")), path
+        takes_address = any("--address" in a.option_strings for a in parser._actions)
+        assert takes_address == (ADDRESS_FORMS.get(path[0]) in (GCS, DASHBOARD)), path

@@ -42,14 +42,14 @@ def demo(cwd, *extra, timeout=600):
 def greedy_chat(model_dir, question: str, max_tokens: int = 48) -> str:
     """What `ember generate --chat --temperature 0` answers."""
     from ember.data.chat import ChatTemplate
-    from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
-    from ember.model import SamplingParams, TextStream, load_model, stop_token_ids
+    from ember.data.tokenizer import load_tokenizer, tokenizer_config
+    from ember.model import SamplingParams, TextStream, generation_stops, load_model
 
     tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
     prompt = ChatTemplate.of(config).render(
         [{"role": "user", "content": question}], add_generation_prompt=True)
     stream = TextStream(load_model(model_dir), tok, prompt, SamplingParams(max_new_tokens=max_tokens, temperature=0),
-                        stop_token_ids(model_dir, tok) | turn_end_ids(tok))
+                        generation_stops(tok, chat=True, model_dir=model_dir))
     return "".join(stream).strip()
 
 

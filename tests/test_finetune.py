@@ -237,12 +237,12 @@ def test_resuming_a_fine_tune_of_a_base_retrained_since_is_refused(full_run, hf_
 
     from ember.identity import write_stamp
     from ember.model.hf import weights_fingerprint
-    from ember.train.finetune import BASE_STAMP
+    from ember.runs.run_dir import RunDir
 
     base, run = tmp_path / "base", tmp_path / "run"
     shutil.copytree(hf_base, base)
     shutil.copytree(full_run, run, symlinks=True)
-    write_stamp(run / BASE_STAMP, weights_fingerprint(base))  # the copy was made from this base
+    write_stamp(run / RunDir.BASE_WEIGHTS, weights_fingerprint(base))  # the copy was made from this base
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model = load_model(base)
     with torch.no_grad():
@@ -427,7 +427,7 @@ def test_fine_tuning_data_resumes_per_unit_with_shards_rolled_by_shard_bytes(hf_
     after the fix redoes only the unfinished ones (the others' shards are not rewritten), and the result is the
     dataset a clean run makes, in shards named and rolled as tokenize's are."""
     from ember.config.specs import ChatDataSpec
-    from ember.data.sft import prepare_chat_dataset, source_of
+    from ember.data.sft import prepare_chat_dataset
     from ember.data.sources import plan_units, resolve_inputs
 
     corpus = tmp_path / "corpus"
@@ -443,7 +443,7 @@ def test_fine_tuning_data_resumes_per_unit_with_shards_rolled_by_shard_bytes(hf_
         prepare_chat_dataset(ChatDataSpec(**settings), hf_base, out, 128)
     finished = sorted((out / ".ember" / "units").glob("u*.json"))
     assert finished and not (out / "manifest.json").exists()
-    units = plan_units(resolve_inputs(source_of(ChatDataSpec(**settings))), source_of(ChatDataSpec(**settings)))
+    units = plan_units(resolve_inputs(ChatDataSpec(**settings).source()), ChatDataSpec(**settings).source())
     untouched = {u.index for u in units if all("3.jsonl" not in s.name for s in u.segments)}  # its input stays
     kept = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.arrow") if int(p.name[1:7]) in untouched
             and (out / ".ember" / "units" / f"{p.name[:7]}.json") in finished}
@@ -459,3 +459,8 @@ def test_fine_tuning_data_resumes_per_unit_with_shards_rolled_by_shard_bytes(hf_
     for name in names:
         assert (out / "train" / name).read_bytes() == (tmp_path / "clean" / "train" / name).read_bytes()
     assert not (out / ".ember").exists()
+    # An unchanged job again (the same inputs, settings and base tokenizer: `tokenizer_identity`) is its dataset,
+    # reused as it is.
+    written = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.arrow")}
+    assert prepare_chat_dataset(ChatDataSpec(**settings), hf_base, out, 128) == manifest
+    assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.arrow")} == written

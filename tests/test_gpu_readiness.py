@@ -64,7 +64,7 @@ def test_gpu_runs_overlap_the_reduction_sum_gradients_in_fp32_and_give_workers_c
     ("NVIDIA GeForce RTX 4090", "bf16", None),
 ])
 def test_the_mfu_peak_is_the_gpus_own_at_the_runs_precision(device, precision, tflops):
-    from ember.train.trainer import peak_flops
+    from ember.train.metrics import peak_flops
 
     assert peak_flops(device, precision) == (tflops * 1e12 if tflops else None)
 

@@ -500,7 +500,8 @@ def test_building_the_125m_preset_for_a_bf16_run_takes_less_host_memory():
 
 def test_a_weight_index_entry_outside_the_model_dir_is_refused(tmp_path):
     """`model.safetensors.index.json` naming `../x.safetensors` would load weights from outside the model dir."""
-    from ember.model.hf import INDEX, _weight_files
+    from ember.model.hf import _weight_files
+    from ember.model.hf_format import INDEX
 
     (tmp_path / "m").mkdir()
     for bad in ("../x.safetensors", "/etc/x.safetensors", "a/../../x.safetensors"):

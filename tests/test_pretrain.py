@@ -292,7 +292,14 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     assert kept[-3:] == [16, 20, 24] and sorted(registered_steps()) == [16, 20, 24]
     assert not list(tmp_path.iterdir())  # nothing of the run on local disk
 
-    # MLflow, through its REST API: one run, through the restart.
+    assert result["step"] == 24
+    assert_one_mlflow_run_across_the_restart(mlflow_server, run_dir, dataset, redone)
+    assert_one_wandb_run_id_across_the_restart(wandb_dir, run_dir, redone)
+
+
+def assert_one_mlflow_run_across_the_restart(mlflow_server: str, run_dir: str, dataset, redone: dict) -> None:
+    """MLflow, through its REST API: one run, through the restart; each step logged once, with the losses of
+    the steps as redone; the spec and dataset as params; the model and result.json as artifacts."""
     api = f"{mlflow_server}/api/2.0/mlflow"
     experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "killed"}).json()
     runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment"]["experiment_id"]]})
@@ -313,10 +320,12 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     assert {"model", "result.json"} <= {f["path"] for f in artifacts["files"]}
     model_files = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "model"})
     assert "model/config.json" in {f["path"] for f in model_files.json()["files"]}
-    assert result["step"] == 24
 
-    # W&B: an offline run per attempt, all of the one id. The latest holds every step once (the rows the run dir
-    # kept, then the rest); the killed one a prefix of them (what W&B had flushed of its file before the kill).
+
+def assert_one_wandb_run_id_across_the_restart(wandb_dir, run_dir: str, redone: dict) -> None:
+    """W&B: an offline run per attempt, all of the one id. The latest holds every step once (the rows the run
+    dir kept, then the rest); the killed one a prefix of them (what W&B had flushed of its file before the
+    kill)."""
     run_id = storage.read_json(storage.join(run_dir, "tracking.json"))["wandb"]["id"]
     attempts = sorted((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(attempts) == 2 == len(list((wandb_dir / "wandb").glob("offline-run-*")))
@@ -589,7 +598,7 @@ def test_a_run_dir_is_continued_only_by_a_longer_run_of_its_spec(dataset, refere
     states = at_step(run, 8) / "deepspeed" / "mp_rank_00_model_states.pt"
     good, result = states.read_bytes(), (run / "result.json").read_text()
     states.write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):  # noqa: B017 - whatever DeepSpeed raises for a broken file
+    with pytest.raises(Exception):  # whatever DeepSpeed raises for a broken file
         train(dataset, run, train={**same, "max_steps": 10})
     assert (run / "result.json").read_text() == result  # no training started: the finished result stays
     states.write_bytes(good)

@@ -6,8 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from ember.data import shards as fmt
-from ember.data.shards import ShardReader, ShardWriter
+from ember.data.shards import FORMAT, FORMAT_VERSION, ShardReader, ShardWriter
 from ember.errors import EmberError
 from ember.storage import write_json
 
@@ -25,7 +24,7 @@ def make_dataset(tmp_path, n_rows: int, shard_rows: int = 37):
         writer.write(np.repeat(ids[:, None], ROW, axis=1))
     shards = writer.close()
     write_json(tmp_path / "manifest.json", {
-        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "seq_len": ROW - 1, "dtype": "uint32",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": ROW - 1, "dtype": "uint32",
         "splits": {"train": {"shards": shards}, "val": {"shards": []}}})
     return shards
 

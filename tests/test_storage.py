@@ -415,7 +415,7 @@ def test_transient_errors_are_retried_and_a_store_that_keeps_failing_is_named(s3
 def test_a_torn_last_line_of_the_metrics_does_not_stop_a_resume(tmp_path):
     """A crash mid-append leaves half a row at the end of metrics.jsonl: the resume drops it (it is past the
     restored step) and goes on."""
-    from ember.train.trainer import MetricsLog
+    from ember.train.metrics import MetricsLog
 
     rows = "".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3))
     (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "lo')

@@ -152,15 +152,6 @@ def test_given_tokenizer_is_loaded_not_trained(tmp_path, mixed_corpus):
         run([corpus], tmp_path / "c", tokenizer={"path": str(tmp_path / "nope")})
 
 
-def _waiting_handoffs() -> set[str]:
-    """The job handoffs that a pool actor has called from its constructor: the actor has started and waits there
-    for the driver's job."""
-    from ray.util.state import list_tasks
-
-    return {t.actor_id for t in list_tasks(address=ray_address(), filters=[("name", "=", "JobHandoff.get")],
-                                           raise_on_missing_output=False, limit=10000)}
-
-
 def _pool_actors() -> dict[str, str]:
     from ray.util.state import list_actors
 
@@ -168,39 +159,23 @@ def _pool_actors() -> dict[str, str]:
                                                       limit=10000) if "UnitWorker" in (a.class_name or "")}
 
 
-def test_the_pool_starts_while_the_tokenizer_is_prepared_and_stops_if_that_fails(tmp_path, mixed_corpus,
-                                                                                  monkeypatch):
+def test_a_failed_tokenizer_step_stops_the_job_before_its_pool_starts(tmp_path, mixed_corpus, monkeypatch):
+    """The pool starts once the tokenizer is ready (starting it during the tokenizer's training measured slower on
+    this machine and was removed: benchmarks/README.md): a tokenizer step that fails raises its own error, and no
+    unit ran and no pool actor started for the job."""
     from ember.data import pipeline
 
     corpus, _ = mixed_corpus
-    prepare, before = pipeline._prepare_tokenizer, {}
 
-    def prepare_once_the_pool_waits(*args, fail=False):
-        """The tokenizer step, entered only when a pool actor waits for the job (it times out otherwise)."""
-        deadline = time.time() + 60
-        while not _waiting_handoffs() - before["handoffs"]:
-            assert time.time() < deadline, "no pool actor started while the tokenizer was prepared"
-            time.sleep(0.1)
-        if fail:
-            raise EmberError("the tokenizer step failed")
-        return prepare(*args)
+    def failing(*args):
+        raise EmberError("the tokenizer step failed")
 
-    before["handoffs"] = _waiting_handoffs()
-    monkeypatch.setattr(pipeline, "_prepare_tokenizer", prepare_once_the_pool_waits)
-    assert run([corpus], tmp_path / "a")["splits"]["train"]["rows"] > 0
-
-    before["handoffs"], earlier = _waiting_handoffs(), set(_pool_actors())
-    monkeypatch.setattr(pipeline, "_prepare_tokenizer", lambda *args: prepare_once_the_pool_waits(*args, fail=True))
+    earlier = set(_pool_actors())
+    monkeypatch.setattr(pipeline, "_prepare_tokenizer", failing)
     with pytest.raises(EmberError, match="^the tokenizer step failed$"):
         run([corpus], tmp_path / "b")
     assert not list((tmp_path / "b" / ".ember" / "units").glob("u*.json"))  # no unit ran without the job
-    deadline = time.time() + 60
-    while True:
-        started = {i: state for i, state in _pool_actors().items() if i not in earlier}
-        if started and all(state == "DEAD" for state in started.values()):
-            break
-        assert time.time() < deadline, f"the failed job's pool actors still run: {started}"
-        time.sleep(0.2)
+    assert not set(_pool_actors()) - earlier, "a pool started for a job that had no tokenizer"
 
 
 def test_strict_failure_in_a_worker_names_file_and_line_and_keeps_finished_units(tmp_path):

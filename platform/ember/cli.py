@@ -1,6 +1,8 @@
 """The `ember` command. Thin: it parses arguments, loads a spec, and calls one function of a plane.
 
-Errors a user can fix print as one line on stderr with exit status 1; `--debug` shows the traceback.
+Each verb's parser names its handler (`set_defaults(func=...)`); which address form a verb takes, and where its
+address comes from without `--address`, are `ember.connection`'s. Errors a user can fix print as one line on stderr
+with exit status 1; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ import time
 from pathlib import Path
 
 from ember import __version__
-from ember.errors import EmberError
-from ember.runtime import (
-    LOG_LEVEL_ENV,
-    debugging,
-    find_ember_error,
-    quiet_libraries,
+from ember.connection import (
+    ADDRESS_ENV,
+    DASHBOARD,
+    GCS,
+    LOOPBACK_NODE_ENV,
+    TOKEN_AUTH_ENV,
+    address_form,
+    address_help,
+    cluster_address,
+    talks_to_a_cluster,
     use_loopback_node_address,
     use_token_auth,
 )
+from ember.errors import EmberError
+from ember.runtime import LOG_LEVEL_ENV, debugging, find_ember_error, quiet_libraries
 
 # Job kind -> "module:function" that runs it; imported only when that kind runs.
 JOB_RUNNERS = {
@@ -62,11 +70,9 @@ _EITHER_FORM = ("the Ray cluster, by its GCS address HOST:PORT (e.g. 10.0.0.5:63
                 "(e.g. http://10.0.0.5:8265); either form works")
 
 
-def _address_arg(parser, joins: bool) -> None:
-    """--address for a verb that joins the cluster (`joins`: it needs the GCS) or talks to its dashboard."""
-    default = ("RAY_ADDRESS, else a new local instance" if joins else
-               "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the cluster of `ember cluster up`")
-    parser.add_argument("--address", default=None, help=f"{_EITHER_FORM} (default: {default})")
+def _address_arg(parser, verb: str) -> None:
+    """--address for `verb`; its default says where the address of the verb's form comes from without it."""
+    parser.add_argument("--address", default=None, help=f"{_EITHER_FORM} (default: {address_help(address_form(verb))})")
 
 
 def _add_run(verbs, common) -> None:
@@ -79,7 +85,8 @@ def _add_run(verbs, common) -> None:
     run.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set pack.seq_len=256 (repeatable; values are read as YAML)")
-    _address_arg(run, joins=True)
+    _address_arg(run, "run")
+    run.set_defaults(func=cmd_run)
     run.add_argument("--workdir", default=None, metavar="DIR",
                      help="resolve the spec's relative paths against DIR instead of the current directory (what "
                           "`ember submit` uses on the cluster)")
@@ -98,7 +105,8 @@ def _add_submit(verbs, common) -> None:
     sub.add_argument("spec", metavar="SPEC.yaml", help="the job spec file")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value (repeatable; passed on to `ember run` on the cluster)")
-    _address_arg(sub, joins=False)
+    _address_arg(sub, "submit")
+    sub.set_defaults(func=cmd_submit)
     sub.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its result")
     sub.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                      help="environment variable for the job (repeatable; NAME alone takes this shell's value)")
@@ -114,14 +122,17 @@ def _add_jobs(verbs, common) -> None:
     jverbs.required = True
     jl = jverbs.add_parser("list", parents=[common], help="all jobs, oldest first")
     jl.add_argument("--ember", action="store_true", help="only Ember's jobs")
-    for name, text in (("status", "a job's status, progress and error"), ("logs", "a job's output"),
-                       ("stop", "stop a running job")):
+    jl.set_defaults(func=cmd_jobs_list)
+    for name, text, handler in (("status", "a job's status, progress and error", cmd_jobs_status),
+                                ("logs", "a job's output", cmd_jobs_logs),
+                                ("stop", "stop a running job", cmd_jobs_stop)):
         j = jverbs.add_parser(name, parents=[common], help=text)
         j.add_argument("job_id", metavar="ID", help="the submission id (`ember jobs list`)")
-        _address_arg(j, joins=False)
+        _address_arg(j, "jobs")
+        j.set_defaults(func=handler)
         if name == "logs":
             j.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
-    _address_arg(jl, joins=False)
+    _address_arg(jl, "jobs")
 
 
 def _add_demo(verbs, common) -> None:
@@ -136,7 +147,8 @@ def _add_demo(verbs, common) -> None:
                "  ember demo --set pretrain.train.max_steps=100 --set finetune.method=lora")
     demo.add_argument("--keep-serving", action="store_true", help="leave the app up at the end (Ctrl-C stops it)")
     demo.add_argument("--port", type=int, default=None, help="HTTP port of the app (default: serve/demo.yaml's)")
-    _address_arg(demo, joins=True)
+    _address_arg(demo, "demo")
+    demo.set_defaults(func=cmd_demo)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a stage's spec, e.g. --set pretrain.train.max_steps=100 (repeatable)")
 
@@ -149,11 +161,13 @@ def _add_report_and_status(verbs, common) -> None:
     rep.add_argument("--eval", action="append", default=[], metavar="RESULTS.json",
                      help="an evaluate job's results to show next to the curves (those under RUN_DIR/eval/ are "
                           "shown anyway)")
+    rep.set_defaults(func=cmd_report)
 
     st = verbs.add_parser("status", parents=[common], help="the cluster, Ember's jobs and Serve apps on one screen",
                           description="Nodes and resources, running and recent Ember jobs with their latest progress, "
                                       "Serve applications with their replicas, and the dashboard URL.")
-    _address_arg(st, joins=False)
+    _address_arg(st, "status")
+    st.set_defaults(func=cmd_status)
 
 
 def _add_cluster(verbs, common) -> None:
@@ -170,8 +184,11 @@ def _add_cluster(verbs, common) -> None:
                     help="run Ray's autoscaler: it adds worker nodes on demand, up to this many (default: none)")
     cu.add_argument("--port", type=int, default=6379, help="GCS port (default: 6379)")
     cu.add_argument("--dashboard-port", type=int, default=8265, help="dashboard port (default: 8265)")
-    cverbs.add_parser("status", parents=[common], help="nodes and resources of the local cluster")
-    cverbs.add_parser("down", parents=[common], help="stop exactly the processes `up` started")
+    cu.set_defaults(func=cmd_cluster_up)
+    cverbs.add_parser("status", parents=[common], help="nodes and resources of the local cluster").set_defaults(
+        func=cmd_cluster_status)
+    cverbs.add_parser("down", parents=[common], help="stop exactly the processes `up` started").set_defaults(
+        func=cmd_cluster_down)
     for c in cverbs.choices.values():
         c.add_argument("--dir", default=None, help="where the cluster's state is kept (default: $EMBER_CLUSTER_DIR, "
                                                    "else ~/.ember/cluster)")
@@ -186,7 +203,8 @@ def _add_serve(verbs, common) -> None:
         epilog="examples:\n  ember serve serve/demo.yaml\n  ember serve runs/finetune-demo/model --port 8001\n"
                "  ember serve serve/demo.yaml --address 127.0.0.1:6379 --detach")
     srv.add_argument("target", metavar="SERVE.yaml|MODEL_DIR", help="a Ray Serve config file or a model dir")
-    _address_arg(srv, joins=True)
+    _address_arg(srv, "serve")
+    srv.set_defaults(func=cmd_serve)
     srv.add_argument("--detach", action="store_true", help="leave the app running on the cluster and exit")
     srv.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
@@ -212,6 +230,7 @@ def _add_generate(verbs, common) -> None:
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="compute dtype (default: float32)")
+    gen.set_defaults(func=cmd_generate)
 
 
 def _add_import(verbs, common) -> None:
@@ -228,6 +247,7 @@ def _add_import(verbs, common) -> None:
     imp.add_argument("output", metavar="OUTPUT", help="the model dir to write (a path or a bucket URI)")
     imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="the weights' dtype in the model dir (default: float32)")
+    imp.set_defaults(func=cmd_import)
 
 
 def _runner(kind: str):
@@ -251,8 +271,8 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from ember.data.tokenizer import load_tokenizer
-    from ember.model import SamplingParams, TextStream, builtin, load_model, stop_token_ids
-    from ember.model.hf import DTYPES
+    from ember.model import SamplingParams, TextStream, builtin, generation_stops, load_model
+    from ember.model.hf_format import DTYPES
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
@@ -260,16 +280,16 @@ def cmd_generate(args) -> int:
     model_dir = builtin.resolve(args.model_dir)
     model = load_model(model_dir, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(model_dir)
-    prompt, stops = args.prompt, stop_token_ids(model_dir, tokenizer)
+    prompt = args.prompt
     if args.chat:
         from ember.data.chat import ChatTemplate
-        from ember.data.tokenizer import tokenizer_config, turn_end_ids
+        from ember.data.tokenizer import tokenizer_config
 
         template = ChatTemplate.of(tokenizer_config(model_dir))
         if template is None:
             raise EmberError(f"{args.model_dir} has no chat template (tokenizer_config.json); drop --chat")
         prompt = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        stops |= turn_end_ids(tokenizer)  # the answer ends with its turn
+    stops = generation_stops(tokenizer, chat=args.chat, model_dir=model_dir)  # with --chat, the answer's turn end too
     stream = TextStream(model, tokenizer, prompt, params, stops)
     start = time.perf_counter()
     for chunk in stream:
@@ -314,29 +334,43 @@ def cmd_submit(args) -> int:
     return 0 if status in (None, "SUCCEEDED") else 1
 
 
-def cmd_jobs(args) -> int:
-    from ember.cluster import jobs as J
+def cmd_jobs_list(args) -> int:
+    from ember.cluster.jobs import Jobs, format_jobs, list_jobs
 
-    client = J.Jobs(args.address)
-    if args.jobs_verb == "list":
-        print(J.format_jobs(J.list_jobs(client, ember_only=args.ember)))
-    elif args.jobs_verb == "status":
-        print(J.describe(client, args.job_id))
-    elif args.jobs_verb == "logs":
-        if args.follow:
-            client.follow(args.job_id)
-        else:
-            sys.stdout.write(client.call("get_job_logs", args.job_id))
-    else:
-        status = str(client.info(args.job_id).status)
-        if status in J.TERMINAL:
-            print(f"job {args.job_id} already ended: {status}")
-            return 0
-        client.call("stop_job", args.job_id)
-        info = client.wait(args.job_id, timeout=60)
-        print(f"job {args.job_id}: {info.status}")
-        return 0 if str(info.status) in J.TERMINAL else 1
+    print(format_jobs(list_jobs(Jobs(args.address), ember_only=args.ember)))
     return 0
+
+
+def cmd_jobs_status(args) -> int:
+    from ember.cluster.jobs import Jobs, describe
+
+    print(describe(Jobs(args.address), args.job_id))
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    from ember.cluster.jobs import Jobs
+
+    client = Jobs(args.address)
+    if args.follow:
+        client.follow(args.job_id)
+    else:
+        sys.stdout.write(client.call("get_job_logs", args.job_id))
+    return 0
+
+
+def cmd_jobs_stop(args) -> int:
+    from ember.cluster.jobs import TERMINAL, Jobs
+
+    client = Jobs(args.address)
+    status = str(client.info(args.job_id).status)
+    if status in TERMINAL:
+        print(f"job {args.job_id} already ended: {status}")
+        return 0
+    client.call("stop_job", args.job_id)
+    info = client.wait(args.job_id, timeout=60)
+    print(f"job {args.job_id}: {info.status}")
+    return 0 if str(info.status) in TERMINAL else 1
 
 
 def cmd_demo(args) -> int:
@@ -361,34 +395,47 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_cluster(args) -> int:
-    from ember.cluster import local
+def _cluster_dir(args) -> Path | None:
+    return Path(args.dir) if args.dir else None
 
-    directory = Path(args.dir) if args.dir else None
-    if args.cluster_verb == "up":
-        info = local.up(args.workers, args.cpus_per_node, directory=directory, port=args.port,
-                        dashboard_port=args.dashboard_port, head_cpus=args.head_cpus, max_workers=args.max_workers)
-        scaling = f", autoscaling to {info.max_workers}" if info.max_workers is not None else ""
-        print(f"local Ray cluster up: head + {info.workers} worker nodes (separate raylets){scaling}, token auth on\n"
-              f"  dashboard:   {info.dashboard_url}\n"
-              f"  address:     {info.address}   (ember run --address / ember serve --address)\n"
-              f"  submit jobs: ember submit jobs/tokenize-demo.yaml --wait   (uses this cluster by default)\n"
-              f"  metrics:     Prometheus targets in {info.service_discovery_file}\n"
-              f"  Ray's own CLI: export RAY_ADDRESS={info.address} RAY_AUTH_MODE=token "
-              f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n"
-              f"  stop it:     ember cluster down")
-    elif args.cluster_verb == "status":
-        info = local.read_state(directory)
-        if info is None:
-            print("no local cluster is running (`ember cluster up` starts one)")
-            return 1
-        from ember.cluster.status import render
 
-        print(render(info.dashboard_url))
-    else:
-        info = local.down(directory)
-        print("no local cluster was running" if info is None else
-              f"local cluster stopped ({info.address}); its logs stay in {info.session_dir}/logs")
+def cmd_cluster_up(args) -> int:
+    from ember.cluster.local import up
+
+    info = up(args.workers, args.cpus_per_node, directory=_cluster_dir(args), port=args.port,
+              dashboard_port=args.dashboard_port, head_cpus=args.head_cpus, max_workers=args.max_workers)
+    scaling = f", autoscaling to {info.max_workers}" if info.max_workers is not None else ""
+    ray_env = " ".join(f"{k}={v}" for k, v in {ADDRESS_ENV[GCS][0]: info.address, **TOKEN_AUTH_ENV,
+                                               **LOOPBACK_NODE_ENV}.items())
+    print(f"local Ray cluster up: head + {info.workers} worker nodes (separate raylets){scaling}, token auth on\n"
+          f"  dashboard:   {info.dashboard_url}\n"
+          f"  address:     {info.address}   (ember run --address / ember serve --address)\n"
+          f"  submit jobs: ember submit jobs/tokenize-demo.yaml --wait   (uses this cluster by default)\n"
+          f"  metrics:     Prometheus targets in {info.service_discovery_file}\n"
+          f"  Ray's own CLI: export {ray_env}\n"
+          f"  stop it:     ember cluster down")
+    return 0
+
+
+def cmd_cluster_status(args) -> int:
+    from ember.cluster.local import read_state
+
+    info = read_state(_cluster_dir(args))
+    if info is None:
+        print("no local cluster is running (`ember cluster up` starts one)")
+        return 1
+    from ember.cluster.status import render
+
+    print(render(info.dashboard_url))
+    return 0
+
+
+def cmd_cluster_down(args) -> int:
+    from ember.cluster.local import down
+
+    info = down(_cluster_dir(args))
+    print("no local cluster was running" if info is None else
+          f"local cluster stopped ({info.address}); its logs stay in {info.session_dir}/logs")
     return 0
 
 
@@ -401,31 +448,25 @@ def _setup_logging(debug: bool) -> None:
     logger.propagate = False
 
 
-GCS_VERBS = ("run", "serve", "demo")  # they join the cluster (ray.init): its GCS address
-DASHBOARD_VERBS = ("submit", "jobs", "status")  # they use its HTTP APIs: its dashboard URL
-
-
 def _use_address_form(args) -> None:
-    """Puts the cluster's address (--address, else the environment) in the form the verb needs, and says on stderr
-    which address it used when it had to find that form (ember.cluster.address)."""
-    if args.verb in GCS_VERBS:
-        from_env = os.environ.get("RAY_ADDRESS")
-    elif args.verb in DASHBOARD_VERBS:
-        from_env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    else:
+    """Puts the cluster's address (`ember.connection.cluster_address`) in the form the verb needs, and says on
+    stderr which address it used when it had to find that form (ember.cluster.address)."""
+    form = address_form(args.verb)
+    if form not in (GCS, DASHBOARD):
         return
-    given = args.address or from_env
+    given = cluster_address(args.address, form)
     if not given:
         return
-    from ember.cluster.address import to_dashboard, to_gcs
+    from ember.cluster.address import in_form
     from ember.cluster.local import read_state
 
-    found = (to_gcs if args.verb in GCS_VERBS else to_dashboard)(given, read_state())
+    found = in_form(given, form, read_state())
     if not found.note:
         return
     print(found.line(), file=sys.stderr, flush=True)
-    if args.address is None and args.verb in GCS_VERBS:
-        os.environ["RAY_ADDRESS"] = found.address  # what Ray and this process's children read, in the form they join
+    if args.address is None and form == GCS:
+        # What Ray and this process's children read, in the form they join.
+        os.environ[ADDRESS_ENV[GCS][0]] = found.address
     args.address = found.address
 
 
@@ -435,16 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ[LOG_LEVEL_ENV] = "DEBUG"  # read by quiet_libraries, here and in every worker
     quiet_libraries()
-    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(getattr(args, "address", None), GCS)  # the cluster Ray would join
     use_loopback_node_address(address)  # both before anything imports Ray, which reads them once
-    if address or args.verb in ("submit", "jobs", "status", "cluster"):
+    if talks_to_a_cluster(args.verb, address):
         use_token_auth()
     _setup_logging(debug)
     try:
         _use_address_form(args)
-        return {"run": cmd_run, "generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit, "jobs": cmd_jobs,
-                "status": cmd_status, "cluster": cmd_cluster, "demo": cmd_demo,
-                "report": cmd_report, "import": cmd_import}[args.verb](args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ember.errors import EmberError
+from ember.runs.run_dir import RunDir
 
 log = logging.getLogger("ember")
 
@@ -107,7 +108,7 @@ class Demo:
         spec = self.spec("pretrain", {"data.dir": self.data_dir})
         metrics = run_pretrain(spec, self.address)
         self.pretrain_dir = Path(spec.output.dir).resolve()
-        self.artefacts["pretrained model"] = str(self.pretrain_dir / "model")
+        self.artefacts["pretrained model"] = RunDir(str(self.pretrain_dir)).model
         self.figures["pretrain"] = _losses(metrics)
 
     def stage_finetune(self) -> None:
@@ -116,13 +117,13 @@ class Demo:
         spec = self.spec("finetune")
         metrics = run_finetune(spec, self.address)
         self.finetune_dir = Path(spec.output.dir).resolve()
-        self.artefacts["fine-tuned model"] = str(self.finetune_dir / "model")
+        self.artefacts["fine-tuned model"] = RunDir(str(self.finetune_dir)).model
         self.figures["finetune"] = _losses(metrics)
 
     def stage_evaluate(self) -> None:
         from ember.eval.evaluate import run_evaluate
 
-        spec = self.spec("evaluate", {"models.finetuned": self.finetune_dir / "model"})
+        spec = self.spec("evaluate", {"models.finetuned": RunDir(str(self.finetune_dir)).model})
         results = run_evaluate(spec, self.address)
         self.artefacts["evaluation"] = str(Path(spec.output.file).resolve())
         scores = {}
@@ -140,7 +141,7 @@ class Demo:
 
         for name, run_dir in (("pretrain", self.pretrain_dir), ("finetune", self.finetune_dir)):
             self.say(write_report(run_dir))
-            self.artefacts[f"{name} report"] = str(run_dir / "report")
+            self.artefacts[f"{name} report"] = RunDir(str(run_dir)).report
 
     def stage_serve(self) -> None:
         from ray import serve
@@ -151,7 +152,7 @@ class Demo:
         apps = yaml.safe_load(config.read_text())["applications"]
         # serve/demo.yaml as shipped, serving the model the fine-tune stage made (wherever --set put it).
         base, names = serve_target(str(config), address=self.address, port=self.port,
-                                   args={"model_dir": str(self.finetune_dir / "model")}, quiet=True)
+                                   args={"model_dir": RunDir(str(self.finetune_dir)).model}, quiet=True)
         self.artefacts["server"] = f"{base}/v1"
         answer, latency = ask(base, apps[0]["args"].get("model_name", "ember"), QUESTION)
         self.say(f"Q: {QUESTION}\nA: {answer or '(nothing: the model ended its turn at once)'}")

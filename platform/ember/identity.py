@@ -5,6 +5,8 @@
 - A **fingerprint** of files is the identity of their names, sizes and modification times (`files_fingerprint`):
   it changes when a file is rewritten, without reading every byte of a corpus or a model. `content_sha256` hashes
   the bytes instead, for the small files whose exact content is the contract (a tokenizer).
+- A spec's **content** (`spec_without`) is its JSON data without the keys that do not change results (where the
+  figures are logged, how to resume): what identities hold of a spec.
 - A **stamp** is a JSON object with an ``identity`` field, published whole (`write_stamp`): the record an output
   writes anyway (a dataset's `manifest.json`, a run's `result.json`) or a small file beside it (the unit executor's
   `.ember/job.json`, a fine-tune's `base_weights.json`, an evaluation's `results.json.identity`). `stamp_matches`
@@ -28,6 +30,20 @@ def identity_of(parts) -> str:
     """The identity of a JSON-able value: the same value (whatever its key order) gives the same digest."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def spec_without(spec, keys: Iterable[str]) -> dict:
+    """A spec's content as JSON data (a pydantic spec or its dump), without the dotted `keys` (``train.tracking``):
+    the settings that do not change what a job computes. Missing keys are ignored."""
+    content = json.loads(spec.model_dump_json() if hasattr(spec, "model_dump_json") else json.dumps(spec))
+    for key in keys:
+        *sections, last = key.split(".")
+        section = content
+        for name in sections:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(last, None)
+    return content
 
 
 def files_fingerprint(stats: Iterable[tuple[str, int, int]]) -> str:

@@ -1,10 +1,8 @@
-"""Connecting to Ray: an existing cluster (`--address` or RAY_ADDRESS) or a new local instance; the cluster token;
-and keeping other libraries' chatter off the console of every process Ember runs in.
+"""The process Ember runs in: connecting it to Ray (an existing cluster, or a new local instance), keeping other
+libraries' chatter off its console, ending the processes it leaves, and finding the Ember error behind a wrapped one.
 
-Ray's token authentication stays on: a local instance enables it by default, and a client of an existing cluster
-must present the cluster's token, which Ray only does with RAY_AUTH_MODE=token. Whoever reads the token can run code
-on the cluster, so the token file Ember creates or reads is kept to its owner (0600, and 0700 on ~/.ray), with a
-warning when it was open to others.
+What an address is and where it comes from, token authentication and loopback are `ember.connection`'s; this module
+applies them when it connects.
 
 A new local instance (`ember run` or `ember demo` without a cluster) listens on 127.0.0.1 only, its metrics endpoints
 and agents included, and all of it stops when the process that started it exits: Ray's processes, and whatever of
@@ -25,9 +23,17 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from urllib.parse import urlparse
 
+from ember.connection import (
+    GCS,
+    bind_local_instance_to_loopback,
+    cluster_address,
+    ensure_token,
+    token_auth_on,
+    use_loopback_node_address,
+    use_token_auth,
+)
 from ember.errors import EmberError
 
 log = logging.getLogger("ember")
@@ -152,108 +158,10 @@ def use_environment_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
-def is_loopback(address: str | None) -> bool:
-    """Whether a host, host:port or URL names this machine's loopback interface."""
-    if not address:
-        return False
-    host = urlparse(address if "://" in address else f"//{address}").hostname or address
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
-_NODE_ADDRESS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": 127.0.0.1 is this node's address
-
-
-def use_loopback_node_address(address: str | None) -> None:
-    """For a new local instance (no address, or "local") or a cluster bound to 127.0.0.1 (`ember cluster up`), keeps
-    Ray from swapping 127.0.0.1 for this machine's network address: a new instance then listens on 127.0.0.1 only
-    (its GCS, raylet, agents and metrics endpoints), and a loopback cluster is reached where it listens. Ray reads the
-    variable at import: call this first. A value set by the user is kept."""
-    if address in (None, "", "local") or is_loopback(address):
-        os.environ.setdefault(_NODE_ADDRESS_ENV, "0")
-
-
-def _bind_local_instance_to_loopback() -> None:
-    """`use_loopback_node_address` for the local instance about to start, also where Ray was imported before it was
-    called (a library caller): Ray then read the variable already, and is told what it would have read."""
-    use_loopback_node_address(None)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and os.environ[_NODE_ADDRESS_ENV].lower() not in ("1", "true"):
-        constants.ENABLE_RAY_CLUSTER = False
-
-
-_DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
-
-
-def token_file() -> Path:
-    """The file Ray reads the cluster token from: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or _DEFAULT_TOKEN_FILE).expanduser()
-
-
-def find_token() -> str | None:
-    """The cluster token where Ray looks for it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names,
-    ~/.ray/auth_token (kept to its owner first: `protect_token_file`)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"]
-    path = token_file()
-    if not path.is_file():
-        return None
-    protect_token_file(path)
-    return path.read_text().strip() or None
-
-
-def ensure_token() -> None:
-    """Makes sure a token exists for a cluster Ember starts: where none is found, Ray's generator makes one (as `ray
-    get-auth-token --generate` does) into ~/.ray/auth_token, created readable by its owner only (Ray's own writes it
-    with the umask's mode)."""
-    if find_token() or os.environ.get("RAY_AUTH_TOKEN_PATH"):  # a named file that is missing is the user's to fix
-        return
-    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
-
-    path = token_file()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):  # another process made it meanwhile: that one is the token
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(generate_new_authentication_token())
-    protect_token_file(path)
-
-
-def protect_token_file(path: Path) -> None:
-    """Keeps the token file readable by its owner only (0600) and Ray's default dir for it, ~/.ray, private (0700):
-    a wider mode is narrowed, with a warning. A file or dir of another owner (a mounted secret) is left as it is,
-    and so is a dir the user chose with RAY_AUTH_TOKEN_PATH."""
-    places = [(path, 0o600)]
-    if path == _DEFAULT_TOKEN_FILE.expanduser():
-        places.append((path.parent, 0o700))
-    for place, mode in places:
-        try:
-            st = place.stat()
-        except OSError:
-            continue
-        if st.st_uid != os.geteuid() or not st.st_mode & 0o077:
-            continue
-        was = st.st_mode & 0o777
-        try:
-            place.chmod(mode)
-        except OSError as exc:
-            log.warning("warning: %s is open to other users of this machine (mode %03o) and could not be made %03o "
-                        "(%s): whoever reads the cluster token can run code on the cluster", place, was, mode,
-                        exc.strerror)
-            continue
-        log.warning("warning: %s was open to other users of this machine (mode %03o); made it %03o, since whoever "
-                    "reads the cluster token can run code on the cluster", place, was, mode)
-
-
-def use_token_auth() -> None:
-    """Makes this process's Ray clients present the cluster's token (Ray sends it only with RAY_AUTH_MODE=token),
-    unless the user chose a mode. Call it before Ray is imported: Ray reads the variable once."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Connects this process to Ray unless it already is: to the cluster at `address` or RAY_ADDRESS, else to a new
     local instance, bound to 127.0.0.1 and stopped, all of it, when this process exits (`_stop_local_instance`)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address, GCS)
     if address is None and "ray" not in sys.modules:
         use_loopback_node_address(None)  # before Ray's import, which reads it (not once Ray runs here: see below)
     import ray  # here, not at the top: Ray reads RAY_AUTH_MODE and the loopback setting once, at import
@@ -272,8 +180,8 @@ def ensure_ray(address: str | None = None) -> None:
         # would only cost a process and print Ray's error line about its constructor arguments. Its processes
         # inherit this environment; a value set by the user is kept.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        _bind_local_instance_to_loopback()
-        if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        bind_local_instance_to_loopback()
+        if token_auth_on():
             ensure_token()
     try:
         # "local": a new instance, as documented, never a `ray start` instance that /tmp/ray records on this machine.

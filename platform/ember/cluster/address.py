@@ -1,8 +1,8 @@
-"""A Ray cluster's two addresses, and `--address` in either form.
+"""A Ray cluster's two addresses, and `--address` in either form: translating one form into the other.
 
-A cluster answers at its GCS address (`HOST:6379`: what `ray.init` joins, so `ember run`, `serve` and `demo`) and at
-its dashboard URL (`http://HOST:8265`: the Jobs, State and Serve APIs of `ember submit`, `jobs` and `status`). Every
-verb takes either form; a verb given the other one finds the form it needs:
+A cluster answers at its GCS address (`HOST:6379`: what `ray.init` joins) and at its dashboard URL (`http://HOST:8265`:
+the Jobs, State and Serve APIs); which verb needs which is `ember.connection.ADDRESS_FORMS`. Every verb takes either
+form; a verb given the other one finds the form it needs (`in_form`):
 
 - the local cluster of `ember cluster up` has both in its state file (`ember.cluster.local.read_state`);
 - from a GCS address: the dashboard URL the cluster publishes in its GCS (where Ray's own job client looks), else the
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ember.cluster.local import ClusterInfo
+from ember.connection import GCS, is_loopback
 from ember.errors import EmberError
-from ember.runtime import is_loopback
 
 GCS_PORT = 6379  # Ray's defaults: `ray start --port`, `--dashboard-port`
 DASHBOARD_PORT = 8265
@@ -59,6 +59,11 @@ def _same_endpoint(a: str, b: str) -> bool:
     """Whether two addresses (either form) name the same host and port; 127.0.0.1 and localhost are one host."""
     (host_a, port_a), (host_b, port_b) = _host_port(a), _host_port(b)
     return port_a == port_b and (host_a == host_b or (is_loopback(host_a) and is_loopback(host_b)))
+
+
+def in_form(address: str, form: str, local: ClusterInfo | None = None) -> Found:
+    """`address` (either form) in `form`: `ember.connection.GCS` or `DASHBOARD`."""
+    return (to_gcs if form == GCS else to_dashboard)(address, local)
 
 
 def to_gcs(address: str, local: ClusterInfo | None = None) -> Found:
@@ -120,7 +125,7 @@ def _probe(host: str, port: int) -> str | None:
 
 def _published_dashboard(gcs: str) -> str | None:
     """The dashboard URL the cluster's dashboard recorded in its GCS, or None when it cannot be read."""
-    from ember.runtime import use_token_auth
+    from ember.connection import use_token_auth
 
     use_token_auth()  # the GCS asks for the cluster's token too
     from ray._private import ray_constants
@@ -130,7 +135,7 @@ def _published_dashboard(gcs: str) -> str | None:
         value = GcsClient(address=gcs).internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
                                                        namespace=ray_constants.KV_NAMESPACE_DASHBOARD,
                                                        timeout=PROBE_TIMEOUT)
-    except Exception:  # an RpcError or an auth failure: fall back to the default port, whose error names the URL
+    except Exception:  # noqa: BLE001 (an RpcError or an auth failure: the default port's error names the URL)
         return None
     return f"http://{value.decode()}" if value else None
 

@@ -70,7 +70,7 @@ def _reported_config() -> tuple[NodeType, ...]:
 
     try:
         config = state.get_cluster_config()
-    except Exception:  # an older GCS without the key, or no autoscaler state service
+    except Exception:  # noqa: BLE001 (an older GCS without the key, or no autoscaler state service)
         return ()
     if config is None:
         return ()
@@ -108,7 +108,7 @@ def _launcher_config() -> tuple[tuple[NodeType, ...], int | None]:
     task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_head_autoscaling_config)
     try:
         config = ray.get(task.remote(ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]), timeout=60)
-    except Exception as exc:  # no head resource (an older Ray), or a head that cannot run tasks
+    except Exception as exc:  # noqa: BLE001 (no head resource, an older Ray, or a head that cannot run tasks)
         log.debug("could not read the head's autoscaling config: %s", exc)
         return (), None
     if not isinstance(config, dict):
@@ -130,7 +130,7 @@ def _autoscaler_report() -> dict:
     try:
         raw = ray._private.worker.global_worker.gcs_client.internal_kv_get(AUTOSCALING_STATUS_KEY, None)
         return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
-    except Exception:  # no status yet, or a GCS that refuses the call
+    except Exception:  # noqa: BLE001 (no status yet, or a GCS that refuses the call)
         return {}
 
 

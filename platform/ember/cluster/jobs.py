@@ -27,9 +27,9 @@ import time
 import uuid
 from pathlib import Path
 
+from ember.connection import DASHBOARD, TOKEN_AUTH_ENV, cluster_address, find_token, is_loopback, use_token_auth
 from ember.errors import EmberError
 from ember.runs.progress import show_progress
-from ember.runtime import find_token, is_loopback, use_token_auth
 
 # Environment variables a job gets from the client when they are set there (never secrets by default: job
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
@@ -39,9 +39,9 @@ PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write em
 
 
 def resolve_dashboard(address: str | None) -> str:
-    """The dashboard URL of the cluster to talk to (see the module docstring for the order); a GCS address is
-    translated (`ember.cluster.address`)."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    """The dashboard URL of the cluster to talk to (`ember.connection.cluster_address`, else the local cluster); a
+    GCS address is translated (`ember.cluster.address`)."""
+    address = cluster_address(address, DASHBOARD)
     from ember.cluster.address import to_dashboard
     from ember.cluster.local import read_state
 
@@ -86,7 +86,7 @@ class Jobs:
 
         try:
             self.client = JobSubmissionClient(self.url)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever Ray's client raises becomes one EmberError naming the URL)
             raise _explain(exc, self.url) from None
 
     def call(self, method: str, *args, **kwargs):
@@ -94,7 +94,7 @@ class Jobs:
             return getattr(self.client, method)(*args, **kwargs)
         except EmberError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (Ray's client raises bare exceptions; each becomes an EmberError)
             if "does not exist" in str(exc) or "404" in str(exc)[:60]:
                 job = args[0] if args else "?"
                 raise EmberError(f"no job {job} on the cluster at {self.url} (`ember jobs list` shows them)") from None
@@ -126,7 +126,7 @@ class Jobs:
 
         try:
             asyncio.run(tail())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever Ray's client raises becomes one EmberError naming the URL)
             raise _explain(exc, self.url) from None
 
 
@@ -183,7 +183,7 @@ def submit(spec_path: str, overrides: list[str], *, address: str | None = None, 
     jobs = Jobs(address)
     if workdir is None and is_loopback(jobs.url):
         workdir = os.getcwd()  # same machine: relative paths mean what they mean here, as with `ember run`
-    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
+    env_vars = {"PYTHONUNBUFFERED": "1", **TOKEN_AUTH_ENV}
     env_vars.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     for item in env:
         key, eq, value = item.partition("=")

@@ -15,7 +15,7 @@ binds a multi-node cluster to the machine's network address unless `RAY_ENABLE_W
 treat 127.0.0.1 as the node address; the host sets it for the cluster's processes and Ember's clients set it when they
 talk to a loopback address. Ray's token authentication is on: the cluster uses the token in `~/.ray/auth_token` (or
 `RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), made with Ray's generator when there is none, readable by its owner only
-(`ember.runtime.ensure_token`).
+(`ember.connection.ensure_token`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ember.connection import ADDRESS_ENV_NAMES, LOOPBACK, LOOPBACK_NODE_ENV, TOKEN_AUTH_ENV, ensure_token
 from ember.errors import EmberError
-from ember.runtime import end_processes, ensure_token
+from ember.runtime import end_processes
 
-LOOPBACK = "127.0.0.1"
-LOCAL_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # 127.0.0.1 is the node address, see the docstring
 STATE_FILE = "cluster.json"
 
 
@@ -202,12 +201,12 @@ def _start_host(directory: Path, autoscaling: bool) -> subprocess.Popen:
     launcher = bin_dir / "python"  # a script, not a symlink: Python finds its venv from the path it is run by
     launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     launcher.chmod(0o755)
-    env = {**os.environ, **LOCAL_NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, **LOOPBACK_NODE_ENV, **TOKEN_AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     if autoscaling:
         # Ray's fake multi-node provider runs only where this says so; the autoscaler looks every second.
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    for client_setting in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # which cluster a client talks to, not this one
+    for client_setting in ADDRESS_ENV_NAMES:  # which cluster a client talks to, not this one
         env.pop(client_setting, None)
     with open(directory / "cluster.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "ember.cluster.local", str(directory / "plan.json")],

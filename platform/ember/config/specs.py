@@ -46,24 +46,15 @@ def strings_in(value) -> list[str]:
     return []
 
 
-class SourceSpec(SpecModel):
-    """Where the corpus comes from and how to parse it."""
+class InputSpec(SpecModel):
+    """The inputs of a dataset job and how they are cut into work units: the keys `source` (tokenize) and `data`
+    (fine-tuning) share."""
 
     inputs: list[str] = Field(
         min_length=1,
-        description="Files, directories, globs or URIs (s3://, gs://, file://), or a built-in corpus: "
-        "builtin:python-docs, builtin:python-qa, builtin:python-qa:test.",
-    )
-    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
-        "auto", description="Input format; auto picks by extension (.txt, .jsonl/.json, .parquet, plus .gz/.zst/.bz2)."
-    )
-    text_unit: Literal["file", "paragraph"] = Field(
-        "file", description="For .txt: one document per file, or one per blank-line-separated block."
-    )
-    field: str = Field("text", description="JSON field holding a document's text.")
-    column: str = Field("text", description="Parquet column holding a document's text.")
-    on_decode_error: Literal["replace", "skip"] = Field(
-        "replace", description="Undecodable UTF-8: replace bad bytes with U+FFFD, or skip the document (both counted)."
+        description="Files, directories, globs or URIs (s3://, gs://, file://) of text, JSONL/JSON or Parquet records "
+        "(conversations: not text), or a built-in corpus: builtin:python-docs (documents), builtin:python-qa "
+        "(conversations; builtin:python-qa:test is its held-out split).",
     )
     strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
     unit_bytes: Optional[int] = Field(
@@ -77,6 +68,22 @@ class SourceSpec(SpecModel):
     @classmethod
     def _one_input_is_a_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+
+class SourceSpec(InputSpec):
+    """Where the corpus comes from and how to parse it."""
+
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="Input format; auto picks by extension (.txt, .jsonl/.json, .parquet, plus .gz/.zst/.bz2)."
+    )
+    text_unit: Literal["file", "paragraph"] = Field(
+        "file", description="For .txt: one document per file, or one per blank-line-separated block."
+    )
+    field: str = Field("text", description="JSON field holding a document's text.")
+    column: str = Field("text", description="Parquet column holding a document's text.")
+    on_decode_error: Literal["replace", "skip"] = Field(
+        "replace", description="Undecodable UTF-8: replace bad bytes with U+FFFD, or skip the document (both counted)."
+    )
 
 
 class FilterSpec(SpecModel):
@@ -363,13 +370,11 @@ class PretrainSpec(TrainingJobSpec):
     model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
 
 
-class ChatDataSpec(SpecModel):
+class ChatDataSpec(InputSpec):
     """Conversations to fine-tune on, tokenized with the base model's chat template into packed rows with a loss
-    mask (by the same Ray Data pipeline and shard format as `kind: tokenize`)."""
+    mask (by the same Ray Data pipeline and shard format as `kind: tokenize`). Inputs are JSONL/JSON/Parquet records
+    of conversations, or builtin:python-qa (builtin:python-qa:test is its held-out split)."""
 
-    inputs: list[str] = Field(min_length=1, description="JSONL/JSON/Parquet files, directories, globs or URIs of "
-                                                        "conversations, or builtin:python-qa (builtin:python-qa:test "
-                                                        "is its held-out split).")
     format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
         "auto", description="Record layout: messages [{role, content}], prompt/response, or Alpaca "
         "instruction/input/output; auto decides per record.")
@@ -383,9 +388,6 @@ class ChatDataSpec(SpecModel):
                                          "ids); false: one conversation per row.")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of conversations sent to val/, chosen by a "
                                                                   "stable hash of their text.")
-    strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
-    unit_bytes: Optional[int] = Field(None, ge=4096, description="Work-unit size in bytes for the parallel "
-                                                                 "tokenization (default: corpus size / 64).")
     shard_bytes: int = Field(64 * MiB, ge=4096, description="Target size of one Arrow shard file.")
     dir: Optional[str] = Field(None, description="Where the tokenized conversations go (default: RUN_DIR/data); "
                                                  "reused when inputs and settings are unchanged.")
@@ -393,10 +395,10 @@ class ChatDataSpec(SpecModel):
                                                "RUN_DIR/data, is the run's own: rebuilt when the data settings "
                                                "change, unless the run has checkpoints).")
 
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _one_input_is_a_list(cls, value):
-        return [value] if isinstance(value, str) else value
+    def source(self) -> SourceSpec:
+        """The inputs as the readers take them (records parsed by extension: a conversation's `format` is its
+        layout, read by `ember.data.chat.to_messages`)."""
+        return SourceSpec(**self.model_dump(include=set(InputSpec.model_fields)))
 
 
 class LoraSpec(SpecModel):

@@ -1,10 +1,10 @@
 """`kind: tokenize`: corpus → tokenizer + packed Arrow shards, the work units run in parallel by Ray Data.
 
-The flow: resolve inputs (a missing path fails here, before any Ray work) → plan work units → (optional) a hash
-pass for exact-duplicate removal → the unit executor (`ember.data.units`) starts its actor pool, and while the
-actors start the tokenizer is trained or loaded → the actors run `CorpusEncoder` over the pending units: each unit's
-documents are read, normalised, split, tokenized and packed into its own shards → the units' leftover tokens are
-packed in unit order into a last shard per split → `manifest.json`.
+`CorpusJob` is this job as the unit executor (`ember.data.units.run_job`) runs it: resolve inputs (a missing path
+fails here, before any Ray work) → plan work units → (optional) a hash pass for exact-duplicate removal → the
+tokenizer is trained or loaded → the actors run `CorpusEncoder` over the pending units: each unit's documents are
+read, normalised, split, tokenized and packed into its own shards → the units' leftover tokens are packed in unit
+order into a last shard per split → `manifest.json`.
 
 Everything a unit writes depends only on the unit and the spec, and the final remainder is assembled in unit order,
 so the same input and spec give the same shards whatever the number of workers. A rerun after a crash redoes only
@@ -21,21 +21,28 @@ import numpy as np
 
 from ember import storage
 from ember.config.specs import TokenizeSpec
-from ember.data import shards as fmt
-from ember.data import units as ex
-from ember.data.sources import SkipLog, WorkUnit, plan_units, resolve_inputs, source_fingerprint
+from ember.data import shards
+from ember.data.sources import InputFile, SkipLog, WorkUnit, resolve_inputs
 from ember.data.steps import Normalizer, Packer, Tokenize, doc_hash, read_sample, read_texts, split_of
 from ember.data.tokenizer import (
-    eos_token,
     load_tokenizer,
     save_tokenizer,
     tokenizer_config,
     tokenizer_file,
+    tokenizer_identity,
     train_tokenizer,
     write_tokenizer_config,
 )
-from ember.identity import content_sha256, identity_of
-from ember.runtime import ensure_ray
+from ember.data.units import (
+    DatasetJob,
+    UnitJob,
+    job_state,
+    map_units,
+    run_job,
+    skip_summary,
+    tokenizer_facts,
+    update_job_state,
+)
 
 log = logging.getLogger("ember")
 
@@ -64,9 +71,9 @@ class CorpusEncoder:
 
     def __call__(self, unit: WorkUnit, skips: SkipLog, write) -> dict:
         spec = self.spec
-        packers = {s: Packer(spec.pack.seq_len + 1, self.eos_id, self.dtype) for s in fmt.SPLITS}
-        stats = {s: {"documents": 0, "document_tokens": 0} for s in fmt.SPLITS}
-        pending: dict[str, list[str]] = {s: [] for s in fmt.SPLITS}
+        packers = {s: Packer(spec.pack.seq_len + 1, self.eos_id, self.dtype) for s in shards.SPLITS}
+        stats = {s: {"documents": 0, "document_tokens": 0} for s in shards.SPLITS}
+        pending: dict[str, list[str]] = {s: [] for s in shards.SPLITS}
         pending_chars = 0
 
         def flush():
@@ -87,7 +94,7 @@ class CorpusEncoder:
                 flush()
                 pending_chars = 0
         flush()
-        return {"stats": stats, "remainder": {s: packers[s].remainder().tolist() for s in fmt.SPLITS}}
+        return {"stats": stats, "remainder": {s: packers[s].remainder().tolist() for s in shards.SPLITS}}
 
 
 class DocumentHasher:
@@ -101,19 +108,6 @@ class DocumentHasher:
         return {"unit": unit.index, "hashes": [doc_hash(t) for t in docs]}
 
 
-def spec_identity(spec: TokenizeSpec, tokenizer_sha: str | None) -> str:
-    """What makes two jobs the same apart from the input content: every output-affecting spec field and a given
-    tokenizer (not the worker count, the output path or `strict`)."""
-    shaping = spec.model_dump(include={"source", "filter", "tokenizer", "pack"})
-    shaping["source"].pop("strict")
-    return identity_of({"spec": shaping, "tokenizer": tokenizer_sha, "format_version": fmt.FORMAT_VERSION})
-
-
-def dataset_identity(job: str, fingerprint: str) -> str:
-    """What makes two finished datasets the same: the job and the input content."""
-    return identity_of({"job": job, "inputs": fingerprint})
-
-
 def _summary_lines(manifest: dict, seconds: float | None, reused: int) -> list[str]:
     docs = manifest["documents"]
     lines = [
@@ -123,12 +117,12 @@ def _summary_lines(manifest: dict, seconds: float | None, reused: int) -> list[s
     ]
     for where in docs["examples"]:
         lines.append(f"  bad record: {where}")
-    for split in fmt.SPLITS:
+    for split in shards.SPLITS:
         s = manifest["splits"][split]
         lines.append(f"{split}: {s['tokens']:,} tokens in {s['rows']:,} rows of {manifest['seq_len'] + 1}, "
                      f"{len(s['shards'])} shards")
     if seconds is not None:
-        total = sum(manifest["splits"][s]["tokens"] for s in fmt.SPLITS)
+        total = sum(manifest["splits"][s]["tokens"] for s in shards.SPLITS)
         lines.append(f"{total:,} tokens in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} tokens/s), "
                      f"{reused} of {manifest['units']} units reused from an earlier run")
     return lines
@@ -137,7 +131,7 @@ def _summary_lines(manifest: dict, seconds: float | None, reused: int) -> list[s
 def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], given: str | None) -> str:
     """The dataset's tokenizer.json: the one saved by an earlier attempt, the given one, or a freshly trained one."""
     target = storage.join(out, "tokenizer.json")
-    if storage.is_file(target) and ex.job_state(out).get("tokenizer_sha256") == content_sha256(target):
+    if storage.is_file(target) and job_state(out).get("tokenizer_sha256") == tokenizer_identity(target):
         log.info("tokenizer: reusing %s from the earlier attempt", storage.display(target))
         return target
     if given is not None:
@@ -154,20 +148,14 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], give
                               spec.tokenizer.vocab_size, spec.tokenizer.min_frequency)
         log.info("tokenizer: trained, vocab %d, in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
         save_tokenizer(tok, out, model_max_length=spec.pack.seq_len)
-    ex.update_job_state(out, tokenizer_sha256=content_sha256(target))
+    update_job_state(out, tokenizer_sha256=tokenizer_identity(target))
     return target
-
-
-def _tokenizer_facts(tok_path: str) -> tuple[int, int]:
-    """(vocab size, EOS id) of the dataset's tokenizer."""
-    tok = load_tokenizer(tok_path)
-    return tok.get_vocab_size(), eos_token(tok, tokenizer_config(tok_path))[1]
 
 
 def _duplicates(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus: float) -> dict:
     """Exact-duplicate positions per unit: every occurrence after the first, in unit order."""
     per_unit = {item["unit"]: np.array(item["hashes"], dtype=np.uint64)
-                for item in ex.map_units(units, partial(DocumentHasher, spec), workers=workers, num_cpus=num_cpus)}
+                for item in map_units(units, partial(DocumentHasher, spec), workers=workers, num_cpus=num_cpus)}
     hashes = np.concatenate([per_unit[u.index] for u in units]) if units else np.zeros(0, np.uint64)
     owner = np.concatenate([np.full(len(per_unit[u.index]), u.index) for u in units]) if units else hashes
     position = np.concatenate([np.arange(len(per_unit[u.index])) for u in units]) if units else hashes
@@ -180,74 +168,64 @@ def _duplicates(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpu
     return drops
 
 
+class CorpusJob(DatasetJob):
+    """`kind: tokenize` as the unit executor runs it."""
+
+    kind, label = "pretrain", "tokenize"
+    dir_key, overwrite_key, strict_key = "output.dir", "output.overwrite", "source.strict"
+
+    def __init__(self, spec: TokenizeSpec):
+        self.spec, self.source = spec, spec.source
+        self.out, self.overwrite = storage.normalize(spec.output.dir), spec.output.overwrite
+        self.seq_len, self.shard_bytes, self.workers = spec.pack.seq_len, spec.pack.shard_bytes, spec.workers
+        self.given: str | None = None  # the tokenizer.json the spec names, found by `resolve`
+
+    def resolve(self) -> list[InputFile | str]:
+        resolved = resolve_inputs(self.spec.source)
+        self.given = tokenizer_file(self.spec.tokenizer.path) if self.spec.tokenizer.path else None
+        return resolved
+
+    def identity_parts(self) -> dict:
+        """Every output-affecting spec field and a given tokenizer (not the worker count, the output path or
+        `strict`)."""
+        shaping = self.spec.model_dump(include={"source", "filter", "tokenizer", "pack"})
+        shaping["source"].pop("strict")
+        return {"spec": shaping, "tokenizer": tokenizer_identity(self.given) if self.given else None}
+
+    def prepare(self, units: list[WorkUnit], workers: int, num_cpus: float):
+        duplicates = _duplicates(self.spec, units, workers, num_cpus) if self.spec.filter.dedup else {}
+        tok_path = _prepare_tokenizer(self.spec, self.out, units, self.given)
+        vocab_size, eos_id = tokenizer_facts(self.out)
+        return partial(CorpusEncoder, self.spec, tok_path, eos_id, shards.token_dtype(vocab_size).name, duplicates)
+
+    def finish(self, job: UnitJob, splits: dict, skips: SkipLog, markers: list[dict]) -> dict:
+        """Packs the units' remainders (in unit order) into a last shard per split."""
+        dropped = 0
+        for s in shards.SPLITS:
+            stream = np.array([t for m in markers for t in m["remainder"][s]], dtype=job.dtype)
+            n = len(stream) // job.row_len
+            writer = shards.ShardWriter(storage.join(job.out_dir, s), "tail", job.row_len, np.dtype(job.dtype),
+                                        job.shard_bytes)
+            writer.write(stream[: n * job.row_len].reshape(n, job.row_len))
+            splits[s]["shards"].extend(writer.close())
+            dropped += len(stream) - n * job.row_len
+        kept = sum(splits[s]["documents"] for s in shards.SPLITS)
+        return {"tokens_dropped": dropped, "documents": skip_summary(skips, kept)}
+
+    def summarize(self, manifest: dict, seconds: float | None, reused: int) -> None:
+        for line in _summary_lines(manifest, seconds, reused):
+            log.info(line)
+        if seconds is None:
+            return
+        log.info("dataset: %s", storage.display(self.out))
+        if manifest["splits"]["train"]["rows"] == 0:
+            log.warning("warning: no training rows were written: the corpus holds fewer tokens than one row of "
+                        "seq_len + 1 (%d); check the inputs and the skip counts above", self.seq_len + 1)
+
+
 def run_tokenize(spec: TokenizeSpec, address: str | None = None) -> dict:
     """Runs a tokenize job on Ray (the connected instance, `address`, RAY_ADDRESS or a new local one).
 
     Returns the manifest. Inputs and the output directory are checked before any Ray work starts.
     """
-    t_start = time.perf_counter()
-    out = storage.normalize(spec.output.dir)
-    resolved = resolve_inputs(spec.source)  # fails on a missing path before any Ray work
-    given = tokenizer_file(spec.tokenizer.path) if spec.tokenizer.path else None
-    fingerprint = source_fingerprint(resolved)
-    job_id = spec_identity(spec, content_sha256(given) if given else None)
-    identity = dataset_identity(job_id, fingerprint)
-    finished = ex.prepare_output(out, job_id, identity, overwrite=spec.output.overwrite, dir_key="output.dir")
-    if finished is not None:
-        log.info("%s already holds this dataset (same inputs and spec): nothing to do", storage.display(out))
-        for line in _summary_lines(finished, None, 0):
-            log.info(line)
-        return finished
-
-    units = plan_units(resolved, spec.source)
-    ensure_ray(address)
-    workers, num_cpus = ex.pool(spec.workers)
-    duplicates = _duplicates(spec, units, workers, num_cpus) if spec.filter.dedup else {}
-    fingerprints = ex.unit_fingerprints(units, resolved)
-
-    def prepare() -> ex.UnitJob:  # runs while the pool's actors start
-        tok_path = _prepare_tokenizer(spec, out, units, given)
-        vocab_size, eos_id = _tokenizer_facts(tok_path)
-        dtype = fmt.token_dtype(vocab_size).name
-        return ex.UnitJob(out, spec.pack.seq_len + 1, dtype, spec.pack.shard_bytes,
-                          partial(CorpusEncoder, spec, tok_path, eos_id, dtype, duplicates), fingerprints,
-                          strict=spec.source.strict, threads=max(1, int(num_cpus)))
-
-    job, reused = ex.run_units(prepare, units, out_dir=out, fingerprints=fingerprints, workers=workers,
-                               num_cpus=num_cpus, label="tokenize")
-    manifest = _assemble(spec, job, units, identity, fingerprint)
-    for line in _summary_lines(manifest, time.perf_counter() - t_start, reused):
-        log.info(line)
-    log.info("dataset: %s", storage.display(out))
-    if manifest["splits"]["train"]["rows"] == 0:
-        log.warning("warning: no training rows were written: the corpus holds fewer tokens than one row of "
-                    "seq_len + 1 (%d); check the inputs and the skip counts above", spec.pack.seq_len + 1)
-    return manifest
-
-
-def _assemble(spec: TokenizeSpec, job: ex.UnitJob, units: list[WorkUnit], identity: str, fingerprint: str) -> dict:
-    """Packs the units' remainders (in unit order) into a last shard per split and writes manifest.json."""
-    tok_path = storage.join(job.out_dir, "tokenizer.json")
-    vocab_size, eos_id = _tokenizer_facts(tok_path)
-    splits, skips, markers = ex.collect(job, units)
-    dropped = 0
-    for s in fmt.SPLITS:
-        stream = np.array([t for m in markers for t in m["remainder"][s]], dtype=job.dtype)
-        n = len(stream) // job.row_len
-        writer = fmt.ShardWriter(storage.join(job.out_dir, s), "tail", job.row_len, np.dtype(job.dtype),
-                                 job.shard_bytes)
-        writer.write(stream[: n * job.row_len].reshape(n, job.row_len))
-        splits[s]["shards"].extend(writer.close())
-        dropped += len(stream) - n * job.row_len
-    kept = sum(splits[s]["documents"] for s in fmt.SPLITS)
-    return ex.publish(job, splits, {
-        "kind": "pretrain",
-        "identity": identity,
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "tokenizer": {"file": "tokenizer.json", "sha256": content_sha256(tok_path)},
-        "source": ex.source_summary(spec.source.inputs, fingerprint),
-        "units": len(units),
-        "tokens_dropped": dropped,
-        "documents": ex.skip_summary(skips, kept),
-    })
+    return run_job(CorpusJob(spec), address)

@@ -17,11 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from ember import storage
 from ember.errors import EmberError
+from ember.identity import content_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-TURN_END = CHAT_TOKENS[1]  # ends every turn in ChatML: generation of an assistant turn stops there
+TURN_END = CHAT_TOKENS[1]  # ends every turn in ChatML: an assistant turn's generation stops there (generation_stops)
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS)
 # End-of-text names used by other families, tried when a loaded tokenizer has no tokenizer_config.json.
 _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -62,12 +63,18 @@ def tokenizer_file(path: str | os.PathLike) -> str:
     return location
 
 
+def tokenizer_identity(path: str | os.PathLike) -> str:
+    """What a tokenizer is, for identities and manifests: the SHA-256 of its tokenizer.json's bytes (the file named
+    by `path`, or the one in that directory). Every dataset job identifies its tokenizer so."""
+    return content_sha256(tokenizer_file(path))
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a `tokenizer.json` (or the one in a directory); fails with the path when it is missing or invalid."""
     location = tokenizer_file(path)
     try:
         return Tokenizer.from_str(storage.read_text(location))
-    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+    except Exception as exc:  # noqa: BLE001 (tokenizers raises a bare Exception for malformed files)
         raise EmberError(f"{storage.display(location)}: not a valid tokenizer.json ({exc})") from None
 
 
@@ -136,9 +143,3 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike, *, model_max_le
     storage.write_text(target, tok.to_str())
     write_tokenizer_config(tok, directory, model_max_length=model_max_length, base_config=base_config)
     return target
-
-
-def turn_end_ids(tokenizer) -> set[int]:
-    """The id of ChatML's end-of-turn token, where the tokenizer has it: a chat answer stops there."""
-    found = tokenizer.token_to_id(TURN_END)
-    return {found} if found is not None else set()

@@ -20,7 +20,6 @@ import re
 import string
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
@@ -34,16 +33,16 @@ from ember.data.chat import (
     to_messages,
 )
 from ember.data.shards import ShardReader, load_manifest
-from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
-from ember.data.tokenizer import load_tokenizer, tokenizer_config, turn_end_ids
+from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs, source_fingerprint
+from ember.data.tokenizer import load_tokenizer, tokenizer_config
 from ember.errors import EmberError
 from ember.eval.harness import run_harness
-from ember.identity import files_fingerprint, identity_of, path_stats, stamp_matches, write_stamp
-from ember.model import SamplingParams, builtin, generate_ids, load_model, stop_token_ids
+from ember.identity import identity_of, spec_without, stamp_matches, write_stamp
+from ember.model import SamplingParams, builtin, generate_ids, generation_stops, load_model
 from ember.model.hf import weights_fingerprint
 from ember.runs.tracking import log_evaluation, settle_tracking
 from ember.runtime import ensure_ray
-from ember.train.recipes import lm_loss
+from ember.train.recipes import dataset_recipe, evaluation_losses, supervised_loss
 
 log = logging.getLogger("ember")
 
@@ -83,22 +82,21 @@ def _check_same_ids(model_dir: str, dataset_dir: str) -> None:
 
 @torch.no_grad()
 def dataset_loss(model, dataset_dir: str, split: str, batches: int, batch_size: int) -> dict:
-    """Mean loss over the first rows of a split, weighted by target tokens (file order: the same rows each time)."""
+    """Mean loss over the first rows of a split, weighted by target tokens (file order: the same rows each time),
+    by the loss of the dataset's recipe (`ember.train.recipes.evaluation_losses`)."""
     manifest = load_manifest(dataset_dir)
     reader = ShardReader(dataset_dir, split)
     rows = min(len(reader), batches * batch_size)
-    total, count = 0.0, 0
-    for start in range(0, rows, batch_size):
-        picked = [reader.columns(i) for i in range(start, min(rows, start + batch_size))]
-        if reader.extra_columns:
-            batch = {c: torch.stack([torch.from_numpy(r[c].astype("int64")) for r in picked]) for c in picked[0]}
-            targets = int((batch["loss_mask"][:, 1:] != 0).sum())
-        else:
-            batch = torch.stack([torch.from_numpy(r["input_ids"].astype("int64")) for r in picked])
-            targets = batch[:, 1:].numel()
-        total += float(lm_loss(model, batch)) * targets
-        count += targets
-    loss = total / max(count, 1)
+
+    def in_file_order():  # fine-tuning rows as a dict of columns, pretraining rows as one tensor
+        for start in range(0, rows, batch_size):
+            picked = [reader.columns(i) for i in range(start, min(rows, start + batch_size))]
+            columns = {c: torch.stack([torch.from_numpy(r[c].astype("int64")) for r in picked]) for c in picked[0]}
+            yield columns if reader.extra_columns else columns["input_ids"]
+
+    losses, targets = evaluation_losses(dataset_recipe(manifest), model, in_file_order())
+    count = int(targets.sum())
+    loss = float((losses.double() * targets).sum()) / max(count, 1)
     kind = "assistant_loss" if manifest.get("kind") == "sft" else "loss"
     return {kind: loss, "perplexity": math.exp(min(loss, 50.0)), "rows": rows, "target_tokens": count}
 
@@ -144,7 +142,7 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
     for start in range(0, len(rows), batch_size):
         batch = _padded_batch(rows[start:start + batch_size])
         n = int(batch["loss_mask"][:, 1:].sum())
-        total += float(lm_loss(model, batch)) * n
+        total += float(supervised_loss(model, batch)) * n
         count += n
     result = {"assistant_loss": total / max(count, 1), "assistant_tokens": count}
     if max_examples:
@@ -169,7 +167,7 @@ def _answer_scores(model, model_dir: str, tok, template, conversations: list, ma
                    batch_size: int) -> dict:
     """Token F1 and exact match of greedy answers to each conversation's last question, `batch_size` at a time."""
     context = model.config.max_position_embeddings
-    stops = stop_token_ids(model_dir, tok) | turn_end_ids(tok)
+    stops = generation_stops(tok, chat=True, model_dir=model_dir)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0).validate()
     asked = []
     for messages, where in conversations:
@@ -192,13 +190,14 @@ def _answer_scores(model, model_dir: str, tok, template, conversations: list, ma
 
 
 def _identity(spec: EvaluateSpec) -> str:
-    """What the results depend on: the spec, each model's weights, conversation files and the dataset's manifest."""
+    """What the results depend on: the spec (not where the figures are logged), each model's weights, the
+    conversations' content (`source_fingerprint`: every file of a directory or glob, an object, a built-in corpus's
+    build) and the dataset's manifest."""
     models = {name: weights_fingerprint(builtin.resolve(path)) for name, path in spec.models.items()}
     data = load_manifest(spec.data.dir) if spec.data.dir else None
-    files = files_fingerprint(path_stats(p for p in map(Path, spec.data.conversations or []) if p.is_file()))
-    spec_data = json.loads(spec.model_dump_json())
-    spec_data.pop("tracking", None)  # where the figures are logged is not what they are
-    return identity_of({"spec": spec_data, "models": models, "files": files, "data": data})
+    conversations = spec.data.conversations
+    files = source_fingerprint(resolve_inputs(SourceSpec(inputs=conversations))) if conversations else None
+    return identity_of({"spec": spec_without(spec, ("tracking",)), "models": models, "files": files, "data": data})
 
 
 def _check_models(models: dict[str, str]) -> None:
@@ -210,6 +209,43 @@ def _check_models(models: dict[str, str]) -> None:
             raise EmberError(f"models.{name}: {exc}") from None
         if not found:
             raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
+
+
+def _model_figures(spec: EvaluateSpec, path: str, conversations: list) -> dict:
+    """One model's figures: its dataset loss, conversation scores and harness results, as the spec asks."""
+    model_dir = builtin.resolve(path)
+    model = load_model(model_dir).eval()
+    figures: dict = {"model": storage.display(model_dir)}
+    if spec.data.dir:
+        _check_same_ids(model_dir, spec.data.dir)
+        figures["dataset"] = dataset_loss(model, spec.data.dir, spec.data.split, spec.data.batches,
+                                          spec.data.batch_size)
+    if conversations:
+        figures["conversations"] = conversation_scores(model, model_dir, conversations, spec.generation.max_examples,
+                                                       spec.generation.max_new_tokens, spec.data.batch_size)
+    if spec.lm_eval is not None:
+        figures["lm_eval"] = run_harness(path if builtin.is_builtin(path) else model_dir, spec.lm_eval)
+    return figures
+
+
+def _figures_line(figures: dict, split: str) -> str:
+    """One model's figures for the log."""
+    parts = []
+    if "dataset" in figures:
+        d = figures["dataset"]
+        key = "assistant_loss" if "assistant_loss" in d else "loss"
+        parts.append(f"{split} {key.replace('_', ' ')} {d[key]:.4f} (ppl {d['perplexity']:.1f})")
+    if "conversations" in figures:
+        c = figures["conversations"]
+        parts.append(f"held-out assistant loss {c['assistant_loss']:.4f}")
+        if "token_f1" in c:
+            parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
+                         f"over {c['answered']} answers")
+    if "lm_eval" in figures:
+        from lm_eval.utils import make_table
+
+        parts.append(f"lm-evaluation-harness:\n{make_table(figures['lm_eval'])}")
+    return "; ".join(parts)
 
 
 def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
@@ -233,36 +269,8 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         ensure_ray(address)  # the harness's requests go to Ray actors
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
-        model_dir = builtin.resolve(path)
-        model = load_model(model_dir).eval()
-        figures: dict = {"model": storage.display(model_dir)}
-        if spec.data.dir:
-            _check_same_ids(model_dir, spec.data.dir)
-            figures["dataset"] = dataset_loss(model, spec.data.dir, spec.data.split, spec.data.batches,
-                                              spec.data.batch_size)
-        if conversations:
-            figures["conversations"] = conversation_scores(model, model_dir, conversations,
-                                                           spec.generation.max_examples,
-                                                           spec.generation.max_new_tokens, spec.data.batch_size)
-        if spec.lm_eval is not None:
-            figures["lm_eval"] = run_harness(path if builtin.is_builtin(path) else model_dir, spec.lm_eval)
-        results[name] = figures
-        parts = []
-        if "dataset" in figures:
-            d = figures["dataset"]
-            key = "assistant_loss" if "assistant_loss" in d else "loss"
-            parts.append(f"{spec.data.split} {key.replace('_', ' ')} {d[key]:.4f} (ppl {d['perplexity']:.1f})")
-        if "conversations" in figures:
-            c = figures["conversations"]
-            parts.append(f"held-out assistant loss {c['assistant_loss']:.4f}")
-            if "token_f1" in c:
-                parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
-                             f"over {c['answered']} answers")
-        if "lm_eval" in figures:
-            from lm_eval.utils import make_table
-
-            parts.append(f"lm-evaluation-harness:\n{make_table(figures['lm_eval'])}")
-        log.info("evaluate: %-10s %s", name, "; ".join(parts))
+        results[name] = _model_figures(spec, path, conversations)
+        log.info("evaluate: %-10s %s", name, _figures_line(results[name], spec.data.split))
     storage.write_text(out, json.dumps(results, indent=2) + "\n")
     write_stamp(stamp, identity)
     if spec.tracking.mlflow is not None:

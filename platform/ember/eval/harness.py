@@ -94,7 +94,7 @@ class ScoringPool:
         from ember.cluster.capacity import check_fits
         from ember.data.chat import ChatTemplate
         from ember.data.tokenizer import load_tokenizer, token_name, tokenizer_config
-        from ember.model.hf import config_from_hf, local_model_dir, read_json, stop_token_ids
+        from ember.model.hf import config_from_hf, generation_stops, local_model_dir, read_json
 
         local, self.model_dir = local_model_dir(model_dir), str(model_dir)
         self.tok = load_tokenizer(local)
@@ -103,7 +103,7 @@ class ScoringPool:
         cfg = config_from_hf(read_json(local / "config.json"), str(local / "config.json"))
         self.max_length = int(max_length or cfg.max_position_embeddings)
         eos, bos = token_name(config.get("eos_token")), token_name(config.get("bos_token"))
-        stops = stop_token_ids(local, self.tok)
+        stops = generation_stops(self.tok, chat=False, model_dir=local)
         self.eot = self.tok.token_to_id(eos) if eos else min(stops, default=0)
         bos_id = self.tok.token_to_id(bos) if bos else None
         self.prefix = bos_id if bos_id is not None else self.eot  # what an empty context is scored after
@@ -193,7 +193,7 @@ class ScoringPool:
 
 
 @functools.cache
-def _harness_class():
+def _harness_class():  # noqa: C901 (one class defined in a function: mccabe adds up its 15 one-line methods)
     """`EmberLM`, defined (and registered) once, when the harness is first needed: lm_eval is imported only there."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model

@@ -4,7 +4,8 @@ Imports neither Ray nor DeepSpeed.
 """
 
 from ember.model.generate import Completion, TextStream, decode_steps, generate_ids
-from ember.model.hf import load_model, save_model, save_weights, stop_token_ids
+from ember.model.hf import generation_stops, load_model
+from ember.model.hf_format import save_model, save_weights
 from ember.model.llama import (
            PRESETS,
            KVCache,
@@ -20,5 +21,5 @@ from ember.model.llama import (
 from ember.model.sampling import SamplingParams
 
 __all__ = ["PRESETS", "Completion", "KVCache", "ModelConfig", "SamplingParams", "TextStream", "Transformer",
-           "build_model", "decode_steps", "flops_per_token", "fused_slices", "generate_ids", "load_model",
-           "num_parameters", "preset", "resize_vocab", "save_model", "save_weights", "stop_token_ids"]
+           "build_model", "decode_steps", "flops_per_token", "fused_slices", "generate_ids", "generation_stops",
+           "load_model", "num_parameters", "preset", "resize_vocab", "save_model", "save_weights"]

@@ -15,8 +15,8 @@ What a GGUF holds, and what the import does with it (llama.cpp's ``convert_hf_to
 - **Lineage**: ``lineage.json`` records the file's name, size, SHA-256 and quantization, and the import's identity.
 
 Everything is read and checked before anything is written, and the model dir is written whole
-(`ember.model.hf.save_weights`): a truncated file, a wrong magic, or a tensor that disagrees with the metadata is one
-`EmberError` and leaves nothing at the output. Imports neither Ray nor DeepSpeed.
+(`ember.model.hf_format.save_weights`): a truncated file, a wrong magic, or a tensor that disagrees with the metadata
+is one `EmberError` and leaves nothing at the output. Imports neither Ray nor DeepSpeed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from ember import storage
 from ember.errors import EmberError
 from ember.identity import identity_of
-from ember.model.hf import DTYPES, from_hf_state, save_weights, to_hf_state
+from ember.model.hf_format import DTYPES, from_hf_state, save_weights, to_hf_state
 from ember.model.llama import FAMILIES, ModelConfig, Transformer
 
 IMPORT_FORMAT = 1  # bump when the same file would import to different bytes

@@ -1,4 +1,4 @@
-"""Model directories in Hugging Face format, read and written without `transformers`, for the families Ember runs:
+"""Model directories in Hugging Face format, found and read without `transformers`, for the families Ember runs:
 Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral (`ember.model.llama.FAMILIES`; an exported dir is in its family's own
 format, so `transformers` and vLLM load it as that family).
 
@@ -8,101 +8,30 @@ safetensors, never from pickles. What Ember cannot run exactly (another model ty
 per-layer sliding windows, other RoPE scalings) is refused with the field and value named, as are missing,
 unexpected and misshapen tensors.
 
-A model dir is a location (`ember.storage`): a bucket prefix is read through the node cache (`local_model_dir`) and
-written whole (`storage.publish_dir`): uploaded beside it, copied into place with `config.json` last, and only then
-are the previous model's files the new one lacks removed, so a model there stays loadable while its successor
-uploads.
+A model dir is a location (`ember.storage`): a bucket prefix is read through the node cache (`local_model_dir`), a
+built-in model (`builtin:NAME`) is imported on the node first. The format's tensor names and config.json, and writing
+a model dir, are `ember.model.hf_format`'s. The token ids that end a generation are `generation_stops`'.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ember import storage
+from ember.data.tokenizer import TURN_END
 from ember.errors import EmberError
 from ember.identity import files_fingerprint, path_stats
 from ember.model import builtin
-from ember.model.llama import FAMILIES, ROPE_TYPES, ModelConfig, Transformer, fused_slices, rope_frequencies
+from ember.model.hf_format import HF_FAMILY, INDEX, WEIGHTS, from_hf_state, to_hf_state
+from ember.model.llama import FAMILIES, ROPE_TYPES, ModelConfig, Transformer, rope_frequencies
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def _fused_weights(cfg: ModelConfig) -> dict[str, dict[str, slice]]:
-    """Ember's fused tensors (name inside a block) → {HF tensor name inside a block: rows}, in stacking order: the
-    weights, and the q/k/v biases of a family that has them."""
-    out = {}
-    for path, rows in fused_slices(cfg).items():
-        parent = path.split(".")[0]  # self_attn or mlp: the same in both layouts
-        out[f"{path}.weight"] = {f"{parent}.{name}.weight": r for name, r in rows.items()}
-        if cfg.qkv_bias and parent == "self_attn":
-            out[f"{path}.bias"] = {f"{parent}.{name}.bias": r for name, r in rows.items()}
-    return out
-
-
-def to_hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """Ember's state dict → the family's HF tensor names (fused projections split; the tied head left out)."""
-    fused = _fused_weights(cfg)
-    out = {}
-    for name, tensor in state.items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        parts = name.split(".", 2)  # e.g. ["layers", "3", "self_attn.qkv_proj.weight"]
-        if parts[0] == "layers" and parts[2] in fused:
-            for hf_name, rows in fused[parts[2]].items():
-                out[f"model.layers.{parts[1]}.{hf_name}"] = tensor[rows]
-        else:
-            out[name if name.startswith("lm_head.") else f"model.{name}"] = tensor
-    return out
-
-
-def from_hf_state(tensors: dict, cfg: ModelConfig) -> dict:
-    """The family's HF tensors → Ember's state dict (fused projections joined)."""
-    out = {}
-    for name, tensor in tensors.items():
-        out[name[len("model."):] if name.startswith("model.") else name] = tensor
-    for layer in range(cfg.num_hidden_layers):
-        for fused, parts in _fused_weights(cfg).items():
-            pieces = [out.pop(f"layers.{layer}.{part}") for part in parts]  # stacking order: rows follow each other
-            out[f"layers.{layer}.{fused}"] = torch.cat(pieces)
-    return out
-
-
-# Each family's config.json beyond the shared fields: its class, and the keys its readers expect.
-_HF_FAMILY = {
-    "llama": dict(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, pretraining_tp=1),
-    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None),
-    "qwen3": dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, use_sliding_window=False,
-                  sliding_window=None),
-    "mistral": dict(architectures=["MistralForCausalLM"]),
-}
-_EMBER_ONLY = ("qkv_bias", "qk_norm")  # implied by the family: not config.json keys
-
-
-def hf_config(cfg: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None, eos_token_id) -> dict:
-    """The config.json of a model dir, in the family's own format (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...)
-    with legacy rope keys, which every reader of the family knows."""
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in _EMBER_ONLY}
-    if cfg.model_type != "mistral":
-        fields.pop("sliding_window")
-    if cfg.model_type in ("qwen2", "qwen3"):  # as Qwen's own configs: every layer full attention
-        fields.update(max_window_layers=cfg.num_hidden_layers, layer_types=["full_attention"] * cfg.num_hidden_layers)
-    return {
-        "model_type": cfg.model_type, "hidden_act": "silu", "attention_dropout": 0.0, "use_cache": True,
-        **_HF_FAMILY[cfg.model_type], **fields,
-        "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-    }
 
 
 def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
@@ -111,42 +40,14 @@ def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
     def bad(field: str, value, why: str):
         raise EmberError(f"{where}: {field} = {value!r}: {why}")
 
-    family = data.get("model_type")
-    if family not in FAMILIES:
-        bad("model_type", family, f"not supported (Ember runs {', '.join(repr(f) for f in FAMILIES)})")
-    expected_arch = _HF_FAMILY[family]["architectures"][0]
-    archs = data.get("architectures") or [expected_arch]
-    if expected_arch not in archs:
-        bad("architectures", archs, f"expected {expected_arch} for model_type {family!r}")
-    rules = [("mlp_bias", False), ("hidden_act", "silu")]
-    rules += [("attention_bias", False)] if family != "qwen2" else []  # Qwen2's q/k/v biases are its layout
-    rules += [("use_sliding_window", False)] if family in ("qwen2", "qwen3") else []
-    rules += [("sliding_window", None)] if family == "llama" else []
-    for key, expected in rules:
-        if data.get(key) is not None and data[key] != expected:
-            bad(key, data[key], f"not supported ({family} models here use {expected!r})")
-    layer_types = sorted({t for t in data.get("layer_types") or [] if t != "full_attention"})
-    if layer_types:
-        bad("layer_types", layer_types, "only full_attention layers are supported")
+    family = _checked_family(data, bad)
     window = data.get("sliding_window") if family == "mistral" else None
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         bad("sliding_window", window, "must be a positive integer or null")
     for key in _REQUIRED:
         if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
             bad(key, data.get(key), "missing or not an integer")
-    rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
-    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    theta = rope.pop("rope_theta", None) or data.get("rope_theta", 10000.0)
-    field = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
-    if rope_type not in ROPE_TYPES:
-        bad(f"{field}.rope_type", rope_type, f"not supported (supported: {', '.join(ROPE_TYPES)})")
-    scaling = None
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in rope]
-        if missing:
-            bad(field, data.get(field), f"llama3 scaling needs {', '.join(missing)}")
-        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+    theta, scaling = _rope(data, bad)
     try:
         return ModelConfig(
             vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
@@ -160,6 +61,46 @@ def config_from_hf(data: dict, where: str = "config.json") -> ModelConfig:
             sliding_window=window, **{k: v for k, v in FAMILIES[family].items() if k != "sliding_window"})
     except (ValueError, TypeError) as exc:
         raise EmberError(f"{where}: {exc}") from None
+
+
+def _checked_family(data: dict, bad) -> str:
+    """The config's family (model_type), once its architecture and the layout flags the family fixes are its own."""
+    family = data.get("model_type")
+    if family not in FAMILIES:
+        bad("model_type", family, f"not supported (Ember runs {', '.join(repr(f) for f in FAMILIES)})")
+    expected_arch = HF_FAMILY[family]["architectures"][0]
+    archs = data.get("architectures") or [expected_arch]
+    if expected_arch not in archs:
+        bad("architectures", archs, f"expected {expected_arch} for model_type {family!r}")
+    rules = [("mlp_bias", False), ("hidden_act", "silu")]
+    rules += [("attention_bias", False)] if family != "qwen2" else []  # Qwen2's q/k/v biases are its layout
+    rules += [("use_sliding_window", False)] if family in ("qwen2", "qwen3") else []
+    rules += [("sliding_window", None)] if family == "llama" else []
+    for key, expected in rules:
+        if data.get(key) is not None and data[key] != expected:
+            bad(key, data[key], f"not supported ({family} models here use {expected!r})")
+    layer_types = sorted({t for t in data.get("layer_types") or [] if t != "full_attention"})
+    if layer_types:
+        bad("layer_types", layer_types, "only full_attention layers are supported")
+    return family
+
+
+def _rope(data: dict, bad) -> tuple[float, dict | None]:
+    """RoPE's base and scaling (rope_parameters, or the older rope_scaling + rope_theta); a type Ember does not
+    compute is an error."""
+    rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    theta = rope.pop("rope_theta", None) or data.get("rope_theta", 10000.0)
+    field = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
+    if rope_type not in ROPE_TYPES:
+        bad(f"{field}.rope_type", rope_type, f"not supported (supported: {', '.join(ROPE_TYPES)})")
+    if rope_type != "llama3":
+        return theta, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in rope]
+    if missing:
+        bad(field, data.get(field), f"llama3 scaling needs {', '.join(missing)}")
+    return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}}
 
 
 def bos_token_id(config: dict) -> int | None:
@@ -247,86 +188,18 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     return model.eval()
 
 
-def save_model(model: Transformer, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-               dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None,
-               eos_token_id=None) -> Path:
-    """Writes a model dir in its family's format (atomically: a crash leaves the previous dir, or none, never half
-    of one; in object storage, a dir is complete once its config.json, uploaded last, is there). `tokenizer_dir`
-    may be a URI too."""
-    return save_weights(model.state_dict(), model.config, model_dir, tokenizer_dir=tokenizer_dir,
-                        dtype=dtype or next(model.parameters()).dtype, max_shard_bytes=max_shard_bytes,
-                        bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+def generation_stops(tokenizer, *, chat: bool, model_dir: str | os.PathLike | None = None,
+                     eos_ids: Iterable[int] = ()) -> set[int]:
+    """The token ids that end a generation, by one rule for every caller (the command, evaluation, the harness, the
+    generation_config.json a fine-tuned model is exported with): the end-of-text ids (`eos_ids`, and those `model_dir`
+    names) and, for an answer in a chat (`chat`), ChatML's end of turn where the tokenizer has it."""
+    ids = set(eos_ids) | (_end_of_text_ids(model_dir, tokenizer) if model_dir is not None else set())
+    if chat and tokenizer.token_to_id(TURN_END) is not None:
+        ids.add(tokenizer.token_to_id(TURN_END))
+    return ids
 
 
-def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, model_dir: str | os.PathLike, *,
-                 tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                 max_shard_bytes: int = 2 << 30, bos_token_id: int | None = None, eos_token_id=None,
-                 files: dict[str, str] | None = None) -> Path:
-    """`save_model` from a state dict in Ember's names (`Transformer.state_dict()`, or ZeRO-3's gathered one): no
-    model object is needed, so an export from partitioned weights builds none. `files` (name → text) are written
-    into the dir too (an import's tokenizer and lineage)."""
-    if storage.is_uri(model_dir):
-        with tempfile.TemporaryDirectory(prefix="ember-model-") as local:
-            save_weights(state, cfg, Path(local) / "model", tokenizer_dir=tokenizer_dir, dtype=dtype,
-                         max_shard_bytes=max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         files=files)
-            storage.publish_dir(Path(local) / "model", model_dir, marker="config.json")
-        return model_dir
-    model_dir = Path(model_dir)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state(state, cfg).items()}
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
-    try:
-        _write_weights(tensors, staging, max_shard_bytes)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                try:
-                    (staging / name).write_bytes(storage.read_bytes(storage.join(tokenizer_dir, name)))
-                except FileNotFoundError:
-                    continue
-        for name, text in (files or {}).items():
-            (staging / name).write_text(text)
-        (staging / "config.json").write_text(json.dumps(
-            hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id), indent=2) + "\n")
-        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": False}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if model_dir.exists():
-            old = model_dir.with_name(f".old-{model_dir.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(model_dir, old)
-            os.replace(staging, model_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, model_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return model_dir
-
-
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update({t: name for t in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                              indent=2) + "\n")
-
-
-def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
+def _end_of_text_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     """End-of-text ids: generation_config.json's eos_token_id (an id or a list) and tokenizer_config's eos_token."""
     model_dir = local_model_dir(model_dir)
     ids: set[int] = set()

@@ -22,7 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the prompt or output
-    stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-text ids
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's own (`ember.model.hf.generation_stops`)
     stop: tuple[str, ...] = field(default=())  # stop strings; the text ends before the first one
     seed: int | None = None  # same seed, same output
 

@@ -103,7 +103,7 @@ def show_progress(location: str, shared: bool) -> tuple[dict | None, str]:
         f"in {path} on the cluster (not readable from here)"
     try:
         data = _read_bytes(location)
-    except Exception:  # OSError, ArrowException, a URI pyarrow refuses: whatever stops the read, the answer is a note
+    except Exception:  # noqa: BLE001 (OSError, ArrowException, a URI pyarrow refuses: the answer is a note)
         return None, elsewhere
     if data is None:
         return None, "" if uri or shared or Path(location).is_dir() else elsewhere

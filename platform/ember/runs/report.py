@@ -17,7 +17,7 @@ import yaml
 from ember import storage
 from ember.errors import EmberError
 from ember.identity import read_stamp
-from ember.train.launch import RESULT_FILE
+from ember.runs.run_dir import RunDir
 
 PLOTS = {
     # file: (title, [(metrics key, legend)], y label, log scale)
@@ -29,7 +29,7 @@ PLOTS = {
 
 def read_metrics(run_dir: str) -> list[dict]:
     """The rows of metrics.jsonl; a malformed line is named by its number."""
-    location = storage.join(run_dir, "metrics.jsonl")
+    location = RunDir(run_dir).metrics
     path = storage.display(location)
     try:
         text = storage.read_text(location)
@@ -79,13 +79,13 @@ def _plot(rows: list[dict], title: str, series: list[tuple[str, str]], ylabel: s
 
 def summarize(run_dir: str, rows: list[dict]) -> str:
     try:
-        spec = yaml.safe_load(storage.read_text(storage.join(run_dir, "spec.yaml"))) or {}
+        spec = yaml.safe_load(storage.read_text(RunDir(run_dir).spec)) or {}
     except FileNotFoundError:
         spec = {}
     last = rows[-1]
     kind = f" ({spec.get('kind')}{' ' + spec['name'] if spec.get('name') else ''})" if spec else ""
     lines = [f"run: {storage.display(run_dir)}{kind}"]
-    total = (read_stamp(storage.join(run_dir, RESULT_FILE)) or {}).get("total_steps")
+    total = (read_stamp(RunDir(run_dir).result) or {}).get("total_steps")
     lines.append(f"steps: {last['step']}" + (f" of {total}" if total else "")
                  + (f", {last['tokens']:,} tokens seen" if "tokens" in last else ""))
     lines.append(f"training loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {last['loss']:.4f} at step "
@@ -102,8 +102,8 @@ def summarize(run_dir: str, rows: list[dict]) -> str:
     lrs = [r["lr"] for r in rows if isinstance(r.get("lr"), (int, float))]
     if lrs:
         lines.append(f"learning rate: peak {max(lrs):.2e}, last {lrs[-1]:.2e}")
-    if storage.is_file(storage.join(run_dir, "model", "config.json")):
-        lines.append(f"model: {storage.display(storage.join(run_dir, 'model'))}")
+    if RunDir(run_dir).has_model():
+        lines.append(f"model: {storage.display(RunDir(run_dir).model)}")
     return "\n".join(lines)
 
 
@@ -142,7 +142,7 @@ def write_report(run_dir: str | Path, evaluations: list[str] = ()) -> str:
     if not storage.is_dir(run_dir):
         raise EmberError(f"{storage.display(run_dir)}: no such run directory")
     rows = read_metrics(run_dir)
-    out = storage.join(run_dir, "report")
+    out = RunDir(run_dir).report
     with tempfile.TemporaryDirectory(prefix="ember-report-") as staging:
         local = Path(out) if not storage.is_uri(out) else Path(staging)
         local.mkdir(exist_ok=True)
@@ -150,7 +150,7 @@ def write_report(run_dir: str | Path, evaluations: list[str] = ()) -> str:
             _plot(rows, title, series, ylabel, local / name, log_y)
         text = summarize(run_dir, rows)
         text += f"\nplots: {', '.join(storage.display(storage.join(out, n)) for n in PLOTS)}"
-        eval_dir = storage.join(run_dir, "eval")
+        eval_dir = RunDir(run_dir).eval
         found = sorted(storage.join(eval_dir, rel) for rel, _ in storage.list_files(eval_dir)
                        if rel.endswith(".json")) if storage.is_dir(eval_dir) else []
         for path in [*map(storage.normalize, evaluations), *found]:

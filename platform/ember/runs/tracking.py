@@ -29,10 +29,11 @@ from pathlib import Path
 
 from ember import storage
 from ember.errors import EmberError
+from ember.identity import spec_without
+from ember.runs.run_dir import RunDir
 
 log = logging.getLogger("ember.train")
 
-TRACKING_FILE = "tracking.json"  # the tracking run's id (no credentials), for a resumed run to continue it
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 
 
@@ -88,7 +89,7 @@ class Tracker:
         for sink in list(self.sinks):
             try:
                 sink.log(row)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 (a tracker's failure stops its tracking, never the run)
                 self.sinks.remove(sink)
                 log.warning("%s tracking stopped: %s", sink.backend, _first_line(exc))
 
@@ -96,18 +97,18 @@ class Tracker:
         for sink in self.sinks:
             try:
                 sink.close()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 (the run is done; only its tracking record is short)
                 log.warning("%s tracking could not close its run: %s", sink.backend, _first_line(exc))
         self.sinks = []
 
 
 def _saved(run_dir: str) -> dict:
-    path = storage.join(run_dir, TRACKING_FILE)
+    path = RunDir(run_dir).tracking
     return storage.read_json(path) if storage.is_file(path) else {}
 
 
 def _save(run_dir: str, backend: str, record: dict) -> None:
-    storage.write_json(storage.join(run_dir, TRACKING_FILE), {**_saved(run_dir), backend: record})
+    storage.write_json(RunDir(run_dir).tracking, {**_saved(run_dir), backend: record})
 
 
 class MlflowSink:
@@ -179,7 +180,7 @@ class WandbSink:
         # The last step the W&B run holds (a resumed online run: the one before its next step).
         self.logged_through = max(0, self.run.starting_step - 1) if spec.mode == "online" and self.run.resumed else 0
         _save(run_dir, "wandb", {"project": spec.project, "entity": spec.entity, "id": run_id, "mode": spec.mode})
-        self.model = storage.display(storage.join(run_dir, "model"))
+        self.model = storage.display(RunDir(run_dir).model)
 
     def log(self, row: dict) -> None:
         if row["step"] > self.logged_through:
@@ -205,8 +206,7 @@ def _new_id() -> str:
 def tracking_params(plan) -> dict[str, str]:
     """What MLflow shows as the run's parameters: the spec flattened (where it is logged aside), the dataset's
     identity and tokenizer hash, and the network's config."""
-    spec = json.loads(plan.spec.model_dump_json())
-    spec["train"].pop("tracking", None)
+    spec = spec_without(plan.spec, ("train.tracking",))
     return {**flatten(spec), "data.identity": plan.manifest["identity"],
             "data.tokenizer_sha256": (plan.manifest.get("tokenizer") or {}).get("sha256", ""),
             **flatten(plan.model.to_dict(), "model_config")}
@@ -278,7 +278,7 @@ def finish_tracking(plan, result: dict | None, status: str) -> None:
     model's location as the tag `ember.model` in any case), and its status. A failure here is a warning: the run
     itself is done."""
     mlflow_spec = plan.spec.train.tracking.mlflow
-    saved_path = storage.join(plan.run_dir, TRACKING_FILE)
+    saved_path = plan.dir.tracking
     if mlflow_spec is None or not storage.is_file(saved_path):
         return
     try:
@@ -286,10 +286,10 @@ def finish_tracking(plan, result: dict | None, status: str) -> None:
 
         run_id = storage.read_json(saved_path)["mlflow"]["run_id"]
         client = MlflowClient(tracking_uri=mlflow_spec.tracking_uri)
-        model_dir = storage.join(plan.run_dir, "model")
+        model_dir = plan.dir.model
         if result is not None:
             with tempfile.TemporaryDirectory(prefix="ember-tracking-") as tmp:
-                path = Path(tmp, "result.json")
+                path = Path(tmp, RunDir.RESULT)
                 path.write_text(json.dumps(result, indent=2) + "\n")
                 client.log_artifact(run_id, str(path))
             client.set_tag(run_id, "ember.model", storage.display(model_dir))

@@ -30,8 +30,8 @@ from typing import Callable, Optional
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
+from ember.connection import is_loopback
 from ember.errors import EmberError
-from ember.runtime import is_loopback
 from ember.serve.protocol import APIError
 
 log = logging.getLogger("ember")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.request
@@ -18,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from ember import storage
+from ember.connection import LOOPBACK, cluster_address, is_loopback
 from ember.errors import EmberError
 from ember.model import builtin
-from ember.connection import LOOPBACK, cluster_address, is_loopback
 from ember.runtime import ensure_ray
 
 log = logging.getLogger("ember")
@@ -92,7 +91,7 @@ def wait_ready(url: str, timeout: float = 600, api_key: str | None = None, app: 
                     return None
                 raise EmberError(f"the app at {url} is up but refused the configured API key (401)") from None
             last = exc
-        except Exception as exc:  # not up yet
+        except Exception as exc:  # noqa: BLE001 (refused, reset, not yet routed: not up yet, until the deadline)
             last = exc
         time.sleep(0.5)
     raise EmberError(f"the app did not answer at {url} within {timeout:.0f}s ({last})")

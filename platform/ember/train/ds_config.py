@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ember.config.specs import DeepSpeedSpec, TrainSpec
 from ember.errors import EmberError
+from ember.train.optim import optimizer_config
 
 
 def grad_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
@@ -45,13 +46,8 @@ def bucket_sizes(ds: DeepSpeedSpec, hidden_size: int, layer_params: int) -> dict
 
 
 def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu: bool = True) -> dict:
-    """The DeepSpeed JSON config. The learning rate schedule is applied by the training loop (it depends only on the
-    step, which makes resumption exact), so no DeepSpeed scheduler is configured.
-
-    The optimizer is torch's AdamW (`torch_adam`; on GPUs its fused CUDA kernel, which ships compiled with torch),
-    and DeepSpeed's CPU Adam when the optimizer is offloaded (an op `make install` and the cluster image prebuild).
-    DeepSpeed's own fused Adam would be compiled at the first step: with nvcc on a GPU node (a failed run where nvcc
-    is missing or its CUDA differs from torch's), with g++ on CPU (a minute or two), for the same arithmetic."""
+    """The DeepSpeed JSON config. The optimizer section and the learning rate schedule are `ember.train.optim`'s
+    (the schedule is applied by the training loop, so no DeepSpeed scheduler is configured)."""
     if ds.offload_params and ds.zero_stage != 3:
         raise EmberError(f"deepspeed.offload_params needs deepspeed.zero_stage: 3 (got {ds.zero_stage})")
     if ds.offload_optimizer and ds.zero_stage == 0:
@@ -70,10 +66,7 @@ def deepspeed_config(train: TrainSpec, ds: DeepSpeedSpec, workers: int, use_gpu:
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accumulation(train.global_batch_size, train.micro_batch_size, workers),
         "gradient_clipping": 0.0 if trainer_clips(ds) else train.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
-                                                  "weight_decay": train.weight_decay,
-                                                  **({} if ds.offload_optimizer else
-                                                     {"torch_adam": True, **({"fused": True} if use_gpu else {})})}},
+        "optimizer": optimizer_config(train, ds, use_gpu),
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0,  # 0: dynamic loss scaling

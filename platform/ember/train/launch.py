@@ -1,18 +1,16 @@
-"""A training run as a typed plan, and its launch on Ray Train.
+"""A training run's launch on Ray Train.
 
-`pretrain.py` and `finetune.py` only build a `RunPlan`: what to train (the spec and the network), on what data
-(a dataset dir and its manifest), from which weights (a base model's fingerprint, a checkpoint to start from), and
-where to (the run dir). `launch` checks what Ray Train cannot (batch arithmetic, resources, a run dir that must not be
-resumed or holds another run), reuses a finished identical run, and otherwise runs the trainer
+`pretrain.py` and `finetune.py` only build a `RunPlan` (`ember.train.run`): what to train (the spec and the network),
+on what data (a dataset dir and its manifest), from which weights (a base model's fingerprint, a checkpoint to start
+from), and where to (the run dir). `launch` checks what Ray Train cannot (batch arithmetic, resources, a run dir that
+must not be resumed or holds another run), reuses a finished identical run, and otherwise runs the trainer
 (`ember.train.trainer`) on a `TorchTrainer`. The plan reaches every worker as its `train_loop_config` (`to_config`
 / `from_config`): the workers read nothing else.
 
-A run dir holds (besides Ray Train's checkpoints and its `checkpoint_manager_snapshot.json`): `spec.yaml`,
-`run.json` (the trajectory its checkpoints are points of, and the run's length), `metrics.jsonl`, `restores.jsonl`,
-`error.json` (a run that stopped itself says why), `model/` and, once finished, `result.json`: the run's identity
-(see `ember.identity`) and its last metrics. Ray Train restores a run dir's latest checkpoint whatever the plan, so a
-run dir whose checkpoints are on another trajectory is refused before anything in it is touched (`refuse_another_run`):
-a longer run is the one continuation; the previous `result.json` goes only once the workers have restored.
+Ray Train restores a run dir's latest checkpoint whatever the plan, so a run dir whose checkpoints are on another
+trajectory is refused before anything in it is touched (`refuse_another_run`): a longer run is the one
+continuation; the previous `result.json` goes only once the workers have restored. The run dir's files are named by
+`ember.train.run.RunDir`.
 
 The run dir is a location (`ember.storage`): a local path, or a bucket prefix that becomes Ray Train's storage path,
 so that checkpoints are uploaded there and a restarted worker group, or a rerun on another cluster, restores from it.
@@ -20,100 +18,30 @@ so that checkpoints are uploaded there and a restarted worker group, or a rerun 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
-import math
 import signal
 import threading
-from dataclasses import dataclass
 
 import yaml
 
 from ember import storage
-from ember.config.specs import SPEC_KINDS, TrainingJobSpec
+from ember.config.specs import TrainingJobSpec
 from ember.errors import EmberError
-from ember.identity import identity_of, read_stamp, write_stamp
-from ember.model import ModelConfig
+from ember.identity import identity_of, read_stamp, spec_without, write_stamp
+from ember.runs.run_dir import RunDir
 from ember.runs.tracking import finish_tracking
 from ember.runtime import debugging, ensure_ray, find_ember_error, training_worker_env
 from ember.train.ds_config import deepspeed_config
+from ember.train.run import HOW_IT_RUNS, RunPlan
 
 log = logging.getLogger("ember")
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run dir
-RESULT_FILE = "result.json"  # written when a run finishes: its identity, length and last metrics
-ERROR_FILE = "error.json"  # a run that stopped itself (non-finite loss) says why here; the driver raises it
-STATE_FILE = "ember_state.json"  # in each checkpoint: step, samples consumed, world size, spec
-RESTORES_FILE = "restores.jsonl"  # one record per restore of a checkpoint (see trainer.MetricsLog)
-RUN_FILE = "run.json"  # the trajectory the run dir's checkpoints are points of (`RunPlan.trajectory`), its length
-# Spec keys that are not what a run is: how to resume, how far to trust a checkpoint, where it is logged, whether a
-# fine-tune's data.dir may be replaced. A finished run is reused whatever they say.
-NOT_THE_RUN = ("resume", "trust_checkpoint", "train.tracking", "data.overwrite")
-# And those that say how a run goes, not what it trains: a run dir's checkpoints continue under other values (its
-# length only grows: see `refuse_another_run`).
-HOW_IT_RUNS = (*NOT_THE_RUN, "name", "output", "scaling", "failure", "train.max_steps", "train.max_tokens",
-               "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.tensorboard")
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """One training run, complete: what the driver checked and every worker needs."""
-
-    spec: TrainingJobSpec  # with absolute paths: workers run elsewhere
-    model: ModelConfig  # the network to build (fine-tuning: the base's, vocabulary grown to the dataset's)
-    data_dir: str
-    manifest: dict  # the dataset's manifest.json
-    run_dir: str
-    total_steps: int
-    eos_ids: tuple[int, ...]  # the end tokens the exported generation_config.json names
-    base_weights: str | None = None  # fingerprint of the base model's weights (fine-tuning)
-    start_from: str | None = None  # the checkpoint `resume: PATH` names
-    bos_id: int | None = None  # the base's beginning-of-text token (config.json's bos_token_id), kept in the export
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-    def identity(self) -> str:
-        """What makes two runs the same run: the spec (without `NOT_THE_RUN`), the dataset (a dataset rebuilt in the
-        same dir is other data), the network and the base's weights."""
-        spec = _without(json.loads(self.spec.model_dump_json()), NOT_THE_RUN)
-        return identity_of({"spec": spec, "dataset": self.manifest, "model": self.model.to_dict(),
-                            "eos_ids": list(self.eos_ids), "base_weights": self.base_weights})
-
-    def trajectory(self) -> dict:
-        """What the run's checkpoints are points of: the identity's parts without the run's length and without how
-        it runs (`HOW_IT_RUNS`). A run dir's checkpoints are continued only by a plan of the same trajectory."""
-        return {"spec": _without(json.loads(self.spec.model_dump_json()), HOW_IT_RUNS),
-                "dataset": identity_of(self.manifest), "model": self.model.to_dict(), "eos_ids": list(self.eos_ids),
-                "base_weights": self.base_weights}
-
-    def to_config(self) -> dict:
-        """The plan as JSON-able data: the `train_loop_config` of every worker."""
-        fields = dataclasses.asdict(self)
-        return {**fields, "spec": json.loads(self.spec.model_dump_json()), "model": self.model.to_dict()}
-
-    @classmethod
-    def from_config(cls, config: dict) -> RunPlan:
-        spec = SPEC_KINDS[config["spec"]["kind"]].model_validate(config["spec"])
-        return cls(**{**config, "spec": spec, "model": ModelConfig(**config["model"]),
-                      "eos_ids": tuple(config["eos_ids"])})
-
-
-def total_steps(spec: TrainingJobSpec, manifest: dict) -> int:
-    t = spec.train
-    return t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
 
 
 def finished_run(plan: RunPlan) -> dict | None:
     """The last metrics of a run that finished in the plan's run dir with this same plan and exported its model."""
-    run_dir = plan.run_dir
-    stamp = read_stamp(storage.join(run_dir, RESULT_FILE))
-    if stamp is None or stamp["identity"] != plan.identity() or \
-            not storage.is_file(storage.join(run_dir, "model", "config.json")):
+    stamp = read_stamp(plan.dir.result)
+    if stamp is None or stamp["identity"] != plan.identity() or not plan.dir.has_model():
         return None
     return stamp.get("metrics") or {}
 
@@ -131,7 +59,7 @@ def _check_resources(spec: TrainingJobSpec) -> None:
 
 def refuse_never(spec: TrainingJobSpec, run_dir: str) -> None:
     """`resume: never` on a run dir that holds checkpoints fails before anything is touched."""
-    if spec.resume == "never" and storage.is_file(storage.join(run_dir, SNAPSHOT)):
+    if spec.resume == "never" and RunDir(run_dir).has_checkpoints():
         raise EmberError(f"{storage.display(run_dir)} holds checkpoints of an earlier run and resume is 'never'; set "
                          "resume: auto to continue it, or choose another output.dir")
 
@@ -141,11 +69,11 @@ def refuse_another_run(plan: RunPlan) -> None:
     restores a run dir's latest checkpoint whatever the plan (and prunes the old run's checkpoints by
     keep_checkpoints). The one continuation allowed is a longer run on the same trajectory (train.max_steps or
     max_tokens raised)."""
-    run_dir, shown = plan.run_dir, storage.display(plan.run_dir)
-    if not storage.is_file(storage.join(run_dir, SNAPSHOT)):
+    shown = storage.display(plan.run_dir)
+    if not plan.dir.has_checkpoints():
         return
     trajectory = plan.trajectory()
-    stamp = read_stamp(storage.join(run_dir, RUN_FILE)) or _trajectory_from_spec_yaml(run_dir, trajectory)
+    stamp = read_stamp(plan.dir.run) or _trajectory_from_spec_yaml(plan.dir, trajectory)
     if stamp["identity"] != identity_of(trajectory):
         differences = "; ".join(_differences(stamp["trajectory"], trajectory)) or "unknown differences"
         raise EmberError(f"{shown} holds a run of another spec ({differences}); choose another output.dir, or delete "
@@ -156,22 +84,12 @@ def refuse_another_run(plan: RunPlan) -> None:
                          "choose another output.dir for a shorter run")
 
 
-def _trajectory_from_spec_yaml(run_dir: str, trajectory: dict) -> dict:
+def _trajectory_from_spec_yaml(run_dir: RunDir, trajectory: dict) -> dict:
     """The stamp of a run dir written before run.json: what its spec.yaml says (the other parts unknown, taken to
     be the plan's)."""
-    spec_file = storage.join(run_dir, "spec.yaml")
-    spec = yaml.safe_load(storage.read_text(spec_file)) if storage.is_file(spec_file) else None
-    known = {**trajectory, "spec": _without(spec or {}, HOW_IT_RUNS)}
+    spec = yaml.safe_load(storage.read_text(run_dir.spec)) if storage.is_file(run_dir.spec) else None
+    known = {**trajectory, "spec": spec_without(spec or {}, HOW_IT_RUNS)}
     return {"identity": identity_of(known), "trajectory": known, "total_steps": 0}
-
-
-def _without(spec: dict, keys: tuple[str, ...]) -> dict:
-    """A copy of the spec (as JSON) without the dotted `keys`."""
-    spec = json.loads(json.dumps(spec))
-    for key in keys:
-        *sections, last = key.split(".")
-        functools.reduce(lambda section, name: section.get(name) or {}, sections, spec).pop(last, None)
-    return spec
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -198,8 +116,9 @@ def resume_path(spec: TrainingJobSpec) -> str | None:
     if spec.resume in ("auto", "never"):
         return None
     start_from = storage.normalize(spec.resume)
-    if not storage.is_file(storage.join(start_from, STATE_FILE)):
-        raise EmberError(f"resume: {storage.display(start_from)} is not an Ember checkpoint (no {STATE_FILE})")
+    if not storage.is_file(storage.join(start_from, RunDir.CHECKPOINT_STATE)):
+        raise EmberError(f"resume: {storage.display(start_from)} is not an Ember checkpoint (no "
+                         f"{RunDir.CHECKPOINT_STATE})")
     return start_from
 
 
@@ -255,19 +174,18 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
     if finished is not None:
         log.info("%s: %s already holds this run, finished at step %s (same spec): reusing its model %s (delete the "
                  "directory or choose another output.dir to train again)", plan.kind, shown,
-                 finished.get("step"), storage.display(storage.join(run_dir, "model")))
+                 finished.get("step"), storage.display(plan.dir.model))
         return finished
-    restarting = storage.is_file(storage.join(run_dir, SNAPSHOT))
+    restarting = plan.dir.has_checkpoints()
     refuse_never(spec, run_dir)
     refuse_another_run(plan)
     ensure_ray(address)
     _check_resources(spec)  # before the run dir is touched: a job the cluster can never hold leaves nothing behind
     storage.make_dirs(run_dir)
-    storage.delete(storage.join(run_dir, ERROR_FILE))  # result.json stays until training starts (the trainer)
-    write_stamp(storage.join(run_dir, RUN_FILE), identity_of(plan.trajectory()), trajectory=plan.trajectory(),
+    storage.delete(plan.dir.error)  # result.json stays until training starts (the trainer)
+    write_stamp(plan.dir.run, identity_of(plan.trajectory()), trajectory=plan.trajectory(),
                 total_steps=plan.total_steps)
-    storage.write_text(storage.join(run_dir, "spec.yaml"),
-                       yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+    storage.write_text(plan.dir.spec, yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
     cfg, s = plan.model, spec.scaling
     log.info("%s: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s", plan.kind,
              f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", plan.total_steps, spec.train.global_batch_size,
@@ -276,15 +194,15 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
     try:
         result = _fit(_torch_trainer(plan))
         metrics = dict(result.metrics or {})
-        error = storage.read_json(storage.join(run_dir, ERROR_FILE))
+        error = storage.read_json(plan.dir.error)
         if error is not None:
             raise EmberError(error["error"])
     except BaseException:
         finish_tracking(plan, None, "FAILED")
         raise
-    write_stamp(storage.join(run_dir, RESULT_FILE), plan.identity(), total_steps=plan.total_steps, metrics=metrics)
-    finish_tracking(plan, storage.read_json(storage.join(run_dir, RESULT_FILE)), "FINISHED")
+    write_stamp(plan.dir.result, plan.identity(), total_steps=plan.total_steps, metrics=metrics)
+    finish_tracking(plan, storage.read_json(plan.dir.result), "FINISHED")
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", plan.kind, metrics.get("step"),
-             metrics.get("loss", float("nan")), val, storage.display(storage.join(run_dir, "model")))
+             metrics.get("loss", float("nan")), val, storage.display(plan.dir.model))
     return metrics

@@ -1,5 +1,5 @@
 """`kind: pretrain`: the run plan for training a network from scratch (or from `model.init_from`) on a tokenized
-corpus; `ember.train.launch` runs it.
+corpus (a `RunPlan`, `ember.train.run`); `ember.train.launch` runs it.
 
 Everything that can be wrong before training (dataset, vocabulary, context) fails here with one clear message,
 before any worker starts; `launch` checks the rest (batch arithmetic, resources, a run dir that must not be resumed).
@@ -14,7 +14,8 @@ from ember.errors import EmberError
 from ember.model import ModelConfig, builtin, preset
 from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.runs.tracking import settle_tracking
-from ember.train.launch import RunPlan, launch, resume_path, total_steps
+from ember.train.launch import launch, resume_path
+from ember.train.run import RunPlan, total_steps
 
 
 def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:

@@ -1,5 +1,7 @@
-"""What differs between training job kinds, chosen once per run: the model a worker builds, the loss, and what the
-export adds. The trainer (`ember.train.trainer`) is the same for every kind.
+"""What differs between training job kinds, declared once (`Recipe`) and chosen once per run: the model a worker
+builds, the loss it trains on, the loss it is evaluated by, and what the export adds. The trainer
+(`ember.train.trainer`) is the same for every kind, and `evaluation_losses` is the one loop that scores a dataset
+with a recipe (the trainer's validation and `kind: evaluate`'s dataset loss alike).
 
 - `Pretraining`: builds the network of the plan (or loads `model.init_from`); next-token cross-entropy over every
   position of a packed row.
@@ -10,11 +12,15 @@ export adds. The trainer (`ember.train.trainer`) is the same for every kind.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 
 from ember import storage
 from ember.model import Transformer, build_model, load_model, resize_vocab
+from ember.runs.run_dir import RunDir
 from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,13 +52,30 @@ def supervised_loss(model, batch: dict) -> torch.Tensor:
     return masked_cross_entropy(logits, ids[:, 1:], batch["loss_mask"][:, 1:])
 
 
-def lm_loss(model, batch) -> torch.Tensor:
-    """The loss of a batch of either kind of dataset: a tensor of rows (pretraining) or a dict of columns."""
-    return supervised_loss(model, batch) if isinstance(batch, dict) else next_token_loss(model, batch)
+@runtime_checkable
+class Recipe(Protocol):
+    """What a training job kind supplies to the trainer. `plan` is the run's `ember.train.run.RunPlan`."""
+
+    def build(self, plan, device="cpu") -> tuple[Transformer, list]:
+        """The model to train, made on `device` in the training precision, and its trainable parameters."""
+
+    def skeleton(self, plan) -> Transformer:
+        """A model of the trained shape (on CPU), to load gathered ZeRO-3 weights into for the export."""
+
+    def loss(self, model, batch) -> torch.Tensor:
+        """The training loss of a batch of the recipe's dataset kind."""
+
+    def evaluation_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """(mean loss, number of targets it is the mean over) of a batch."""
+
+    def exports_from_state(self, plan) -> bool:
+        """Whether ZeRO 3's gathered weights are the export as they are (no model built for them)."""
+
+    def before_export(self, model, plan, out: str) -> None:
+        """What the export adds, on the trained model, before it is written to `out`."""
 
 
 class Pretraining:
-    loss = staticmethod(next_token_loss)
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         """The model to train, made on `device` in the training precision (never first in host memory, never in fp32
         for a 16-bit run), and its trainable parameters."""
@@ -60,6 +83,15 @@ class Pretraining:
         model = (load_model(init_from, device=device, dtype=dtype) if init_from
                  else build_model(plan.model, device, dtype))
         return model, list(model.parameters())
+
+    def skeleton(self, plan) -> Transformer:
+        return build_model(plan.model, "cpu", training_dtype(plan.spec))
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(model, batch)
+
+    def evaluation_loss(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return next_token_loss(model, batch), batch[:, 1:].numel()
 
     def exports_from_state(self, plan) -> bool:
         """ZeRO 3's gathered weights are the export as they are: no model is built for it."""
@@ -70,8 +102,6 @@ class Pretraining:
 
 
 class SupervisedFinetuning:
-    loss = staticmethod(supervised_loss)
-
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         spec = plan.spec
         model = load_model(spec.base, device=device, dtype=training_dtype(spec))
@@ -80,20 +110,50 @@ class SupervisedFinetuning:
             return model, apply_lora(model, spec.lora)
         return model, list(model.parameters())
 
-    def exports_from_state(self, plan) -> bool:
-        """A full fine-tune's gathered ZeRO-3 weights are its export; LoRA's need the adapters merged, on a model."""
-        return plan.spec.method != "lora"
-
     def skeleton(self, plan) -> Transformer:
         """A model of the trained shape (LoRA's adapters in place), to load gathered ZeRO-3 weights into."""
         return self.build(plan)[0]
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return supervised_loss(model, batch)
+
+    def evaluation_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return supervised_loss(model, batch), (batch["loss_mask"][:, 1:] != 0).sum()
+
+    def exports_from_state(self, plan) -> bool:
+        """A full fine-tune's gathered ZeRO-3 weights are its export; LoRA's need the adapters merged, on a model."""
+        return plan.spec.method != "lora"
 
     def before_export(self, model, plan, out: str) -> None:
         """With LoRA: the adapters on their own (PEFT format, `adapter/` beside the model), then merged."""
         if plan.spec.method != "lora":
             return
-        save_adapter(adapter_state(model), plan.spec.lora, plan.spec.base, storage.join(storage.parent(out), "adapter"))
+        save_adapter(adapter_state(model), plan.spec.lora, plan.spec.base,
+                     storage.join(storage.parent(out), RunDir.ADAPTER))
         merge_lora(model)
 
 
-RECIPES = {"pretrain": Pretraining(), "finetune": SupervisedFinetuning()}
+RECIPES: dict[str, Recipe] = {"pretrain": Pretraining(), "finetune": SupervisedFinetuning()}
+
+
+def dataset_recipe(manifest: dict) -> Recipe:
+    """The recipe a dataset's rows are scored with: fine-tuning rows (`kind: sft`) by the supervised loss."""
+    return RECIPES["finetune" if manifest.get("kind") == "sft" else "pretrain"]
+
+
+@torch.no_grad()
+def evaluation_losses(recipe: Recipe, model, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch's (mean loss, targets) by the recipe's evaluation loss, in eval mode: two tensors (batches,), left on
+    the model's device (no host sync per batch). The trainer's validation loss is their mean, a dataset's loss their
+    mean weighted by targets."""
+    training = model.training
+    model.eval()
+    losses, targets = [], []
+    for batch in batches:
+        loss, count = recipe.evaluation_loss(model, batch)
+        losses.append(loss)
+        targets.append(torch.as_tensor(count, device=loss.device))
+    model.train(training)
+    if not losses:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.stack(losses), torch.stack(targets)
