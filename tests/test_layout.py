@@ -86,6 +86,12 @@ def test_the_package_has_no_import_cycle_and_nothing_imports_the_cli():
     assert len(graph) > 50 and "ember.train.trainer" in graph["ember.train.launch"] | set().union(*graph.values())
     assert _cycles(graph) == []
     assert not [name for name, imports in graph.items() if "ember.cli" in imports]
+    # Nor between the planes: ember.data, ember.train, ... as wholes (a module directly in ember/ is its own plane).
+    plane = {name: ".".join(name.split(".")[:2]) for name in graph}
+    planes = {p: set() for p in plane.values()}
+    for name, imports in graph.items():
+        planes[plane[name]] |= {plane[m] for m in imports} - {plane[name]}
+    assert len(planes) > 10 and _cycles(planes) == []
 
 
 def test_the_cycle_finder_finds_a_cycle():

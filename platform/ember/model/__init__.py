@@ -1,4 +1,6 @@
-"""The model plane: the Llama-architecture Transformer, KV cache, sampling and generation, HF-format model dirs.
+"""The model plane: the Llama-architecture Transformer with its families as data (`llama`), the KV cache, sampling
+and the one decode loop and detokenizer (`sampling`, `generate`), HF-format model dirs (`hf` finds and reads one and
+owns a model's generation stops, `hf_format` writes one), GGUF import (`gguf`) and the built-in model (`builtin`).
 
 Imports neither Ray nor DeepSpeed.
 """

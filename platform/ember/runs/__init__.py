@@ -1,4 +1,4 @@
-"""What a run leaves for people and tools: progress records, reports, experiment tracking.
-
-`progress` is the record a job writes as it goes (what `ember status` shows), `report` the Markdown summary of a run
-or evaluation, `tracking` MLflow and Weights & Biases. These read run dirs; they import no torch and train nothing."""
+"""What a run leaves for people and tools: the names of a run dir's files (`run_dir`), progress records (`progress`,
+what `ember status` shows, written by dataset jobs and training runs alike), the Markdown report of a run or an
+evaluation (`report`), and experiment tracking in MLflow and Weights & Biases (`tracking`). Training writes these;
+reading them loads no torch."""
