@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ember.cluster import jobs as J
+from ember.cluster.jobs import describe, job_metadata, progress_location
 from ember.cluster.status import render
 from ember.runs.progress import FILE, describe_progress, read_progress, show_progress, write_progress
 
@@ -97,10 +97,10 @@ def test_rewording_the_log_line_does_not_change_the_progress_shown(tmp_path):
     for logs in ("step 3/12  loss 9.9000  lr 1.00e-03  grad norm 0.100  55 tokens/s\n",
                  "[rank 0] iteration 3 of 12: loss=9.9, throughput 55 tok/s\n", ""):
         jobs = FakeJobs("http://127.0.0.1:8265", {"ember-pretrain-x": job}, logs)
-        assert "  progress: step 7/12, loss 3.1234, 1,234 tokens/s" in J.describe(jobs, "ember-pretrain-x")
+        assert "  progress: step 7/12, loss 3.1234, 1,234 tokens/s" in describe(jobs, "ember-pretrain-x")
         assert "get_job_logs" not in jobs.calls
     write_progress(tmp_path, TRAIN)  # the next record, with the logs as they were
-    assert "progress: step 12/12" in J.describe(jobs, "ember-pretrain-x")
+    assert "progress: step 12/12" in describe(jobs, "ember-pretrain-x")
 
 
 def test_describe_and_status_say_when_the_record_is_not_readable_here(tmp_path, monkeypatch):
@@ -109,8 +109,8 @@ def test_describe_and_status_say_when_the_record_is_not_readable_here(tmp_path, 
              "c": details("c", "tokenize", str(tmp_path), "SUCCEEDED")}
     write_progress(tmp_path, {"kind": "tokenize", "units": 4, "total_units": 4, "tokens": 99, "done": True})
     jobs = FakeJobs("http://10.0.0.5:8265", found)
-    assert f"  progress: in {remote}/{FILE} on the cluster (not readable from here)" in J.describe(jobs, "a")
-    assert "progress" not in J.describe(jobs, "b")  # a kind that writes no record
+    assert f"  progress: in {remote}/{FILE} on the cluster (not readable from here)" in describe(jobs, "a")
+    assert "progress" not in describe(jobs, "b")  # a kind that writes no record
     monkeypatch.setattr("ember.cluster.status.Jobs", lambda address: jobs)
     monkeypatch.setattr("ray.util.state.list_nodes", lambda **kw: [])
     monkeypatch.setattr("ember.cluster.status._usage", lambda url: [])
@@ -126,14 +126,14 @@ def spec(kind: str, directory: str):
 
 
 def test_submit_records_where_the_progress_will_be_when_it_can_be_named(tmp_path):
-    assert J.progress_location(spec("pretrain", "/data/runs/../runs/a"), None, False) == "/data/runs/a"
-    assert J.progress_location(spec("tokenize", "s3://bucket/ds"), None, False) == "s3://bucket/ds"
-    assert J.progress_location(spec("finetune", "runs/ft"), "/shared/ember", False) == "/shared/ember/runs/ft"
-    assert J.progress_location(spec("finetune", "runs/ft"), None, False) is None  # Ray's temporary working dir
-    assert J.progress_location(spec("pretrain", "~/runs/a"), None, False) is None  # another machine's home
-    assert J.progress_location(spec("pretrain", "~/runs/a"), None, True).endswith("/runs/a")
-    assert J.progress_location(spec("evaluate", "/x"), None, True) is None
-    meta = J.job_metadata(spec("tokenize", "data/ds"), tmp_path / "t.yaml", [], str(tmp_path), same_machine=True)
+    assert progress_location(spec("pretrain", "/data/runs/../runs/a"), None, False) == "/data/runs/a"
+    assert progress_location(spec("tokenize", "s3://bucket/ds"), None, False) == "s3://bucket/ds"
+    assert progress_location(spec("finetune", "runs/ft"), "/shared/ember", False) == "/shared/ember/runs/ft"
+    assert progress_location(spec("finetune", "runs/ft"), None, False) is None  # Ray's temporary working dir
+    assert progress_location(spec("pretrain", "~/runs/a"), None, False) is None  # another machine's home
+    assert progress_location(spec("pretrain", "~/runs/a"), None, True).endswith("/runs/a")
+    assert progress_location(spec("evaluate", "/x"), None, True) is None
+    meta = job_metadata(spec("tokenize", "data/ds"), tmp_path / "t.yaml", [], str(tmp_path), same_machine=True)
     assert meta["ember_progress"] == str(tmp_path / "data" / "ds")
     assert json.dumps(meta) and all(isinstance(v, str) for v in meta.values())  # the Jobs API takes strings only
-    assert "ember_progress" not in J.job_metadata(spec("tokenize", "ds"), tmp_path / "t.yaml", [], None, False)
+    assert "ember_progress" not in job_metadata(spec("tokenize", "ds"), tmp_path / "t.yaml", [], None, False)

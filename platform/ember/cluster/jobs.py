@@ -5,10 +5,9 @@ locally. Its runtime env carries the spec (the working dir), this client's Ember
 runs the code the client has) and the environment variables the job needs. Job ids and metadata name the kind and the
 spec, so `ember jobs list` and the Ray dashboard show what each job is.
 
-The cluster is named by its dashboard URL (`--address http://HOST:8265`, or RAY_API_SERVER_ADDRESS / RAY_ADDRESS as
-Ray's own `ray job` reads them) or by its GCS address, whose dashboard `ember.cluster.address` finds; without either,
-the local cluster from `ember cluster up` is used. Requests carry the cluster's token (Ray's token authentication),
-from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+The cluster is named by its dashboard URL or its GCS address, whose dashboard `ember.cluster.address` finds; where the
+address comes from when `--address` is not given is `ember.connection`'s (`cluster_address`). Requests carry the
+cluster's token (Ray's token authentication), from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 
 A job's progress is not read from its log: the job writes a record in its output dir (`ember.runs.progress`), and the
 job's metadata (`ember_progress`) says where, when this client can name that place.
@@ -27,7 +26,15 @@ import time
 import uuid
 from pathlib import Path
 
-from ember.connection import DASHBOARD, TOKEN_AUTH_ENV, cluster_address, find_token, is_loopback, use_token_auth
+from ember.connection import (
+    ADDRESS_ENV,
+    DASHBOARD,
+    TOKEN_AUTH_ENV,
+    cluster_address,
+    find_token,
+    is_loopback,
+    use_token_auth,
+)
 from ember.errors import EmberError
 from ember.runs.progress import show_progress
 
@@ -81,7 +88,8 @@ class Jobs:
         use_token_auth()
         # Ray's Jobs and State clients let RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address they are
         # given: pinned here, every one of them talks to the cluster this client resolved.
-        os.environ["RAY_API_SERVER_ADDRESS"] = self.url
+        for name in ADDRESS_ENV[DASHBOARD]:
+            os.environ[name] = self.url
         from ray.job_submission import JobSubmissionClient
 
         try:

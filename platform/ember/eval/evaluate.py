@@ -42,7 +42,7 @@ from ember.model import SamplingParams, builtin, generate_ids, generation_stops,
 from ember.model.hf import weights_fingerprint
 from ember.runs.tracking import log_evaluation, settle_tracking
 from ember.runtime import ensure_ray
-from ember.train.recipes import dataset_recipe, evaluation_losses, supervised_loss
+from ember.train.recipes import RECIPES, dataset_recipe, evaluation_losses
 
 log = logging.getLogger("ember")
 
@@ -94,11 +94,19 @@ def dataset_loss(model, dataset_dir: str, split: str, batches: int, batch_size: 
             columns = {c: torch.stack([torch.from_numpy(r[c].astype("int64")) for r in picked]) for c in picked[0]}
             yield columns if reader.extra_columns else columns["input_ids"]
 
-    losses, targets = evaluation_losses(dataset_recipe(manifest), model, in_file_order())
-    count = int(targets.sum())
-    loss = float((losses.double() * targets).sum()) / max(count, 1)
+    loss, count = _weighted_mean(*evaluation_losses(dataset_recipe(manifest), model, in_file_order()))
     kind = "assistant_loss" if manifest.get("kind") == "sft" else "loss"
     return {kind: loss, "perplexity": math.exp(min(loss, 50.0)), "rows": rows, "target_tokens": count}
+
+
+def _weighted_mean(losses: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """The mean loss per target token of batches' mean losses, and the number of targets (summed in batch order, in
+    Python floats: the same figure whatever the device)."""
+    total, count = 0.0, 0
+    for loss, n in zip(losses.tolist(), targets.tolist()):
+        total += loss * n
+        count += int(n)
+    return total / max(count, 1), count
 
 
 def read_conversations(inputs: list[str]) -> list[tuple[list[dict], str]]:
@@ -138,13 +146,9 @@ def conversation_scores(model, model_dir: str, conversations: list[tuple[list[di
             raise EmberError(f"{where}: {bad.detail} (model {model_dir})") from None
         if mask[1:context].any():
             rows.append((ids[:context], mask[:context]))
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = _padded_batch(rows[start:start + batch_size])
-        n = int(batch["loss_mask"][:, 1:].sum())
-        total += float(supervised_loss(model, batch)) * n
-        count += n
-    result = {"assistant_loss": total / max(count, 1), "assistant_tokens": count}
+    batches = (_padded_batch(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size))
+    loss, count = _weighted_mean(*evaluation_losses(RECIPES["finetune"], model, batches))
+    result = {"assistant_loss": loss, "assistant_tokens": count}
     if max_examples:
         result.update(_answer_scores(model, model_dir, tok, template, conversations[:max_examples], max_new_tokens,
                                      batch_size))

@@ -1,4 +1,4 @@
-"""What a run leaves for people and tools: the names of a run dir's files (`run_dir`), progress records (`progress`,
-what `ember status` shows, written by dataset jobs and training runs alike), the Markdown report of a run or an
-evaluation (`report`), and experiment tracking in MLflow and Weights & Biases (`tracking`). Training writes these;
-reading them loads no torch."""
+"""What a run leaves for people and tools: the names of a run dir's files (`run_dir`), progress records
+(`progress`, what `ember status` shows, written by dataset jobs and training runs alike), the plots and summary of a
+run (`report`), and experiment tracking in MLflow and Weights & Biases (`tracking`). Training writes these; reading
+them loads no torch."""

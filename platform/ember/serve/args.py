@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from ember.config.specs import SpecModel
+from ember.connection import LOOPBACK
 from ember.serve.guard import key_digest, read_api_keys
 from ember.serve.protocol import MAX_N
 
@@ -100,7 +101,7 @@ class ServeArgs(SpecModel):
                                                                         "build_app adds those of api_keys_env and "
                                                                         "api_keys_file, so replicas get no key in "
                                                                         "clear.")
-    host: str = Field("127.0.0.1", description="Where the HTTP proxy listens (ember serve passes it to Ray Serve; "
+    host: str = Field(LOOPBACK, description="Where the HTTP proxy listens (ember serve passes it to Ray Serve; "
                                                "each ingress replica checks the proxy's actual host).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy.")
     allow_unauthenticated: bool = Field(False, description="Allow a host beyond 127.0.0.1 without API keys.")

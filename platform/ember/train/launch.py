@@ -1,16 +1,16 @@
 """A training run's launch on Ray Train.
 
-`pretrain.py` and `finetune.py` only build a `RunPlan` (`ember.train.run`): what to train (the spec and the network),
-on what data (a dataset dir and its manifest), from which weights (a base model's fingerprint, a checkpoint to start
-from), and where to (the run dir). `launch` checks what Ray Train cannot (batch arithmetic, resources, a run dir that
-must not be resumed or holds another run), reuses a finished identical run, and otherwise runs the trainer
-(`ember.train.trainer`) on a `TorchTrainer`. The plan reaches every worker as its `train_loop_config` (`to_config`
-/ `from_config`): the workers read nothing else.
+`pretrain.py` and `finetune.py` build a `RunPlan` (`ember.train.run`; a fine-tune prepares its data first): what to
+train (the spec and the network), on what data (a dataset dir and its manifest), from which weights (a base model's
+fingerprint, a checkpoint to start from), and where to (the run dir). `launch` checks what Ray Train cannot (batch
+arithmetic, resources, a run dir that must not be resumed or holds another run), reuses a finished identical run, and
+otherwise runs the trainer (`ember.train.trainer`) on a `TorchTrainer`. The plan reaches every worker as its
+`train_loop_config` (`to_config` / `from_config`): the workers read nothing else.
 
 Ray Train restores a run dir's latest checkpoint whatever the plan, so a run dir whose checkpoints are on another
 trajectory is refused before anything in it is touched (`refuse_another_run`): a longer run is the one
 continuation; the previous `result.json` goes only once the workers have restored. The run dir's files are named by
-`ember.train.run.RunDir`.
+`ember.runs.run_dir.RunDir`.
 
 The run dir is a location (`ember.storage`): a local path, or a bucket prefix that becomes Ray Train's storage path,
 so that checkpoints are uploaded there and a restarted worker group, or a rerun on another cluster, restores from it.
