@@ -88,8 +88,7 @@ class Jobs:
         use_token_auth()
         # Ray's Jobs and State clients let RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address they are
         # given: pinned here, every one of them talks to the cluster this client resolved.
-        for name in ADDRESS_ENV[DASHBOARD]:
-            os.environ[name] = self.url
+        os.environ[ADDRESS_ENV[DASHBOARD][0]] = self.url  # the first they read (RAY_ADDRESS may name a GCS)
         from ray.job_submission import JobSubmissionClient
 
         try:
