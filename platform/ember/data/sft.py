@@ -127,8 +127,6 @@ class ConversationJob(DatasetJob):
         # `locked_by`); a data.dir the spec names may hold another dataset, which goes only with data.overwrite.
         self.overwrite = data.overwrite or data.dir is None
         self.provenance = {"base": storage.display(storage.normalize(base_dir))}
-        self.tok, self.config, self.added = chat_tokenizer(load_tokenizer(base_dir), tokenizer_config(base_dir))
-        ChatTemplate.of(self.config)  # a template that does not compile fails here
 
     def resolve(self) -> list[InputFile | str]:
         if self.data.seq_len > self.context:
@@ -139,6 +137,10 @@ class ConversationJob(DatasetJob):
             if isinstance(item, InputFile) and item.fmt == "text":
                 raise EmberError(f"{item.name}: plain text holds no conversations; give JSONL, JSON or Parquet "
                                  "records")
+        # The base's tokenizer with the template's tokens, once the spec's own checks passed (as before the executor).
+        self.tok, self.config, self.added = chat_tokenizer(load_tokenizer(self.base_dir),
+                                                           tokenizer_config(self.base_dir))
+        ChatTemplate.of(self.config)  # a template that does not compile fails here
         return resolved
 
     def identity_parts(self) -> dict:
