@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_run_plan_and_reports_load_neither_torch_nor_ray():
-    code = ("import sys, ember.train.run, ember.runs.report; "
+    code = ("import sys, ember.train.run, ember.runs.report, ember.runs.progress; "
             "print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "platform")}).stdout
