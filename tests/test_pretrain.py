@@ -412,6 +412,93 @@ def at_step(run_dir: Path, step: int) -> Path:
                 if json.loads((p / "ember_state.json").read_text())["step"] == step)
 
 
+class CachePeak:
+    """The most bytes a node cache held of the files under one location while the block ran (sampled every 50 ms
+    in a thread; the cache's records name what each file is a copy of)."""
+
+    def __init__(self, cache: Path, under: str):
+        self.cache, self.under, self.bytes, self.done = cache, under, 0, threading.Event()
+
+    def watch(self) -> None:
+        while not self.done.is_set():
+            total = 0
+            for record in self.cache.glob("files/*/*.arrow.json"):
+                try:
+                    if self.under in json.loads(record.read_text())["location"]:
+                        total += record.with_name(record.name[: -len(".json")]).stat().st_size
+                except (FileNotFoundError, ValueError):  # evicted, or being written, while listed
+                    pass
+            self.bytes = max(self.bytes, total)
+            self.done.wait(0.05)
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def test_a_killed_worker_mid_mixture_resumes_to_the_same_per_source_counts(dataset, s3_server, tmp_path,
+                                                                           monkeypatch):
+    """Two datasets in a bucket (the same tokenizer, small shards), mixed 3:1 and streamed through a node cache
+    whose budget is smaller than either: SIGKILL a worker once a checkpoint is in; the restarted workers restore
+    it and redo the killed attempt's steps with the same losses, every step's tokens per source are the mixture's
+    at its sample count, the cache never went over its budget, and result.json records the mixture."""
+    from ray.util.state import list_actors
+
+    from ember.data.mixture import Mixture
+    from ember.data.pipeline import run_tokenize
+
+    bucket, endpoint, _ = s3_server
+    uri = f"s3://{bucket}/mixture-{tmp_path.name}/{{}}?endpoint_override={endpoint}&scheme=http"
+    for name, seed in (("web", 3), ("code", 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                        for t in sentences(1500, seed=seed)))
+        run_tokenize(parse_spec({"kind": "tokenize", "source": {"inputs": [str(tmp_path / f"{name}.jsonl")],
+                                                                "unit_bytes": 16384},
+                                 "tokenizer": {"path": str(dataset / "tokenizer.json")},
+                                 "pack": {"seq_len": 32, "val_fraction": 0.05, "shard_bytes": 4096},
+                                 "output": {"dir": uri.format(name)}}))
+    sizes = [storage.read_json(storage.join(uri.format(n), "manifest.json"))["splits"]["train"] for n in ("web",
+                                                                                                     "code")]
+    budget = 24 * 4096
+    assert all(sum(s["bytes"] for s in split["shards"]) > budget for split in sizes)  # each larger than the cache
+    monkeypatch.setenv("EMBER_CACHE_BYTES", str(budget))  # the driver's budget reaches the workers
+    run_dir = tmp_path / "run"
+    address, killed = ray_address(), {}
+
+    def worker_pids() -> list[int]:
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        return [a.pid for a in list_actors(address=address, filters=alive, raise_on_missing_output=False)]
+
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(str(run_dir), worker_pids, killed, 4, 12),
+                              daemon=True)
+    killer.start()
+    mix = [{"dir": uri.format("web"), "weight": 3}, {"dir": uri.format("code"), "weight": 1}]
+    with CachePeak(storage.cache_dir(), f"mixture-{tmp_path.name}/") as peak:
+        result = train(dataset, run_dir, data={"dir": None, "mix": mix, "shuffle_block_bytes": 3 * 4096},
+                       train={"max_steps": 12, "checkpoint_every": 4, "eval_every": 6}, failure={"max_failures": 1})
+    killer.join()
+    assert killed and killed["registered"] < killed["at"] < 12, killed
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == list(range(1, 13))
+    [restore] = [json.loads(line) for line in (run_dir / "restores.jsonl").read_text().splitlines()]
+    redone = {r["step"]: r["loss"] for r in metrics}
+    assert restore["superseded"] and all(abs(b["loss"] - redone[b["step"]]) < 1e-5 for b in restore["superseded"])
+    for r in metrics:
+        web, code = Mixture([3, 1]).counts(r["samples"])
+        assert (r["tokens/web"], r["tokens/code"]) == (32 * web, 32 * code)
+    stamp = json.loads((run_dir / "result.json").read_text())
+    assert [s["name"] for s in stamp["mixture"]["sources"]] == ["web", "code"]
+    assert stamp["mixture"]["tokens"] == {"web": metrics[-1]["tokens/web"], "code": metrics[-1]["tokens/code"]}
+    assert stamp["mixture"]["exhausted"] == "stop" and result["step"] == 12
+    assert json.loads((run_dir / "progress.json").read_text())["source_tokens"] == stamp["mixture"]["tokens"]
+    assert 0 < peak.bytes <= budget
+
+
 def test_a_checkpoint_of_2_workers_resumes_on_1_worker_in_the_same_global_order(dataset, reference_run, s3_server,
                                                                                   tmp_path):
     """ZeRO-2 optimizer shards of 2 ranks are re-cut for 1 rank (DeepSpeed's universal checkpoint); the one worker

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 MiB = 1 << 20
@@ -52,10 +52,14 @@ class InputSpec(SpecModel):
 
     inputs: list[str] = Field(
         min_length=1,
-        description="Files, directories, globs or URIs (s3://, gs://, file://) of text, JSONL/JSON or Parquet records "
-        "(conversations: not text), or a built-in corpus: builtin:python-docs (documents), builtin:python-qa "
-        "(conversations; builtin:python-qa:test is its held-out split).",
+        description="Files, directories, globs (** spans directories) or URIs (s3://, gs://, file://) of text, "
+        "JSONL/JSON or Parquet records (conversations: not text), Hugging Face datasets directories written by "
+        "save_to_disk (a Dataset, or a DatasetDict: see split), or a built-in corpus: builtin:python-docs "
+        "(documents), builtin:python-qa (conversations; builtin:python-qa:test is its held-out split).",
     )
+    split: str = Field("train", min_length=1, description="The split read from a Hugging Face DatasetDict input (a "
+                                                          "subdirectory of it); naming the split's directory as the "
+                                                          "input reads that split too.")
     strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
     unit_bytes: Optional[int] = Field(
         None,
@@ -73,17 +77,122 @@ class InputSpec(SpecModel):
 class SourceSpec(InputSpec):
     """Where the corpus comes from and how to parse it."""
 
-    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
-        "auto", description="Input format; auto picks by extension (.txt, .jsonl/.json, .parquet, plus .gz/.zst/.bz2)."
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
+        "auto", description="Input format; auto picks by extension (.txt, .jsonl/.json, .parquet, plus .gz/.zst/.bz2), "
+        "and hf for a directory holding state.json or dataset_dict.json (Hugging Face save_to_disk)."
     )
     text_unit: Literal["file", "paragraph"] = Field(
         "file", description="For .txt: one document per file, or one per blank-line-separated block."
     )
     field: str = Field("text", description="JSON field holding a document's text.")
-    column: str = Field("text", description="Parquet column holding a document's text.")
+    column: str = Field("text", description="Parquet or Hugging Face dataset column holding a document's text.")
     on_decode_error: Literal["replace", "skip"] = Field(
         "replace", description="Undecodable UTF-8: replace bad bytes with U+FFFD, or skip the document (both counted)."
     )
+
+
+_OFF = " (null: rule off)"
+
+
+class GopherSpec(SpecModel):
+    """Gopher's quality rules (Rae et al. 2021, appendix A1) on a document's whitespace-separated words and lines."""
+
+    enabled: bool = Field(False, description="Apply these rules.")
+    min_doc_words: Optional[int] = Field(50, ge=0, description="Fewest words (tokens with a letter or digit)" + _OFF)
+    max_doc_words: Optional[int] = Field(100_000, ge=0, description="Most words" + _OFF)
+    min_mean_word_length: Optional[float] = Field(3, ge=0, description="Smallest mean word length, characters" + _OFF)
+    max_mean_word_length: Optional[float] = Field(10, ge=0, description="Largest mean word length, characters" + _OFF)
+    max_symbol_word_ratio: Optional[float] = Field(
+        0.1, ge=0, description="Most '#' per word, and most ellipses ('...', '…') per word" + _OFF)
+    max_bullet_lines: Optional[float] = Field(
+        0.9, ge=0, le=1, description="Largest fraction of lines starting with a bullet (•, -, * …)" + _OFF)
+    max_ellipsis_lines: Optional[float] = Field(
+        0.3, ge=0, le=1, description="Largest fraction of lines ending with an ellipsis" + _OFF)
+    min_alpha_words: Optional[float] = Field(
+        0.8, ge=0, le=1, description="Smallest fraction of words holding an alphabetic character" + _OFF)
+    min_stop_words: Optional[int] = Field(2, ge=0, description="Fewest stop words (any case) in the document" + _OFF)
+    stop_words: list[str] = Field(["the", "be", "to", "of", "and", "that", "have", "with"],
+                                  description="The stop words min_stop_words counts.")
+
+
+class GopherRepetitionSpec(SpecModel):
+    """Gopher's repetition rules (Rae et al. 2021, table A1): documents whose lines, paragraphs or word n-grams repeat
+    too much. The n-gram rules' character fractions count the characters of words, not whitespace."""
+
+    enabled: bool = Field(False, description="Apply these rules.")
+    max_dup_lines: Optional[float] = Field(
+        0.3, ge=0, le=1, description="Largest fraction of non-blank lines that repeat an earlier line" + _OFF)
+    max_dup_line_chars: Optional[float] = Field(
+        0.2, ge=0, le=1, description="Largest fraction of characters in repeated lines" + _OFF)
+    max_dup_paragraphs: Optional[float] = Field(
+        0.3, ge=0, le=1, description="Largest fraction of paragraphs (blank-line separated) repeating one" + _OFF)
+    max_dup_paragraph_chars: Optional[float] = Field(
+        0.2, ge=0, le=1, description="Largest fraction of characters in repeated paragraphs" + _OFF)
+    top_ngram_chars: dict[int, float] = Field(
+        {2: 0.2, 3: 0.18, 4: 0.16}, description="n: largest fraction of characters in the most frequent repeated "
+        "word n-gram (leave an n out to skip it).")
+    dup_ngram_chars: dict[int, float] = Field(
+        {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, description="n: largest fraction of characters "
+        "in word n-grams that repeat an earlier one (leave an n out to skip it).")
+
+    @field_validator("top_ngram_chars", "dup_ngram_chars")
+    @classmethod
+    def _ngram_fractions(cls, value: dict[int, float]) -> dict[int, float]:
+        for n, fraction in value.items():
+            if n < 1 or not 0 <= fraction <= 1:
+                raise ValueError(f"{n}: {fraction}: n must be at least 1 and the fraction between 0 and 1")
+        return value
+
+
+class C4Spec(SpecModel):
+    """C4's rules (Raffel et al. 2020). Line rules drop lines and keep the rest of the document; document rules
+    (lorem_ipsum, curly_bracket, min_sentences) drop the whole document."""
+
+    enabled: bool = Field(False, description="Apply these rules.")
+    end_punctuation: bool = Field(True, description="Drop lines not ending in . ? ! \" or ' (or ending in '...').")
+    min_words_per_line: Optional[int] = Field(3, ge=0, description="Drop lines with fewer words" + _OFF)
+    max_word_length: Optional[int] = Field(1000, ge=1, description="Drop lines holding a longer word" + _OFF)
+    javascript: bool = Field(True, description="Drop lines mentioning 'javascript'.")
+    policy: bool = Field(True, description="Drop lines about cookies, terms of use or privacy policy.")
+    lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum'.")
+    curly_bracket: bool = Field(True, description="Drop documents containing '{' (code, templates).")
+    min_sentences: Optional[int] = Field(5, ge=0, description="Drop documents with fewer sentences in the lines "
+                                                              "kept" + _OFF)
+
+
+class QualitySpec(SpecModel):
+    """Heuristic quality filters on each normalised document, before dedup and tokenization; each removal is counted
+    in the manifest's documents.skipped as quality:<rule> (the spec key that removed it)."""
+
+    gopher_repetition: GopherRepetitionSpec = Field(default_factory=GopherRepetitionSpec,
+                                                    description="Gopher's repetition rules (applied first).")
+    gopher: GopherSpec = Field(default_factory=GopherSpec, description="Gopher's quality rules.")
+    c4: C4Spec = Field(default_factory=C4Spec, description="C4's line and document rules (applied last).")
+
+    def enabled(self) -> bool:
+        return self.gopher_repetition.enabled or self.gopher.enabled or self.c4.enabled
+
+
+class NearDedupSpec(SpecModel):
+    """Near-duplicate removal: MinHash signatures of each document's shingles, LSH bands, one document kept per
+    cluster of candidates (the first in input order). Two documents are candidates when all `rows` values of any
+    band agree: likely above a Jaccard similarity of about (1/bands)^(1/rows)."""
+
+    enabled: bool = Field(False, description="Drop near-duplicate documents, keeping the first in input order.")
+    shingle: Literal["word", "char"] = Field("word", description="Shingles: word n-grams (lowercased, split on "
+                                             "whitespace) or character n-grams (whitespace runs as one space).")
+    ngram: int = Field(5, ge=1, le=100, description="Words or characters per shingle.")
+    num_perm: int = Field(128, ge=2, le=4096, description="MinHash permutations (signature length).")
+    bands: int = Field(16, ge=1, description="LSH bands; bands × rows must equal num_perm.")
+    rows: int = Field(8, ge=1, description="Signature values per band; more rows = a higher similarity threshold.")
+    seed: int = Field(1, ge=0, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _bands_cover_the_signature(self):
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"bands × rows ({self.bands} × {self.rows} = {self.bands * self.rows}) must equal "
+                             f"num_perm ({self.num_perm})")
+        return self
 
 
 class FilterSpec(SpecModel):
@@ -91,7 +200,10 @@ class FilterSpec(SpecModel):
 
     normalize: Literal["nfc", "nfkc", "none"] = Field("nfc", description="Unicode normalisation form applied to text.")
     min_chars: int = Field(16, ge=0, description="Documents shorter than this (after stripping) are skipped.")
+    quality: QualitySpec = Field(default_factory=QualitySpec, description="Heuristic quality filters (off unless a "
+                                 "rule set is enabled).")
     dedup: bool = Field(False, description="Drop exact duplicate documents, keeping the first in input order.")
+    near_dedup: NearDedupSpec = Field(default_factory=NearDedupSpec, description="MinHash-LSH near-duplicate removal.")
 
 
 class TokenizerSpec(SpecModel):
@@ -145,11 +257,58 @@ class TokenizeSpec(JobSpec):
     )
 
 
-class DataSpec(SpecModel):
-    """The dataset a training job reads."""
+class MixSourceSpec(SpecModel):
+    """One dataset of a weighted mixture."""
 
-    dir: str = Field(description="A dataset directory written by `kind: tokenize` (manifest.json, train/, val/); "
-                                 "a path or a URI.")
+    dir: str = Field(description="A dataset directory written by `kind: tokenize`; a path or a URI.")
+    weight: float = Field(gt=0, allow_inf_nan=False, description="Its share of the samples, relative to the other "
+                                                                 "sources' weights.")
+    name: Optional[str] = Field(None, min_length=1, description="Its name in logs, metrics and result.json "
+                                                               "(default: the last part of dir).")
+
+
+class DataSpec(SpecModel):
+    """The dataset a training job reads: one dataset dir, or several mixed by weight."""
+
+    dir: Optional[str] = Field(None, description="A dataset directory written by `kind: tokenize` (manifest.json, "
+                                                 "train/, val/); a path or a URI.")
+    mix: Optional[list[MixSourceSpec]] = Field(None, min_length=1, description="Instead of dir: datasets sharing a "
+                                                                             "tokenizer and seq_len, drawn by weight "
+                                                                             "(the same mixture at every prefix of "
+                                                                             "training).")
+    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description="When a mix source has given every "
+                                                                             "row once: stop the run at that step "
+                                                                             "(default), or recycle it (a new order).")
+    shuffle_block_bytes: Optional[int] = Field(None, ge=4096, description="Shards shuffled together: a split larger "
+                                                                         "than this is read a block of shards at a "
+                                                                         "time, streamed through the node cache "
+                                                                         "(default 1 GiB).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dir is None) == (self.mix is None):
+            raise ValueError("set exactly one of data.dir and data.mix")
+        if self.mix is None and self.exhausted is not None:
+            raise ValueError("data.exhausted applies to data.mix")
+        if self.mix is not None:
+            from ember.storage import name, normalize
+
+            names = [m.name or name(normalize(m.dir)) for m in self.mix]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once (give each "
+                                 "a name:)")
+            if self.exhausted is None:
+                self.exhausted = "stop"
+        return self
+
+    @model_serializer(mode="wrap")
+    def _unset_keys_left_out(self, handler):
+        """The keys added for mixtures and streaming are left out of the spec's content while unset, so that a run
+        made before them keeps its identity."""
+        out = handler(self)
+        return {k: v for k, v in out.items() if v is not None or k not in ("mix", "exhausted", "shuffle_block_bytes",
+                                                                          "dir")}
 
 
 class ModelSpec(SpecModel):
@@ -373,11 +532,15 @@ class PretrainSpec(TrainingJobSpec):
 class ChatDataSpec(InputSpec):
     """Conversations to fine-tune on, tokenized with the base model's chat template into packed rows with a loss
     mask (by the same Ray Data pipeline and shard format as `kind: tokenize`). Inputs are JSONL/JSON/Parquet records
-    of conversations, or builtin:python-qa (builtin:python-qa:test is its held-out split)."""
+    of conversations, Hugging Face datasets directories, or builtin:python-qa (builtin:python-qa:test is its held-out
+    split)."""
 
     format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
-        "auto", description="Record layout: messages [{role, content}], prompt/response, or Alpaca "
-        "instruction/input/output; auto decides per record.")
+        "auto", description="Record layout: messages [{role, content}] (or ShareGPT conversations [{from, value}]), "
+        "prompt/response, or Alpaca instruction/input/output; auto decides per record.")
+    messages_field: Optional[str] = Field(
+        None, min_length=1, description="The field (JSON) or column (Parquet, Hugging Face) holding a conversation's "
+        "list of turns, when it is neither messages nor conversations (the default looks for those two).")
     seq_len: int = Field(512, ge=8, description="Row length in tokens (rows hold seq_len + 1 ids); at most the "
                                                 "base model's context.")
     train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss: the assistant "

@@ -16,9 +16,10 @@ shard with its rows, tokens, bytes and SHA-256. A file is written under a tempor
 The dataset directory is a location (`ember.storage`). The reader reads a bucket's shards through the node cache,
 checked against the manifest's sizes and hashes.
 
-`ShardReader` memory-maps the shards and serves samples in a deterministic global order: epoch ``e`` is a seeded
-permutation of all rows, sample ``k`` of the run is row ``perm[k // N][k % N]``, and rank ``r`` of ``W`` takes samples
-``k ≡ r (mod W)``. Resuming at a sample count therefore continues the same global order, whatever ``W`` is.
+`ShardReader` serves samples in a deterministic global order computed from the manifest alone (rank ``r`` of ``W``
+takes samples ``k ≡ r (mod W)``, so resuming at a sample count continues the same order whatever ``W`` is), opening
+the shards as the order reaches them: a bucket's shards stream through the node cache, a block of them ahead, within
+its budget. `ember.data.mixture` draws from several datasets by weight the same way.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -163,86 +165,200 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+DEFAULT_BLOCK_BYTES = 1 << 30  # shards shuffled together; a reader holds at most two blocks' shards at once
+
+
 @dataclass
-class _Block:
-    rows: np.ndarray  # (n, row_len), a view into a memory-mapped file
+class _Shard:
+    """One shard file of a split: where it is, its rows' global range in file order, its manifest record."""
+
+    location: str
     start: int  # global index of its first row
-    extra: dict  # the same for the extra columns of fine-tuning datasets
+    rows: int
+    record: dict  # the manifest's entry: file, rows, bytes, sha256
+
+
+class _Opened:
+    """A shard file memory-mapped: its record batches' rows (and extra columns) as views into the map."""
+
+    def __init__(self, path: Path, row_len: int, extra: list[str] | None):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        self.extra = [c for c in EXTRA_COLUMNS if c in table.column_names] if extra is None else extra
+        self.chunks: list[dict[str, np.ndarray]] = []
+        for i in range(table.column("input_ids").num_chunks):
+            self.chunks.append({c: table.column(c).chunks[i].flatten().to_numpy(zero_copy_only=True)
+                                .reshape(-1, row_len) for c in ("input_ids", *self.extra)})
+        self.starts = np.cumsum([0] + [len(c["input_ids"]) for c in self.chunks[:-1]])
+
+    def columns(self, index: int) -> dict[str, np.ndarray]:
+        i = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return {c: a[index - self.starts[i]] for c, a in self.chunks[i].items()}
 
 
 class ShardReader:
-    """Memory-mapped, deterministic, rank-sliced and exactly resumable access to one split of a dataset."""
+    """Deterministic, rank-sliced, exactly resumable and streaming access to one split of a dataset.
 
-    def __init__(self, dataset_dir: str | os.PathLike, split: str = "train", *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    **The order** comes from the manifest's row counts alone. A split no larger than `block_bytes` is one block:
+    epoch ``e`` is a permutation of all its rows seeded by ``(seed, e)``. A larger split is read in blocks: epoch
+    ``e`` permutes the shards (seeded by ``(seed, e)``), cuts that order into blocks of at most `block_bytes` (at
+    least one shard each), and permutes the rows within each block (seeded by ``(seed, e, block)``). Sample ``k`` of
+    the run is position ``k mod N`` of epoch ``k // N``; rank ``r`` of ``W`` takes the samples ``k ≡ r (mod W)``, so
+    resuming at a sample count continues the same global order whatever ``W`` is. A `seed` may be a tuple (a
+    mixture's sources each have their own).
+
+    **Streaming**: nothing is read when the reader is made. A shard is opened (a bucket's: fetched into the node
+    cache and checked against the manifest's size and SHA-256) when a sample first reaches it; entering a block
+    fetches the next block's shards in the background; the shards of blocks behind are closed, so the node cache
+    can evict them within its budget (`ember.storage.NodeCache`). A shard that cannot be fetched, or does not match
+    its record, stops the reader with an error naming it: no row of it is served."""
+
+    def __init__(self, dataset_dir: str | os.PathLike, split: str = "train", *, seed: int | tuple = 0, rank: int = 0,
+                 world_size: int = 1, block_bytes: int = DEFAULT_BLOCK_BYTES):
         if split not in SPLITS:
             raise EmberError(f"unknown split {split!r} (one of: {', '.join(SPLITS)})")
         if not 0 <= rank < world_size:
             raise EmberError(f"rank {rank} is outside world size {world_size}")
         self.dataset_dir = storage.normalize(dataset_dir)
         self.manifest = load_manifest(dataset_dir)
-        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
         self.row_len = self.manifest["seq_len"] + 1
-        self._blocks: list[_Block] = []
-        self.extra_columns: list[str] | None = None  # loss_mask and segments in fine-tuning datasets
+        self.block_bytes = block_bytes
+        self.shards: list[_Shard] = []
         start = 0
-        for shard in self.manifest["splits"][split]["shards"]:
-            rel = storage.relative_key(str(shard["file"]), storage.join(self.dataset_dir, "manifest.json"))
-            path = self._local(storage.join(self.dataset_dir, split, rel), shard)
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            extra = [c for c in EXTRA_COLUMNS if c in table.column_names]
-            if self.extra_columns is None:
-                self.extra_columns = extra
-            for i, chunk in enumerate(table.column("input_ids").chunks):
-                rows = chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.row_len)
-                more = {c: table.column(c).chunks[i].flatten().to_numpy(zero_copy_only=True).reshape(-1, self.row_len)
-                        for c in self.extra_columns}
-                self._blocks.append(_Block(rows, start, more))
-                start += len(rows)
+        for record in self.manifest["splits"][split]["shards"]:
+            rel = storage.relative_key(str(record["file"]), storage.join(self.dataset_dir, "manifest.json"))
+            location = storage.join(self.dataset_dir, split, rel)
+            if not storage.is_uri(location) and not os.path.isfile(location):
+                raise EmberError(f"shard listed in the manifest is missing: {storage.display(location)}")
+            self.shards.append(_Shard(location, start, int(record["rows"]), record))
+            start += int(record["rows"])
         self.num_rows = start
-        self.extra_columns = self.extra_columns or []
         if self.num_rows == 0:
             raise EmberError(f"{storage.display(self.dataset_dir)}: split {split!r} has no rows")
-        self._starts = np.array([b.start for b in self._blocks])
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        self._starts = np.array([s.start for s in self.shards])
+        self.extra_columns: list[str] | None = None  # loss_mask, segments (fine-tuning): known once a shard is open
+        self._open: dict[int, _Opened] = {}  # shard index -> its map, for the current and the next block
+        self._pending: dict[int, Future] = {}  # shard index -> its fetch, in the background
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (shard order, block starts)
+        self._block: tuple[int, int] | None = None  # (epoch, block) of the last sample served
+        self._block_rows: dict[tuple[int, int], np.ndarray] = {}
 
-    @staticmethod
-    def _local(location: str, shard: dict) -> Path:
+    # ---------------------------------------------------------------- the order
+
+    def _rng(self, *more: int) -> np.random.Generator:
+        return np.random.default_rng([*self.seed, *more])
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shard order and the position (in the epoch) at which each block starts."""
+        if epoch not in self._epochs:
+            sizes = [int(s.record.get("bytes") or s.rows * self.row_len * 2) for s in self.shards]
+            if sum(sizes) <= self.block_bytes:
+                order, starts = np.arange(len(self.shards)), np.array([0])
+            else:
+                order = self._rng(epoch).permutation(len(self.shards))
+                starts, size, position = [0], 0, 0
+                for i in order:
+                    if size and size + sizes[i] > self.block_bytes:
+                        starts.append(position)
+                        size = 0
+                    size += sizes[i]
+                    position += self.shards[i].rows
+                starts = np.array(starts)
+            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+            self._epochs[epoch] = (order, starts)
+        return self._epochs[epoch]
+
+    def _shards_of(self, epoch: int, block: int) -> list[int]:
+        order, starts = self._epoch(epoch)
+        rows = np.cumsum([0] + [self.shards[i].rows for i in order])
+        first = int(np.searchsorted(rows, starts[block], side="right")) - 1
+        end = starts[block + 1] if block + 1 < len(starts) else self.num_rows
+        last = int(np.searchsorted(rows, end, side="left"))
+        return [int(i) for i in order[first:last]]
+
+    def _rows_of(self, epoch: int, block: int) -> np.ndarray:
+        """The global row indices of a block, in the order its samples take them."""
+        key = (epoch, block)
+        if key not in self._block_rows:
+            if len(self._epoch(epoch)[1]) == 1:
+                rows = self._rng(epoch).permutation(self.num_rows)
+            else:
+                members = np.concatenate([np.arange(self.shards[i].start, self.shards[i].start + self.shards[i].rows)
+                                          for i in self._shards_of(epoch, block)])
+                rows = members[self._rng(epoch, block).permutation(len(members))]
+            self._block_rows = {k: v for k, v in self._block_rows.items() if k >= (epoch, block - 1)}
+            self._block_rows[key] = rows
+        return self._block_rows[key]
+
+    def _locate(self, k: int) -> tuple[int, int, int]:
+        """Global sample `k` → (epoch, block, position in the block)."""
+        epoch, position = divmod(k, self.num_rows)
+        starts = self._epoch(epoch)[1]
+        block = int(np.searchsorted(starts, position, side="right")) - 1
+        return epoch, block, position - int(starts[block])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The row indices of one epoch in sample order."""
+        return np.concatenate([self._rows_of(epoch, b) for b in range(len(self._epoch(epoch)[1]))])
+
+    def sample_row(self, k: int) -> int:
+        """The row index of global sample `k` (k counts samples across epochs and ranks)."""
+        epoch, block, position = self._locate(k)
+        self._entered(epoch, block)
+        return int(self._rows_of(epoch, block)[position])
+
+    # ---------------------------------------------------------------- the shards
+
+    def _entered(self, epoch: int, block: int) -> None:
+        """Keeps the shards of this block and the next open or on their way; closes the others."""
+        if self._block == (epoch, block):
+            return
+        self._block = (epoch, block)
+        following = (epoch, block + 1) if block + 1 < len(self._epoch(epoch)[1]) else (epoch + 1, 0)
+        keep = set(self._shards_of(epoch, block)) | set(self._shards_of(*following))
+        for i in [i for i in self._open if i not in keep]:
+            del self._open[i]  # the map closes with its last view: the node cache may evict the file
+        if storage.is_uri(self.dataset_dir):
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-shards")
+            for i in self._shards_of(*following):
+                if i not in self._open and i not in self._pending:
+                    self._pending[i] = self._fetcher.submit(self._fetch, i)
+
+    def _fetch(self, i: int) -> Path:
         """A shard's local file: itself, or its node-cache copy checked against the manifest's size and hash."""
+        shard = self.shards[i]
         try:
-            if not storage.is_uri(location):
-                if not os.path.isfile(location):
-                    raise FileNotFoundError(location)
-                return Path(location)
-            return storage.NodeCache().fetch(location, size=shard.get("bytes"), sha256=shard.get("sha256")).path
+            if not storage.is_uri(shard.location):
+                if not os.path.isfile(shard.location):
+                    raise FileNotFoundError(shard.location)
+                return Path(shard.location)
+            return storage.NodeCache().fetch(shard.location, size=shard.record.get("bytes"),
+                                             sha256=shard.record.get("sha256")).path
         except FileNotFoundError:
-            raise EmberError(f"shard listed in the manifest is missing: {storage.display(location)}") from None
+            raise EmberError(f"shard listed in the manifest is missing: {storage.display(shard.location)}") from None
+
+    def _opened(self, i: int) -> _Opened:
+        if i not in self._open:
+            pending = self._pending.pop(i, None)
+            path = pending.result() if pending is not None else self._fetch(i)
+            self._open[i] = _Opened(path, self.row_len, self.extra_columns)
+            self.extra_columns = self._open[i].extra
+        return self._open[i]
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def row(self, index: int) -> np.ndarray:
-        """Row `index` of the split in file order, shape (seq_len + 1,)."""
-        b = self._blocks[int(np.searchsorted(self._starts, index, side="right")) - 1]
-        return b.rows[index - b.start]
-
     def columns(self, index: int) -> dict[str, np.ndarray]:
         """Row `index` of every column: input_ids, and loss_mask and segments where the dataset has them."""
-        b = self._blocks[int(np.searchsorted(self._starts, index, side="right")) - 1]
-        return {"input_ids": b.rows[index - b.start], **{c: b.extra[c][index - b.start] for c in self.extra_columns}}
+        i = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._opened(i).columns(index - self.shards[i].start)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of row indices for one epoch, fixed by (seed, epoch)."""
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def sample_row(self, k: int) -> int:
-        """The row index of global sample `k` (k counts samples across epochs and ranks)."""
-        epoch, pos = divmod(k, self.num_rows)
-        return int(self.epoch_order(epoch)[pos])
+    def row(self, index: int) -> np.ndarray:
+        """Row `index` of the split in file order, shape (seq_len + 1,)."""
+        return self.columns(index)["input_ids"]
 
     def sample_indices(self, start: int = 0) -> Iterator[int]:
         """Global sample numbers this rank takes, from `start` (a global count of samples consumed) on."""
@@ -254,13 +370,26 @@ class ShardReader:
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray | dict, int]]:
         """Endless (batch, global samples consumed after it) pairs. A batch is an int64 array (batch_size,
         seq_len + 1), or for a fine-tuning dataset a dict of such arrays by column name."""
-        indices = self.sample_indices(start)
-        consumed = start
-        while True:
-            ks = [next(indices) for _ in range(batch_size)]
-            consumed += batch_size * self.world_size
-            if not self.extra_columns:
-                yield np.stack([self.row(self.sample_row(k)) for k in ks]).astype(np.int64), consumed
-                continue
-            rows = [self.columns(self.sample_row(k)) for k in ks]
+        return stacked_batches(lambda k: self.columns(self.sample_row(k)), self.sample_indices(start), batch_size,
+                               self.world_size, start)
+
+    def close(self) -> None:
+        """Closes the maps and stops the background fetches."""
+        self._open.clear()
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
+            self._fetcher, self._pending = None, {}
+
+
+def stacked_batches(sample: Callable[[int], dict], indices: Iterator[int], batch_size: int, world_size: int,
+                    start: int) -> Iterator[tuple[np.ndarray | dict, int]]:
+    """(batch, global samples consumed after it) pairs from a sample's columns by its global number: input_ids
+    alone as an int64 array, or every column by name (fine-tuning datasets)."""
+    consumed = start
+    while True:
+        rows = [sample(next(indices)) for _ in range(batch_size)]
+        consumed += batch_size * world_size
+        if len(rows[0]) == 1:
+            yield np.stack([r["input_ids"] for r in rows]).astype(np.int64), consumed
+        else:
             yield {c: np.stack([r[c] for r in rows]).astype(np.int64) for c in rows[0]}, consumed

@@ -8,7 +8,8 @@ The contract between the jobs that make progress and the commands that show it (
 - A record is one JSON object with `kind` and `time` (seconds since the epoch, added when it is written) and the
   numbers of its kind:
   - `"train"` (pretrain and finetune, in the run directory): `step`, `total_steps`, `loss`, `tokens_per_s`, and
-    `val_loss` (null when that step did not evaluate).
+    `val_loss` (null when that step did not evaluate); a run on a mixture adds `source_tokens` (training tokens per
+    source so far, by name).
   - `"tokenize"` (in the dataset directory): `units` finished of `total_units`, `tokens` and `tokens_per_s`, counted
     over the units this run works on (units an earlier run finished are reused, not counted); the last record, written
     with the manifest, has `"done": true` and counts the whole dataset (`units` of `total_units`, `tokens` in its
@@ -83,6 +84,10 @@ def describe_progress(record: dict) -> str:
                 f"{record['tokens_per_s']:,.0f} tokens/s")
         if isinstance(record.get("val_loss"), (int, float)):
             text += f", val loss {record['val_loss']:.4f}"
+        sources = record.get("source_tokens")
+        if isinstance(sources, dict) and sources:
+            text += "; tokens by source: " + ", ".join(f"{name} {count:,}" for name, count in sources.items()
+                                                       if isinstance(count, int))
         return text
     text = f"{record['units']}/{record['total_units']} units, {record['tokens']:,} tokens"
     if isinstance(record.get("tokens_per_s"), (int, float)):

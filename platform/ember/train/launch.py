@@ -164,6 +164,15 @@ def _torch_trainer(plan: RunPlan):
     )
 
 
+def mixture_result(plan: RunPlan, metrics: dict) -> dict:
+    """result.json's record of a mixture: its sources (name, dir, weight, share, rows, dataset identity), how it
+    ends, and the training tokens each source gave."""
+    from ember.data.mixture import tokens_by_source
+
+    return {**plan.mixture, "tokens": tokens_by_source(plan.mixture, int(metrics.get("samples", 0)),
+                                                       plan.manifest["seq_len"])}
+
+
 def launch(plan: RunPlan, address: str | None = None) -> dict:
     """Runs the plan on Ray Train (or reuses its finished run); returns the last reported metrics."""
     spec, run_dir = plan.spec, plan.run_dir
@@ -200,7 +209,8 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
     except BaseException:
         finish_tracking(plan, None, "FAILED")
         raise
-    write_stamp(plan.dir.result, plan.identity(), total_steps=plan.total_steps, metrics=metrics)
+    write_stamp(plan.dir.result, plan.identity(), total_steps=plan.total_steps, metrics=metrics,
+                **({"mixture": mixture_result(plan, metrics)} if plan.mixture else {}))
     finish_tracking(plan, storage.read_json(plan.dir.result), "FINISHED")
     val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     log.info("%s: done at step %s, loss %.4f%s; model: %s", plan.kind, metrics.get("step"),

@@ -7,8 +7,11 @@ before any worker starts; `launch` checks the rest (batch arithmetic, resources,
 
 from __future__ import annotations
 
+import logging
+
 from ember import storage
 from ember.config.specs import PretrainSpec
+from ember.data.mixture import plan_mixture
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
 from ember.model import ModelConfig, builtin, preset
@@ -16,6 +19,8 @@ from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.runs.tracking import settle_tracking
 from ember.train.launch import launch, resume_path
 from ember.train.run import RunPlan, total_steps
+
+log = logging.getLogger("ember")
 
 
 def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
@@ -41,26 +46,44 @@ def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
     return cfg
 
 
-def plan_pretrain(spec: PretrainSpec) -> RunPlan:
-    """The run a pretrain spec asks for, checked against its dataset."""
+def _dataset(spec: PretrainSpec) -> tuple[dict, dict | None]:
+    """The manifest of data.dir, or of data.mix's first source with the mixture's record."""
+    if spec.data.mix:
+        mixture, manifests = plan_mixture(spec.data, "pretrain", spec.train.global_batch_size)
+        return manifests[0], mixture
     manifest = load_manifest(spec.data.dir)
     if manifest.get("kind") != "pretrain":
         raise EmberError(f"{spec.data.dir} is a {manifest.get('kind')!r} dataset; pretraining reads 'pretrain' "
                          "datasets")
     if not manifest["splits"]["train"]["rows"]:
         raise EmberError(f"{spec.data.dir} has no training rows")
+    return manifest, None
+
+
+def plan_pretrain(spec: PretrainSpec) -> RunPlan:
+    """The run a pretrain spec asks for, checked against its dataset (or the datasets it mixes)."""
+    manifest, mixture = _dataset(spec)
     cfg = model_config(spec, manifest)
     bos = bos_token_id(read_json(storage.join(builtin.resolve(spec.model.init_from), "config.json"))) \
         if spec.model.init_from else None
     spec = spec.model_copy(deep=True)  # workers run elsewhere: hand them absolute paths (or URIs)
-    spec.data.dir = storage.normalize(spec.data.dir)
+    if spec.data.dir:
+        spec.data.dir = storage.normalize(spec.data.dir)
+    for source in spec.data.mix or ():
+        source.dir = storage.normalize(source.dir)
     spec.output.dir = storage.normalize(spec.output.dir)
     if spec.model.init_from and not builtin.is_builtin(spec.model.init_from):  # each node resolves builtin:
         spec.model.init_from = storage.normalize(spec.model.init_from)
     settle_tracking(spec.train.tracking)
-    return RunPlan(spec=spec, model=cfg, data_dir=spec.data.dir, manifest=manifest, run_dir=spec.output.dir,
-                   total_steps=total_steps(spec, manifest), eos_ids=(manifest["eos_id"],),
-                   start_from=resume_path(spec), bos_id=bos)
+    steps = total_steps(spec, manifest, mixture)
+    if mixture and steps < total_steps(spec, manifest):
+        log.info("data.mix: source %r runs out after %d samples: the run stops at step %d of the %d asked for "
+                 "(data.exhausted: stop; recycle reuses its rows)", mixture["runs_out"], mixture["samples"], steps,
+                 total_steps(spec, manifest))
+    data_dir = spec.data.dir or mixture["sources"][0]["dir"]
+    return RunPlan(spec=spec, model=cfg, data_dir=data_dir, manifest=manifest, run_dir=spec.output.dir,
+                   total_steps=steps, eos_ids=(manifest["eos_id"],), start_from=resume_path(spec), bos_id=bos,
+                   mixture=mixture)
 
 
 def run_pretrain(spec: PretrainSpec, address: str | None = None) -> dict:

@@ -43,6 +43,7 @@ class RunPlan:
     base_weights: str | None = None  # fingerprint of the base model's weights (fine-tuning)
     start_from: str | None = None  # the checkpoint `resume: PATH` names
     bos_id: int | None = None  # the base's beginning-of-text token (config.json's bos_token_id), kept in the export
+    mixture: dict | None = None  # data.mix's record (`ember.data.mixture.plan_mixture`); data_dir is its first source
 
     @property
     def kind(self) -> str:
@@ -57,14 +58,19 @@ class RunPlan:
         same dir is other data), the network and the base's weights."""
         return identity_of({"spec": spec_without(self.spec, NOT_THE_RUN), "dataset": self.manifest,
                             "model": self.model.to_dict(), "eos_ids": list(self.eos_ids),
-                            "base_weights": self.base_weights})
+                            "base_weights": self.base_weights, **self._mixed()})
 
     def trajectory(self) -> dict:
         """What the run's checkpoints are points of: the identity's parts without the run's length and without how
         it runs (`HOW_IT_RUNS`). A run dir's checkpoints are continued only by a plan of the same trajectory."""
         return {"spec": spec_without(self.spec, HOW_IT_RUNS),
                 "dataset": identity_of(self.manifest), "model": self.model.to_dict(), "eos_ids": list(self.eos_ids),
-                "base_weights": self.base_weights}
+                "base_weights": self.base_weights, **self._mixed()}
+
+    def _mixed(self) -> dict:
+        """The mixture's datasets (their identities, weights, how it ends), for a run that mixes (absent otherwise,
+        as in runs made before mixtures)."""
+        return {"mixture": self.mixture} if self.mixture else {}
 
     def to_config(self) -> dict:
         """The plan as JSON-able data: the `train_loop_config` of every worker."""
@@ -80,7 +86,12 @@ class RunPlan:
                       "eos_ids": tuple(config["eos_ids"])})
 
 
-def total_steps(spec: TrainingJobSpec, manifest: dict) -> int:
+def total_steps(spec: TrainingJobSpec, manifest: dict, mixture: dict | None = None) -> int:
+    """The run's optimizer steps: train.max_steps, or max_tokens in steps; a mixture that stops when a source runs
+    out ends at the last whole step before that."""
     t = spec.train
-    return t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
+    steps = t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
+    if mixture and mixture["samples"] is not None:
+        steps = min(steps, mixture["samples"] // t.global_batch_size)
+    return steps
 

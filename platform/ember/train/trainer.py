@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ember import storage
+from ember.data.mixture import MixtureReader, tokens_by_source, training_reader
 from ember.data.shards import ShardReader
 from ember.metrics import TrainMetrics
 from ember.model import save_model, save_weights
@@ -171,7 +172,7 @@ class Trainer:
                 "the run dir (lower train.lr, raise train.warmup_steps, or check the data)")})
         return bad is not None
 
-    def evaluate(self, reader: ShardReader) -> dict:
+    def evaluate(self, reader: ShardReader | MixtureReader) -> dict:
         """The loss over the first train.eval_batches micro batches of val/ per rank (the same ones every time):
         the mean of their losses, over ranks."""
         tr = self.spec.train
@@ -190,9 +191,11 @@ class Trainer:
         val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if "val_loss" in metrics else ""
         log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", self.step, self.plan.total_steps,
                  metrics["loss"], val, metrics["lr"], metrics["grad_norm"] or 0.0, f"{metrics['tokens_per_s']:,.0f}")
+        sources = {k.removeprefix("tokens/"): v for k, v in metrics.items() if k.startswith("tokens/")}
         write_progress(self.run_dir, {"kind": "train", "step": self.step, "total_steps": self.plan.total_steps,
                                       "loss": metrics["loss"], "tokens_per_s": metrics["tokens_per_s"],
-                                      "val_loss": metrics.get("val_loss")})
+                                      "val_loss": metrics.get("val_loss"), **({"source_tokens": sources}
+                                                                             if sources else {})})
 
     def report(self, metrics: dict, metrics_log: MetricsLog | None, gauges, save_now: bool) -> None:
         """Rank 0 records the row; every rank reports it to Ray Train, with a checkpoint when one is due."""
@@ -252,9 +255,11 @@ class Trainer:
     def run(self) -> None:
         plan, tr, rank = self.plan, self.spec.train, self.rank
         # The data first: a dataset that cannot be read fails before the engine is built.
-        reader = ShardReader(plan.data_dir, "train", seed=tr.seed, rank=rank, world_size=self.world)
-        val_reader = (ShardReader(plan.data_dir, "val", seed=tr.seed, rank=rank, world_size=self.world)
-                      if plan.manifest["splits"]["val"]["rows"] else None)
+        readers = {split: training_reader(plan.data_dir, plan.mixture, split, seed=tr.seed, rank=rank,
+                                          world_size=self.world,
+                                          block_bytes=getattr(self.spec.data, "shuffle_block_bytes", None))
+                   for split in ("train", "val")}
+        reader, val_reader = readers["train"], readers["val"]
         restored = self.restore()
         if rank == 0:  # training starts: the result of the run this one continues no longer describes the run dir
             storage.delete(plan.dir.result)
@@ -275,6 +280,9 @@ class Trainer:
             if not (log_now or eval_now or save_now):
                 continue
             metrics = meter.row(self.step, self.samples, loss, lr, grad_norm, self.overflows.total)
+            if plan.mixture:
+                metrics.update({f"tokens/{name}": n for name, n in
+                                tokens_by_source(plan.mixture, self.samples, plan.manifest["seq_len"]).items()})
             if eval_now:
                 metrics.update(self.evaluate(val_reader))
             self.report(metrics, metrics_log, gauges, save_now)
