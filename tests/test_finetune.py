@@ -56,7 +56,9 @@ def chat_data(tmp_path_factory) -> dict:
     lines.insert(30, json.dumps({"messages": [{"role": "user", "content": "alone"}]}))
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations(40, seed=2)))
-    return {"train": root / "train.jsonl", "heldout": root / "heldout.jsonl", "root": root}
+    (root / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations(120, seed=3)))
+    return {"train": root / "train.jsonl", "heldout": root / "heldout.jsonl", "more": root / "more.jsonl",
+            "root": root}
 
 
 def _tokenizer_text() -> list[str]:
@@ -145,9 +147,13 @@ def full_run(hf_base, chat_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lora_run(qwen_base, chat_data, tmp_path_factory) -> Path:
-    """LoRA on the Qwen2 base (the adapters in PEFT's format, for Qwen2's module names)."""
+    """LoRA on the Qwen2 base (the adapters in PEFT's format, for Qwen2's module names), on a mixture of two sets
+    of conversations, 3:1, the smaller one recycled."""
     run_dir = tmp_path_factory.mktemp("ft") / "lora"
-    run_finetune(parse_spec(spec(qwen_base, chat_data["train"], run_dir, method="lora", train={"lr": 1e-2},
+    mix = {"inputs": None, "exhausted": "recycle", "mix": [
+        {"inputs": [str(chat_data["train"])], "weight": 3, "name": "chats"},
+        {"inputs": [str(chat_data["more"])], "weight": 1, "name": "more"}]}
+    run_finetune(parse_spec(spec(qwen_base, chat_data["train"], run_dir, method="lora", data=mix, train={"lr": 1e-2},
                                  lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
                                  scaling={"workers": 1})))
     return run_dir
@@ -289,6 +295,23 @@ def test_lora_changes_only_adapters_and_the_merged_export_is_base_plus_adapters(
         assert torch.allclose(peft(ids).logits, exported(ids).logits, atol=1e-4)
 
 
+def test_a_fine_tune_on_a_mixture_draws_each_source_by_weight_and_records_its_tokens(lora_run):
+    """Each source's conversations are a dataset of their own (DATA_DIR/NAME); every metrics row counts the
+    training tokens each gave, the mixture's counts at its sample count; result.json records the mixture."""
+    from ember.data.mixture import Mixture
+
+    manifests = {name: json.loads((lora_run / "data" / name / "manifest.json").read_text()) for name in ("chats",
+                                                                                                     "more")}
+    assert manifests["chats"]["tokenizer"] == manifests["more"]["tokenizer"]  # the base's, for both
+    for r in rows(lora_run):
+        chats, more = Mixture([3, 1]).counts(r["samples"])
+        assert (r["tokens/chats"], r["tokens/more"]) == (64 * chats, 64 * more)
+    mixture = json.loads((lora_run / "result.json").read_text())["mixture"]
+    assert [(s["name"], s["weight"], s["rows"]) for s in mixture["sources"]] == [
+        (name, weight, manifests[name]["splits"]["train"]["rows"]) for name, weight in (("chats", 3), ("more", 1))]
+    assert mixture["exhausted"] == "recycle" and mixture["tokens"]["chats"] == 3 * mixture["tokens"]["more"]
+
+
 def test_the_lora_fine_tuned_qwen2_answers_through_the_openai_client_with_its_template(lora_run, serve_port):
     """Served as it was exported: the chat prompt is Qwen2.5's template (its default system prompt, as
     `apply_chat_template` renders it) and generation stops at its `<|im_end|>`."""
@@ -358,7 +381,7 @@ def test_the_lora_fine_tuned_qwen2_evaluates_better_than_its_base(lora_run, qwen
 
     results = run_evaluate(parse_spec({
         "kind": "evaluate", "name": "qwen-eval", "models": {"base": str(qwen_base), "lora": str(lora_run / "model")},
-        "data": {"dir": str(lora_run / "data"), "conversations": [str(chat_data["heldout"])]},
+        "data": {"dir": str(lora_run / "data" / "chats"), "conversations": [str(chat_data["heldout"])]},
         "generation": {"max_examples": 4, "max_new_tokens": 8}, "output": {"file": str(tmp_path / "e.json")},
         "tracking": {"mlflow": {"tracking_uri": mlflow_server, "experiment": "evaluations"}}}))
     assert results["lora"]["conversations"]["assistant_loss"] < results["base"]["conversations"]["assistant_loss"]
@@ -398,7 +421,7 @@ def test_bad_input_is_named_before_training(ember_base, hf_base, chat_data, lora
                                  "output": {"file": str(tmp_path / "e.json")}}))
     with pytest.raises(EmberError, match="differs from the dataset's"):
         run_evaluate(parse_spec({"kind": "evaluate", "models": {"hf": str(hf_base)},
-                                 "data": {"dir": str(lora_run / "data")},
+                                 "data": {"dir": str(lora_run / "data" / "chats")},
                                  "output": {"file": str(tmp_path / "e.json")}}))
 
 

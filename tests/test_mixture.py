@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ember.config.loader import parse_spec
-from ember.data.mixture import Mixture, MixtureReader, plan_mixture, tokens_by_source
+from ember.data.mixture import Mixture, MixtureReader, dataset_sources, plan_mixture, tokens_by_source
 from ember.data.shards import FORMAT, FORMAT_VERSION, ShardWriter
 from ember.errors import EmberError
 from ember.storage import write_json
@@ -57,10 +57,11 @@ def dataset(root, name: str, first: int, n_rows: int, tokenizer: str = "tok-a", 
     return out
 
 
-def data_spec(mix: list[dict], **more):
-    spec = parse_spec({"kind": "pretrain", "data": {"mix": mix, **more}, "train": {"max_steps": 1},
-                       "output": {"dir": "/tmp/unused"}})
-    return spec.data
+def mixed(mix: list[dict], **more) -> tuple[dict, list[dict]]:
+    """plan_mixture of a pretraining spec's data.mix, with global batches of 8."""
+    data = parse_spec({"kind": "pretrain", "data": {"mix": mix, **more}, "train": {"max_steps": 1},
+                       "output": {"dir": "/tmp/unused"}}).data
+    return plan_mixture(dataset_sources(data), data.exhausted, "pretrain", 8)
 
 
 @pytest.fixture()
@@ -78,8 +79,7 @@ def consume(reader, batches: int, batch_size: int, start: int = 0) -> tuple[list
 
 def test_a_mixture_reader_is_deterministic_sliced_and_resumes_on_another_worker_count(two):
     web, code = two
-    record, _ = plan_mixture(data_spec([{"dir": str(web), "weight": 3}, {"dir": str(code), "weight": 1}],
-                                       exhausted="recycle"), "pretrain", 8)
+    record, _ = mixed([{"dir": str(web), "weight": 3}, {"dir": str(code), "weight": 1}], exhausted="recycle")
     assert [s["name"] for s in record["sources"]] == ["web", "code"] and record["samples"] is None
     straight, _ = consume(MixtureReader(record, seed=1), 60, 8)  # 480 samples: code (100 rows) recycles
     assert straight == consume(MixtureReader(record, seed=1), 60, 8)[0]
@@ -99,8 +99,7 @@ def test_a_mixture_reader_is_deterministic_sliced_and_resumes_on_another_worker_
 
 def test_a_mixture_that_stops_ends_before_a_source_repeats(two):
     web, code = two
-    record, _ = plan_mixture(data_spec([{"dir": str(web), "weight": 3}, {"dir": str(code), "weight": 1}]),
-                             "pretrain", 8)
+    record, _ = mixed([{"dir": str(web), "weight": 3}, {"dir": str(code), "weight": 1}])
     assert record["exhausted"] == "stop" and record["runs_out"] == "code"
     n = record["samples"]
     assert Mixture([3, 1]).counts(n)[1] == 100 < Mixture([3, 1]).counts(n + 1)[1] and 396 <= n <= 404
@@ -117,14 +116,14 @@ def test_datasets_that_cannot_be_mixed_are_refused_naming_them(tmp_path, two):
     chats = dataset(tmp_path, "chats", 0, 50, kind="sft")
     with pytest.raises(EmberError, match="sources 'web' and 'books' have different tokenizers \\(sha256 tok-a and "
                                          "tok-b\\)"):
-        plan_mixture(data_spec([{"dir": str(web), "weight": 1}, {"dir": str(other_tok), "weight": 1}]), "pretrain", 8)
+        mixed([{"dir": str(web), "weight": 1}, {"dir": str(other_tok), "weight": 1}])
     with pytest.raises(EmberError, match="sources 'web' and 'math' have rows of 4 and 8 tokens"):
-        plan_mixture(data_spec([{"dir": str(web), "weight": 1}, {"dir": str(longer), "weight": 1}]), "pretrain", 8)
+        mixed([{"dir": str(web), "weight": 1}, {"dir": str(longer), "weight": 1}])
     with pytest.raises(EmberError, match="source 'chats' .* is a 'sft' dataset"):
-        plan_mixture(data_spec([{"dir": str(web), "weight": 1}, {"dir": str(chats), "weight": 1}]), "pretrain", 8)
+        mixed([{"dir": str(web), "weight": 1}, {"dir": str(chats), "weight": 1}])
     tiny = dataset(tmp_path, "tiny", 0, 1)
     with pytest.raises(EmberError, match="source 'tiny' runs out after 3 samples, less than one step"):
-        plan_mixture(data_spec([{"dir": str(web), "weight": 1}, {"dir": str(tiny), "weight": 1}]), "pretrain", 8)
+        mixed([{"dir": str(web), "weight": 1}, {"dir": str(tiny), "weight": 1}])
 
 
 @pytest.mark.parametrize("data, message", [

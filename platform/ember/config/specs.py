@@ -6,7 +6,7 @@ mistake in a YAML file is reported before any Ray work starts.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -19,6 +19,16 @@ class SpecModel(BaseModel):
     carries credentials (a spec is written to the run dir and sent to Ray as job metadata)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Keys left out of the section's content (its dump, so its identity) while unset (None): the keys added after
+    # datasets and runs were made with this section, so that what was made before keeps its identity.
+    OMITTED_WHEN_UNSET: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _unset_keys_left_out(self, handler):
+        out = handler(self)
+        if not self.OMITTED_WHEN_UNSET or not isinstance(out, dict):
+            return out
+        return {k: v for k, v in out.items() if v is not None or k not in self.OMITTED_WHEN_UNSET}
 
     @field_validator("*")
     @classmethod
@@ -270,6 +280,8 @@ class MixSourceSpec(SpecModel):
 class DataSpec(SpecModel):
     """The dataset a training job reads: one dataset dir, or several mixed by weight."""
 
+    OMITTED_WHEN_UNSET = ("dir", "mix", "exhausted", "shuffle_block_bytes")
+
     dir: Optional[str] = Field(None, description="A dataset directory written by `kind: tokenize` (manifest.json, "
                                                  "train/, val/); a path or a URI.")
     mix: Optional[list[MixSourceSpec]] = Field(None, min_length=1, description="Instead of dir: datasets sharing a "
@@ -302,13 +314,6 @@ class DataSpec(SpecModel):
                 self.exhausted = "stop"
         return self
 
-    @model_serializer(mode="wrap")
-    def _unset_keys_left_out(self, handler):
-        """The keys added for mixtures and streaming are left out of the spec's content while unset, so that a run
-        made before them keeps its identity."""
-        out = handler(self)
-        return {k: v for k, v in out.items() if v is not None or k not in ("mix", "exhausted", "shuffle_block_bytes",
-                                                                          "dir")}
 
 
 class ModelSpec(SpecModel):
@@ -529,11 +534,33 @@ class PretrainSpec(TrainingJobSpec):
     model: ModelSpec = Field(default_factory=ModelSpec, description="Network shape or starting weights.")
 
 
+class ChatMixSourceSpec(InputSpec):
+    """One set of conversations of a weighted mixture (tokenized with the mixture's settings into a dataset of its
+    own, DATA_DIR/NAME)."""
+
+    format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
+        "auto", description="Record layout, as data.format.")
+    weight: float = Field(gt=0, allow_inf_nan=False, description="Its share of the samples, relative to the other "
+                                                                 "sources' weights.")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Its name in logs, metrics and result.json, and its dataset's dir under data.dir.")
+
+
 class ChatDataSpec(InputSpec):
     """Conversations to fine-tune on, tokenized with the base model's chat template into packed rows with a loss
     mask (by the same Ray Data pipeline and shard format as `kind: tokenize`). Inputs are JSONL/JSON/Parquet records
     of conversations, Hugging Face datasets directories, or builtin:python-qa (builtin:python-qa:test is its held-out
     split)."""
+
+    OMITTED_WHEN_UNSET = ("inputs", "mix", "exhausted")
+    inputs: Optional[list[str]] = Field(None, min_length=1, description=InputSpec.model_fields["inputs"].description)
+    mix: Optional[list[ChatMixSourceSpec]] = Field(None, min_length=1, description="Instead of inputs: sets of "
+                                                                                 "conversations drawn by weight (the "
+                                                                                 "same mixture at every prefix of "
+                                                                                 "training).")
+    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description="When a mix source has given every row "
+                                                                             "once: stop the run at that step "
+                                                                             "(default), or recycle it.")
 
     format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
         "auto", description="Record layout: messages [{role, content}] (or ShareGPT conversations [{from, value}]), "
@@ -558,10 +585,32 @@ class ChatDataSpec(InputSpec):
                                                "RUN_DIR/data, is the run's own: rebuilt when the data settings "
                                                "change, unless the run has checkpoints).")
 
+    @model_validator(mode="after")
+    def _inputs_or_a_mix(self):
+        if (self.inputs is None) == (self.mix is None):
+            raise ValueError("set exactly one of data.inputs and data.mix")
+        if self.mix is None and self.exhausted is not None:
+            raise ValueError("data.exhausted applies to data.mix")
+        if self.mix is not None:
+            names = [m.name for m in self.mix]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once")
+            if self.exhausted is None:
+                self.exhausted = "stop"
+        return self
+
     def source(self) -> SourceSpec:
         """The inputs as the readers take them (records parsed by extension: a conversation's `format` is its
         layout, read by `ember.data.chat.to_messages`)."""
         return SourceSpec(**self.model_dump(include=set(InputSpec.model_fields)))
+
+    def sources(self) -> list[tuple[str, float, ChatDataSpec]]:
+        """A mixture's sources as (name, weight, the data settings with that source's inputs)."""
+        own = set(ChatMixSourceSpec.model_fields) - {"weight", "name"}  # the inputs, how they are read and cut
+        shared = self.model_dump(exclude={"mix", "exhausted", "dir", "overwrite", *own})
+        return [(m.name, m.weight, ChatDataSpec(**shared, **m.model_dump(exclude={"weight", "name"}),
+                                                overwrite=self.overwrite)) for m in self.mix]
 
 
 class LoraSpec(SpecModel):

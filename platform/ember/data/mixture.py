@@ -24,7 +24,7 @@ import numpy as np
 
 from ember import storage
 from ember.config.specs import DataSpec
-from ember.data.shards import DEFAULT_BLOCK_BYTES, ShardReader, load_manifest, stacked_batches
+from ember.data.shards import DEFAULT_BLOCK_BYTES, ShardReader, load_manifest, rank_batches
 from ember.errors import EmberError
 from ember.identity import identity_of
 
@@ -89,18 +89,21 @@ class Mixture:
         return best
 
 
-def source_names(data: DataSpec) -> list[str]:
-    """Each mixture source's name: its `name`, else the last part of its dir."""
-    return [m.name or storage.name(storage.normalize(m.dir)) for m in data.mix]
+def dataset_sources(data: DataSpec) -> list[tuple[str, str, float]]:
+    """A pretraining mixture's sources as (name, dataset dir, weight); a name defaults to the last part of the dir
+    (`DataSpec` refuses two sources of one name)."""
+    return [(m.name or storage.name(storage.normalize(m.dir)), storage.normalize(m.dir), m.weight) for m in data.mix]
 
 
-def plan_mixture(data: DataSpec, kind: str, global_batch: int) -> tuple[dict, list[dict]]:
-    """The record of a spec's mixture (sources with their weights, rows and dataset identities; how it ends) and
-    the sources' manifests, after checking that the datasets can be mixed: the same kind, tokenizer and row length."""
-    names, manifests = source_names(data), []
-    for name, source in zip(names, data.mix):
-        manifest = load_manifest(source.dir)
-        where = f"data.mix source {name!r} ({storage.display(source.dir)})"
+def plan_mixture(sources: list[tuple[str, str, float]], exhausted: str, kind: str,
+                 global_batch: int) -> tuple[dict, list[dict]]:
+    """The record of a mixture of datasets, `sources` as (name, dir, weight): their weights, rows and dataset
+    identities, and how it ends; and the datasets' manifests, after checking that they can be mixed: the same kind,
+    tokenizer and row length, and rows for at least one step."""
+    names, manifests = [name for name, _, _ in sources], []
+    for name, directory, _ in sources:
+        manifest = load_manifest(directory)
+        where = f"data.mix source {name!r} ({storage.display(directory)})"
         if manifest.get("kind") != kind:
             raise EmberError(f"{where} is a {manifest.get('kind')!r} dataset; this job reads {kind!r} datasets")
         if not manifest["splits"]["train"]["rows"]:
@@ -115,14 +118,13 @@ def plan_mixture(data: DataSpec, kind: str, global_batch: int) -> tuple[dict, li
                              "tokenizer.path)")
         if manifest["seq_len"] != first["seq_len"]:
             raise EmberError(f"data.mix: sources {names[0]!r} and {name!r} have rows of {first['seq_len']} and "
-                             f"{manifest['seq_len']} tokens; a mixture's datasets must share pack.seq_len")
-    mixture = Mixture([m.weight for m in data.mix])
+                             f"{manifest['seq_len']} tokens; a mixture's datasets must share their seq_len")
+    mixture = Mixture([weight for _, _, weight in sources])
     rows = [m["splits"]["train"]["rows"] for m in manifests]
-    record = {"sources": [{"name": n, "dir": storage.normalize(s.dir), "weight": s.weight, "share": w, "rows": r,
-                           "dataset": identity_of(m)}
-                          for n, s, w, r, m in zip(names, data.mix, mixture.weights, rows, manifests)],
-              "exhausted": data.exhausted, "samples": None, "runs_out": None}
-    if data.exhausted == "stop":
+    record = {"sources": [{"name": n, "dir": d, "weight": w, "share": share, "rows": r, "dataset": identity_of(m)}
+                          for (n, d, w), share, r, m in zip(sources, mixture.weights, rows, manifests)],
+              "exhausted": exhausted, "samples": None, "runs_out": None}
+    if exhausted == "stop":
         samples, source = mixture.samples_before_exhausted(rows)
         record.update(samples=samples, runs_out=names[source])
         if samples < global_batch:
@@ -167,15 +169,9 @@ class MixtureReader:
             raise EmberError(f"data.mix source {self.names[source]!r} ran out at sample {k} (data.exhausted: stop)")
         return reader.columns(reader.sample_row(j))
 
-    def sample_indices(self, start: int = 0) -> Iterator[int]:
-        k = start + self.rank
-        while True:
-            yield k
-            k += self.world_size
-
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray | dict, int]]:
         """As `ShardReader.batches`."""
-        return stacked_batches(self.columns, self.sample_indices(start), batch_size, self.world_size, start)
+        return rank_batches(self.columns, batch_size, start, self.rank, self.world_size)
 
     def close(self) -> None:
         for reader in self.readers:

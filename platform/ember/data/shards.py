@@ -360,18 +360,11 @@ class ShardReader:
         """Row `index` of the split in file order, shape (seq_len + 1,)."""
         return self.columns(index)["input_ids"]
 
-    def sample_indices(self, start: int = 0) -> Iterator[int]:
-        """Global sample numbers this rank takes, from `start` (a global count of samples consumed) on."""
-        k = start + self.rank
-        while True:
-            yield k
-            k += self.world_size
-
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray | dict, int]]:
-        """Endless (batch, global samples consumed after it) pairs. A batch is an int64 array (batch_size,
-        seq_len + 1), or for a fine-tuning dataset a dict of such arrays by column name."""
-        return stacked_batches(lambda k: self.columns(self.sample_row(k)), self.sample_indices(start), batch_size,
-                               self.world_size, start)
+        """Endless (batch, global samples consumed after it) pairs from `start` (a global count of samples consumed)
+        on. A batch is an int64 array (batch_size, seq_len + 1), or for a fine-tuning dataset a dict of such arrays
+        by column name."""
+        return rank_batches(lambda k: self.columns(self.sample_row(k)), batch_size, start, self.rank, self.world_size)
 
     def close(self) -> None:
         """Closes the maps and stops the background fetches."""
@@ -381,13 +374,15 @@ class ShardReader:
             self._fetcher, self._pending = None, {}
 
 
-def stacked_batches(sample: Callable[[int], dict], indices: Iterator[int], batch_size: int, world_size: int,
-                    start: int) -> Iterator[tuple[np.ndarray | dict, int]]:
-    """(batch, global samples consumed after it) pairs from a sample's columns by its global number: input_ids
-    alone as an int64 array, or every column by name (fine-tuning datasets)."""
-    consumed = start
+def rank_batches(sample: Callable[[int], dict], batch_size: int, start: int, rank: int,
+                 world_size: int) -> Iterator[tuple[np.ndarray | dict, int]]:
+    """(batch, global samples consumed after it) pairs of rank `rank` of `world_size`, which takes the global samples
+    ``k ≡ rank (mod world_size)`` from `start` on; `sample(k)` gives sample k's columns. A batch is input_ids alone
+    as an int64 array, or every column by name (fine-tuning datasets)."""
+    k, consumed = start + rank, start
     while True:
-        rows = [sample(next(indices)) for _ in range(batch_size)]
+        rows = [sample(k + i * world_size) for i in range(batch_size)]
+        k += batch_size * world_size
         consumed += batch_size * world_size
         if len(rows[0]) == 1:
             yield np.stack([r["input_ids"] for r in rows]).astype(np.int64), consumed

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ember import storage
 from ember.config.specs import FinetuneSpec
+from ember.data.mixture import plan_mixture
 from ember.data.sft import prepare_chat_dataset
 from ember.data.tokenizer import load_tokenizer, tokenizer_file
 from ember.errors import EmberError
@@ -62,6 +63,7 @@ class FinetuneData:
     data_dir: str  # the tokenized conversations
     manifest: dict  # their manifest.json
     base_weights: str  # the fingerprint of the base's weights
+    mixture: dict | None = None  # data.mix's record (`ember.data.mixture.plan_mixture`); data_dir is its first source
 
 
 def _base_config(base: str):
@@ -81,9 +83,20 @@ def prepare_finetune_data(spec: FinetuneSpec, address: str | None = None) -> Fin
     data_dir = storage.normalize(spec.data.dir) if spec.data.dir else RunDir(run_dir).data
     # Ray Train restores the run dir's own latest checkpoint first, whatever `resume` names (never: refused above).
     resuming = RunDir(run_dir).has_checkpoints()
-    manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
-                                    locked_by=storage.display(run_dir) if resuming else None, progress_dir=run_dir)
-    return FinetuneData(base, data_dir, manifest, _check_base_weights(run_dir, base, resuming))
+    locked_by = storage.display(run_dir) if resuming else None
+    if spec.data.mix is None:
+        manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
+                                        locked_by=locked_by, progress_dir=run_dir)
+        return FinetuneData(base, data_dir, manifest, _check_base_weights(run_dir, base, resuming))
+    sources = []  # a mixture: each source's conversations in a dataset of their own, DATA_DIR/NAME
+    for name, weight, data in spec.data.sources():
+        log.info("finetune: data.mix source %r", name)
+        source_dir = storage.join(data_dir, name)
+        prepare_chat_dataset(data, base, source_dir, cfg.max_position_embeddings, address, locked_by=locked_by,
+                             progress_dir=run_dir)
+        sources.append((name, source_dir, weight))
+    mixture, manifests = plan_mixture(sources, spec.data.exhausted, "sft", spec.train.global_batch_size)
+    return FinetuneData(base, sources[0][1], manifests[0], _check_base_weights(run_dir, base, resuming), mixture)
 
 
 def plan_finetune(spec: FinetuneSpec, data: FinetuneData) -> RunPlan:
@@ -99,9 +112,10 @@ def plan_finetune(spec: FinetuneSpec, data: FinetuneData) -> RunPlan:
     log.info("finetune: %s from %s, %s", spec.method, storage.display(data.base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")
+    steps = total_steps(spec, data.manifest, data.mixture)
     return RunPlan(spec=spec, model=cfg, data_dir=data.data_dir, manifest=data.manifest, run_dir=spec.output.dir,
-                   total_steps=total_steps(spec, data.manifest), eos_ids=tuple(eos_ids),
-                   base_weights=data.base_weights, start_from=resume_path(spec), bos_id=bos_token_id(hf_config))
+                   total_steps=steps, eos_ids=tuple(eos_ids), base_weights=data.base_weights,
+                   start_from=resume_path(spec), bos_id=bos_token_id(hf_config), mixture=data.mixture)
 
 
 def run_finetune(spec: FinetuneSpec, address: str | None = None) -> dict:

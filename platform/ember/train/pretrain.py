@@ -7,11 +7,9 @@ before any worker starts; `launch` checks the rest (batch arithmetic, resources,
 
 from __future__ import annotations
 
-import logging
-
 from ember import storage
 from ember.config.specs import PretrainSpec
-from ember.data.mixture import plan_mixture
+from ember.data.mixture import dataset_sources, plan_mixture
 from ember.data.shards import load_manifest
 from ember.errors import EmberError
 from ember.model import ModelConfig, builtin, preset
@@ -19,8 +17,6 @@ from ember.model.hf import bos_token_id, config_from_hf, read_json
 from ember.runs.tracking import settle_tracking
 from ember.train.launch import launch, resume_path
 from ember.train.run import RunPlan, total_steps
-
-log = logging.getLogger("ember")
 
 
 def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
@@ -49,7 +45,8 @@ def model_config(spec: PretrainSpec, manifest: dict) -> ModelConfig:
 def _dataset(spec: PretrainSpec) -> tuple[dict, dict | None]:
     """The manifest of data.dir, or of data.mix's first source with the mixture's record."""
     if spec.data.mix:
-        mixture, manifests = plan_mixture(spec.data, "pretrain", spec.train.global_batch_size)
+        mixture, manifests = plan_mixture(dataset_sources(spec.data), spec.data.exhausted, "pretrain",
+                                          spec.train.global_batch_size)
         return manifests[0], mixture
     manifest = load_manifest(spec.data.dir)
     if manifest.get("kind") != "pretrain":
@@ -76,10 +73,6 @@ def plan_pretrain(spec: PretrainSpec) -> RunPlan:
         spec.model.init_from = storage.normalize(spec.model.init_from)
     settle_tracking(spec.train.tracking)
     steps = total_steps(spec, manifest, mixture)
-    if mixture and steps < total_steps(spec, manifest):
-        log.info("data.mix: source %r runs out after %d samples: the run stops at step %d of the %d asked for "
-                 "(data.exhausted: stop; recycle reuses its rows)", mixture["runs_out"], mixture["samples"], steps,
-                 total_steps(spec, manifest))
     data_dir = spec.data.dir or mixture["sources"][0]["dir"]
     return RunPlan(spec=spec, model=cfg, data_dir=data_dir, manifest=manifest, run_dir=spec.output.dir,
                    total_steps=steps, eos_ids=(manifest["eos_id"],), start_from=resume_path(spec), bos_id=bos,

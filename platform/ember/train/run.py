@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from ember.runs.run_dir import RunDir
 
 if TYPE_CHECKING:
     from ember.model import ModelConfig
+
+log = logging.getLogger("ember")
 
 # Spec keys that are not what a run is: how to resume, how far to trust a checkpoint, where it is logged, whether a
 # fine-tune's data.dir may be replaced. A finished run is reused whatever they say.
@@ -91,7 +94,10 @@ def total_steps(spec: TrainingJobSpec, manifest: dict, mixture: dict | None = No
     out ends at the last whole step before that."""
     t = spec.train
     steps = t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
-    if mixture and mixture["samples"] is not None:
-        steps = min(steps, mixture["samples"] // t.global_batch_size)
+    if mixture and mixture["samples"] is not None and mixture["samples"] // t.global_batch_size < steps:
+        log.info("data.mix: source %r runs out after %d samples: the run stops at step %d of the %d asked for "
+                 "(data.exhausted: stop; recycle reuses its rows)", mixture["runs_out"], mixture["samples"],
+                 mixture["samples"] // t.global_batch_size, steps)
+        steps = mixture["samples"] // t.global_batch_size
     return steps
 
