@@ -55,6 +55,17 @@ def test_the_three_record_formats_give_the_same_conversation():
     assert alpaca[0]["content"] == "Name its color.\n\nthe fox"
 
 
+def test_sharegpt_conversations_and_a_named_messages_field_give_the_same_conversation():
+    want = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the fox?"},
+            {"role": "assistant", "content": "Red."}]
+    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What color is the fox?"},
+                {"from": "gpt", "value": "Red."}]
+    assert to_messages({"conversations": sharegpt, "id": 7}) == want
+    assert to_messages({"conversations": want}) == want
+    assert to_messages({"dialog": sharegpt}, messages_field="dialog") == want
+    assert to_messages({"dialog": want, "messages": []}, "messages", messages_field="dialog") == want
+
+
 @pytest.mark.parametrize("record, reason, words", [
     ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown_role",
      "unknown role 'wizard'"),
@@ -66,6 +77,10 @@ def test_the_three_record_formats_give_the_same_conversation():
     ({"prompt": "hi", "response": 3}, "wrong_type", "'response' is int"),
     ({"question": "hi"}, "missing_field", "has: question"),
     (["not", "an", "object"], "not_an_object", "expected a JSON object"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "x"}]}, "unknown_role",
+     "conversations[1] has unknown role 'function_call' (one of: human, gpt, system"),
+    ({"conversations": [{"from": "gpt", "value": None}]}, "wrong_type", "conversations[0].value is NoneType"),
+    ({"conversations": [{"from": "gpt"}]}, "missing_field", "(or ShareGPT's 'from' and 'value')"),
 ])
 def test_bad_records_name_what_is_wrong(record, reason, words):
     with pytest.raises(BadRecord) as caught:

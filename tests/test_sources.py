@@ -1,4 +1,5 @@
-"""Sources: formats, compression, byte-range units, bad records, and remote reading. No Ray needed."""
+"""Sources: formats, compression, byte-range units, bad records, Hugging Face dataset dirs, globs, and remote reading.
+No Ray needed, but for one tokenize job on a Hugging Face dataset."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import zstandard
 
 from conftest import sentences
 from ember.config.specs import SourceSpec
-from ember.data.sources import SkipLog, plan_units, resolve_inputs
+from ember.data.chat import BadRecord, to_messages
+from ember.data.sources import RecordReader, SkipLog, glob_match, plan_units, resolve_inputs, source_fingerprint
 from ember.data.steps import read_texts
 from ember.errors import EmberError
 
@@ -237,3 +239,186 @@ def test_s3_compatible_server_on_loopback(tmp_path, s3_server):
     assert docs == ["remote one", "remote two"]
     with pytest.raises(EmberError, match=rf"input not found: s3://{bucket}/missing.jsonl$"):
         resolve_inputs(SourceSpec(inputs=[f"s3://{bucket}/missing.jsonl{query}"]))
+
+
+# ---------------------------------------------------------------- Hugging Face datasets dirs, globs
+
+
+@pytest.fixture
+def save_hf(monkeypatch):
+    """Writes a real `save_to_disk` dir with `datasets` (tests only; Ember reads it with pyarrow alone), in record
+    batches of 100 rows so that a small file already holds several: `save(path, {col: values})` for a Dataset,
+    `save(path, {split: {col: values}})` for a DatasetDict."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    monkeypatch.setattr(datasets.config, "DEFAULT_MAX_BATCH_SIZE", 100)
+
+    def save(path, data: dict, num_shards: int | None = None):
+        if all(isinstance(v, dict) for v in data.values()):
+            datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in data.items()}).save_to_disk(str(path))
+        else:
+            datasets.Dataset.from_dict(data).save_to_disk(str(path), num_shards=num_shards)
+        return path
+
+    return save
+
+
+def test_hf_dataset_is_read_in_state_json_order_and_split_by_record_batches(tmp_path, save_hf):
+    texts = sentences(600, seed=8)
+    path = save_hf(tmp_path / "ds", {"text": texts, "n": list(range(600))}, num_shards=2)
+    files = resolve_inputs(SourceSpec(inputs=[str(path)]))
+    assert [(f.fmt, f.path) for f in files] == [("hf", str(path / f"data-0000{i}-of-00002.arrow")) for i in (0, 1)]
+    docs, skips, units = read_all([path], unit_bytes=1 << 30)
+    assert docs == texts and units == 1 and skips.skipped == {}
+    split, _, units = read_all([path], unit_bytes=40_000)  # a batch of 100 rows is about 36 kB
+    assert split == texts and units >= 4
+    state = json.loads((path / "state.json").read_text())
+    state["_data_files"].reverse()
+    (path / "state.json").write_text(json.dumps(state))
+    docs, _, _ = read_all([path], unit_bytes=40_000)
+    assert docs == texts[300:] + texts[:300]
+
+
+def test_hf_bad_rows_and_columns_are_skipped_with_file_and_row(tmp_path, save_hf):
+    texts = sentences(500, seed=9)
+    texts[420] = None
+    path = save_hf(tmp_path / "ds", {"text": texts, "n": list(range(500))})
+    arrow = path / "data-00000-of-00001.arrow"
+    docs, skips, units = read_all([path], unit_bytes=40_000)
+    assert units == 3 and len(docs) == 499 and skips.skipped == {"wrong_type": 1}  # row 420: in the third
+    assert skips.examples == [f"{arrow}:row 420: column 'text' is null, expected a string"]
+    docs, skips, _ = read_all([path], column="body")
+    assert docs == [] and skips.examples == [f"{arrow}: no column 'body'; has: text, n"]
+    with pytest.raises(EmberError, match=rf"{arrow}:row 420: column 'text' is null, .*strict"):
+        read_all([path], strict=True, unit_bytes=40_000)
+    blob = arrow.read_bytes()
+    arrow.write_bytes(blob[: len(blob) // 2])  # a cut file: the rows before the cut are kept, the rest reported
+    docs, skips, _ = read_all([path], unit_bytes=1 << 30)
+    assert 100 <= len(docs) < 300 and docs == [t for t in texts[: len(docs)]]
+    assert skips.skipped == {"unreadable": 1}
+    assert skips.examples[0].startswith(f"{arrow}:row {len(docs)}: not a readable Arrow stream")
+
+
+def test_hf_dataset_dict_reads_the_chosen_split_and_names_the_others(tmp_path, save_hf):
+    train, test = sentences(30, seed=10), sentences(5, seed=11)
+    path = save_hf(tmp_path / "dd", {"train": {"text": train}, "test": {"text": test}})
+    assert read_all([path])[0] == train
+    assert read_all([path], split="test")[0] == test
+    assert read_all([path / "test"])[0] == test  # the split's own directory is a Dataset
+    with pytest.raises(EmberError, match="split: test chooses the split of a Hugging Face DatasetDict input, and no "
+                                         "input is one"):
+        resolve_inputs(SourceSpec(inputs=[str(path / "test")], split="test"))
+    assert read_all([path], format="hf")[0] == train
+    with pytest.raises(EmberError, match=rf"{path} is a Hugging Face DatasetDict without a split 'validation'; its "
+                                         r"splits: train, test"):
+        resolve_inputs(SourceSpec(inputs=[str(path)], split="validation"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text("text")
+    with pytest.raises(EmberError, match=rf"{tmp_path / 'plain'} is not a Hugging Face dataset directory"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path / "plain")], format="hf"))
+    with pytest.raises(EmberError, match=rf"input not found: {tmp_path / 'nope'}"):
+        resolve_inputs(SourceSpec(inputs=[str(tmp_path / "nope")], format="hf"))
+    (path / "test" / "data-00000-of-00001.arrow").unlink()
+    with pytest.raises(EmberError, match=rf"{path / 'test'}/data-00000-of-00001.arrow: listed in state.json but "
+                                         "missing"):
+        resolve_inputs(SourceSpec(inputs=[str(path)], split="test"))
+
+
+def test_a_rewritten_arrow_file_changes_the_fingerprint(tmp_path, save_hf):
+    path = save_hf(tmp_path / "ds", {"text": sentences(50, seed=12)})
+    source = SourceSpec(inputs=[str(path)])
+    before = source_fingerprint(resolve_inputs(source))
+    assert source_fingerprint(resolve_inputs(source)) == before
+    save_hf(tmp_path / "other", {"text": sentences(50, seed=13)})
+    (path / "data-00000-of-00001.arrow").write_bytes((tmp_path / "other" / "data-00000-of-00001.arrow").read_bytes())
+    assert source_fingerprint(resolve_inputs(source)) != before
+
+
+@pytest.mark.parametrize("pattern, path, matches", [
+    ("d/*.parquet", "d/a.parquet", True),
+    ("d/*.parquet", "d/x/a.parquet", False),  # a star stays within one directory
+    ("d/**/*.parquet", "d/a.parquet", True),  # ** is any number of directories, none included
+    ("d/**/*.parquet", "d/x/y/a.parquet", True),
+    ("d/**", "d/x/a.jsonl", True),
+    ("d/x*/**/?.parquet", "d/x1/y/a.parquet", True),
+    ("d/x*/**/?.parquet", "d/y/a.parquet", False),
+])
+def test_glob_patterns_match_as_a_shell_does(pattern, path, matches):
+    assert glob_match(pattern, path) is matches
+
+
+def _glob_tree(root, write) -> list[str]:
+    """Parquet files at three depths and a JSONL beside them; returns the Parquet texts in path order."""
+    texts = []
+    for rel in ("a.parquet", "x/b.parquet", "x/y/c.parquet"):
+        texts.append(f"document {rel}")
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"text": [texts[-1]]}), buf)
+        write(f"{root}/{rel}", buf.getvalue().to_pybytes())
+    write(f"{root}/x/notes.jsonl", jsonl([{"text": "not parquet"}]))
+    return texts
+
+
+def test_recursive_globs_local_and_on_s3_and_an_hf_dir_on_s3(tmp_path, s3_server, save_hf):
+    from ember import storage
+
+    def write_local(path, data):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+
+    texts = _glob_tree("data", write_local)
+    assert read_all([tmp_path / "data/**/*.parquet"])[0] == texts
+    assert read_all([tmp_path / "data/*.parquet"])[0] == texts[:1]
+    assert read_all([tmp_path / "data/x/**/*.parquet"])[0] == texts[1:]
+    bucket, endpoint, client = s3_server
+    query = f"?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    _glob_tree("web", lambda key, data: client.put_object(Bucket=bucket, Key=key, Body=data))
+    assert read_all([f"s3://{bucket}/web/**/*.parquet{query}"])[0] == texts
+    assert read_all([f"s3://{bucket}/web/*.parquet{query}"])[0] == texts[:1]
+    train = sentences(300, seed=14)
+    storage.upload_dir(save_hf(tmp_path / "dd", {"train": {"text": train}, "test": {"text": ["held out"]}}),
+                       f"s3://{bucket}/hf/dd{query}")
+    docs, skips, units = read_all([f"s3://{bucket}/hf/dd{query}"], unit_bytes=20_000)
+    assert docs == train and units > 2 and skips.skipped == {}
+    with pytest.raises(EmberError, match=rf"s3://{bucket}/hf/dd is a Hugging Face DatasetDict without a split "
+                                         r"'dev'; its splits: train, test"):
+        resolve_inputs(SourceSpec(inputs=[f"s3://{bucket}/hf/dd{query}"], split="dev"))
+
+
+def test_conversation_columns_of_parquet_and_hf_inputs(tmp_path, save_hf):
+    sharegpt = [[{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": f"answer {i}"}]
+                for i in range(3)]
+    pq.write_table(pa.table({"conversations": sharegpt, "id": [0, 1, 2]}), tmp_path / "chats.parquet")
+    dialog = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    save_hf(tmp_path / "hf", {"dialog": dialog})
+
+    def records(path):
+        source = SourceSpec(inputs=[str(path)])
+        reader = RecordReader(source, SkipLog())
+        return [(record, str(where)) for unit in plan_units(resolve_inputs(source), source) for record, where in
+                reader(unit)]
+
+    read = records(tmp_path / "chats.parquet")
+    assert [to_messages(r) for r, _ in read] == [
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(3)]
+    assert read[2][1] == f"{tmp_path / 'chats.parquet'}:row 2"
+    (record, where), = records(tmp_path / "hf")
+    assert to_messages(record, messages_field="dialog") == dialog[0]
+    with pytest.raises(BadRecord, match="no 'messages' or 'conversations'"):
+        to_messages(record)
+
+
+def test_tokenize_job_reads_a_dataset_dict_split(tmp_path, save_hf, ray_session):
+    from ember.config import parse_spec
+    from ember.data.pipeline import run_tokenize
+
+    texts = sentences(200, seed=15)
+    path = save_hf(tmp_path / "dd", {"train": {"body": sentences(20, seed=16)}, "test": {"body": texts}})
+    manifest = run_tokenize(parse_spec({
+        "kind": "tokenize", "source": {"inputs": [str(path)], "split": "test", "column": "body", "unit_bytes": 8192},
+        "tokenizer": {"vocab_size": 400, "sample_bytes": 100_000}, "pack": {"seq_len": 32},
+        "output": {"dir": str(tmp_path / "out")}}))
+    assert manifest["documents"]["kept"] == len(texts) and manifest["units"] == 2  # its two record batches
+    assert manifest["documents"]["skipped"] == {}

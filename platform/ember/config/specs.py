@@ -60,6 +60,8 @@ class InputSpec(SpecModel):
     """The inputs of a dataset job and how they are cut into work units: the keys `source` (tokenize) and `data`
     (fine-tuning) share."""
 
+    OMITTED_WHEN_UNSET = ("split",)
+
     inputs: list[str] = Field(
         min_length=1,
         description="Files, directories, globs (** spans directories) or URIs (s3://, gs://, file://) of text, "
@@ -67,9 +69,10 @@ class InputSpec(SpecModel):
         "save_to_disk (a Dataset, or a DatasetDict: see split), or a built-in corpus: builtin:python-docs "
         "(documents), builtin:python-qa (conversations; builtin:python-qa:test is its held-out split).",
     )
-    split: str = Field("train", min_length=1, description="The split read from a Hugging Face DatasetDict input (a "
-                                                          "subdirectory of it); naming the split's directory as the "
-                                                          "input reads that split too.")
+    split: Optional[str] = Field(None, min_length=1, description="The split read from a Hugging Face DatasetDict "
+                                                                 "input (a subdirectory of it; default train); "
+                                                                 "naming the split's directory as the input reads "
+                                                                 "that split too.")
     strict: bool = Field(False, description="Fail on the first bad record (naming file:line) instead of skipping it.")
     unit_bytes: Optional[int] = Field(
         None,
@@ -208,12 +211,23 @@ class NearDedupSpec(SpecModel):
 class FilterSpec(SpecModel):
     """Normalisation and filtering applied to each document before tokenization."""
 
+    OMITTED_WHEN_UNSET = ("quality", "near_dedup")
+
     normalize: Literal["nfc", "nfkc", "none"] = Field("nfc", description="Unicode normalisation form applied to text.")
     min_chars: int = Field(16, ge=0, description="Documents shorter than this (after stripping) are skipped.")
-    quality: QualitySpec = Field(default_factory=QualitySpec, description="Heuristic quality filters (off unless a "
-                                 "rule set is enabled).")
+    quality: Optional[QualitySpec] = Field(None, description="Heuristic quality filters (none unless a rule set in "
+                                                             "it is enabled).")
     dedup: bool = Field(False, description="Drop exact duplicate documents, keeping the first in input order.")
-    near_dedup: NearDedupSpec = Field(default_factory=NearDedupSpec, description="MinHash-LSH near-duplicate removal.")
+    near_dedup: Optional[NearDedupSpec] = Field(None, description="MinHash-LSH near-duplicate removal (off unless "
+                                                                  "enabled).")
+
+    def quality_rules(self) -> QualitySpec | None:
+        """The quality rule sets, where one is enabled."""
+        return self.quality if self.quality is not None and self.quality.enabled() else None
+
+    def near_dedup_on(self) -> NearDedupSpec | None:
+        """The near-dedup settings, where it is enabled."""
+        return self.near_dedup if self.near_dedup is not None and self.near_dedup.enabled else None
 
 
 class TokenizerSpec(SpecModel):
@@ -552,7 +566,7 @@ class ChatDataSpec(InputSpec):
     of conversations, Hugging Face datasets directories, or builtin:python-qa (builtin:python-qa:test is its held-out
     split)."""
 
-    OMITTED_WHEN_UNSET = ("inputs", "mix", "exhausted")
+    OMITTED_WHEN_UNSET = ("inputs", "mix", "exhausted", "split", "messages_field")
     inputs: Optional[list[str]] = Field(None, min_length=1, description=InputSpec.model_fields["inputs"].description)
     mix: Optional[list[ChatMixSourceSpec]] = Field(None, min_length=1, description="Instead of inputs: sets of "
                                                                                  "conversations drawn by weight (the "

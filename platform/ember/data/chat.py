@@ -1,8 +1,9 @@
 """Conversations for fine-tuning: records → messages → chat-template text → token ids with a loss mask → packed rows.
 
-- Records come as ``messages`` (a list of ``{role, content}``), ``prompt``/``response``, or Alpaca-style
-  ``instruction``/``input``/``output``. A bad record raises `BadRecord` (a reason kind and a detail); the reader
-  counts it with its ``file:line``.
+- Records come as ``messages`` (a list of ``{role, content}``), ShareGPT's ``conversations`` (a list of
+  ``{from, value}``, from ``human``/``gpt``/``system``), a list under another name (``messages_field``),
+  ``prompt``/``response``, or Alpaca-style ``instruction``/``input``/``output``. A bad record raises `BadRecord` (a
+  reason kind and a detail); the reader counts it with its ``file:line`` or ``file:row N``.
 - The chat template is the base model's (``chat_template`` in its ``tokenizer_config.json``, Jinja, rendered the way
   `transformers` renders it) or Ember's ChatML default.
 - The loss mask marks the tokens of each assistant turn as the template writes it (its content and its end marker):
@@ -31,6 +32,8 @@ from ember.errors import EmberError
 ROLES = ("system", "user", "assistant")
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for where a continued message ends
 FORMATS = ("auto", "messages", "prompt_response", "alpaca")
+MESSAGES_FIELDS = ("messages", "conversations")  # where a list of turns is looked for when no field is named
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 class BadRecord(Exception):
@@ -50,29 +53,31 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def detect_format(record: dict) -> str:
-    if "messages" in record:
+def detect_format(record: dict, messages_field: str | None = None) -> str:
+    if any(k in record for k in ((messages_field,) if messages_field else MESSAGES_FIELDS)):
         return "messages"
     if "instruction" in record or "output" in record:
         return "alpaca"
     if "prompt" in record or "response" in record:
         return "prompt_response"
-    raise BadRecord("missing_field", "no 'messages', 'prompt'/'response' or 'instruction'/'output' fields "
+    listed = " or ".join(repr(k) for k in ((messages_field,) if messages_field else MESSAGES_FIELDS))
+    raise BadRecord("missing_field", f"no {listed}, 'prompt'/'response' or 'instruction'/'output' fields "
                     f"(has: {', '.join(sorted(record)) or 'none'})")
 
 
-def to_messages(record, fmt: str = "auto") -> list[dict]:
-    """The conversation a record holds, as a list of {role, content}; raises BadRecord."""
+def to_messages(record, fmt: str = "auto", messages_field: str | None = None) -> list[dict]:
+    """The conversation a record holds, as a list of {role, content}; raises BadRecord. `messages_field` names the
+    field holding the list of turns (default: messages, else conversations)."""
     if not isinstance(record, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(record).__name__}")
-    kind = detect_format(record) if fmt == "auto" else fmt
+    kind = detect_format(record, messages_field) if fmt == "auto" else fmt
     if kind == "prompt_response":
         messages = [{"role": "user", "content": _text(record, "prompt")},
                     {"role": "assistant", "content": _text(record, "response")}]
     elif kind == "alpaca":
         messages = _alpaca_messages(record)
     else:
-        messages = _listed_messages(record)
+        messages = _listed_messages(record, messages_field)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no_assistant_turn", "the conversation has no assistant turn")
     if all(not m["content"].strip() for m in messages):
@@ -89,27 +94,34 @@ def _alpaca_messages(record: dict) -> list[dict]:
             {"role": "assistant", "content": _text(record, "output")}]
 
 
-def _listed_messages(record: dict) -> list[dict]:
-    """A record's own `messages` list, each checked: a dict with a known role and string content."""
-    if "messages" not in record:
-        raise BadRecord("missing_field", "missing field 'messages'")
-    raw = record["messages"]
+def _listed_messages(record: dict, messages_field: str | None) -> list[dict]:
+    """A record's own list of turns (under `messages_field`, else `messages` or `conversations`), each checked: a
+    dict with a known role and string content, as {role, content} or ShareGPT's {from, value}."""
+    key = messages_field or next((k for k in MESSAGES_FIELDS if k in record), MESSAGES_FIELDS[0])
+    if key not in record:
+        raise BadRecord("missing_field", f"missing field {key!r}")
+    raw = record[key]
     if not isinstance(raw, list):
-        raise BadRecord("wrong_type", f"field 'messages' is {type(raw).__name__}, expected a list")
+        raise BadRecord("wrong_type", f"field {key!r} is {type(raw).__name__}, expected a list")
     if not raw:
-        raise BadRecord("empty_conversation", "'messages' is empty")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRecord("missing_field", f"messages[{i}] needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise BadRecord("unknown_role", f"messages[{i}] has unknown role {m['role']!r} "
-                            f"(one of: {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise BadRecord("wrong_type", f"messages[{i}].content is {type(m['content']).__name__}, "
-                            "expected a string")
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
+        raise BadRecord("empty_conversation", f"{key!r} is empty")
+    return [_turn(m, f"{key}[{i}]") for i, m in enumerate(raw)]
+
+
+def _turn(m, where: str) -> dict:
+    """One turn as {role, content}: given so, or ShareGPT's {from, value} (human → user, gpt → assistant)."""
+    if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:
+        role, content, names = SHAREGPT_ROLES.get(m["from"], m["from"]), m["value"], ("from", "value")
+        known = ", ".join(SHAREGPT_ROLES)
+    elif isinstance(m, dict) and "role" in m and "content" in m:
+        role, content, names, known = m["role"], m["content"], ("role", "content"), ", ".join(ROLES)
+    else:
+        raise BadRecord("missing_field", f"{where} needs 'role' and 'content' (or ShareGPT's 'from' and 'value')")
+    if role not in ROLES:
+        raise BadRecord("unknown_role", f"{where} has unknown role {m[names[0]]!r} (one of: {known})")
+    if not isinstance(content, str):
+        raise BadRecord("wrong_type", f"{where}.{names[1]} is {type(content).__name__}, expected a string")
+    return {"role": role, "content": content}
 
 
 def _raise_exception(message: str):

@@ -93,7 +93,7 @@ class ConversationEncoder:
             raise EmberError(f"{where.segment.name}: plain text holds no conversations; give JSONL, JSON or Parquet "
                              "records (or builtin:python-qa)")
         try:
-            messages = to_messages(record, self.data.format)
+            messages = to_messages(record, self.data.format, self.data.messages_field)
             ids, mask = self.encoder.encode(messages)
         except BadRecord as bad:
             skips.skip(bad.reason, str(where), bad.detail)

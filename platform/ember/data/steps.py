@@ -32,8 +32,8 @@ def split_of(text_hash: int, val_fraction: float) -> str:
 
 class Texts:
     """The document text of each `(record, Location)`: plain text as it is, a JSON record's `source.field`, a Parquet
-    row's `source.column`, a built-in Q&A record's prompt and response. A record without one is skipped with its
-    location."""
+    or Hugging Face dataset row's `source.column`, a built-in Q&A record's prompt and response. A record without one
+    is skipped with its location."""
 
     def __init__(self, source: SourceSpec, skips: SkipLog):
         self.source = source
@@ -51,7 +51,7 @@ class Texts:
             if not isinstance(record, dict):
                 self.skips.skip("not_an_object", str(where), f"expected a JSON object, got {type(record).__name__}")
                 continue
-            key, what = (self.source.column, "column") if fmt == "parquet" else (self.source.field, "field")
+            key, what = (self.source.column, "column") if fmt in ("parquet", "hf") else (self.source.field, "field")
             if key not in record:
                 self.skips.skip("missing_field", str(where), f"missing {what} {key!r} (source.{what})")
                 continue
