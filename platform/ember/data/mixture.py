@@ -5,7 +5,7 @@ proportional at every prefix of training, and exactly resumable on any worker co
 sample ``k`` goes to the left half when ``⌊a(k+1) + ½⌋ > ⌊a·k + ½⌋``, ``a`` the left half's share of the weight;
 its number within that half is ``⌊a·k + ½⌋`` (on the right, ``k`` minus that), and each half splits its own samples
 the same way down to one source. So `locate(k)` gives (source, the source's own sample number) in O(log sources), and
-among the first ``n`` samples each source has its share of ``n`` within one sample per level of the split
+among the first ``n`` samples each source has its share of ``n`` within half a sample per level of the split
 (`counts`). The source's sample number then goes through that source's own `ShardReader` order (its seed
 ``(seed, source)``), so each source streams its shards as the run reaches them.
 
