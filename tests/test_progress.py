@@ -28,6 +28,9 @@ def test_a_record_round_trips_with_the_time_it_was_written(tmp_path):
 def test_a_record_reads_as_one_line_per_kind():
     assert describe_progress(TRAIN) == "step 12/12, loss 3.1234, 1,234 tokens/s"
     assert describe_progress({**TRAIN, "val_loss": 3.5}) == "step 12/12, loss 3.1234, 1,234 tokens/s, val loss 3.5000"
+    mixed = {**TRAIN, "source_tokens": {"web": 76800, "code": 25600}}  # a run on a mixture
+    assert describe_progress(mixed) == "step 12/12, loss 3.1234, 1,234 tokens/s; tokens by source: web 76,800, " \
+                                       "code 25,600"
     assert describe_progress(TOKENIZE) == "3/5 units, 12,345 tokens, 6,789 tokens/s"
     done = {"kind": "tokenize", "units": 5, "total_units": 5, "tokens": 20000, "done": True}
     assert describe_progress(done) == "5/5 units, 20,000 tokens, done"
