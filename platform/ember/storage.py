@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -609,7 +610,9 @@ class NodeCache:
     def _download(self, location: str, entry: Path, size: int | None, sha256: str | None,
                   version: int | None) -> None:
         fs, path = resolve(location)
-        tmp = entry.with_name(f".tmp-{os.getpid()}-{entry.name}")
+        # A name of this thread's own: the entry's file lock excludes other processes, not this one's other
+        # threads (a reader's background fetches).
+        tmp = entry.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{entry.name}")
         h, n = hashlib.sha256(), 0
         try:
             def copy():
