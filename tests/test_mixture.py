@@ -30,13 +30,36 @@ def test_every_prefix_holds_each_source_in_its_share(weights):
         assert np.abs(np.array(seen) - shares * (k + 1)).max() <= 0.5 * levels + 1e-9, (k, seen)
 
 
-def test_the_first_source_to_run_out_and_when():
-    mix = Mixture([0.7, 0.3])
-    n, source = mix.samples_before_exhausted([700, 200])  # the second runs out at about 667 samples
-    assert source == 1 and mix.counts(n)[1] == 200 and mix.counts(n + 1)[1] == 201
-    assert mix.counts(n)[0] <= 700
-    with pytest.raises(EmberError, match="positive finite"):
-        Mixture([1.0, float("nan")])
+@pytest.mark.parametrize("weights, sizes", [([0.7, 0.3], [700, 200]), ([0.999, 0.001], [10**6, 5]),
+                                            ([0.99, 0.01], [10**5, 10]), ([1] * 8 + [0.01], [10**4] * 8 + [3])])
+def test_the_first_source_to_run_out_and_when(weights, sizes):
+    mix = Mixture(weights)
+    n, source = mix.samples_before_exhausted(sizes)
+    assert mix.counts(n)[source] == sizes[source] and mix.counts(n + 1)[source] == sizes[source] + 1
+    assert all(c <= size for c, size in zip(mix.counts(n), sizes))
+
+
+def test_within_each_global_batch_the_sources_are_placed_in_a_seeded_order():
+    """Weights 1:1 and 2 ranks: without the window's order, rank 0 would take every sample of source 0. With it,
+    each batch of 8 still holds 4 of each, each source's samples still come once each, and the order follows the
+    seed."""
+    def ranks(seed):
+        mix = Mixture([1, 1], seed=seed, window=8)
+        placed = [mix.locate(k) for k in range(800)]
+        for w in range(100):
+            assert sorted(s for s, _ in placed[8 * w: 8 * w + 8]) == [0] * 4 + [1] * 4
+        assert sorted(j for s, j in placed if s == 0) == list(range(400))
+        return [[s for s, _ in placed[r::2]] for r in range(2)]
+
+    rank0, _ = ranks(0)
+    assert 150 < rank0.count(0) < 250  # about half of each
+    assert ranks(0) == ranks(0) and ranks(0) != ranks(1)
+
+
+def test_weights_must_be_positive_and_finite():
+    for bad in ([1.0, float("nan")], [1.0, 0.0], [float("inf")], []):
+        with pytest.raises(EmberError, match="positive finite"):
+            Mixture(bad)
 
 
 def dataset(root, name: str, first: int, n_rows: int, tokenizer: str = "tok-a", seq_len: int = ROW - 1,

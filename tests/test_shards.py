@@ -165,6 +165,10 @@ def test_a_bucket_split_streams_through_the_node_cache_within_its_budget(tmp_pat
     reader.close()
     assert streamed == local
     assert 3 * size < peak <= budget  # more than a block (the next one comes ahead), never over the budget
+    # 2 ranks for 5 steps of 40, then 3 ranks from there: the same global order, streamed.
+    before = [consume(ShardReader(uri, seed=7, rank=r, world_size=2, **blocks), 5, 20)[0] for r in range(2)]
+    after = [consume(ShardReader(uri, seed=7, rank=r, world_size=3, **blocks), 4, 20, start=200)[0] for r in range(3)]
+    assert [before[k % 2][k // 2] for k in range(200)] + [after[k % 3][k // 3] for k in range(240)] == local[:440]
 
 
 def test_a_bucket_shard_that_is_missing_or_changed_stops_the_reader_naming_it(tmp_path, s3_server, monkeypatch):
@@ -207,3 +211,17 @@ def test_a_manifest_shard_name_outside_the_split_is_refused(tmp_path):
         (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(EmberError, match=rf"manifest.json: refusing '{re.escape(bad)}': not a plain relative path"):
             ShardReader(tmp_path / "data")
+
+
+def test_streamed_datasets_that_cannot_fit_the_node_cache_are_refused_before_the_run(tmp_path, s3_server,
+                                                                                     monkeypatch):
+    from ember.data.shards import check_cache_budget
+
+    shards, uri = bucket_dataset(tmp_path, s3_server, 1000)
+    size = max(s["bytes"] for s in shards)
+    monkeypatch.setenv("EMBER_CACHE_BYTES", str(5 * size))
+    check_cache_budget([uri, str(tmp_path / "local")], 2 * size)  # two blocks of 2 shards fit; a local dir needs none
+    with pytest.raises(EmberError, match=r"need up to .* MiB of the node cache at once \(two blocks of "
+                                         r"data.shuffle_block_bytes.*raise EMBER_CACHE_BYTES or lower "
+                                         r"data.shuffle_block_bytes"):
+        check_cache_budget([uri], 3 * size)

@@ -584,6 +584,7 @@ class NodeCache:
             if self._still_good(entry, size, sha256, version):
                 os.utime(entry.with_name(entry.name + ".json"))  # recently used: last to be evicted
                 return Cached(entry, False)
+            self._evict(keep=entry, reserve=size or 0)  # room for it first: the budget holds during the download
             self._download(location, entry, size, sha256, version)
         self._evict(keep=entry)
         return Cached(entry, True)
@@ -637,19 +638,21 @@ class NodeCache:
             "location": display(location), "sha256": h.hexdigest(), "stat": [st.st_size, st.st_mtime_ns],
             "version": version, "fetched": time.time()}))
 
-    def _evict(self, keep: Path) -> None:
-        """Removes the least recently used files until the cache fits its budget (files in use by another process
-        of the node, i.e. locked, stay)."""
+    def _evict(self, keep: Path, reserve: int = 0) -> None:
+        """Removes the least recently used files until the cache fits its budget with `reserve` bytes to spare
+        (files in use by another process of the node, i.e. locked, stay)."""
         from filelock import FileLock, Timeout
 
         entries = []
         for record in (self.directory / "files").glob("*/*.json"):
             entry = record.with_name(record.name[: -len(".json")])
-            if entry.exists():
-                entries.append((record.stat().st_mtime, entry))
-        total = sum(e.stat().st_size for _, e in entries)
-        for _, entry in sorted(entries, key=lambda x: x[0]):
-            if total <= self.budget:
+            try:  # another process of the node may evict it meanwhile
+                entries.append((record.stat().st_mtime, entry, entry.stat().st_size))
+            except FileNotFoundError:
+                continue
+        total = sum(size for _, _, size in entries)
+        for _, entry, _ in sorted(entries, key=lambda x: x[0]):
+            if total + reserve <= self.budget:
                 break
             if entry == keep:
                 continue

@@ -6,6 +6,7 @@ mistake in a YAML file is reported before any Ray work starts.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -104,7 +105,7 @@ class SourceSpec(InputSpec):
     )
 
 
-_OFF = " (null: rule off)"
+_OFF = " (null: rule off)."
 
 
 class GopherSpec(SpecModel):
@@ -281,14 +282,19 @@ class TokenizeSpec(JobSpec):
     )
 
 
+# A mixture source's name: a metric name's part (tokens/NAME) and a fine-tune source's dataset dir (DATA_DIR/NAME).
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+RESERVED_SOURCE_NAMES = ("train", "val")  # a dataset dir's own
+
+
 class MixSourceSpec(SpecModel):
     """One dataset of a weighted mixture."""
 
     dir: str = Field(description="A dataset directory written by `kind: tokenize`; a path or a URI.")
     weight: float = Field(gt=0, allow_inf_nan=False, description="Its share of the samples, relative to the other "
                                                                  "sources' weights.")
-    name: Optional[str] = Field(None, min_length=1, description="Its name in logs, metrics and result.json "
-                                                               "(default: the last part of dir).")
+    name: Optional[str] = Field(None, pattern=SOURCE_NAME, description="Its name in logs, metrics and result.json "
+                                                                      "(default: the last part of dir).")
 
 
 class DataSpec(SpecModel):
@@ -324,6 +330,10 @@ class DataSpec(SpecModel):
             if twice:
                 raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once (give each "
                                  "a name:)")
+            unfit = [n for n in names if not re.match(SOURCE_NAME, n)]
+            if unfit:
+                raise ValueError(f"data.mix: {unfit[0]!r} (the last part of its dir) is not a source name (letters, "
+                                 "digits, '_', '.', '-'): give the source a name:")
             if self.exhausted is None:
                 self.exhausted = "stop"
         return self
@@ -556,8 +566,15 @@ class ChatMixSourceSpec(InputSpec):
         "auto", description="Record layout, as data.format.")
     weight: float = Field(gt=0, allow_inf_nan=False, description="Its share of the samples, relative to the other "
                                                                  "sources' weights.")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="Its name in logs, metrics and result.json, and its dataset's dir under data.dir.")
+    name: str = Field(pattern=SOURCE_NAME, description="Its name in logs, metrics and result.json, and its "
+                                                       "dataset's dir under data.dir (not train or val).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_dataset_dirs_own(cls, name: str) -> str:
+        if name in RESERVED_SOURCE_NAMES:
+            raise ValueError(f"{name!r} names a dataset dir's own subdirectory; choose another name")
+        return name
 
 
 class ChatDataSpec(InputSpec):

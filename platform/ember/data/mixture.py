@@ -6,8 +6,10 @@ sample ``k`` goes to the left half when ``⌊a(k+1) + ½⌋ > ⌊a·k + ½⌋``,
 its number within that half is ``⌊a·k + ½⌋`` (on the right, ``k`` minus that), and each half splits its own samples
 the same way down to one source. So `locate(k)` gives (source, the source's own sample number) in O(log sources), and
 among the first ``n`` samples each source has its share of ``n`` within half a sample per level of the split
-(`counts`). The source's sample number then goes through that source's own `ShardReader` order (its seed
-``(seed, source)``), so each source streams its shards as the run reaches them.
+(`counts`). Within each global batch (the `window`) the samples are then put in a seeded order, so that which rank
+gets which source is random, not a fixed pattern; the counts at each step are unchanged. The source's sample number
+goes through that source's own `ShardReader` order (its seed ``(seed, source)``), so each source streams its shards
+as the run reaches them.
 
 `exhausted: stop` ends the run before any source is read a second time: `samples_before_exhausted` is how many
 samples the mixture gives before that, which the run plan turns into its last step; `recycle` starts the source's
@@ -32,13 +34,18 @@ log = logging.getLogger("ember")
 
 
 class Mixture:
-    """Sources drawn by weight: `locate` a sample, `counts` of a prefix, `samples_before_exhausted`."""
+    """Sources drawn by weight: `locate` a sample, `counts` of a prefix, `samples_before_exhausted`. With a `window`
+    (a run's global batch), the samples of each window are placed in a seeded order of their own: the window holds
+    the same samples of each source, but which rank gets which depends on the seed, not on a fixed pattern (with
+    weights 1:1 and 2 workers, each worker would otherwise only ever see one source)."""
 
-    def __init__(self, weights: list[float]):
+    def __init__(self, weights: list[float], *, seed: int = 0, window: int = 1):
         if not weights or any(not (w > 0 and math.isfinite(w)) for w in weights):
             raise EmberError(f"mixture weights must be positive finite numbers, got {weights}")
         self.weights = [w / sum(weights) for w in weights]
+        self.seed, self.window = seed, window
         self._tree = self._split(list(range(len(weights))))
+        self._order: tuple[int, np.ndarray] | None = None  # (window, its order), the last one used
 
     def _split(self, ids: list[int]):
         if len(ids) == 1:
@@ -49,6 +56,11 @@ class Mixture:
 
     def locate(self, k: int) -> tuple[int, int]:
         """Global sample `k` → (its source, the source's own sample number)."""
+        if self.window > 1:
+            w, position = divmod(k, self.window)
+            if self._order is None or self._order[0] != w:
+                self._order = (w, np.random.default_rng([self.seed, w]).permutation(self.window))
+            k = w * self.window + int(self._order[1][position])
         node = self._tree
         while not isinstance(node, int):
             share, left, right = node
@@ -60,7 +72,7 @@ class Mixture:
         return node, k
 
     def counts(self, n: int) -> list[int]:
-        """How many of the first `n` samples each source gives."""
+        """How many of the first `n` samples each source gives (with a window: at a multiple of it)."""
         out = [0] * len(self.weights)
 
         def walk(node, m):
@@ -80,7 +92,9 @@ class Mixture:
         one epoch); the first source to run out."""
         best = None
         for i, size in enumerate(sizes):
-            lo, hi = 0, int(size / self.weights[i]) + 2 * len(sizes) + 2  # counts[i] <= size at lo, > size at hi
+            lo, hi = 0, max(2, int(size / self.weights[i]))
+            while self.counts(hi)[i] <= size:  # counts[i] <= size at lo, > size at hi
+                lo, hi = hi, 2 * hi
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if self.counts(mid)[i] <= size else (lo, mid)
@@ -110,6 +124,10 @@ def plan_mixture(sources: list[tuple[str, str, float]], exhausted: str, kind: st
             raise EmberError(f"{where} has no training rows")
         manifests.append(manifest)
     first = manifests[0]
+    for name, manifest in zip(names, manifests):
+        if not _tokenizer_hash(manifest):
+            raise EmberError(f"data.mix source {name!r}: its manifest records no tokenizer hash, so it cannot be "
+                             "checked to share the others' tokenizer (tokenize it again with this version)")
     for name, manifest in zip(names[1:], manifests[1:]):
         theirs, ours = _tokenizer_hash(manifest), _tokenizer_hash(first)
         if theirs != ours:
@@ -123,7 +141,7 @@ def plan_mixture(sources: list[tuple[str, str, float]], exhausted: str, kind: st
     rows = [m["splits"]["train"]["rows"] for m in manifests]
     record = {"sources": [{"name": n, "dir": d, "weight": w, "share": share, "rows": r, "dataset": identity_of(m)}
                           for (n, d, w), share, r, m in zip(sources, mixture.weights, rows, manifests)],
-              "exhausted": exhausted, "samples": None, "runs_out": None}
+              "exhausted": exhausted, "window": global_batch, "samples": None, "runs_out": None}
     if exhausted == "stop":
         samples, source = mixture.samples_before_exhausted(rows)
         record.update(samples=samples, runs_out=names[source])
@@ -157,7 +175,7 @@ class MixtureReader:
             raise EmberError(f"no source of the mixture has a {split!r} split")
         self.names = [s["name"] for _, s in sources]
         self.readers = [ShardReader(s["dir"], split, seed=(seed, i), block_bytes=block_bytes) for i, s in sources]
-        self.mixture = Mixture([s["weight"] for _, s in sources])
+        self.mixture = Mixture([s["weight"] for _, s in sources], seed=seed, window=record.get("window", 1))
         self.stop = record["exhausted"] == "stop" and split == "train"
         self.rank, self.world_size = rank, world_size
 

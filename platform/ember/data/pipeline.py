@@ -1,9 +1,10 @@
 """`kind: tokenize`: corpus → tokenizer + packed Arrow shards, the work units run in parallel by Ray Data.
 
 `CorpusJob` is this job as the unit executor (`ember.data.units.run_job`) runs it: resolve inputs (a missing path
-fails here, before any Ray work) → plan work units → (optional) a hash pass for exact-duplicate removal → the
-tokenizer is trained or loaded → the actors run `CorpusEncoder` over the pending units: each unit's documents are
-read, normalised, split, tokenized and packed into its own shards → the units' leftover tokens are packed in unit
+fails here, before any Ray work) → plan work units → (optional) a hash pass for exact-duplicate removal and a
+MinHash-LSH pass for near-duplicates (`ember.data.dedup`) → the tokenizer is trained or loaded → the actors run
+`CorpusEncoder` over the pending units: each unit's documents are read, normalised, quality-filtered
+(`ember.data.quality`), split, tokenized and packed into its own shards → the units' leftover tokens are packed in unit
 order into a last shard per split → `manifest.json`.
 
 Everything a unit writes depends only on the unit and the spec, and the final remainder is assembled in unit order,
@@ -16,12 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ember import storage
-from ember.config.specs import TokenizeSpec
+from ember.config.specs import FilterSpec, TokenizeSpec
 from ember.data import shards
+from ember.data.dedup import Signatures, keys_from_text, keys_to_text, near_duplicates
+from ember.data.quality import QualityFilter
 from ember.data.sources import InputFile, SkipLog, WorkUnit, resolve_inputs
 from ember.data.steps import Normalizer, Packer, Tokenize, doc_hash, read_sample, read_texts, split_of
 from ember.data.tokenizer import (
@@ -49,15 +53,30 @@ log = logging.getLogger("ember")
 _TEXT_PER_BATCH = 1 << 21  # characters of text handed to the tokenizer at once
 
 
-def unit_documents(unit: WorkUnit, spec: TokenizeSpec, skips: SkipLog, drop: frozenset = frozenset()):
+def cleaned(spec: FilterSpec, skips: SkipLog) -> Callable[[Iterable[str]], Iterator[str]]:
+    """The per-document steps before dedup: normalisation and, where a rule set is enabled, the quality filters."""
+    normalize = Normalizer(spec, skips)
+    if spec.quality_rules() is None:
+        return normalize
+    quality = QualityFilter(spec.quality_rules(), skips)
+    return lambda docs: quality(normalize(docs))
+
+
+def unit_documents(unit: WorkUnit, spec: TokenizeSpec, skips: SkipLog, drop: dict[int, str] | None = None):
     """The normalised and filtered documents of a unit, in order, without those at the positions in `drop` (exact
-    duplicates of earlier documents)."""
-    docs = Normalizer(spec.filter, skips)(read_texts(spec.source, skips)(unit))
+    or near duplicates of earlier documents: position -> the reason counted)."""
+    drop = drop or {}
+    docs = cleaned(spec.filter, skips)(read_texts(spec.source, skips)(unit))
     for position, text in enumerate(docs):
         if position in drop:
-            skips.skip("duplicate", "", bad_input=False)
+            skips.skip(drop[position], "", bad_input=False)
         else:
             yield text
+
+
+def dedup_documents(spec: TokenizeSpec, unit: WorkUnit) -> Iterator[str]:
+    """A unit's documents as the dedup passes see them: cleaned, nothing dropped yet (skips are counted later)."""
+    return unit_documents(unit, spec, SkipLog(strict=spec.source.strict))
 
 
 class CorpusEncoder:
@@ -66,7 +85,7 @@ class CorpusEncoder:
 
     def __init__(self, spec: TokenizeSpec, tokenizer_path: str, eos_id: int, dtype: str, duplicates: dict):
         self.spec, self.eos_id, self.dtype = spec, eos_id, np.dtype(dtype)
-        self.duplicates = duplicates  # unit index -> sorted document positions to drop
+        self.duplicates = duplicates  # unit index -> {document position to drop: reason}
         self.tokenize = Tokenize(load_tokenizer(tokenizer_path))
 
     def __call__(self, unit: WorkUnit, skips: SkipLog, write) -> dict:
@@ -84,7 +103,7 @@ class CorpusEncoder:
                     write(s, packers[s](ids))
                     texts.clear()
 
-        drop = frozenset(self.duplicates.get(unit.index, ()))
+        drop = self.duplicates.get(unit.index, {})
         for text in unit_documents(unit, spec, skips, drop):
             s = split_of(doc_hash(text), spec.pack.val_fraction)
             pending[s].append(text)
@@ -98,23 +117,38 @@ class CorpusEncoder:
 
 
 class DocumentHasher:
-    """The dedup pass's worker: the hashes of a unit's documents after normalisation, in order."""
+    """The dedup pass's worker: for a unit's documents after normalisation and quality filters, in order, their
+    hashes (exact dedup) and LSH band keys (near-dedup), whichever the spec turns on, in one read of the unit."""
 
     def __init__(self, spec: TokenizeSpec):
         self.spec = spec
+        near = spec.filter.near_dedup_on()
+        self.signatures = Signatures(near) if near else None
 
     def __call__(self, unit: WorkUnit) -> dict:
-        docs = unit_documents(unit, self.spec, SkipLog(strict=self.spec.source.strict))
-        return {"unit": unit.index, "hashes": [doc_hash(t) for t in docs]}
+        docs = list(dedup_documents(self.spec, unit))
+        found = {"unit": unit.index, "hashes": [doc_hash(t) for t in docs] if self.spec.filter.dedup else []}
+        if self.signatures is not None:
+            found["keys"] = keys_to_text(self.signatures(docs))
+        return found
 
 
 def _summary_lines(manifest: dict, seconds: float | None, reused: int) -> list[str]:
     docs = manifest["documents"]
+    plain = {k: v for k, v in docs["skipped"].items() if ":" not in k}
+    by_step: dict[str, dict[str, int]] = {}  # "quality:gopher.min_doc_words" -> by_step["quality"]["gopher.min..."]
+    for reason, n in docs["skipped"].items():
+        if ":" in reason:
+            step, rule = reason.split(":", 1)
+            by_step.setdefault(step, {})[rule] = n
     lines = [
         f"documents: {docs['read']:,} read, {docs['kept']:,} kept"
-        + (", skipped: " + ", ".join(f"{k} {v:,}" for k, v in docs["skipped"].items()) if docs["skipped"] else "")
+        + (", skipped: " + ", ".join(f"{k} {v:,}" for k, v in plain.items()) if plain else "")
         + (", repaired: " + ", ".join(f"{k} {v:,}" for k, v in docs["repaired"].items()) if docs["repaired"] else ""),
     ]
+    for step, rules in by_step.items():
+        lines.append(f"  removed by the {step} filters: {sum(rules.values()):,} ("
+                     + ", ".join(f"{rule} {n:,}" for rule, n in rules.items()) + ")")
     for where in docs["examples"]:
         lines.append(f"  bad record: {where}")
     for split in shards.SPLITS:
@@ -143,8 +177,8 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], give
         t0 = time.perf_counter()
         log.info("tokenizer: training byte-level BPE, vocab %d, on up to %d MB of the corpus",
                  spec.tokenizer.vocab_size, spec.tokenizer.sample_bytes >> 20)
-        normalize = Normalizer(spec.filter, SkipLog())
-        tok = train_tokenizer(normalize(read_sample(units, spec.source, spec.tokenizer.sample_bytes)),
+        clean = cleaned(spec.filter, SkipLog())
+        tok = train_tokenizer(clean(read_sample(units, spec.source, spec.tokenizer.sample_bytes)),
                               spec.tokenizer.vocab_size, spec.tokenizer.min_frequency)
         log.info("tokenizer: trained, vocab %d, in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
         save_tokenizer(tok, out, model_max_length=spec.pack.seq_len)
@@ -152,19 +186,41 @@ def _prepare_tokenizer(spec: TokenizeSpec, out: str, units: list[WorkUnit], give
     return target
 
 
-def _duplicates(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus: float) -> dict:
-    """Exact-duplicate positions per unit: every occurrence after the first, in unit order."""
-    per_unit = {item["unit"]: np.array(item["hashes"], dtype=np.uint64)
-                for item in map_units(units, partial(DocumentHasher, spec), workers=workers, num_cpus=num_cpus)}
-    hashes = np.concatenate([per_unit[u.index] for u in units]) if units else np.zeros(0, np.uint64)
-    owner = np.concatenate([np.full(len(per_unit[u.index]), u.index) for u in units]) if units else hashes
-    position = np.concatenate([np.arange(len(per_unit[u.index])) for u in units]) if units else hashes
+def _duplicates(per_unit: list[list[int]]) -> list[list[int]]:
+    """Exact-duplicate positions per unit, from each unit's document hashes (units in input order): every occurrence
+    after the first."""
+    hashes = np.concatenate([np.array(h, dtype=np.uint64) for h in per_unit]) if per_unit else np.zeros(0, np.uint64)
+    owner = np.repeat(np.arange(len(per_unit)), [len(h) for h in per_unit])
+    position = np.concatenate([np.arange(len(h)) for h in per_unit]) if per_unit else owner
     keep = np.zeros(len(hashes), dtype=bool)
     keep[np.unique(hashes, return_index=True)[1]] = True
-    drops: dict[int, list[int]] = {}
+    drops: list[list[int]] = [[] for _ in per_unit]
     for u, p in zip(owner[~keep].tolist(), position[~keep].tolist()):
-        drops.setdefault(u, []).append(p)
+        drops[u].append(p)
     log.info("dedup: %d exact duplicates of %d documents", int((~keep).sum()), len(hashes))
+    return drops
+
+
+def dedup_pass(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus: float) -> dict[int, dict[int, str]]:
+    """The documents the dedup passes drop: unit index -> {position: "duplicate" or "near_duplicate"}; a document
+    both passes drop counts as an exact duplicate."""
+    near = spec.filter.near_dedup_on()
+    if not (spec.filter.dedup or near):
+        return {}
+    found = {item["unit"]: item
+             for item in map_units(units, partial(DocumentHasher, spec), workers=workers, num_cpus=num_cpus)}
+    found_in_order = [found[u.index] for u in units]
+    passes = []
+    if near:
+        keys = [keys_from_text(f["keys"], near.bands) for f in found_in_order]
+        passes.append(("near_duplicate", near_duplicates(keys, partitions=workers)))
+    if spec.filter.dedup:
+        passes.append(("duplicate", _duplicates([f["hashes"] for f in found_in_order])))
+    drops: dict[int, dict[int, str]] = {}
+    for reason, per_unit in passes:
+        for unit, positions in zip(units, per_unit):
+            if positions:
+                drops.setdefault(unit.index, {}).update(dict.fromkeys(positions, reason))
     return drops
 
 
@@ -193,7 +249,7 @@ class CorpusJob(DatasetJob):
         return {"spec": shaping, "tokenizer": tokenizer_identity(self.given) if self.given else None}
 
     def prepare(self, units: list[WorkUnit], workers: int, num_cpus: float):
-        duplicates = _duplicates(self.spec, units, workers, num_cpus) if self.spec.filter.dedup else {}
+        duplicates = dedup_pass(self.spec, units, workers, num_cpus)
         tok_path = _prepare_tokenizer(self.spec, self.out, units, self.given)
         vocab_size, eos_id = tokenizer_facts(self.out)
         return partial(CorpusEncoder, self.spec, tok_path, eos_id, shards.token_dtype(vocab_size).name, duplicates)

@@ -208,9 +208,11 @@ class ShardReader:
 
     **Streaming**: nothing is read when the reader is made. A shard is opened (a bucket's: fetched into the node
     cache and checked against the manifest's size and SHA-256) when a sample first reaches it; entering a block
-    fetches the next block's shards in the background; the shards of blocks behind are closed, so the node cache
-    can evict them within its budget (`ember.storage.NodeCache`). A shard that cannot be fetched, or does not match
-    its record, stops the reader with an error naming it: no row of it is served."""
+    fetches its shards and the next block's in the background; the shards of blocks behind are closed, so the node
+    cache can evict them within its budget (`ember.storage.NodeCache`; `check_cache_budget` checks before a run
+    that two blocks of each streamed split fit it). A shard that cannot be fetched, or does not match
+    its record, stops the reader with an error naming it: no row of it is served. (A local shard is read as it is:
+    only its presence is checked.)"""
 
     def __init__(self, dataset_dir: str | os.PathLike, split: str = "train", *, seed: int | tuple = 0, rank: int = 0,
                  world_size: int = 1, block_bytes: int = DEFAULT_BLOCK_BYTES):
@@ -320,10 +322,13 @@ class ShardReader:
         keep = set(self._shards_of(epoch, block)) | set(self._shards_of(*following))
         for i in [i for i in self._open if i not in keep]:
             del self._open[i]  # the map closes with its last view: the node cache may evict the file
+        for i in [i for i in self._pending if i not in keep]:  # reached by no sample of this rank after all
+            self._pending.pop(i).cancel()
         if storage.is_uri(self.dataset_dir):
             if self._fetcher is None:
+                # One download at a time: each makes room for itself in the cache first, so the budget holds.
                 self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-shards")
-            for i in self._shards_of(*following):
+            for i in self._shards_of(epoch, block) + self._shards_of(*following):  # this block's first
                 if i not in self._open and i not in self._pending:
                     self._pending[i] = self._fetcher.submit(self._fetch, i)
 
@@ -344,8 +349,12 @@ class ShardReader:
         if i not in self._open:
             pending = self._pending.pop(i, None)
             path = pending.result() if pending is not None else self._fetch(i)
-            self._open[i] = _Opened(path, self.row_len, self.extra_columns)
-            self.extra_columns = self._open[i].extra
+            try:
+                opened = _Opened(path, self.row_len, self.extra_columns)
+            except FileNotFoundError:  # a cached copy evicted between its fetch and now: fetched again
+                opened = _Opened(self._fetch(i), self.row_len, self.extra_columns)
+            self._open[i] = opened
+            self.extra_columns = opened.extra
         return self._open[i]
 
     def __len__(self) -> int:
@@ -388,3 +397,19 @@ def rank_batches(sample: Callable[[int], dict], batch_size: int, start: int, ran
             yield np.stack([r["input_ids"] for r in rows]).astype(np.int64), consumed
         else:
             yield {c: np.stack([r[c] for r in rows]).astype(np.int64) for c in rows[0]}, consumed
+
+
+def check_cache_budget(dataset_dirs: list[str], block_bytes: int) -> None:
+    """Fails when the streamed datasets (those in a bucket) need more of the node cache at once than its budget:
+    up to two blocks of each split (the one being read and the next, fetched ahead)."""
+    need = 0
+    for directory in dataset_dirs:
+        if storage.is_uri(directory):
+            for split in load_manifest(directory)["splits"].values():
+                need += min(sum(int(s.get("bytes") or 0) for s in split["shards"]), 2 * block_bytes)
+    budget = storage.NodeCache().budget
+    if need > budget:
+        raise EmberError(f"the datasets streamed from object storage need up to {need / 2**20:,.0f} MiB of the node "
+                         f"cache at once (two blocks of data.shuffle_block_bytes, {block_bytes / 2**20:,.0f} MiB, per "
+                         f"dataset and split), over its budget of {budget / 2**20:,.0f} MiB: raise "
+                         f"{storage.CACHE_BYTES_ENV} or lower data.shuffle_block_bytes")

@@ -92,6 +92,8 @@ def prepare_finetune_data(spec: FinetuneSpec, address: str | None = None) -> Fin
     for name, weight, data in spec.data.sources():
         log.info("finetune: data.mix source %r", name)
         source_dir = storage.join(data_dir, name)
+        if spec.data.dir:  # a dir the user named: each source's is theirs too, not replaced unless data.overwrite
+            data = data.model_copy(update={"dir": source_dir})
         prepare_chat_dataset(data, base, source_dir, cfg.max_position_embeddings, address, locked_by=locked_by,
                              progress_dir=run_dir)
         sources.append((name, source_dir, weight))

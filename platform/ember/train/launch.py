@@ -27,6 +27,7 @@ import yaml
 
 from ember import storage
 from ember.config.specs import TrainingJobSpec
+from ember.data.shards import check_cache_budget
 from ember.errors import EmberError
 from ember.identity import identity_of, read_stamp, spec_without, write_stamp
 from ember.runs.run_dir import RunDir
@@ -186,6 +187,7 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
                  finished.get("step"), storage.display(plan.dir.model))
         return finished
     restarting = plan.dir.has_checkpoints()
+    check_cache_budget(plan.dataset_dirs, plan.block_bytes)
     refuse_never(spec, run_dir)
     refuse_another_run(plan)
     ensure_ray(address)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ember.config.specs import SPEC_KINDS, TrainingJobSpec
+from ember.data.shards import DEFAULT_BLOCK_BYTES
 from ember.identity import identity_of, spec_without
 from ember.runs.run_dir import RunDir
 
@@ -29,7 +30,7 @@ NOT_THE_RUN = ("resume", "trust_checkpoint", "train.tracking", "data.overwrite")
 # length only grows: see `ember.train.launch.refuse_another_run`).
 HOW_IT_RUNS = (*NOT_THE_RUN, "name", "output", "scaling", "failure", "train.max_steps", "train.max_tokens",
                "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.tensorboard")
+               "train.keep_checkpoints", "train.tensorboard", "data.exhausted")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,16 @@ class RunPlan:
     def dir(self) -> RunDir:
         return RunDir(self.run_dir)
 
+    @property
+    def dataset_dirs(self) -> list[str]:
+        """The dataset dirs the run reads: data_dir, or each of the mixture's."""
+        return [s["dir"] for s in self.mixture["sources"]] if self.mixture else [self.data_dir]
+
+    @property
+    def block_bytes(self) -> int:
+        """The shuffle block of the run's readers (`ember.data.shards.ShardReader`)."""
+        return getattr(self.spec.data, "shuffle_block_bytes", None) or DEFAULT_BLOCK_BYTES
+
     def identity(self) -> str:
         """What makes two runs the same run: the spec (without `NOT_THE_RUN`), the dataset (a dataset rebuilt in the
         same dir is other data), the network and the base's weights."""
@@ -68,12 +79,26 @@ class RunPlan:
         it runs (`HOW_IT_RUNS`). A run dir's checkpoints are continued only by a plan of the same trajectory."""
         return {"spec": spec_without(self.spec, HOW_IT_RUNS),
                 "dataset": identity_of(self.manifest), "model": self.model.to_dict(), "eos_ids": list(self.eos_ids),
-                "base_weights": self.base_weights, **self._mixed()}
+                "base_weights": self.base_weights, **self._mixed(trajectory=True), **self._order()}
 
-    def _mixed(self) -> dict:
+    def _mixed(self, trajectory: bool = False) -> dict:
         """The mixture's datasets (their identities, weights, how it ends), for a run that mixes (absent otherwise,
-        as in runs made before mixtures)."""
-        return {"mixture": self.mixture} if self.mixture else {}
+        as in runs made before mixtures). A trajectory's has neither their dirs (a fine-tune's are in its run dir,
+        which may move) nor how it ends (a run stopped where a source ran out continues with `recycle`)."""
+        if not self.mixture:
+            return {}
+        if not trajectory:
+            return {"mixture": self.mixture}
+        sources = [{k: v for k, v in s.items() if k != "dir"} for s in self.mixture["sources"]]
+        return {"mixture": {"sources": sources, "window": self.mixture.get("window")}}
+
+    def _order(self) -> dict:
+        """The sample order, where it is read a shuffle block at a time (a split larger than one block, see
+        `ember.data.shards.ShardReader`): absent otherwise, as in runs made before blocks, whose order is the same."""
+        split = self.manifest["splits"]["train"]["shards"]
+        if self.mixture is None and sum(int(s.get("bytes") or 0) for s in split) <= self.block_bytes:
+            return {}
+        return {"order": {"shuffle_block_bytes": self.block_bytes}}
 
     def to_config(self) -> dict:
         """The plan as JSON-able data: the `train_loop_config` of every worker."""

@@ -254,12 +254,21 @@ class Trainer:
 
     def run(self) -> None:
         plan, tr, rank = self.plan, self.spec.train, self.rank
-        # The data first: a dataset that cannot be read fails before the engine is built.
+        # The data first: a dataset whose manifest or local shards are missing fails before the engine is built (a
+        # bucket's shards are fetched, and checked, as the samples reach them).
         readers = {split: training_reader(plan.data_dir, plan.mixture, split, seed=tr.seed, rank=rank,
-                                          world_size=self.world,
-                                          block_bytes=getattr(self.spec.data, "shuffle_block_bytes", None))
+                                          world_size=self.world, block_bytes=plan.block_bytes)
                    for split in ("train", "val")}
-        reader, val_reader = readers["train"], readers["val"]
+        try:
+            self.train(readers["train"], readers["val"])
+        finally:
+            for reader in readers.values():
+                if reader is not None:
+                    reader.close()
+
+    def train(self, reader: ShardReader | MixtureReader, val_reader: ShardReader | MixtureReader | None) -> None:
+        """Restore, then step until the run's last step, logging, evaluating and checkpointing as due; export."""
+        plan, tr, rank = self.plan, self.spec.train, self.rank
         restored = self.restore()
         if rank == 0:  # training starts: the result of the run this one continues no longer describes the run dir
             storage.delete(plan.dir.result)
