@@ -56,6 +56,8 @@ bench: install
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/storage_bench.py
 	$(BIN)/python benchmarks/zero_bench.py
+	$(BIN)/python benchmarks/stream_bench.py
+	$(BIN)/python benchmarks/dedup_bench.py
 
 clean:
 	rm -rf $(VENV) data runs

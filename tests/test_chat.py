@@ -81,6 +81,9 @@ def test_sharegpt_conversations_and_a_named_messages_field_give_the_same_convers
      "conversations[1] has unknown role 'function_call' (one of: human, gpt, system"),
     ({"conversations": [{"from": "gpt", "value": None}]}, "wrong_type", "conversations[0].value is NoneType"),
     ({"conversations": [{"from": "gpt"}]}, "missing_field", "(or ShareGPT's 'from' and 'value')"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "x"}]},
+     "lone_surrogate", "messages[0].content holds a lone surrogate"),
+    ({"prompt": "hi", "response": "\udfff"}, "lone_surrogate", "field 'response' holds a lone surrogate"),
 ])
 def test_bad_records_name_what_is_wrong(record, reason, words):
     with pytest.raises(BadRecord) as caught:

@@ -55,6 +55,8 @@ CASES = [
                                                enumerate(GOOD_LINES)), {}, {"max_ellipsis_lines": None}),
     ("gopher", "min_alpha_words", GOOD + "\n" + " ".join(str(10 + i) for i in range(50)), {},
      {"min_alpha_words": None}),
+    ("gopher", "min_alpha_words", GOOD + "\n" + " ".join(["|", "=", "+", ">>", "::"] * 60), {},  # symbols count
+     {"min_alpha_words": None}),
     ("gopher", "min_stop_words", NO_STOP_WORDS, {}, {"min_stop_words": None}),
     ("gopher_repetition", "max_dup_lines", "\n".join(x for line in GOOD_LINES[:8] for x in (line, "Yes.")), {},
      {"max_dup_lines": None}),
@@ -90,7 +92,8 @@ def test_a_good_document_passes_every_rule_and_nothing_is_filtered_by_default():
     assert all(check(text) is None for _, _, text, _, _ in CASES)  # every rule set is off by default
 
 
-@pytest.mark.parametrize("section,key,text,settings,off", CASES, ids=[f"{c[0]}.{c[1]}" for c in CASES])
+@pytest.mark.parametrize("section,key,text,settings,off", CASES,
+                         ids=[f"{c[0]}.{c[1]}-{i}" for i, c in enumerate(CASES)])
 def test_each_rule_removes_the_document_that_breaks_it_and_lets_it_through_when_off(section, key, text, settings,
                                                                                    off):
     assert check(text, **{section: {"enabled": True, **settings}}) == f"quality:{section}.{key}"
@@ -219,3 +222,25 @@ def test_a_tokenize_run_removes_near_copies_and_counts_each_step(ray_session, tm
     lines = _summary_lines(manifest, None, 0)
     assert lines[0].endswith("kept, skipped: duplicate 1, near_duplicate 2")
     assert lines[1] == "  removed by the quality filters: 3 (gopher.min_doc_words 3)"
+
+
+def test_a_dropped_position_whose_document_changed_fails_the_unit(tmp_path):
+    """The dedup passes drop documents by position within their unit, with each one's hash: a unit whose document
+    at that position is another one now (an input changed between the passes) fails instead of dropping it."""
+    from ember.config import parse_spec
+    from ember.data.pipeline import unit_documents
+    from ember.data.sources import plan_units, resolve_inputs
+    from ember.data.steps import doc_hash
+    from ember.errors import EmberError
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in GOOD_LINES[:3]))
+    spec = parse_spec({"kind": "tokenize", "source": {"inputs": [str(path)]}, "output": {"dir": str(tmp_path / "o")}})
+    [unit] = plan_units(resolve_inputs(spec.source), spec.source)
+    docs = list(unit_documents(unit, spec, SkipLog()))
+    skips = SkipLog()
+    assert list(unit_documents(unit, spec, skips, {1: ["duplicate", doc_hash(docs[1])]})) == [docs[0], docs[2]]
+    assert skips.skipped == {"duplicate": 1}
+    with pytest.raises(EmberError, match=r"work unit 0 \(.*a.jsonl, ...\): its document 1 is not the one the dedup "
+                                         "pass read"):
+        list(unit_documents(unit, spec, SkipLog(), {1: ["duplicate", doc_hash(docs[1]) ^ 1]}))

@@ -111,6 +111,7 @@ BAD = [
     b'{"text": 42}',
     b"",
     b'{"text": "good two"}',
+    b'{"text": "half a pair \\ud83d here"}',
 ]
 
 
@@ -119,9 +120,10 @@ def test_bad_jsonl_records_are_skipped_and_counted_with_file_and_line(tmp_path):
     path.write_bytes(b"\n".join(BAD) + b"\n")
     docs, skips, _ = read_all([path])
     assert docs == ["good one", "good two"]
-    assert skips.skipped == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1, "wrong_type": 1}
+    assert skips.skipped == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1, "wrong_type": 1,
+                             "lone_surrogate": 1}
     assert skips.examples[0].startswith(f"{path}:2: malformed JSON")
-    assert [e.split(": ")[0] for e in skips.examples] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert [e.split(": ")[0] for e in skips.examples] == [f"{path}:{n}" for n in (2, 3, 4, 5, 8)]
     assert "missing field 'text'" in skips.examples[2] and "is int, expected a string" in skips.examples[3]
 
 

@@ -176,7 +176,7 @@ class C4Spec(SpecModel):
 
 class QualitySpec(SpecModel):
     """Heuristic quality filters on each normalised document, before dedup and tokenization; each removal is counted
-    in the manifest's documents.skipped as quality:<rule> (the spec key that removed it)."""
+    in the manifest's documents.skipped as quality:<section>.<rule> (the spec key that removed it)."""
 
     gopher_repetition: GopherRepetitionSpec = Field(default_factory=GopherRepetitionSpec,
                                                     description="Gopher's repetition rules (applied first).")
@@ -199,7 +199,7 @@ class NearDedupSpec(SpecModel):
     num_perm: int = Field(128, ge=2, le=4096, description="MinHash permutations (signature length).")
     bands: int = Field(16, ge=1, description="LSH bands; bands × rows must equal num_perm.")
     rows: int = Field(8, ge=1, description="Signature values per band; more rows = a higher similarity threshold.")
-    seed: int = Field(1, ge=0, description="Seed of the MinHash permutations.")
+    seed: int = Field(1, ge=0, le=2**32 - 1, description="Seed of the MinHash permutations.")
 
     @model_validator(mode="after")
     def _bands_cover_the_signature(self):

@@ -26,6 +26,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from ember.data.steps import encodable
 from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, token_name
 from ember.errors import EmberError
 
@@ -50,6 +51,9 @@ def _text(record: dict, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise BadRecord("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
+    if not value.isascii() and not encodable(value):
+        raise BadRecord("lone_surrogate", f"field {key!r} holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                          "escape), not text")
     return value
 
 
@@ -121,6 +125,9 @@ def _turn(m, where: str) -> dict:
         raise BadRecord("unknown_role", f"{where} has unknown role {m[names[0]]!r} (one of: {known})")
     if not isinstance(content, str):
         raise BadRecord("wrong_type", f"{where}.{names[1]} is {type(content).__name__}, expected a string")
+    if not content.isascii() and not encodable(content):
+        raise BadRecord("lone_surrogate", f"{where}.{names[1]} holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                          "escape), not text")
     return {"role": role, "content": content}
 
 

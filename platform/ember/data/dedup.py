@@ -28,6 +28,7 @@ from ember.config.specs import NearDedupSpec
 
 log = logging.getLogger("ember")
 
+_SHINGLES_AT_ONCE = 1 << 16  # bounds the memory one huge document takes
 _SCHEME = "affine32"  # datasketch 2's default permutation scheme, named: MinHashes made from permutations need it
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio constant (splitmix64)
 _ROWS_PER_PARTITION = 4 << 20  # (key, doc) rows of 16 bytes: 64 MiB
@@ -74,7 +75,9 @@ class Signatures:
 
     def signature(self, text: str) -> np.ndarray:
         m = self.minhash(num_perm=self.spec.num_perm, permutations=self.permutations, scheme=_SCHEME)
-        m.update_batch(shingles(text, self.spec))
+        grams = list(shingles(text, self.spec))
+        for start in range(0, len(grams), _SHINGLES_AT_ONCE):  # datasketch hashes a batch as (n, num_perm) arrays
+            m.update_batch(grams[start:start + _SHINGLES_AT_ONCE])
         return m.hashvalues
 
     def __call__(self, texts: Iterable[str]) -> np.ndarray:

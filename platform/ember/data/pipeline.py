@@ -47,6 +47,7 @@ from ember.data.units import (
     tokenizer_facts,
     update_job_state,
 )
+from ember.errors import EmberError
 
 log = logging.getLogger("ember")
 
@@ -62,16 +63,23 @@ def cleaned(spec: FilterSpec, skips: SkipLog) -> Callable[[Iterable[str]], Itera
     return lambda docs: quality(normalize(docs))
 
 
-def unit_documents(unit: WorkUnit, spec: TokenizeSpec, skips: SkipLog, drop: dict[int, str] | None = None):
+def unit_documents(unit: WorkUnit, spec: TokenizeSpec, skips: SkipLog, drop: dict[int, list] | None = None):
     """The normalised and filtered documents of a unit, in order, without those at the positions in `drop` (exact
-    or near duplicates of earlier documents: position -> the reason counted)."""
+    or near duplicates of earlier documents: position -> [the reason counted, the document's `doc_hash`]). A
+    dropped position whose document is not the one the dedup pass read fails the unit: an input changed, or a read
+    failed, between the two passes, and dropping by position would drop the wrong documents."""
     drop = drop or {}
     docs = cleaned(spec.filter, skips)(read_texts(spec.source, skips)(unit))
     for position, text in enumerate(docs):
-        if position in drop:
-            skips.skip(drop[position], "", bad_input=False)
-        else:
+        if position not in drop:
             yield text
+            continue
+        reason, expected = drop[position]
+        if doc_hash(text) != expected:
+            where = unit.segments[0].name if unit.segments else f"unit {unit.index}"
+            raise EmberError(f"work unit {unit.index} ({where}, ...): its document {position} is not the one the "
+                             "dedup pass read (an input changed or could not be read meanwhile); run the job again")
+        skips.skip(reason, "", bad_input=False)
 
 
 def dedup_documents(spec: TokenizeSpec, unit: WorkUnit) -> Iterator[str]:
@@ -85,7 +93,7 @@ class CorpusEncoder:
 
     def __init__(self, spec: TokenizeSpec, tokenizer_path: str, eos_id: int, dtype: str, duplicates: dict):
         self.spec, self.eos_id, self.dtype = spec, eos_id, np.dtype(dtype)
-        self.duplicates = duplicates  # unit index -> {document position to drop: reason}
+        self.duplicates = duplicates  # unit index -> {document position to drop: [reason, its doc_hash]}
         self.tokenize = Tokenize(load_tokenizer(tokenizer_path))
 
     def __call__(self, unit: WorkUnit, skips: SkipLog, write) -> dict:
@@ -127,7 +135,7 @@ class DocumentHasher:
 
     def __call__(self, unit: WorkUnit) -> dict:
         docs = list(dedup_documents(self.spec, unit))
-        found = {"unit": unit.index, "hashes": [doc_hash(t) for t in docs] if self.spec.filter.dedup else []}
+        found = {"unit": unit.index, "hashes": [doc_hash(t) for t in docs]}  # exact dedup, and the drops' check
         if self.signatures is not None:
             found["keys"] = keys_to_text(self.signatures(docs))
         return found
@@ -201,9 +209,10 @@ def _duplicates(per_unit: list[list[int]]) -> list[list[int]]:
     return drops
 
 
-def dedup_pass(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus: float) -> dict[int, dict[int, str]]:
-    """The documents the dedup passes drop: unit index -> {position: "duplicate" or "near_duplicate"}; a document
-    both passes drop counts as an exact duplicate."""
+def dedup_pass(spec: TokenizeSpec, units: list[WorkUnit], workers: int,
+               num_cpus: float) -> dict[int, dict[int, list]]:
+    """The documents the dedup passes drop: unit index -> {position: ["duplicate" or "near_duplicate", its
+    `doc_hash`]}; a document both passes drop counts as an exact duplicate."""
     near = spec.filter.near_dedup_on()
     if not (spec.filter.dedup or near):
         return {}
@@ -216,11 +225,11 @@ def dedup_pass(spec: TokenizeSpec, units: list[WorkUnit], workers: int, num_cpus
         passes.append(("near_duplicate", near_duplicates(keys, partitions=workers)))
     if spec.filter.dedup:
         passes.append(("duplicate", _duplicates([f["hashes"] for f in found_in_order])))
-    drops: dict[int, dict[int, str]] = {}
+    drops: dict[int, dict[int, list]] = {}
     for reason, per_unit in passes:
-        for unit, positions in zip(units, per_unit):
-            if positions:
-                drops.setdefault(unit.index, {}).update(dict.fromkeys(positions, reason))
+        for unit, found_in_unit, positions in zip(units, found_in_order, per_unit):
+            for position in positions:
+                drops.setdefault(unit.index, {})[position] = [reason, found_in_unit["hashes"][position]]
     return drops
 
 
@@ -235,6 +244,7 @@ class CorpusJob(DatasetJob):
         self.out, self.overwrite = storage.normalize(spec.output.dir), spec.output.overwrite
         self.seq_len, self.shard_bytes, self.workers = spec.pack.seq_len, spec.pack.shard_bytes, spec.workers
         self.given: str | None = None  # the tokenizer.json the spec names, found by `resolve`
+        self.drops: dict[int, dict[int, list]] = {}  # the dedup passes' drops, found by `prepare`
 
     def resolve(self) -> list[InputFile | str]:
         resolved = resolve_inputs(self.spec.source)
@@ -249,10 +259,15 @@ class CorpusJob(DatasetJob):
         return {"spec": shaping, "tokenizer": tokenizer_identity(self.given) if self.given else None}
 
     def prepare(self, units: list[WorkUnit], workers: int, num_cpus: float):
-        duplicates = dedup_pass(self.spec, units, workers, num_cpus)
+        self.drops = dedup_pass(self.spec, units, workers, num_cpus)
         tok_path = _prepare_tokenizer(self.spec, self.out, units, self.given)
         vocab_size, eos_id = tokenizer_facts(self.out)
-        return partial(CorpusEncoder, self.spec, tok_path, eos_id, shards.token_dtype(vocab_size).name, duplicates)
+        return partial(CorpusEncoder, self.spec, tok_path, eos_id, shards.token_dtype(vocab_size).name, self.drops)
+
+    def unit_parts(self, unit: int):
+        """The documents the dedup passes drop from the unit (they depend on the other units)."""
+        drops = self.drops.get(unit)
+        return sorted(drops.items()) if drops else None
 
     def finish(self, job: UnitJob, splits: dict, skips: SkipLog, markers: list[dict]) -> dict:
         """Packs the units' remainders (in unit order) into a last shard per split."""

@@ -1,12 +1,14 @@
 """Heuristic quality filters, a tokenize step: the Gopher quality and repetition rules and the C4 rules.
 
 `QualityFilter` takes normalised documents and yields those that pass every enabled rule, counting each removed one in
-the SkipLog as ``quality:<section>.<key>`` — the spec key (`filter.quality.<section>.<key>`) whose rule removed it.
+the SkipLog as ``quality:<section>.<rule>``: the spec key (`filter.quality.<section>.<key>`) whose rule removed it,
+an n-gram rule with its n (``gopher_repetition.top_2gram_chars``), or ``c4.no_lines_left``.
 The rules run in the order of the FineWeb pipeline: Gopher repetition, Gopher quality, then C4, which may also rewrite
 a document by dropping lines (its line rules); each section stops at the first rule a document breaks.
 
-Words are whitespace-separated tokens (no language-specific tokenizer): a word counts when it holds a letter or a
-digit, so a lone "-" or "..." is not one. Lines are non-blank lines. These follow datatrove's GopherQualityFilter,
+Tokens are whitespace-separated (no language-specific tokenizer); words are the tokens that are not punctuation
+alone (a lone "-" or "..." is not one): the word-count and word-length rules count words, the symbol and alphabetic
+ratios every token. Lines are non-blank lines. These follow datatrove's GopherQualityFilter,
 GopherRepetitionFilter and C4QualityFilter, with three differences: a top n-gram must occur at least twice to count
 (a short document of unique words is not "repetitive"), character fractions count the characters of words (not
 whitespace), and C4's document rules (lorem ipsum, curly bracket) look at the whole document, as the C4 paper states.
@@ -61,6 +63,10 @@ class DocumentStats:
 
     def per_word(self, count: int) -> float:
         return count / max(1, self.n_words)
+
+    def per_token(self, count: int) -> float:
+        """Over every whitespace-separated token, symbols included (Gopher's symbol and alphabetic ratios)."""
+        return count / max(1, len(self.tokens))
 
     def per_line(self, count: int) -> float:
         return count / max(1, len(self.lines))
@@ -123,11 +129,11 @@ GOPHER_RULES: tuple[Rule, ...] = (
     ("max_doc_words", lambda s, t: s.n_words > t),
     ("min_mean_word_length", lambda s, t: s.mean_word_length < t),
     ("max_mean_word_length", lambda s, t: s.mean_word_length > t),
-    ("max_symbol_word_ratio", lambda s, t: max(s.per_word(s.text.count("#")),
-                                               s.per_word(sum(s.text.count(e) for e in _ELLIPSES))) > t),
+    ("max_symbol_word_ratio", lambda s, t: max(s.per_token(s.text.count("#")),
+                                               s.per_token(sum(s.text.count(e) for e in _ELLIPSES))) > t),
     ("max_bullet_lines", lambda s, t: s.per_line(sum(line.startswith(_BULLETS) for line in s.lines)) > t),
     ("max_ellipsis_lines", lambda s, t: s.per_line(sum(line.endswith(_ELLIPSES) for line in s.lines)) > t),
-    ("min_alpha_words", lambda s, t: s.per_word(sum(any(c.isalpha() for c in w) for w in s.words)) < t),
+    ("min_alpha_words", lambda s, t: s.per_token(sum(any(c.isalpha() for c in w) for w in s.tokens)) < t),
 )
 
 

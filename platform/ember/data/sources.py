@@ -262,7 +262,7 @@ def _glob_files(fs_uri: str, fs: pafs.FileSystem, pattern: str, shown: str, forc
     base = pattern
     while _has_glob(base):
         base = os.path.dirname(base)
-    recursive = "/" in pattern[len(base):].strip("/")
+    recursive = "**" in pattern or "/" in pattern[len(base):].strip("/")
     matches = [i for i in _list(fs, base, shown, recursive) if glob_match(pattern, i.path)]
     files = [f for f in (_file_entry(fs_uri, i, forced, False) for i in matches) if f]
     if not files:

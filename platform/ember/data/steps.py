@@ -60,7 +60,20 @@ class Texts:
                 kind = "null" if value is None else type(value).__name__
                 self.skips.skip("wrong_type", str(where), f"{what} {key!r} is {kind}, expected a string")
                 continue
+            if not value.isascii() and not encodable(value):
+                self.skips.skip("lone_surrogate", str(where), f"{what} {key!r} holds a lone surrogate (an unpaired "
+                                                              "\\ud800-\\udfff escape), not text")
+                continue
             yield value
+
+
+def encodable(text: str) -> bool:
+    """Whether the text is valid Unicode (JSON's escapes can spell lone surrogates, which no UTF-8 holds)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_texts(source: SourceSpec, skips: SkipLog) -> Callable[[WorkUnit], Iterator[str]]:

@@ -121,6 +121,12 @@ class DatasetJob:
         a template. Worker counts, paths and `strict` are not among them."""
         raise NotImplementedError
 
+    def unit_parts(self, unit: int):
+        """What shapes one unit's rows besides its own input, known once `prepare` has run (the documents the dedup
+        passes drop from it, which depend on other units): in its marker's identity, so a unit whose part changed
+        is redone. None: nothing."""
+        return None
+
     def check(self, identity: str) -> None:
         """Refuses, before the output dir is touched, a dataset of `identity` where it must not change."""
 
@@ -435,8 +441,9 @@ def run_job(job: DatasetJob, address: str | None = None, progress_dir: str | os.
     units = plan_units(resolved, job.source)
     ensure_ray(address)
     workers, num_cpus = pool(job.workers)
-    fingerprints = unit_fingerprints(units, resolved)
     encoder = job.prepare(units, workers, num_cpus)
+    fingerprints = {u: fp if job.unit_parts(u) is None else identity_of([fp, job.unit_parts(u)])
+                    for u, fp in unit_fingerprints(units, resolved).items()}
     vocab_size, eos_id = tokenizer_facts(job.out)
     unit_job = UnitJob(job.out, job.seq_len + 1, shards.token_dtype(vocab_size).name, job.shard_bytes, encoder,
                        fingerprints, extra_columns=job.extra_columns, strict=job.source.strict,
