@@ -38,6 +38,10 @@ HUGE = '{"model": "tiny", "prompt": "the fox", "max_tokens": ' + "9" * 5000 + "}
 
 # (case, route, body, status, param, words in the message)
 HOSTILE = [
+    ("stream-options-without-stream", "chat/completions", chat(stream_options={"include_usage": False}), 400,
+     "stream_options", "only be defined when `stream=True`"),
+    ("stream-options-without-stream-completion", "completions", body(stream_options={"include_usage": True}), 400,
+     "stream_options", "only be defined when `stream=True`"),
     ("nan-temperature", "completions", raw('{"model": "tiny", "prompt": "a", "temperature": NaN}'), 400,
      "temperature", "finite number"),
     ("nan-repetition-penalty", "completions", raw('{"model": "tiny", "prompt": "a", "repetition_penalty": NaN}'),

@@ -35,6 +35,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest as VLLMChatRequest
 from ray.serve.llm.openai_api_models import CompletionRequest as VLLMCompletionRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import VLLMValidationError
 
 from ember.metrics import SERVE_METRICS
 from ember.serve.args import ServeArgs
@@ -103,8 +104,10 @@ def vllm_request(body: SamplingRequest, chat: bool, args: ServeArgs, key_digest:
             # tokenizers does the same), in vLLM's renderer threads like the rest.
             fields["chat_template_kwargs"] = {**fields.get("chat_template_kwargs", {}), "sanitize_control_tokens": True,
                                               "tokenize": True}
-        return VLLMChatRequest.model_validate(fields)
-    return VLLMCompletionRequest.model_validate(fields)
+    try:
+        return (VLLMChatRequest if chat else VLLMCompletionRequest).model_validate(fields)
+    except VLLMValidationError as exc:  # a rule vLLM checks beyond the schema (stream_options without stream)
+        raise APIError(400, str(exc).split(" (parameter=")[0], getattr(exc, "parameter", None)) from None
 
 
 def key_cache_salt(key_digest: str, client_salt: Optional[str]) -> str:
