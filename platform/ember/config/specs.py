@@ -117,13 +117,15 @@ class GopherSpec(SpecModel):
     min_mean_word_length: Optional[float] = Field(3, ge=0, description="Smallest mean word length, characters" + _OFF)
     max_mean_word_length: Optional[float] = Field(10, ge=0, description="Largest mean word length, characters" + _OFF)
     max_symbol_word_ratio: Optional[float] = Field(
-        0.1, ge=0, description="Most '#' per word, and most ellipses ('...', '…') per word" + _OFF)
+        0.1, ge=0, description="Most '#' per token, and most ellipses ('...', '…') per token (whitespace-separated, "
+                               "symbols included)" + _OFF)
     max_bullet_lines: Optional[float] = Field(
         0.9, ge=0, le=1, description="Largest fraction of lines starting with a bullet (•, -, * …)" + _OFF)
     max_ellipsis_lines: Optional[float] = Field(
         0.3, ge=0, le=1, description="Largest fraction of lines ending with an ellipsis" + _OFF)
     min_alpha_words: Optional[float] = Field(
-        0.8, ge=0, le=1, description="Smallest fraction of words holding an alphabetic character" + _OFF)
+        0.8, ge=0, le=1, description="Smallest fraction of tokens (symbols included) holding an alphabetic "
+                                     "character" + _OFF)
     min_stop_words: Optional[int] = Field(2, ge=0, description="Fewest stop words (any case) in the document" + _OFF)
     stop_words: list[str] = Field(["the", "be", "to", "of", "and", "that", "have", "with"],
                                   description="The stop words min_stop_words counts.")
@@ -287,6 +289,22 @@ SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_SOURCE_NAMES = ("train", "val")  # a dataset dir's own
 
 
+def check_mixture(data, single: str, names: list[str] | None) -> None:
+    """A data section's choice between one source (its key `single`) and `mix` (with its sources' `names`): exactly
+    one of them; `exhausted` only with a mix (stop by default); each source's name once."""
+    if (getattr(data, single) is None) == (data.mix is None):
+        raise ValueError(f"set exactly one of data.{single} and data.mix")
+    if data.mix is None and data.exhausted is not None:
+        raise ValueError("data.exhausted applies to data.mix")
+    if data.mix is not None:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once (give each a "
+                             "name of its own)")
+        if data.exhausted is None:
+            data.exhausted = "stop"
+
+
 class MixSourceSpec(SpecModel):
     """One dataset of a weighted mixture."""
 
@@ -318,24 +336,14 @@ class DataSpec(SpecModel):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.dir is None) == (self.mix is None):
-            raise ValueError("set exactly one of data.dir and data.mix")
-        if self.mix is None and self.exhausted is not None:
-            raise ValueError("data.exhausted applies to data.mix")
-        if self.mix is not None:
-            from ember.storage import name, normalize
+        from ember.storage import name, normalize
 
-            names = [m.name or name(normalize(m.dir)) for m in self.mix]
-            twice = sorted({n for n in names if names.count(n) > 1})
-            if twice:
-                raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once (give each "
-                                 "a name:)")
-            unfit = [n for n in names if not re.match(SOURCE_NAME, n)]
-            if unfit:
-                raise ValueError(f"data.mix: {unfit[0]!r} (the last part of its dir) is not a source name (letters, "
-                                 "digits, '_', '.', '-'): give the source a name:")
-            if self.exhausted is None:
-                self.exhausted = "stop"
+        names = [m.name or name(normalize(m.dir)) for m in self.mix] if self.mix is not None else None
+        unfit = [n for n in names or () if not re.match(SOURCE_NAME, n)]
+        if unfit:
+            raise ValueError(f"data.mix: {unfit[0]!r} (the last part of its dir) is not a source name (letters, "
+                             "digits, '_', '.', '-'): give the source a name:")
+        check_mixture(self, "dir", names)
         return self
 
 
@@ -618,17 +626,7 @@ class ChatDataSpec(InputSpec):
 
     @model_validator(mode="after")
     def _inputs_or_a_mix(self):
-        if (self.inputs is None) == (self.mix is None):
-            raise ValueError("set exactly one of data.inputs and data.mix")
-        if self.mix is None and self.exhausted is not None:
-            raise ValueError("data.exhausted applies to data.mix")
-        if self.mix is not None:
-            names = [m.name for m in self.mix]
-            twice = sorted({n for n in names if names.count(n) > 1})
-            if twice:
-                raise ValueError(f"data.mix: sources named {', '.join(map(repr, twice))} more than once")
-            if self.exhausted is None:
-                self.exhausted = "stop"
+        check_mixture(self, "inputs", [m.name for m in self.mix] if self.mix is not None else None)
         return self
 
     def source(self) -> SourceSpec:
