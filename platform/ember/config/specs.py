@@ -287,6 +287,8 @@ class TokenizeSpec(JobSpec):
 # A mixture source's name: a metric name's part (tokens/NAME) and a fine-tune source's dataset dir (DATA_DIR/NAME).
 SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_SOURCE_NAMES = ("train", "val")  # a dataset dir's own
+EXHAUSTED_HELP = ("When a mix source has given every row once: stop the run at that step (default), or recycle it (a "
+                  "new order).")
 
 
 def check_mixture(data, single: str, names: list[str] | None) -> None:
@@ -326,9 +328,7 @@ class DataSpec(SpecModel):
                                                                              "tokenizer and seq_len, drawn by weight "
                                                                              "(the same mixture at every prefix of "
                                                                              "training).")
-    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description="When a mix source has given every "
-                                                                             "row once: stop the run at that step "
-                                                                             "(default), or recycle it (a new order).")
+    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description=EXHAUSTED_HELP)
     shuffle_block_bytes: Optional[int] = Field(None, ge=4096, description="Shards shuffled together: a split larger "
                                                                          "than this is read a block of shards at a "
                                                                          "time, streamed through the node cache "
@@ -597,9 +597,7 @@ class ChatDataSpec(InputSpec):
                                                                                  "conversations drawn by weight (the "
                                                                                  "same mixture at every prefix of "
                                                                                  "training).")
-    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description="When a mix source has given every row "
-                                                                             "once: stop the run at that step "
-                                                                             "(default), or recycle it.")
+    exhausted: Optional[Literal["stop", "recycle"]] = Field(None, description=EXHAUSTED_HELP)
 
     format: Literal["auto", "messages", "prompt_response", "alpaca"] = Field(
         "auto", description="Record layout: messages [{role, content}] (or ShareGPT conversations [{from, value}]), "
