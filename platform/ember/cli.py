@@ -37,6 +37,7 @@ JOB_RUNNERS = {
     "tokenize": "ember.data.pipeline:run_tokenize",
     "pretrain": "ember.train.pretrain:run_pretrain",
     "finetune": "ember.train.finetune:run_finetune",
+    "preference": "ember.train.preference:run_preference",
     "evaluate": "ember.eval.evaluate:run_evaluate",
 }
 

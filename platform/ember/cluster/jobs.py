@@ -42,7 +42,8 @@ from ember.runs.progress import show_progress
 # metadata and runtime envs are visible in the dashboard; pass credentials with --env NAME explicitly).
 FORWARDED_ENV = ("EMBER_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PROGRESS_KINDS = ("tokenize", "pretrain", "finetune")  # the kinds that write ember.runs.progress records in output.dir
+# The kinds that write ember.runs.progress records in output.dir.
+PROGRESS_KINDS = ("tokenize", "pretrain", "finetune", "preference")
 
 
 def resolve_dashboard(address: str | None) -> str:

@@ -89,7 +89,7 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
-        allowed = sorted(parent.model_fields) if parent else []
+        allowed = sorted(f.alias or name for name, f in parent.model_fields.items()) if parent else []
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         text = f"unknown key '{dotted}'"
         if hint:

@@ -38,7 +38,7 @@ def key_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     """One Markdown table row per key of a model (nested models as dotted keys): key, type, default, description."""
     rows = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         nested = _nested(field.annotation)
         if field.is_required():
             default = "required"

@@ -68,7 +68,8 @@ class InputSpec(SpecModel):
         description="Files, directories, globs (** spans directories) or URIs (s3://, gs://, file://) of text, "
         "JSONL/JSON or Parquet records (conversations: not text), Hugging Face datasets directories written by "
         "save_to_disk (a Dataset, or a DatasetDict: see split), or a built-in corpus: builtin:python-docs "
-        "(documents), builtin:python-qa (conversations; builtin:python-qa:test is its held-out split).",
+        "(documents), builtin:python-qa (conversations), builtin:python-prefs (preference pairs); NAME:test is a "
+        "built-in set's held-out split.",
     )
     split: Optional[str] = Field(None, min_length=1, description="The split read from a Hugging Face DatasetDict "
                                                                  "input (a subdirectory of it; default train); "
@@ -664,8 +665,104 @@ class FinetuneSpec(TrainingJobSpec):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (method: lora).")
 
 
+class PairDataSpec(InputSpec):
+    """Preference pairs to tune on: `{prompt, chosen, rejected}` texts, or two conversations (`chosen: [messages]`,
+    `rejected: [messages]`) that share every turn but the last; rendered with the base model's chat template, one
+    pair per row, loss on the answer tokens only (by the same Ray Data pipeline and shard format as `kind:
+    tokenize`). Inputs are JSONL/JSON/Parquet records, Hugging Face datasets directories, or builtin:python-prefs
+    (builtin:python-prefs:test is its held-out split)."""
+
+    inputs: list[str] = Field(min_length=1, description="Files, directories, globs or URIs of JSONL/JSON or Parquet "
+                                                        "pair records, Hugging Face datasets directories, or "
+                                                        "builtin:python-prefs (builtin:python-prefs:test is its "
+                                                        "held-out split).")
+    format: Literal["auto", "texts", "conversations"] = Field(
+        "auto", description="Pair layout: texts (prompt, chosen and rejected strings: the prompt is the user turn), "
+        "conversations (chosen and rejected lists of {role, content} sharing all but their last turn, the prompt "
+        "key unused); auto decides per record.")
+    seq_len: int = Field(512, ge=8, description="Row length in tokens (rows hold seq_len + 1 ids); a side (prompt and "
+                                                "answer) longer than this is skipped, with its location.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of pairs sent to val/, chosen by a stable "
+                                                                  "hash of the pair.")
+    shard_bytes: int = Field(64 * MiB, ge=4096, description="Target size of one Arrow shard file.")
+    dir: Optional[str] = Field(None, description="Where the tokenized pairs go (default: RUN_DIR/data); reused when "
+                                                 "inputs and settings are unchanged.")
+    overwrite: bool = Field(False, description="Replace a data.dir that holds a different dataset (the default, "
+                                               "RUN_DIR/data, is the run's own).")
+
+    def source(self) -> SourceSpec:
+        """The inputs as the readers take them (records parsed by extension)."""
+        return SourceSpec(**self.model_dump(include=set(InputSpec.model_fields)))
+
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
+
+
+class PreferenceLossSpec(SpecModel):
+    """The preference loss and its hyper-parameters, as TRL defines them (`DPOTrainer` for dpo and ipo, `CPOTrainer`
+    for simpo, `ORPOTrainer` for orpo)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+    OMITTED_WHEN_UNSET = ("gamma", "lambda")  # keys as dumped (by alias)
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = Field(
+        "dpo", description="dpo: -log σ(β·(chosen - rejected log-ratio against the reference)); ipo: its squared "
+        "form on length-averaged log-probabilities; simpo: reference-free, length-averaged, with a margin γ; orpo: "
+        "reference-free, the chosen side's cross-entropy minus λ·log σ(log-odds ratio).")
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False, description="β: how far the policy may move from the "
+                                                                    "reference (dpo, ipo), the reward scale (simpo; "
+                                                                    "orpo's rewards scale by λ, as TRL's do).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, allow_inf_nan=False,
+                                   description="dpo, simpo: the assumed share of pairs whose labels are flipped "
+                                               "(conservative DPO); 0 for plain DPO.")
+    gamma: Optional[float] = Field(None, ge=0, allow_inf_nan=False,
+                                   description="simpo: the target reward margin γ (default 0.5).")
+    lambda_: Optional[float] = Field(None, alias="lambda", gt=0, allow_inf_nan=False,
+                                     description="orpo: the weight λ of the odds-ratio term (default 0.1).")
+
+    @model_validator(mode="after")
+    def _settings_of_the_loss(self):
+        if self.gamma is not None and self.loss != "simpo":
+            raise ValueError(f"preference.gamma is SimPO's margin; loss is {self.loss}")
+        if self.lambda_ is not None and self.loss != "orpo":
+            raise ValueError(f"preference.lambda is ORPO's weight; loss is {self.loss}")
+        if self.label_smoothing and self.loss not in ("dpo", "simpo"):
+            raise ValueError(f"preference.label_smoothing applies to dpo and simpo; loss is {self.loss}")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares with a reference model (dpo, ipo) or is reference-free (simpo, orpo)."""
+        return self.loss in ("dpo", "ipo")
+
+    @property
+    def margin(self) -> float:
+        return 0.5 if self.gamma is None else self.gamma
+
+    @property
+    def odds_weight(self) -> float:
+        return 0.1 if self.lambda_ is None else self.lambda_
+
+
+class PreferenceSpec(TrainingJobSpec):
+    """`kind: preference` — preference tuning (DPO, IPO, SimPO, ORPO) on chosen/rejected pairs, full or LoRA, from a
+    Llama, Qwen2, Qwen3 or Mistral model dir (usually a supervised fine-tune)."""
+
+    kind: Literal["preference"] = Field(description="Job kind.")
+    base: str = Field(description=FinetuneSpec.model_fields["base"].description)
+    data: PairDataSpec = Field(description="Preference pairs.")
+    method: Literal["full", "lora"] = Field("full", description="full: train every weight (the reference's "
+                                                                "log-probabilities computed once before training); "
+                                                                "lora: adapters on a frozen base, which with the "
+                                                                "adapters off is the reference.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (method: lora).")
+    preference: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec, description="The loss.")
+
+
 class EvalDataSpec(SpecModel):
     """What to evaluate on."""
+
+    OMITTED_WHEN_UNSET = ("pairs", "max_pairs")
 
     dir: Optional[str] = Field(None, description="A dataset dir: perplexity (pretrain datasets) or the loss on "
                                                  "assistant tokens (fine-tuning datasets).")
@@ -679,6 +776,13 @@ class EvalDataSpec(SpecModel):
                                                                        "template, and a generation score.")
     max_conversations: Optional[int] = Field(None, ge=1, description="Score at most this many of the conversations "
                                                                      "(the first ones read; default: all).")
+    pairs: Optional[list[str]] = Field(None, min_length=1, description="Preference pair files or "
+                                                               "builtin:python-prefs:test: preference accuracy (how "
+                                                               "often the chosen answer is the likelier) and the "
+                                                               "mean log-probability margin, with each model's own "
+                                                               "template.")
+    max_pairs: Optional[int] = Field(None, ge=1, description="Score at most this many pairs (the first ones read; "
+                                                             "default: all).")
 
 
 class GenerationEvalSpec(SpecModel):
@@ -746,11 +850,12 @@ class EvaluateSpec(JobSpec):
 
     @model_validator(mode="after")
     def _something(self):
-        if not self.data.dir and not self.data.conversations and self.lm_eval is None:
-            raise ValueError("set data.dir, data.conversations or lm_eval")
+        if not self.data.dir and not self.data.conversations and not self.data.pairs and self.lm_eval is None:
+            raise ValueError("set data.dir, data.conversations, data.pairs or lm_eval")
         return self
 
 
 # The job kinds Ember knows, by the value of their `kind` key.
 SPEC_KINDS: dict[str, type[SpecModel]] = {"tokenize": TokenizeSpec, "pretrain": PretrainSpec,
-                                          "finetune": FinetuneSpec, "evaluate": EvaluateSpec}
+                                          "finetune": FinetuneSpec, "preference": PreferenceSpec,
+                                          "evaluate": EvaluateSpec}

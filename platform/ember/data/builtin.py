@@ -3,11 +3,15 @@
 ``builtin:python-docs`` is a pretraining corpus: the ``pydoc_data`` topics (the language reference pages behind
 ``help()``) and, per standard-library module, its docstrings laid out like a ``pydoc`` page. ``builtin:python-qa`` is an
 instruction corpus derived from the same docstrings: a question naming a module, class or function, answered by its
-docstring's summary. Both are deterministic for a given Python build (sorted files, sorted topics, no imports of the
-modules themselves, so nothing is executed), and need no download.
+docstring's summary; a stable hash of the question holds some out (its ``test`` split). ``builtin:python-prefs`` is
+python-qa as preference pairs: each question with its own answer as chosen and, as rejected, a plausible wrong one,
+the summary of another entry of the same module (source file), chosen by a stable hash of the question among that
+module's held-in answers, so no held-out answer appears in training in either role; questions whose module has no
+other answer are left out. All are deterministic for a given Python build (sorted files, sorted topics, no imports of
+the modules themselves, so nothing is executed), and need no download.
 
 The corpora are split into *parts* so that Ray can read them in parallel: part 0 of ``python-docs`` is the topics,
-every other part is a contiguous group of source files.
+every other part is a contiguous group of source files (a module's questions and their wrong answers are in one part).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ember.identity import identity_of
 
 PYTHON_DOCS = "python-docs"
 PYTHON_QA = "python-qa"
+PYTHON_PREFS = "python-prefs"
 QA_SPLITS = ("train", "test")
 QA_TEST_PERCENT = 5  # share of python-qa held out for evaluation, chosen by a stable hash of the question
 FILES_PER_PART = 48  # source files per work unit: small enough to spread over workers, big enough to be worth a task
@@ -160,18 +165,45 @@ def qa_split(prompt: str) -> str:
     return "test" if bucket < QA_TEST_PERCENT else "train"
 
 
+def _check_split(corpus: str, split: str) -> None:
+    if split not in QA_SPLITS:
+        raise ValueError(f"unknown {corpus} split {split!r} (one of: {', '.join(QA_SPLITS)})")
+
+
+def _questions(rel: str) -> list[tuple[str, str, str]]:
+    """(question, answer, name) of each usable documented entry of one stdlib file, of both splits, in order."""
+    found = []
+    for kind, name, doc in _entries(rel):
+        answer = _summary(doc)
+        if len(answer) >= 20:  # one-word summaries teach nothing
+            found.append((_question(kind, name), answer, name.split("(", 1)[0]))
+    return found
+
+
 def python_qa(part: int, split: str = "train") -> Iterator[dict]:
     """The records of one part of ``builtin:python-qa``: ``{"prompt", "response", "where"}``, of one split."""
-    if split not in QA_SPLITS:
-        raise ValueError(f"unknown python-qa split {split!r} (one of: {', '.join(QA_SPLITS)})")
+    _check_split(PYTHON_QA, split)
     for rel in _part_files(part):
-        for kind, name, doc in _entries(rel):
-            answer = _summary(doc)
-            if len(answer) < 20:  # one-word summaries teach nothing
-                continue
-            prompt = _question(kind, name)
+        for prompt, answer, name in _questions(rel):
             if qa_split(prompt) == split:
-                yield {"prompt": prompt, "response": answer, "where": f"builtin:python-qa:{name.split('(', 1)[0]}"}
+                yield {"prompt": prompt, "response": answer, "where": f"builtin:python-qa:{name}"}
+
+
+def python_prefs(part: int, split: str = "train") -> Iterator[dict]:
+    """The records of one part of ``builtin:python-prefs``: ``{"prompt", "chosen", "rejected", "where"}``, of one
+    split: each python-qa question of the split with its answer as chosen and, as rejected, another held-in answer of
+    its module, picked by a stable hash of the question; questions whose module has none are left out."""
+    _check_split(PYTHON_PREFS, split)
+    for rel in _part_files(part):
+        questions = _questions(rel)
+        held_in = list(dict.fromkeys(answer for prompt, answer, _ in questions if qa_split(prompt) == "train"))
+        for prompt, answer, name in questions:
+            wrong = [a for a in held_in if a != answer]
+            if qa_split(prompt) != split or not wrong:
+                continue
+            pick = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "little") % len(wrong)
+            yield {"prompt": prompt, "chosen": answer, "rejected": wrong[pick],
+                   "where": f"builtin:python-prefs:{name}"}
 
 
 def python_qa_choices(split: str = "test", choices: int = 4) -> list[dict]:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import numpy as np
@@ -26,9 +27,12 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.steps import encodable
 from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, token_name
 from ember.errors import EmberError
+
+log = logging.getLogger("ember")
 
 ROLES = ("system", "user", "assistant")
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for where a continued message ends
@@ -45,7 +49,7 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _text(record: dict, key: str) -> str:
+def text_field(record: dict, key: str) -> str:
     if key not in record:
         raise BadRecord("missing_field", f"missing field {key!r}")
     value = record[key]
@@ -76,8 +80,8 @@ def to_messages(record, fmt: str = "auto", messages_field: str | None = None) ->
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     kind = detect_format(record, messages_field) if fmt == "auto" else fmt
     if kind == "prompt_response":
-        messages = [{"role": "user", "content": _text(record, "prompt")},
-                    {"role": "assistant", "content": _text(record, "response")}]
+        messages = [{"role": "user", "content": text_field(record, "prompt")},
+                    {"role": "assistant", "content": text_field(record, "response")}]
     elif kind == "alpaca":
         messages = _alpaca_messages(record)
     else:
@@ -91,11 +95,11 @@ def to_messages(record, fmt: str = "auto", messages_field: str | None = None) ->
 
 def _alpaca_messages(record: dict) -> list[dict]:
     """instruction (+ input) as the user's turn, output as the assistant's."""
-    instruction, extra = _text(record, "instruction"), record.get("input") or ""
+    instruction, extra = text_field(record, "instruction"), record.get("input") or ""
     if not isinstance(extra, str):
         raise BadRecord("wrong_type", f"field 'input' is {type(extra).__name__}, expected a string")
     return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-            {"role": "assistant", "content": _text(record, "output")}]
+            {"role": "assistant", "content": text_field(record, "output")}]
 
 
 def _listed_messages(record: dict, messages_field: str | None) -> list[dict]:
@@ -325,3 +329,25 @@ class SFTPacker:
             return {}
         return {"input_ids": np.stack([r[0] for r in rows]), "loss_mask": np.stack([r[1] for r in rows]),
                 "segments": np.stack([r[2] for r in rows])}
+
+
+def read_records(inputs: list[str], convert, what: str, limit: int | None = None) -> list[tuple[object, str]]:
+    """(convert(record), file:line) of the first `limit` usable records of `inputs`, in the order read (evaluation's
+    conversations and pairs); records `convert` refuses (`BadRecord`) are counted, logged and skipped."""
+    from ember.config.specs import SourceSpec
+
+    source, skips = SourceSpec(inputs=inputs), SkipLog()
+    reader, found = RecordReader(source, skips), []
+    for unit in plan_units(resolve_inputs(source), source):
+        for record, where in reader(unit):
+            if limit is not None and len(found) >= limit:
+                break
+            try:
+                found.append((convert(record), str(where)))
+            except BadRecord as bad:
+                skips.skip(bad.reason, str(where), bad.detail)
+    if skips.skipped:
+        log.info("%s: skipped %s", what, ", ".join(f"{k} {v}" for k, v in skips.skipped.items()))
+    if not found:
+        raise EmberError(f"no usable {what} in {', '.join(inputs)}")
+    return found

@@ -116,7 +116,7 @@ class ConversationJob(DatasetJob):
 
     kind, label = "sft", "finetune data"
     dir_key, overwrite_key, strict_key = "data.dir", "data.overwrite", "data.strict"
-    extra_columns = tuple(shards.EXTRA_COLUMNS)
+    extra_columns = shards.SFT_COLUMNS
 
     def __init__(self, data: ChatDataSpec, base_dir: str | os.PathLike, out: str | os.PathLike, context: int,
                  locked_by: str | None):

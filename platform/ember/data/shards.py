@@ -7,11 +7,19 @@ A dataset directory::
     train/*.arrow        Arrow IPC files; each row is one packed sequence of seq_len + 1 token ids
     val/*.arrow
 
-Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids``. Fine-tuning datasets (manifest kind
-``sft``) add two columns of the same shape: ``loss_mask`` (uint8: 1 where the token is a training target) and
-``segments`` (uint16: which packed conversation a token belongs to, 1, 2, ...; 0 is padding). The manifest lists each
-shard with its rows, tokens, bytes and SHA-256. A file is written under a temporary name and renamed when complete
-(in object storage: uploaded whole once complete), so a crash never leaves a half shard that looks whole.
+Rows are a `fixed_size_list<uint16|uint32>[seq_len + 1]` column ``input_ids`` (the token dtype: the smallest that
+holds the vocabulary). Other kinds of dataset add columns of the same shape (`COLUMN_TYPES`):
+
+- fine-tuning (manifest kind ``sft``, `SFT_COLUMNS`): ``loss_mask`` (uint8: 1 where the token is a training target)
+  and ``segments`` (uint16: which packed conversation a token belongs to, 1, 2, ...; 0 is padding);
+- preference pairs (kind ``preference``, `PREFERENCE_COLUMNS`), one pair per row, unpacked: ``input_ids`` is the
+  chosen side (prompt and answer) and ``loss_mask`` marks its answer's tokens; ``rejected_ids`` (the token dtype)
+  and ``rejected_mask`` (uint8) are the rejected side the same way. Both sides are padded with the manifest's
+  ``pad_id`` (mask 0).
+
+The manifest lists each shard with its rows, tokens, bytes and SHA-256. A file is written under a temporary name and
+renamed when complete (in object storage: uploaded whole once complete), so a crash never leaves a half shard that
+looks whole.
 
 The dataset directory is a location (`ember.storage`). The reader reads a bucket's shards through the node cache,
 checked against the manifest's sizes and hashes.
@@ -49,11 +57,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-EXTRA_COLUMNS = {"loss_mask": np.dtype(np.uint8), "segments": np.dtype(np.uint16)}
+TOKEN_IDS = "token ids"  # a column of token ids: of the dataset's token dtype, as input_ids
+# Every column a shard may hold beside input_ids, and its type.
+COLUMN_TYPES: dict[str, np.dtype | str] = {"loss_mask": np.dtype(np.uint8), "segments": np.dtype(np.uint16),
+                                           "rejected_ids": TOKEN_IDS, "rejected_mask": np.dtype(np.uint8)}
+SFT_COLUMNS = ("loss_mask", "segments")
+PREFERENCE_COLUMNS = ("loss_mask", "rejected_ids", "rejected_mask")
+
+
+def column_dtypes(dtype: np.dtype, extra_columns: Sequence[str] = ()) -> dict[str, np.dtype]:
+    """Each column's dtype, input_ids first, for a dataset whose token dtype is `dtype`."""
+    dtype = np.dtype(dtype)
+    return {"input_ids": dtype, **{c: dtype if COLUMN_TYPES[c] is TOKEN_IDS else COLUMN_TYPES[c]
+                                   for c in extra_columns}}
 
 
 def shard_schema(row_len: int, dtype: np.dtype, extra_columns: Sequence[str] = ()) -> pa.Schema:
-    columns = {"input_ids": np.dtype(dtype), **{c: EXTRA_COLUMNS[c] for c in extra_columns}}
+    columns = column_dtypes(dtype, extra_columns)
     return pa.schema([pa.field(name, pa.list_(pa.from_numpy_dtype(t), row_len)) for name, t in columns.items()],
                      metadata={b"ember.row_length": str(row_len).encode()})
 
@@ -61,9 +81,9 @@ def shard_schema(row_len: int, dtype: np.dtype, extra_columns: Sequence[str] = (
 class ShardWriter:
     """Writes packed rows to shard files named ``{prefix}-{n:03d}.arrow``, rolling over at `shard_bytes`.
 
-    Rows are an (n, row_len) array of token ids, or with `extra_columns` (fine-tuning data) a dict of such arrays by
-    column name. A shard is written under a temporary name and renamed when complete; in object storage it is written
-    to a local temporary file and uploaded whole when complete."""
+    Rows are an (n, row_len) array of token ids, or with `extra_columns` (fine-tuning and preference data) a dict of
+    such arrays by column name. A shard is written under a temporary name and renamed when complete; in object storage
+    it is written to a local temporary file and uploaded whole when complete."""
 
     def __init__(self, directory: str | os.PathLike, prefix: str, row_len: int, dtype: np.dtype, shard_bytes: int,
                  extra_columns: Sequence[str] = ()):
@@ -71,7 +91,7 @@ class ShardWriter:
         self._staging = tempfile.gettempdir() if storage.is_uri(self.directory) else self.directory
         self.prefix = prefix
         self.row_len = row_len
-        self.dtypes = {"input_ids": np.dtype(dtype), **{c: EXTRA_COLUMNS[c] for c in extra_columns}}
+        self.dtypes = column_dtypes(dtype, extra_columns)
         row_bytes = row_len * sum(t.itemsize for t in self.dtypes.values())
         self.rows_per_shard = max(1, shard_bytes // row_bytes)
         self.schema = shard_schema(row_len, self.dtypes["input_ids"], extra_columns)
@@ -183,7 +203,7 @@ class _Opened:
 
     def __init__(self, path: Path, row_len: int, extra: list[str] | None):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-        self.extra = [c for c in EXTRA_COLUMNS if c in table.column_names] if extra is None else extra
+        self.extra = [c for c in table.column_names if c != "input_ids"] if extra is None else extra
         self.chunks: list[dict[str, np.ndarray]] = []
         for i in range(table.column("input_ids").num_chunks):
             self.chunks.append({c: table.column(c).chunks[i].flatten().to_numpy(zero_copy_only=True)
@@ -239,7 +259,7 @@ class ShardReader:
         if self.num_rows == 0:
             raise EmberError(f"{storage.display(self.dataset_dir)}: split {split!r} has no rows")
         self._starts = np.array([s.start for s in self.shards])
-        self.extra_columns: list[str] | None = None  # loss_mask, segments (fine-tuning): known once a shard is open
+        self.extra_columns: list[str] | None = None  # the columns beside input_ids: known once a shard is open
         self._open: dict[int, _Opened] = {}  # shard index -> its map, for the current and the next block
         self._pending: dict[int, Future] = {}  # shard index -> its fetch, in the background
         self._fetcher: ThreadPoolExecutor | None = None
@@ -361,7 +381,7 @@ class ShardReader:
         return self.num_rows
 
     def columns(self, index: int) -> dict[str, np.ndarray]:
-        """Row `index` of every column: input_ids, and loss_mask and segments where the dataset has them."""
+        """Row `index` of every column: input_ids, and the dataset's other columns (`COLUMN_TYPES`)."""
         i = int(np.searchsorted(self._starts, index, side="right")) - 1
         return self._opened(i).columns(index - self.shards[i].start)
 
@@ -371,8 +391,8 @@ class ShardReader:
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray | dict, int]]:
         """Endless (batch, global samples consumed after it) pairs from `start` (a global count of samples consumed)
-        on. A batch is an int64 array (batch_size, seq_len + 1), or for a fine-tuning dataset a dict of such arrays
-        by column name."""
+        on. A batch is an int64 array (batch_size, seq_len + 1), or for a dataset with more columns (fine-tuning,
+        preference) a dict of such arrays by column name."""
         return rank_batches(lambda k: self.columns(self.sample_row(k)), batch_size, start, self.rank, self.world_size)
 
     def close(self) -> None:
@@ -387,7 +407,7 @@ def rank_batches(sample: Callable[[int], dict], batch_size: int, start: int, ran
                  world_size: int) -> Iterator[tuple[np.ndarray | dict, int]]:
     """(batch, global samples consumed after it) pairs of rank `rank` of `world_size`, which takes the global samples
     ``k ≡ rank (mod world_size)`` from `start` on; `sample(k)` gives sample k's columns. A batch is input_ids alone
-    as an int64 array, or every column by name (fine-tuning datasets)."""
+    as an int64 array, or every column by name (datasets with more columns: fine-tuning, preference)."""
     k, consumed = start + rank, start
     while True:
         rows = [sample(k + i * world_size) for i in range(batch_size)]
@@ -396,7 +416,14 @@ def rank_batches(sample: Callable[[int], dict], batch_size: int, start: int, ran
         if len(rows[0]) == 1:
             yield np.stack([r["input_ids"] for r in rows]).astype(np.int64), consumed
         else:
-            yield {c: np.stack([r[c] for r in rows]).astype(np.int64) for c in rows[0]}, consumed
+            yield {c: _batch_column([r[c] for r in rows]) for c in rows[0]}, consumed
+
+
+def _batch_column(values: list) -> np.ndarray:
+    """One column of a batch: token ids and masks as int64 (what embedding lookups and losses take), figures carried
+    beside the rows (a preference pair's reference log-probabilities) as they are."""
+    stacked = np.stack(values)
+    return stacked.astype(np.int64) if np.issubdtype(stacked.dtype, np.integer) else stacked
 
 
 def check_cache_budget(dataset_dirs: list[str], block_bytes: int) -> None:

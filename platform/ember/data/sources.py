@@ -2,10 +2,10 @@
 
 Inputs are local paths, directories, globs, or URIs of any filesystem pyarrow opens (``s3://``, ``gs://``,
 ``file://``; S3 options such as ``?endpoint_override=...`` ride along in the URI), or a built-in corpus
-(``builtin:python-docs``, ``builtin:python-qa``, ``builtin:python-qa:test``). Globs match as a shell's do: ``*``,
-``?`` and ``[...]`` within one path segment, ``**`` as a whole segment for any number of directories
-(``data/**/*.parquet``). A Hugging Face ``datasets`` directory written by ``save_to_disk`` (format ``hf``:
-``state.json`` and the ``data-0000K-of-0000N.arrow`` files it lists, Arrow IPC streams; a ``DatasetDict`` is
+(``builtin:python-docs``, ``builtin:python-qa``, ``builtin:python-prefs``, and ``:test`` of the last two). Globs
+match as a shell's do: ``*``, ``?`` and ``[...]`` within one path segment, ``**`` as a whole segment for any number
+of directories (``data/**/*.parquet``). A Hugging Face ``datasets`` directory written by ``save_to_disk`` (format
+``hf``: ``state.json`` and the ``data-0000K-of-0000N.arrow`` files it lists, Arrow IPC streams; a ``DatasetDict`` is
 ``dataset_dict.json`` with a subdirectory per split, of which ``split`` is read) is read with pyarrow alone.
 
 A *work unit* is a list of segments (a whole file, a byte range of a large uncompressed text/JSONL file, a range of
@@ -48,7 +48,7 @@ FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".
            ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("python-docs", "python-qa", "python-qa:test")
+BUILTINS = ("python-docs", "python-qa", "python-qa:test", "python-prefs", "python-prefs:test")
 MAX_EXAMPLES = 5  # bad-record locations kept per reason kind, per unit and in the final summary
 MAX_DOCUMENT_BYTES = 256 << 20  # one document (line, paragraph or whole file) past this is skipped: a corrupt file or
 # a decompression bomb, which would otherwise take the worker's memory
@@ -661,9 +661,10 @@ class RecordReader:
 
     A record is a document's text (plain text: a whole file or a paragraph), a parsed JSON value (JSON Lines, a JSON
     array), a Parquet or Hugging Face dataset row as a dict (only `columns`, when given), or a built-in corpus's
-    record (python-docs: its text; python-qa: a dict with prompt and response). What a record means is its
-    consumer's business: the text of a document (`ember.data.steps.Texts`) or a conversation
-    (`ember.data.chat.to_messages`). Unreadable input goes to the SkipLog with its location."""
+    record (python-docs: its text; python-qa: a dict with prompt and response; python-prefs: prompt, chosen and
+    rejected). What a record means is its consumer's business: the text of a document (`ember.data.steps.Texts`), a
+    conversation (`ember.data.chat.to_messages`) or a preference pair (`ember.data.pairs.to_pair`). Unreadable input
+    goes to the SkipLog with its location."""
 
     def __init__(self, source: SourceSpec, skips: SkipLog, columns: list[str] | None = None):
         self.source = source
@@ -712,8 +713,10 @@ class RecordReader:
             for doc in builtin.python_docs(seg.start):
                 yield doc.text, Location(seg, doc.where)
         else:
-            for rec in builtin.python_qa(seg.start, split or "train"):
-                yield {"prompt": rec["prompt"], "response": rec["response"]}, Location(seg, rec["where"])
+            records = builtin.python_prefs if corpus == builtin.PYTHON_PREFS else builtin.python_qa
+            for rec in records(seg.start, split or "train"):
+                where = rec.pop("where")
+                yield rec, Location(seg, where)
 
     def _whole_text(self, seg: Segment, stream) -> Iterator[tuple[object, Location]]:
         data = _read_whole(stream)

@@ -1,9 +1,10 @@
 """One executor for the jobs that turn input records into a dataset of shards, a work unit at a time, on Ray Data.
 
-Corpus tokenization (`ember.data.pipeline`, manifest kind ``pretrain``) and conversation tokenization
-(`ember.data.sft`, kind ``sft``) each describe themselves as a `DatasetJob`: their inputs, the parts of their
-identity, the tokenizer they write and the encoder that turns one work unit's records into rows, what they add to
-the manifest, and their summary. `run_job` does the rest, once, the same way for both:
+Corpus tokenization (`ember.data.pipeline`, manifest kind ``pretrain``), conversation tokenization
+(`ember.data.sft`, kind ``sft``) and preference pairs (`ember.data.pairs`, kind ``preference``) each describe
+themselves as a `DatasetJob`: their inputs, the parts of their identity, the tokenizer they write and the encoder that
+turns one work unit's records into rows, what they add to the manifest, and their summary. `run_job` does the rest,
+once, the same way for all:
 
 - **The steps**: resolve the inputs (a missing path fails before any Ray work) → fingerprint them → the job's and
   the dataset's identities (`dataset_identity`) → ready the output dir → plan work units → connect to Ray → size
@@ -98,7 +99,7 @@ class DatasetJob:
     """A dataset job as `run_job` runs it: what differs between corpus and conversation tokenization. A job sets
     the attributes and implements the methods; the hooks with a body here are optional."""
 
-    kind: str  # the manifest's kind: "pretrain", "sft"
+    kind: str  # the manifest's kind: "pretrain", "sft", "preference"
     label: str  # names the job in log lines
     out: str  # the dataset dir (a location)
     source: SourceSpec  # the inputs, and how they are cut into work units

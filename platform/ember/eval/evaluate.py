@@ -7,6 +7,9 @@
   chat template and tokenizer; the loss on the assistant tokens, and, for the first `generation.max_examples`, a
   greedy answer to the conversation up to its last assistant turn scored against that turn by exact match and token
   F1 (SQuAD-style: lower case, punctuation and articles dropped).
+- `data.pairs` (preference pairs, or builtin:python-prefs:test): each model renders both sides with its own template;
+  its preference accuracy (the share of pairs whose chosen answer it gives the higher log-probability) and the mean
+  margin (chosen minus rejected answer log-probability).
 
 The evaluation runs in the job's driver process (CPU or one GPU); results go to `output.file` and the log.
 """
@@ -30,10 +33,12 @@ from ember.data.chat import (
     ChatEncoder,
     ChatTemplate,
     chat_tokenizer,
+    read_records,
     to_messages,
 )
+from ember.data.pairs import PreferencePair, encode_sides, read_pairs
 from ember.data.shards import ShardReader, load_manifest
-from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs, source_fingerprint
+from ember.data.sources import resolve_inputs, source_fingerprint
 from ember.data.tokenizer import load_tokenizer, tokenizer_config
 from ember.errors import EmberError
 from ember.eval.harness import run_harness
@@ -111,32 +116,60 @@ def _weighted_mean(losses: torch.Tensor, targets: torch.Tensor) -> tuple[float, 
 
 def read_conversations(inputs: list[str]) -> list[tuple[list[dict], str]]:
     """(messages, file:line) of every usable conversation in `inputs`; bad records are counted and skipped."""
-    source = SourceSpec(inputs=inputs)
-    skips = SkipLog()
-    reader = RecordReader(source, skips)
-    found = []
-    for unit in plan_units(resolve_inputs(source), source):
-        for record, where in reader(unit):
-            try:
-                found.append((to_messages(record), str(where)))
-            except BadRecord as bad:
-                skips.skip(bad.reason, str(where), bad.detail)
-    if skips.skipped:
-        log.info("evaluate: skipped %s", ", ".join(f"{k} {v}" for k, v in skips.skipped.items()))
-    if not found:
-        raise EmberError(f"no usable conversations in {', '.join(inputs)}")
-    return found
+    return read_records(inputs, to_messages, "conversations")
+
+
+def model_encoder(model_dir: str) -> ChatEncoder:
+    """The chat encoder of a model dir: its tokenizer and template (Ember's default template only where the
+    tokenizer already has its tokens)."""
+    tok, config, added = chat_tokenizer(load_tokenizer(model_dir), tokenizer_config(model_dir))
+    if added:
+        raise EmberError(f"{model_dir} has no chat template and its tokenizer lacks the tokens of Ember's default "
+                         f"one ({', '.join(added)}); fine-tune it first or give it a chat_template")
+    return ChatEncoder(tok, ChatTemplate.of(config))
+
+
+@torch.no_grad()
+def pair_scores(model, model_dir: str, pairs: list[PreferencePair], batch_size: int = 8) -> dict:
+    """Preference accuracy and mean margin over `pairs`, each side rendered with the model's own template: the
+    answers' summed log-probabilities compared, pair by pair."""
+    from ember.train.preference_loss import pair_logps
+
+    encoder, context = model_encoder(model_dir), model.config.max_position_embeddings + 1
+    rows = []
+    for pair in pairs:
+        try:
+            chosen, chosen_mask, rejected, rejected_mask = encode_sides(encoder, pair.chosen, pair.rejected)
+        except BadRecord as bad:
+            raise EmberError(f"{pair.where}: {bad.detail} (model {model_dir})") from None
+        if max(len(chosen), len(rejected)) <= context:
+            rows.append((chosen, chosen_mask, rejected, rejected_mask))
+    if not rows:
+        raise EmberError(f"no pair fits the context of {model_dir} ({context - 1} tokens)")
+    margins = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        chosen, rejected = _padded_batch([r[:2] for r in chunk]), _padded_batch([r[2:] for r in chunk])
+        width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
+        batch = {"input_ids": _widen(chosen["input_ids"], width), "loss_mask": _widen(chosen["loss_mask"], width),
+                 "rejected_ids": _widen(rejected["input_ids"], width),
+                 "rejected_mask": _widen(rejected["loss_mask"], width)}
+        logps = pair_logps(model, batch)
+        margins.extend((logps["chosen_logps"] - logps["rejected_logps"]).float().tolist())
+    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "mean_margin": sum(margins) / len(margins), "pairs": len(margins)}
+
+
+def _widen(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows right-padded with zeros to `width` columns."""
+    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
 
 
 @torch.no_grad()
 def conversation_scores(model, model_dir: str, conversations: list[tuple[list[dict], str]], max_examples: int,
                         max_new_tokens: int, batch_size: int = 8) -> dict:
-    tok, config, added = chat_tokenizer(load_tokenizer(model_dir), tokenizer_config(model_dir))
-    if added:
-        raise EmberError(f"{model_dir} has no chat template and its tokenizer lacks the tokens of Ember's default "
-                         f"one ({', '.join(added)}); fine-tune it first or give it a chat_template")
-    template = ChatTemplate.of(config)
-    encoder = ChatEncoder(tok, template)
+    encoder = model_encoder(model_dir)
+    tok, template = encoder.tok, encoder.template
     context = model.config.max_position_embeddings
     rows = []
     for messages, where in conversations:
@@ -199,8 +232,8 @@ def _identity(spec: EvaluateSpec) -> str:
     build) and the dataset's manifest."""
     models = {name: weights_fingerprint(builtin.resolve(path)) for name, path in spec.models.items()}
     data = load_manifest(spec.data.dir) if spec.data.dir else None
-    conversations = spec.data.conversations
-    files = source_fingerprint(resolve_inputs(SourceSpec(inputs=conversations))) if conversations else None
+    inputs = [*spec.data.conversations, *(spec.data.pairs or [])]
+    files = source_fingerprint(resolve_inputs(SourceSpec(inputs=inputs))) if inputs else None
     return identity_of({"spec": spec_without(spec, ("tracking",)), "models": models, "files": files, "data": data})
 
 
@@ -215,7 +248,7 @@ def _check_models(models: dict[str, str]) -> None:
             raise EmberError(f"models.{name}: model directory not found: {storage.display(path)}")
 
 
-def _model_figures(spec: EvaluateSpec, path: str, conversations: list) -> dict:
+def _model_figures(spec: EvaluateSpec, path: str, conversations: list, pairs: list) -> dict:
     """One model's figures: its dataset loss, conversation scores and harness results, as the spec asks."""
     model_dir = builtin.resolve(path)
     model = load_model(model_dir).eval()
@@ -227,6 +260,8 @@ def _model_figures(spec: EvaluateSpec, path: str, conversations: list) -> dict:
     if conversations:
         figures["conversations"] = conversation_scores(model, model_dir, conversations, spec.generation.max_examples,
                                                        spec.generation.max_new_tokens, spec.data.batch_size)
+    if pairs:
+        figures["pairs"] = pair_scores(model, model_dir, pairs, spec.data.batch_size)
     if spec.lm_eval is not None:
         figures["lm_eval"] = run_harness(path if builtin.is_builtin(path) else model_dir, spec.lm_eval)
     return figures
@@ -245,6 +280,10 @@ def _figures_line(figures: dict, split: str) -> str:
         if "token_f1" in c:
             parts.append(f"token F1 {c['token_f1']:.3f}, exact match {c['exact_match']:.3f} "
                          f"over {c['answered']} answers")
+    if "pairs" in figures:
+        p = figures["pairs"]
+        parts.append(f"preference accuracy {p['preference_accuracy']:.3f}, mean margin {p['mean_margin']:.3f} over "
+                     f"{p['pairs']} pairs")
     if "lm_eval" in figures:
         from lm_eval.utils import make_table
 
@@ -269,11 +308,12 @@ def run_evaluate(spec: EvaluateSpec, address: str | None = None) -> dict:
         return json.loads(storage.read_bytes(out))
     conversations = read_conversations(spec.data.conversations) if spec.data.conversations else []
     conversations = conversations[:spec.data.max_conversations]
+    pairs = read_pairs(spec.data.pairs, limit=spec.data.max_pairs) if spec.data.pairs else []
     if spec.lm_eval is not None:
         ensure_ray(address)  # the harness's requests go to Ray actors
     results: dict[str, dict] = {}
     for name, path in spec.models.items():
-        results[name] = _model_figures(spec, path, conversations)
+        results[name] = _model_figures(spec, path, conversations, pairs)
         log.info("evaluate: %-10s %s", name, _figures_line(results[name], spec.data.split))
     storage.write_text(out, json.dumps(results, indent=2) + "\n")
     write_stamp(stamp, identity)

@@ -24,6 +24,10 @@ PLOTS = {
     "loss.png": ("Loss", [("loss", "train"), ("val_loss", "validation")], "loss", True),
     "learning_rate.png": ("Learning rate", [("lr", "learning rate")], "lr", False),
     "tokens_per_second.png": ("Throughput", [("tokens_per_s", "tokens/s, all workers")], "tokens/s", False),
+    # a preference run's (drawn only where the rows have them)
+    "rewards.png": ("Rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
+                                ("rewards/margins", "margin")], "reward", False),
+    "reward_accuracy.png": ("Reward accuracy", [("rewards/accuracies", "chosen above rejected")], "share", False),
 }
 
 
@@ -93,8 +97,13 @@ def summarize(run_dir: str, rows: list[dict]) -> str:
     vals = [r for r in rows if isinstance(r.get("val_loss"), (int, float))]
     if vals:
         best = min(vals, key=lambda r: r["val_loss"])
-        lines.append(f"validation loss: {vals[-1]['val_loss']:.4f} (ppl {math.exp(min(vals[-1]['val_loss'], 50)):.1f})"
-                     f" at step {vals[-1]['step']}; best {best['val_loss']:.4f} at step {best['step']}")
+        ppl = f" (ppl {math.exp(min(vals[-1]['val_loss'], 50)):.1f})" if "val_ppl" in vals[-1] else ""
+        lines.append(f"validation loss: {vals[-1]['val_loss']:.4f}{ppl} at step {vals[-1]['step']}; best "
+                     f"{best['val_loss']:.4f} at step {best['step']}")
+    if isinstance(last.get("rewards/accuracies"), (int, float)):
+        lines.append(f"rewards: accuracy {rows[0]['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}, "
+                     f"margin {rows[0]['rewards/margins']:.4f} -> {last['rewards/margins']:.4f} (chosen "
+                     f"{last['rewards/chosen']:.4f}, rejected {last['rewards/rejected']:.4f})")
     rates = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
     if rates:
         lines.append(f"tokens/s: median {sorted(rates)[len(rates) // 2]:,.0f}, last {rates[-1]:,.0f}"
@@ -146,10 +155,13 @@ def write_report(run_dir: str | Path, evaluations: list[str] = ()) -> str:
     with tempfile.TemporaryDirectory(prefix="ember-report-") as staging:
         local = Path(out) if not storage.is_uri(out) else Path(staging)
         local.mkdir(exist_ok=True)
-        for name, (title, series, ylabel, log_y) in PLOTS.items():
+        drawn = [name for name, (_, series, _, _) in PLOTS.items()
+                 if any(isinstance(r.get(key), (int, float)) for r in rows for key, _ in series)]
+        for name in drawn:
+            title, series, ylabel, log_y = PLOTS[name]
             _plot(rows, title, series, ylabel, local / name, log_y)
         text = summarize(run_dir, rows)
-        text += f"\nplots: {', '.join(storage.display(storage.join(out, n)) for n in PLOTS)}"
+        text += f"\nplots: {', '.join(storage.display(storage.join(out, n)) for n in drawn)}"
         eval_dir = RunDir(run_dir).eval
         found = sorted(storage.join(eval_dir, rel) for rel, _ in storage.list_files(eval_dir)
                        if rel.endswith(".json")) if storage.is_dir(eval_dir) else []

@@ -73,9 +73,11 @@ def _base_config(base: str):
     return data, config_from_hf(data, storage.display(config))
 
 
-def prepare_finetune_data(spec: FinetuneSpec, address: str | None = None) -> FinetuneData:
+def prepare_finetune_data(spec: FinetuneSpec, address: str | None = None,
+                          tokenize=prepare_chat_dataset) -> FinetuneData:
     """The step before planning: checks the base, tokenizes the conversations (on Ray) and stamps the base's weights
-    in the run dir."""
+    in the run dir. `tokenize` is the dataset job of the spec's data (`kind: preference` tokenizes pairs), with
+    `prepare_chat_dataset`'s signature."""
     base = _base(spec)
     cfg = _base_config(base)[1]
     run_dir = storage.normalize(spec.output.dir)
@@ -84,8 +86,8 @@ def prepare_finetune_data(spec: FinetuneSpec, address: str | None = None) -> Fin
     # Ray Train restores the run dir's own latest checkpoint first, whatever `resume` names (never: refused above).
     resuming = RunDir(run_dir).has_checkpoints()
     locked_by = storage.display(run_dir) if resuming else None
-    if spec.data.mix is None:
-        manifest = prepare_chat_dataset(spec.data, base, data_dir, cfg.max_position_embeddings, address,
+    if getattr(spec.data, "mix", None) is None:
+        manifest = tokenize(spec.data, base, data_dir, cfg.max_position_embeddings, address,
                                         locked_by=locked_by, progress_dir=run_dir)
         return FinetuneData(base, data_dir, manifest, _check_base_weights(run_dir, base, resuming))
     sources = []  # a mixture: each source's conversations in a dataset of their own, DATA_DIR/NAME

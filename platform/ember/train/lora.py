@@ -9,9 +9,11 @@ block, so an adapter is exactly PEFT's adapter for that Llama module: update = (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ class LoraLinear(nn.Module):
         self.blocks = blocks
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # off: the layer is its base (`adapters_disabled`)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name, rows in blocks:
@@ -54,6 +57,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = self.dropout(x)
         parts = []
         for name, rows in self.blocks:
@@ -101,6 +106,20 @@ def apply_lora(model: Transformer, spec: LoraSpec) -> list[nn.Parameter]:
         if targets & {b[0] for b in blocks}:
             setattr(parent, name, LoraLinear(child, blocks, targets, spec.rank, spec.alpha, spec.dropout))
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within it, the model is its base: every LoraLinear skips its adapters (preference tuning's reference with
+    LoRA, as PEFT's `disable_adapter`, with no second copy of the model)."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge_lora(model: Transformer) -> Transformer:

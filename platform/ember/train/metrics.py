@@ -39,11 +39,18 @@ PEAK_TFLOPS = (
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     """The mean of a scalar over the ranks (all ranks must call)."""
-    value = value.detach().float().clone()
+    return means_over_ranks({"value": value})["value"]
+
+
+def means_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean of each scalar over the ranks, in one collective (all ranks must call, with the same keys)."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
     if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return float(value)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist()))
 
 
 def gather(values: list[int], device) -> list[list[int]]:
@@ -207,9 +214,10 @@ class StepMetrics:
     rank's peak memory, the ZeRO partition sizes (with the first row only). Built on every rank: the memory and
     partition figures are gathered (collectives)."""
 
-    def __init__(self, plan: RunPlan, engine, device, world: int):
+    def __init__(self, plan: RunPlan, engine, device, world: int, rows_per_sample: int = 1):
         spec = plan.spec
         self.global_batch, self.seq_len = spec.train.global_batch_size, plan.manifest["seq_len"]
+        self.rows_per_sample = rows_per_sample  # a preference pair is two sequences
         self.device, self.world, self.fp16 = device, world, spec.deepspeed.precision == "fp16"
         self.partitions = zero_partitions(engine, spec.deepspeed.zero_stage)  # collective: at the start, on all ranks
         self.peak = device_peak_flops(spec.scaling.use_gpu, spec.deepspeed.precision)
@@ -227,8 +235,9 @@ class StepMetrics:
             skipped_steps: int) -> dict:
         """The row of `step` (all ranks call); `skipped_steps` (fp16's overflowed updates) appear in fp16 runs."""
         seconds = time.perf_counter() - self.start
-        tokens_per_s = self.steps * self.global_batch * self.seq_len / max(seconds, 1e-9)
-        row = {"step": step, "samples": samples, "tokens": samples * self.seq_len, "loss": loss, "lr": lr,
+        tokens_per_s = self.steps * self.global_batch * self.seq_len * self.rows_per_sample / max(seconds, 1e-9)
+        row = {"step": step, "samples": samples, "tokens": samples * self.seq_len * self.rows_per_sample, "loss": loss,
+               "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": seconds / self.steps}
         if self.partitions:
             row["zero_partitions"], self.partitions = self.partitions, None

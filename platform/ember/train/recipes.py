@@ -8,6 +8,13 @@ with a recipe (the trainer's validation and `kind: evaluate`'s dataset loss alik
 - `SupervisedFinetuning`: loads the base, grows its vocabulary to the dataset's tokenizer, with LoRA freezes it under
   adapters; cross-entropy over the targets whose loss mask is 1, each packed conversation attending only to itself
   (segments); with LoRA the export also saves the adapters (PEFT format, `adapter/` beside the model) and merges them.
+- `PreferenceTuning`: the same model and export as supervised fine-tuning; the loss of `preference` (DPO, IPO, SimPO,
+  ORPO: `ember.train.preference_loss`) over each row's chosen and rejected answers, against the reference: with LoRA
+  the base itself (the adapters off, no second copy), with full fine-tuning the log-probabilities computed once
+  before training (`ember.train.reference`) that the batches carry.
+
+`Recipe.loss` returns the loss and the figures a kind logs beside it (the preference rewards), which the trainer
+averages over micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import torch.nn.functional as F
 from ember import storage
 from ember.model import Transformer, build_model, load_model, resize_vocab
 from ember.runs.run_dir import RunDir
-from ember.train.lora import adapter_state, apply_lora, merge_lora, save_adapter
+from ember.train.lora import adapter_state, adapters_disabled, apply_lora, merge_lora, save_adapter
+from ember.train.preference_loss import pair_logps, preference_loss
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,14 +64,17 @@ def supervised_loss(model, batch: dict) -> torch.Tensor:
 class Recipe(Protocol):
     """What a training job kind supplies to the trainer. `plan` is the run's `ember.train.run.RunPlan`."""
 
+    rows_per_sample: int  # sequences of seq_len the model runs per sample (a preference pair: two)
+    has_perplexity: bool  # whether exp(validation loss) means anything (not for a preference loss)
+
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         """The model to train, made on `device` in the training precision, and its trainable parameters."""
 
     def skeleton(self, plan) -> Transformer:
         """A model of the trained shape (on CPU), to load gathered ZeRO-3 weights into for the export."""
 
-    def loss(self, model, batch) -> torch.Tensor:
-        """The training loss of a batch of the recipe's dataset kind."""
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch of the recipe's dataset kind, and the figures logged beside it (scalars)."""
 
     def evaluation_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | int]:
         """(mean loss, number of targets it is the mean over) of a batch."""
@@ -76,6 +87,8 @@ class Recipe(Protocol):
 
 
 class Pretraining:
+    rows_per_sample, has_perplexity = 1, True
+
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         """The model to train, made on `device` in the training precision (never first in host memory, never in fp32
         for a 16-bit run), and its trainable parameters."""
@@ -87,8 +100,8 @@ class Pretraining:
     def skeleton(self, plan) -> Transformer:
         return build_model(plan.model, "cpu", training_dtype(plan.spec))
 
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(model, batch)
+    def loss(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return next_token_loss(model, batch), {}
 
     def evaluation_loss(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         return next_token_loss(model, batch), batch[:, 1:].numel()
@@ -102,6 +115,8 @@ class Pretraining:
 
 
 class SupervisedFinetuning:
+    rows_per_sample, has_perplexity = 1, True
+
     def build(self, plan, device="cpu") -> tuple[Transformer, list]:
         spec = plan.spec
         model = load_model(spec.base, device=device, dtype=training_dtype(spec))
@@ -114,8 +129,8 @@ class SupervisedFinetuning:
         """A model of the trained shape (LoRA's adapters in place), to load gathered ZeRO-3 weights into."""
         return self.build(plan)[0]
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        return supervised_loss(model, batch)
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        return supervised_loss(model, batch), {}
 
     def evaluation_loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return supervised_loss(model, batch), (batch["loss_mask"][:, 1:] != 0).sum()
@@ -133,7 +148,42 @@ class SupervisedFinetuning:
         merge_lora(model)
 
 
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what a full fine-tune's batches carry besides
+
+
+class PreferenceTuning(SupervisedFinetuning):
+    """`kind: preference` (see the module docstring). `cfg` is the spec's `preference` section."""
+
+    rows_per_sample, has_perplexity = 2, False
+
+    def __init__(self, cfg, method: str):
+        self.cfg, self.method = cfg, method
+
+    def reference(self, model, batch: dict) -> dict | None:
+        """The reference's log-probabilities of the batch's answers: None for a reference-free loss; with LoRA the
+        base's (the adapters off, no gradient); with full fine-tuning those the batch carries."""
+        if not self.cfg.needs_reference:
+            return None
+        if self.method == "lora":
+            with torch.no_grad(), adapters_disabled(model):
+                return {k: v.detach() for k, v in pair_logps(model, batch).items()}
+        return {"chosen_logps": batch[REFERENCE_COLUMNS[0]], "rejected_logps": batch[REFERENCE_COLUMNS[1]]}
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        return preference_loss(self.cfg, pair_logps(model, batch), self.reference(model, batch))
+
+    def evaluation_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        return self.loss(model, batch)[0], batch["input_ids"].shape[0]
+
+
 RECIPES: dict[str, Recipe] = {"pretrain": Pretraining(), "finetune": SupervisedFinetuning()}
+
+
+def recipe_of(spec) -> Recipe:
+    """The recipe of a training spec's kind (a preference run's carries its loss settings)."""
+    if spec.kind == "preference":
+        return PreferenceTuning(spec.preference, spec.method)
+    return RECIPES[spec.kind]
 
 
 def dataset_recipe(manifest: dict) -> Recipe:

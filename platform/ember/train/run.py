@@ -48,6 +48,7 @@ class RunPlan:
     start_from: str | None = None  # the checkpoint `resume: PATH` names
     bos_id: int | None = None  # the base's beginning-of-text token (config.json's bos_token_id), kept in the export
     mixture: dict | None = None  # data.mix's record (`ember.data.mixture.plan_mixture`); data_dir is its first source
+    reference: str | None = None  # a full preference fine-tune's reference figures (`ember.train.reference`)
 
     @property
     def kind(self) -> str:

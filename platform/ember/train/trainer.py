@@ -43,9 +43,10 @@ from ember.runs.tracking import start_tracking
 from ember.runtime import debugging, quiet_libraries, use_environment_ninja
 from ember.train.checkpoint import restore_record, restoring, save_checkpoint
 from ember.train.ds_config import bucket_sizes, deepspeed_config, trainer_clips
-from ember.train.metrics import MetricsLog, StepMetrics, mean_over_ranks, reset_peak_memory
+from ember.train.metrics import MetricsLog, StepMetrics, mean_over_ranks, means_over_ranks, reset_peak_memory
 from ember.train.optim import lr_at, param_groups
-from ember.train.recipes import RECIPES, evaluation_losses, training_dtype
+from ember.train.recipes import evaluation_losses, recipe_of, training_dtype
+from ember.train.reference import with_reference
 from ember.train.run import RunPlan
 
 log = logging.getLogger("ember")
@@ -90,7 +91,7 @@ class Trainer:
     """One worker's part of a run, in named steps (see the module docstring). Reads only its plan."""
 
     def __init__(self, plan: RunPlan):
-        self.plan, self.spec, self.recipe = plan, plan.spec, RECIPES[plan.kind]
+        self.plan, self.spec, self.recipe = plan, plan.spec, recipe_of(plan.spec)
         self.run_dir = plan.run_dir
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -123,18 +124,20 @@ class Trainer:
         self.step, self.samples = found.state["step"], found.state["samples"]
         return restore_record(found, self.rank, self.world, self.device)
 
-    def train_step(self, batches) -> tuple[float, float | None, float, bool]:
+    def train_step(self, batches) -> tuple[float, float | None, float, bool, dict[str, float]]:
         """One optimizer step (gradient accumulation inside): (mean loss over ranks, grad norm, learning rate, whether
-        fp16's loss scaling skipped the update for an overflow)."""
+        fp16's loss scaling skipped the update for an overflow, the recipe's figures as means over micro-batches and
+        ranks)."""
         self.step += 1
         lr = lr_at(self.step, self.spec.train, self.plan.total_steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        losses, skipped_before, grad_norm = [], self.engine.skipped_steps, None
+        losses, figures, skipped_before, grad_norm = [], [], self.engine.skipped_steps, None
         micro_steps = self.ds_config["gradient_accumulation_steps"]
         for micro in range(micro_steps):
             batch, self.samples = next(batches)
-            loss = self.recipe.loss(self.engine, to_device(batch, self.device))
+            loss, figured = self.recipe.loss(self.engine, to_device(batch, self.device))
+            figures.append({k: v.detach() for k, v in figured.items()})
             self.engine.backward(loss)  # at the last micro-batch: the gradients averaged over ranks
             if micro == micro_steps - 1 and trainer_clips(self.spec.deepspeed):
                 grad_norm = self.clip_gradients()
@@ -142,8 +145,9 @@ class Trainer:
             losses.append(loss.detach())
         grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         skipped = self.spec.deepspeed.precision == "fp16" and self.engine.skipped_steps > skipped_before
-        return mean_over_ranks(torch.stack(losses).mean()), float(grad_norm) if grad_norm is not None else None, lr, \
-            skipped
+        means = means_over_ranks({"loss": torch.stack(losses).mean(),
+                                  **{k: torch.stack([f[k] for f in figures]).mean() for k in figures[0]}})
+        return means.pop("loss"), float(grad_norm) if grad_norm is not None else None, lr, skipped, means
 
     def clip_gradients(self) -> torch.Tensor:
         """The norm of the whole gradient, and the gradient clipped to train.grad_clip (see `trainer_clips`)."""
@@ -180,6 +184,8 @@ class Trainer:
         batches = (to_device(next(micro)[0], self.device) for _ in range(tr.eval_batches))
         losses, _ = evaluation_losses(self.recipe, self.engine, batches)
         val_loss = mean_over_ranks(losses.mean())
+        if not self.recipe.has_perplexity:
+            return {"val_loss": val_loss}
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def record(self, metrics: dict, metrics_log: MetricsLog, gauges) -> None:
@@ -188,7 +194,9 @@ class Trainer:
         gauges.record({"loss": metrics["loss"], "val_loss": metrics.get("val_loss"), "learning_rate": metrics["lr"],
                        "grad_norm": metrics["grad_norm"], "tokens_per_second": metrics["tokens_per_s"],
                        "mfu": metrics.get("mfu"), "step": self.step, "step_time_seconds": metrics["step_time_s"]})
-        val = f", val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if "val_loss" in metrics else ""
+        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        val += f" (ppl {metrics['val_ppl']:.1f})" if "val_ppl" in metrics else ""
+        val += f", reward accuracy {metrics['rewards/accuracies']:.2f}" if "rewards/accuracies" in metrics else ""
         log.info("step %d/%d  loss %.4f%s  lr %.2e  grad norm %.3f  %s tokens/s", self.step, self.plan.total_steps,
                  metrics["loss"], val, metrics["lr"], metrics["grad_norm"] or 0.0, f"{metrics['tokens_per_s']:,.0f}")
         sources = {k.removeprefix("tokens/"): v for k, v in metrics.items() if k.startswith("tokens/")}
@@ -259,6 +267,8 @@ class Trainer:
         readers = {split: training_reader(plan.data_dir, plan.mixture, split, seed=tr.seed, rank=rank,
                                           world_size=self.world, block_bytes=plan.block_bytes)
                    for split in ("train", "val")}
+        if plan.reference:  # a full preference fine-tune: each pair's reference log-probabilities
+            readers = {split: with_reference(reader, plan.reference, split) for split, reader in readers.items()}
         try:
             self.train(readers["train"], readers["val"])
         finally:
@@ -277,9 +287,9 @@ class Trainer:
         tracker = start_tracking(plan) if rank == 0 else None
         metrics_log = MetricsLog(self.run_dir, self.step, tr.tensorboard, restored, tracker) if rank == 0 else None
         gauges = TrainMetrics(self.spec.name or storage.name(self.run_dir)) if rank == 0 else None
-        meter = StepMetrics(plan, self.engine, self.device, self.world)
+        meter = StepMetrics(plan, self.engine, self.device, self.world, self.recipe.rows_per_sample)
         while self.step < plan.total_steps:
-            loss, grad_norm, lr, skipped = self.train_step(batches)
+            loss, grad_norm, lr, skipped, figures = self.train_step(batches)
             meter.stepped()
             if self.stop_if_not_finite(loss, grad_norm, skipped):
                 if rank == 0:
@@ -288,7 +298,7 @@ class Trainer:
             log_now, eval_now, save_now = self.due(self.step, val_reader is not None)
             if not (log_now or eval_now or save_now):
                 continue
-            metrics = meter.row(self.step, self.samples, loss, lr, grad_norm, self.overflows.total)
+            metrics = {**meter.row(self.step, self.samples, loss, lr, grad_norm, self.overflows.total), **figures}
             if plan.mixture:
                 metrics.update({f"tokens/{name}": n for name, n in
                                 tokens_by_source(plan.mixture, self.samples, plan.manifest["seq_len"]).items()})
