@@ -30,12 +30,10 @@ import torch
 
 from ember.config import parse_spec
 from ember.data.shards import ShardReader
+from train_bench import LORA, SMOLLM2, peft_smollm2  # the same adapters and baseline model as LoRA fine-tuning
 
-LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 BATCH = {"global_batch_size": 8, "micro_batch_size": 2}
 SEQ_LEN = 192
-SMOLLM2 = "builtin:smollm2-135m-instruct"
 GIB = 1 << 30
 
 
@@ -59,19 +57,12 @@ def ember(work: Path, name: str, method: str, steps: int, cpus: float) -> tuple[
 def baseline(data: Path, steps: int, warmup: int) -> tuple[float, int, int]:
     """(tokens/s, peak resident bytes, the model's weights in bytes) of plain PyTorch + PEFT over the same pair
     rows."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
     from ember.config.specs import PreferenceLossSpec
-    from ember.model import builtin
     from ember.train.metrics import peak_memory, reset_peak_memory
     from ember.train.preference_loss import pair_logps, preference_loss
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(builtin.resolve(SMOLLM2), dtype=torch.float32, attn_implementation="sdpa")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                             target_modules=LORA["target_modules"]))
+    model = peft_smollm2()
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
     cfg = PreferenceLossSpec()

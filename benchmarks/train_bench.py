@@ -138,19 +138,25 @@ def packed_inputs(batch: dict) -> tuple:
     return ids[:, :-1], mask[:, None], positions, ids[:, 1:], torch.from_numpy(batch["loss_mask"])[:, 1:]
 
 
-def lora_baseline(data: Path, steps: int, warmup: int) -> tuple[float, int]:
-    """(tokens/s, peak resident bytes) of plain PyTorch + PEFT over the same rows."""
+def peft_smollm2():
+    """SmolLM2 as transformers loads it, with PEFT's LoRA adapters of `LORA` (the baselines of LoRA training)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from ember.model import builtin
-    from ember.train.metrics import peak_memory, reset_peak_memory
-    from ember.train.recipes import masked_cross_entropy
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(builtin.resolve(SMOLLM2), dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                             target_modules=LORA["target_modules"]))
+    return get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                            target_modules=LORA["target_modules"]))
+
+
+def lora_baseline(data: Path, steps: int, warmup: int) -> tuple[float, int]:
+    """(tokens/s, peak resident bytes) of plain PyTorch + PEFT over the same rows."""
+    from ember.train.metrics import peak_memory, reset_peak_memory
+    from ember.train.recipes import masked_cross_entropy
+
+    model = peft_smollm2()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
                             weight_decay=0.0)
     micro, accum = LORA_BATCH["micro_batch_size"], LORA_BATCH["global_batch_size"] // LORA_BATCH["micro_batch_size"]

@@ -85,6 +85,14 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def train_worker_pids() -> list[int]:
+    """The pids of the Ray Train workers alive in this process's Ray instance (what a test kills)."""
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    return [a.pid for a in list_actors(address=ray_address(), filters=alive, raise_on_missing_output=False)]
+
+
 def kill_a_worker_once_checkpointed(run_dir: str, worker_pids, killed: dict, min_step: int, last_step: int,
                                     timeout: float = 300) -> None:
     """SIGKILLs one training worker (the last pid `worker_pids()` gives) once Ray Train's controller has registered a

@@ -87,6 +87,19 @@ def test_only_the_final_assistant_turn_of_a_conversation_pair_carries_loss(encod
     assert "The fox is red." in decoded(encoder, chosen[: int(np.argmax(chosen_mask))])  # an earlier turn: prompt
 
 
+def test_trls_explicit_prompt_layout_is_the_same_pair(encoder):
+    """TRL's layout: a prompt (a string, or the turns before the answer) and sides holding only the answer."""
+    answer = ([{"role": "assistant", "content": "The fox is red."}],
+              [{"role": "assistant", "content": "The fox is black."}])
+    as_text = encode_pair(encoder, {"prompt": "What color is the fox?", "chosen": answer[0], "rejected": answer[1]})
+    as_turns = encode_pair(encoder, {"prompt": [{"role": "user", "content": "What color is the fox?"}],
+                                     "chosen": answer[0], "rejected": answer[1]})
+    for a, b, c in zip(as_text, as_turns, encode_pair(encoder, text_pair(0), "texts")):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    with pytest.raises(BadRecord, match="'prompt' is a int"):
+        encode_pair(encoder, {"prompt": 3, "chosen": answer[0], "rejected": answer[1]})
+
+
 def conversations(chosen: list, rejected: list) -> dict:
     def turns(side):
         return [{"role": r, "content": c} for r, c in side]

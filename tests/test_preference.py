@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_a_worker_once_checkpointed, merged, ray_address, tiny_model_dir
+from conftest import kill_a_worker_once_checkpointed, merged, tiny_model_dir, train_worker_pids
 from ember import storage
 from ember.config import parse_spec
 from ember.errors import EmberError
@@ -124,16 +124,11 @@ def test_the_tuned_model_prefers_the_chosen_answers_of_held_out_pairs_more_than_
 
 
 def test_lora_dpo_under_zero_3_restores_a_killed_worker_and_exports_adapters(pref_base, pref_data, tmp_path):
-    from ray.util.state import list_actors
+    run_dir, killed = tmp_path / "run", {}
 
-    run_dir, killed, address = tmp_path / "run", {}, ray_address()
 
-    def worker_pids() -> list[int]:
-        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        return [a.pid for a in list_actors(address=address, filters=alive, raise_on_missing_output=False)]
-
-    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(str(run_dir), worker_pids, killed, 4, 12),
-                              daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed,
+                              args=(str(run_dir), train_worker_pids, killed, 4, 12), daemon=True)
     killer.start()
     run_preference(parse_spec(spec(pref_base, pref_data["train"], run_dir, method="lora",
                                    lora={"rank": 4, "alpha": 8, "dropout": 0.0},
@@ -176,6 +171,8 @@ def test_bad_preference_specs_are_named(pref_base, pref_data, tmp_path):
         parse_spec(merged(base, preference={"loss": "ipo", "lambda": 1.0}))
     with pytest.raises(EmberError, match="preference.beta"):
         parse_spec(merged(base, preference={"beta": float("nan")}))
+    with pytest.raises(EmberError, match="preference.beta is not ORPO's"):
+        parse_spec(merged(base, preference={"loss": "orpo", "beta": 0.5}))
     with pytest.raises(EmberError, match="unknown key 'preference.los'"):
         parse_spec(merged(base, preference={"los": "dpo"}))
     assert parse_spec(merged(base, preference={"loss": "orpo", "lambda": 0.2})).preference.odds_weight == 0.2

@@ -47,7 +47,7 @@ SETTINGS = {
     "ipo": (PreferenceLossSpec(loss="ipo", beta=0.3), dict(beta=0.3, loss_type=["ipo"])),
     "simpo": (PreferenceLossSpec(loss="simpo", beta=2.0, gamma=0.7, label_smoothing=0.1),
               dict(beta=2.0, simpo_gamma=0.7, label_smoothing=0.1, loss_type="simpo", cpo_alpha=0.0)),
-    "orpo": (PreferenceLossSpec(loss="orpo", beta=0.5, **{"lambda": 0.25}), dict(beta=0.25)),  # TRL's beta is λ
+    "orpo": (PreferenceLossSpec(loss="orpo", **{"lambda": 0.25}), dict(beta=0.25)),  # TRL's beta is λ
 }
 METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected"}

@@ -17,9 +17,9 @@ from conftest import (
     free_port,
     kill_a_worker_once_checkpointed,
     merged,
-    ray_address,
     rebuilt_deepspeed_ops,
     sentences,
+    train_worker_pids,
 )
 from ember import storage
 from ember.config import parse_spec
@@ -243,11 +243,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
     MLflow server: one MLflow run across the restart, each step's metrics once, the spec and the dataset as params,
     the model and result.json as artifacts. And in W&B's offline mode: each attempt writes an offline run of the one
     run id, and between them each step is logged once."""
-    from ray.util.state import list_actors
-
     bucket, endpoint, _ = s3_server
     run_dir = f"s3://{bucket}/pretrain/killed-{tmp_path.name}?endpoint_override={endpoint}&scheme=http"
-    address, killed = ray_address(), {}
+    killed = {}
     wandb_dir = tmp_path_factory.mktemp("wandb-killed")
 
     def registered_steps() -> list[int]:
@@ -255,12 +253,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(dataset, reference_
         snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
         return [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
 
-    def worker_pids() -> list[int]:
-        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        return [a.pid for a in list_actors(address=address, filters=alive, raise_on_missing_output=False)]
-
-    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, worker_pids, killed, 8, 24),
-                              daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed,
+                              args=(run_dir, train_worker_pids, killed, 8, 24), daemon=True)
     killer.start()
     result = train(dataset, run_dir, train={"max_steps": 24, "decay_steps": 8, "checkpoint_every": 4,
                                             "keep_checkpoints": 3, "eval_every": 0,
@@ -447,8 +441,6 @@ def test_a_killed_worker_mid_mixture_resumes_to_the_same_per_source_counts(datas
     whose budget is smaller than either: SIGKILL a worker once a checkpoint is in; the restarted workers restore
     it and redo the killed attempt's steps with the same losses, every step's tokens per source are the mixture's
     at its sample count, the cache never went over its budget, and result.json records the mixture."""
-    from ray.util.state import list_actors
-
     from ember.data.mixture import Mixture
     from ember.data.pipeline import run_tokenize
 
@@ -468,14 +460,10 @@ def test_a_killed_worker_mid_mixture_resumes_to_the_same_per_source_counts(datas
     assert all(sum(s["bytes"] for s in split["shards"]) > budget for split in sizes)  # each larger than the cache
     monkeypatch.setenv("EMBER_CACHE_BYTES", str(budget))  # the driver's budget reaches the workers
     run_dir = tmp_path / "run"
-    address, killed = ray_address(), {}
+    killed = {}
 
-    def worker_pids() -> list[int]:
-        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        return [a.pid for a in list_actors(address=address, filters=alive, raise_on_missing_output=False)]
-
-    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(str(run_dir), worker_pids, killed, 4, 12),
-                              daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed,
+                              args=(str(run_dir), train_worker_pids, killed, 4, 12), daemon=True)
     killer.start()
     mix = [{"dir": uri.format("web"), "weight": 3}, {"dir": uri.format("code"), "weight": 1}]
     with CachePeak(storage.cache_dir(), f"mixture-{tmp_path.name}/") as peak:

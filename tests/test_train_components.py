@@ -25,13 +25,17 @@ def test_the_run_plan_and_reports_load_neither_torch_nor_ray():
 
 
 def test_every_recipe_implements_the_whole_recipe_protocol():
-    from ember.train.recipes import RECIPES, Recipe
+    from ember.config.specs import PreferenceLossSpec
+    from ember.train.recipes import RECIPES, PreferenceTuning, Recipe
 
     wanted = {name for name in vars(Recipe) if not name.startswith("_")}
     assert {"build", "skeleton", "loss", "evaluation_loss", "exports_from_state", "before_export"} <= wanted
-    for kind, recipe in RECIPES.items():
+    recipes = {**RECIPES, "preference": PreferenceTuning(PreferenceLossSpec(), "lora")}
+    for kind, recipe in recipes.items():
         assert isinstance(recipe, Recipe), kind
-        assert wanted <= set(vars(type(recipe))), (kind, wanted - set(vars(type(recipe))))
+        # each method the recipe's own (or a recipe's it extends), none the Protocol's empty body
+        assert all(getattr(type(recipe), name) is not getattr(Recipe, name) for name in wanted), kind
+        assert recipe.rows_per_sample in (1, 2) and isinstance(recipe.has_perplexity, bool), kind
 
 
 @torch.no_grad()
@@ -61,3 +65,11 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor():
     assert lr_at(10, train, 100) == pytest.approx(1e-3)
     assert lr_at(100, train, 100) == pytest.approx(1e-4)
     assert 1e-4 < lr_at(55, train, 100) < 1e-3
+
+
+def test_a_preference_dataset_has_no_dataset_loss_and_says_what_scores_it():
+    from ember.errors import EmberError
+    from ember.train.recipes import dataset_recipe
+
+    with pytest.raises(EmberError, match="runs/x/data holds preference pairs.*data.pairs"):
+        dataset_recipe({"kind": "preference"}, "runs/x/data")

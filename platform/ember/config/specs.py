@@ -420,7 +420,8 @@ class TrainSpec(SpecModel):
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one worker; gradient "
                                                         "accumulation = global / (micro × workers), must divide.")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to train (this or max_tokens).")
-    max_tokens: Optional[int] = Field(None, ge=1, description="Training tokens to consume (this or max_steps).")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Training tokens to consume (this or max_steps; a "
+                                                              "preference pair's two sides both count).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(1e-4, ge=0, description="Floor of the cosine decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps from 0 to lr.")
@@ -702,7 +703,7 @@ class PreferenceLossSpec(SpecModel):
     """The preference loss and its hyper-parameters, as TRL defines them (`DPOTrainer` for dpo and ipo, `CPOTrainer`
     for simpo, `ORPOTrainer` for orpo)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)
     OMITTED_WHEN_UNSET = ("gamma", "lambda")  # keys as dumped (by alias)
 
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = Field(
@@ -728,6 +729,9 @@ class PreferenceLossSpec(SpecModel):
             raise ValueError(f"preference.lambda is ORPO's weight; loss is {self.loss}")
         if self.label_smoothing and self.loss not in ("dpo", "simpo"):
             raise ValueError(f"preference.label_smoothing applies to dpo and simpo; loss is {self.loss}")
+        if self.loss == "orpo" and self.beta != PreferenceLossSpec.model_fields["beta"].default:
+            raise ValueError("preference.beta is not ORPO's: its odds-ratio term and rewards are weighted by "
+                             "preference.lambda")
         return self
 
     @property

@@ -27,6 +27,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from ember.config.specs import SourceSpec
 from ember.data.sources import RecordReader, SkipLog, plan_units, resolve_inputs
 from ember.data.steps import encodable
 from ember.data.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, token_name
@@ -334,18 +335,16 @@ class SFTPacker:
 def read_records(inputs: list[str], convert, what: str, limit: int | None = None) -> list[tuple[object, str]]:
     """(convert(record), file:line) of the first `limit` usable records of `inputs`, in the order read (evaluation's
     conversations and pairs); records `convert` refuses (`BadRecord`) are counted, logged and skipped."""
-    from ember.config.specs import SourceSpec
-
     source, skips = SourceSpec(inputs=inputs), SkipLog()
     reader, found = RecordReader(source, skips), []
-    for unit in plan_units(resolve_inputs(source), source):
-        for record, where in reader(unit):
-            if limit is not None and len(found) >= limit:
-                break
-            try:
-                found.append((convert(record), str(where)))
-            except BadRecord as bad:
-                skips.skip(bad.reason, str(where), bad.detail)
+    records = (item for unit in plan_units(resolve_inputs(source), source) for item in reader(unit))
+    for record, where in records:
+        if limit is not None and len(found) >= limit:
+            break
+        try:
+            found.append((convert(record), str(where)))
+        except BadRecord as bad:
+            skips.skip(bad.reason, str(where), bad.detail)
     if skips.skipped:
         log.info("%s: skipped %s", what, ", ".join(f"{k} {v}" for k, v in skips.skipped.items()))
     if not found:

@@ -101,11 +101,22 @@ def _texts(record: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _conversations(record: dict) -> tuple[list[dict], list[dict]]:
-    """Two lists of turns, each checked as a conversation is (`to_messages`), sharing all but their last turn."""
+    """Two lists of turns, each checked as a conversation is (`to_messages`), sharing all but their last turn. TRL's
+    explicit-prompt layout (a `prompt` — a string, the user's turn, or a list of turns — and sides that hold only the
+    answer) is the same pair with the prompt before each side."""
+    prompt = record.get("prompt")
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise BadRecord("not_a_pair", f"'prompt' is a {type(prompt).__name__}, not a string or a list of turns")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
     sides = []
     for name in SIDES:
+        turns = record[name]
+        if prompt and isinstance(turns, list) and all(isinstance(t, dict) and t.get("role") == "assistant"
+                                                      for t in turns):
+            turns = [*prompt, *turns]  # the answer alone: the prompt goes before it
         try:
-            side = to_messages({name: record[name]}, "messages", messages_field=name)
+            side = to_messages({name: turns}, "messages", messages_field=name)
         except BadRecord as bad:
             raise _as_pair(bad) from None
         if side[-1]["role"] != "assistant":
@@ -162,6 +173,19 @@ def read_pairs(inputs: list[str], fmt: str = "auto", limit: int | None = None) -
             read_records(inputs, lambda record: to_pair(record, fmt), "preference pairs", limit)]
 
 
+def pad_pairs(rows: list[tuple], row_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Pairs' (ids, mask, ids, mask) as columns of `row_len`, right-padded (`ember.data.shards.PREFERENCE_COLUMNS`):
+    the rows of a shard, and evaluation's batches."""
+    out = {}
+    for k, (name, fill) in enumerate([("input_ids", pad_id), ("loss_mask", 0), ("rejected_ids", pad_id),
+                                      ("rejected_mask", 0)]):
+        column = np.full((len(rows), row_len), fill, dtype=rows[0][k].dtype)
+        for i, row in enumerate(rows):
+            column[i, :len(row[k])] = row[k]
+        out[name] = column
+    return out
+
+
 # ---------------------------------------------------------------- the dataset job
 
 
@@ -216,15 +240,7 @@ class PairEncoder:
         return pair, sides
 
     def columns(self, rows: list[tuple]) -> dict[str, np.ndarray]:
-        """Pairs' (ids, mask, ids, mask) as padded columns (`ember.data.shards.PREFERENCE_COLUMNS`)."""
-        out = {}
-        for k, (name, fill) in enumerate([("input_ids", self.pad_id), ("loss_mask", 0),
-                                          ("rejected_ids", self.pad_id), ("rejected_mask", 0)]):
-            column = np.full((len(rows), self.row_len), fill, dtype=rows[0][k].dtype)
-            for i, row in enumerate(rows):
-                column[i, :len(row[k])] = row[k]
-            out[name] = column
-        return out
+        return pad_pairs(rows, self.row_len, self.pad_id)
 
 
 class PreferenceJob(ConversationJob):

@@ -68,7 +68,10 @@ from ember.runtime import ensure_ray, quiet_libraries
 log = logging.getLogger("ember")
 
 STATE_DIR = ".ember"
-OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", PROGRESS_FILE, *shards.SPLITS, STATE_DIR)
+# What a dataset job writes in its dir (replaced together with data.overwrite); reference/ is a preference run's
+# (`ember.train.reference`), figures of these pairs.
+OWNED = ("manifest.json", "tokenizer.json", "tokenizer_config.json", PROGRESS_FILE, *shards.SPLITS, STATE_DIR,
+         "reference")
 
 Rows = np.ndarray | dict  # (n, row_len) token ids, or such arrays by column name when the job has extra columns
 

@@ -36,7 +36,7 @@ from ember.data.chat import (
     read_records,
     to_messages,
 )
-from ember.data.pairs import PreferencePair, encode_sides, read_pairs
+from ember.data.pairs import PreferencePair, encode_sides, pad_pairs, read_pairs
 from ember.data.shards import ShardReader, load_manifest
 from ember.data.sources import resolve_inputs, source_fingerprint
 from ember.data.tokenizer import load_tokenizer, tokenizer_config
@@ -99,7 +99,8 @@ def dataset_loss(model, dataset_dir: str, split: str, batches: int, batch_size: 
             columns = {c: torch.stack([torch.from_numpy(r[c].astype("int64")) for r in picked]) for c in picked[0]}
             yield columns if reader.extra_columns else columns["input_ids"]
 
-    loss, count = _weighted_mean(*evaluation_losses(dataset_recipe(manifest), model, in_file_order()))
+    loss, count = _weighted_mean(*evaluation_losses(dataset_recipe(manifest, storage.display(dataset_dir)), model,
+                                                    in_file_order()))
     kind = "assistant_loss" if manifest.get("kind") == "sft" else "loss"
     return {kind: loss, "perplexity": math.exp(min(loss, 50.0)), "rows": rows, "target_tokens": count}
 
@@ -136,33 +137,30 @@ def pair_scores(model, model_dir: str, pairs: list[PreferencePair], batch_size: 
     from ember.train.preference_loss import pair_logps
 
     encoder, context = model_encoder(model_dir), model.config.max_position_embeddings + 1
-    rows = []
+    rows, too_long = [], []
     for pair in pairs:
         try:
-            chosen, chosen_mask, rejected, rejected_mask = encode_sides(encoder, pair.chosen, pair.rejected)
+            encoded = encode_sides(encoder, pair.chosen, pair.rejected)
         except BadRecord as bad:
             raise EmberError(f"{pair.where}: {bad.detail} (model {model_dir})") from None
-        if max(len(chosen), len(rejected)) <= context:
-            rows.append((chosen, chosen_mask, rejected, rejected_mask))
+        if max(len(encoded[0]), len(encoded[2])) <= context:
+            rows.append(encoded)
+        else:
+            too_long.append(pair.where)
+    if too_long:
+        log.info("evaluate: %d pairs longer than the context of %s (%d tokens) left out, the first %s",
+                 len(too_long), model_dir, context - 1, too_long[0])
     if not rows:
         raise EmberError(f"no pair fits the context of {model_dir} ({context - 1} tokens)")
     margins = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        chosen, rejected = _padded_batch([r[:2] for r in chunk]), _padded_batch([r[2:] for r in chunk])
-        width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
-        batch = {"input_ids": _widen(chosen["input_ids"], width), "loss_mask": _widen(chosen["loss_mask"], width),
-                 "rejected_ids": _widen(rejected["input_ids"], width),
-                 "rejected_mask": _widen(rejected["loss_mask"], width)}
+        width = max(max(len(r[0]), len(r[2])) for r in chunk)
+        batch = {k: torch.from_numpy(v.astype("int64")) for k, v in pad_pairs(chunk, width, 0).items()}
         logps = pair_logps(model, batch)
         margins.extend((logps["chosen_logps"] - logps["rejected_logps"]).float().tolist())
     return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "mean_margin": sum(margins) / len(margins), "pairs": len(margins)}
-
-
-def _widen(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows right-padded with zeros to `width` columns."""
-    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
+            "mean_margin": sum(margins) / len(margins), "pairs": len(margins), "too_long": len(too_long)}
 
 
 @torch.no_grad()

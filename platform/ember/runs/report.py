@@ -136,6 +136,9 @@ def evaluation_lines(path: str) -> list[str]:
                 parts.append(f"{section} {key.replace('_', ' ')} {f[key]:.4f}")
             if isinstance(f.get("token_f1"), (int, float)):
                 parts.append(f"token F1 {f['token_f1']:.3f}")
+        pairs = figures.get("pairs") or {}
+        if isinstance(pairs.get("preference_accuracy"), (int, float)):
+            parts.append(f"preference accuracy {pairs['preference_accuracy']:.3f}, margin {pairs['mean_margin']:.3f}")
         lines.append(f"  {name:<10} {'; '.join(parts) or '-'}")
         for task, metrics in ((figures.get("lm_eval") or {}).get("results") or {}).items():
             shown = [f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))

@@ -113,7 +113,7 @@ def plan_finetune(spec: FinetuneSpec, data: FinetuneData) -> RunPlan:
     if not builtin.is_builtin(spec.base):  # a built-in base is resolved on each node, where its workers run
         spec.base = data.base
     settle_tracking(spec.train.tracking)
-    log.info("finetune: %s from %s, %s", spec.method, storage.display(data.base),
+    log.info("%s: %s from %s, %s", spec.kind, spec.method, storage.display(data.base),
              f"rank {spec.lora.rank} on {', '.join(spec.lora.target_modules)}" if spec.method == "lora" else
              "every weight")
     steps = total_steps(spec, data.manifest, data.mixture)

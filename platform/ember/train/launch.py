@@ -174,6 +174,18 @@ def mixture_result(plan: RunPlan, metrics: dict) -> dict:
                                                        plan.manifest["seq_len"])}
 
 
+def check_before_running(plan: RunPlan, address: str | None = None) -> None:
+    """What must hold before a run starts anything (the engine's batch arithmetic and offload, the node cache's
+    budget, resume and the run dir's own trajectory, the cluster's resources); connects to Ray."""
+    spec = plan.spec
+    deepspeed_config(spec.train, spec.deepspeed, spec.scaling.workers, spec.scaling.use_gpu)
+    check_cache_budget(plan.dataset_dirs, plan.block_bytes)
+    refuse_never(spec, plan.run_dir)
+    refuse_another_run(plan)
+    ensure_ray(address)
+    _check_resources(spec)  # before the run dir is touched: a job the cluster can never hold leaves nothing behind
+
+
 def launch(plan: RunPlan, address: str | None = None) -> dict:
     """Runs the plan on Ray Train (or reuses its finished run); returns the last reported metrics."""
     spec, run_dir = plan.spec, plan.run_dir
@@ -187,20 +199,17 @@ def launch(plan: RunPlan, address: str | None = None) -> dict:
                  finished.get("step"), storage.display(plan.dir.model))
         return finished
     restarting = plan.dir.has_checkpoints()
-    check_cache_budget(plan.dataset_dirs, plan.block_bytes)
-    refuse_never(spec, run_dir)
-    refuse_another_run(plan)
-    ensure_ray(address)
-    _check_resources(spec)  # before the run dir is touched: a job the cluster can never hold leaves nothing behind
+    check_before_running(plan, address)
     storage.make_dirs(run_dir)
     storage.delete(plan.dir.error)  # result.json stays until training starts (the trainer)
     write_stamp(plan.dir.run, identity_of(plan.trajectory()), trajectory=plan.trajectory(),
                 total_steps=plan.total_steps)
     storage.write_text(plan.dir.spec, yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
     cfg, s = plan.model, spec.scaling
-    log.info("%s: %s, %d steps of %d sequences x %d tokens, %d workers, ZeRO %d, %s%s", plan.kind,
+    log.info("%s: %s, %d steps of %d %s x %d tokens, %d workers, ZeRO %d, %s%s", plan.kind,
              f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}", plan.total_steps, spec.train.global_batch_size,
-             plan.manifest["seq_len"], s.workers, spec.deepspeed.zero_stage, spec.deepspeed.precision,
+             "pairs" if plan.kind == "preference" else "sequences", plan.manifest["seq_len"], s.workers,
+             spec.deepspeed.zero_stage, spec.deepspeed.precision,
              "; resuming from the latest checkpoint" if restarting and spec.resume == "auto" else "")
     try:
         result = _fit(_torch_trainer(plan))

@@ -14,7 +14,7 @@ import dataclasses
 from ember.config.specs import PreferenceSpec
 from ember.data.pairs import prepare_pair_dataset
 from ember.train.finetune import plan_finetune, prepare_finetune_data
-from ember.train.launch import finished_run, launch
+from ember.train.launch import check_before_running, finished_run, launch
 from ember.train.reference import ensure_reference
 from ember.train.run import RunPlan
 
@@ -23,6 +23,7 @@ def plan_preference(spec: PreferenceSpec, address: str | None = None) -> RunPlan
     """The run a preference spec asks for, its pairs tokenized and (full fine-tuning against a reference) scored."""
     plan = plan_finetune(spec, prepare_finetune_data(spec, address, tokenize=prepare_pair_dataset))
     if spec.method == "full" and spec.preference.needs_reference and finished_run(plan) is None:
+        check_before_running(plan, address)  # a run that cannot start fails before the pass, not after
         plan = dataclasses.replace(plan, reference=ensure_reference(plan, address))
     return plan
 

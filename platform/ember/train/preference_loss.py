@@ -54,6 +54,7 @@ def pair_logps(model, batch: dict) -> dict[str, torch.Tensor]:
     targets = ids[:, 1:]
     # log_softmax gathered at the targets without a second (2B, T, V) tensor: logit - logsumexp.
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (2B, T)
+    token_logps = token_logps.float()  # sums of ~100 tokens in bf16 would keep no decimals: margins would read 0
     answer = torch.cat([batch["loss_mask"], batch["rejected_mask"]])[:, 1:].to(token_logps.dtype)
     sums, counts = (token_logps * answer).sum(-1), answer.sum(-1)
     seen = _through_last_answer(batch["loss_mask"])[:, 1:].to(token_logps.dtype)  # (B, T)

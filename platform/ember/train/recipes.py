@@ -26,12 +26,21 @@ import torch
 import torch.nn.functional as F
 
 from ember import storage
+from ember.errors import EmberError
 from ember.model import Transformer, build_model, load_model, resize_vocab
 from ember.runs.run_dir import RunDir
 from ember.train.lora import adapter_state, adapters_disabled, apply_lora, merge_lora, save_adapter
 from ember.train.preference_loss import pair_logps, preference_loss
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def use_tf32() -> None:
+    """fp32 matmuls on TF32 tensor cores where there is a GPU (what the MFU peak of fp32 assumes): in the trainer and
+    in whatever must compute what it computes (a full preference fine-tune's reference pass)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def training_dtype(spec) -> torch.dtype:
@@ -186,8 +195,12 @@ def recipe_of(spec) -> Recipe:
     return RECIPES[spec.kind]
 
 
-def dataset_recipe(manifest: dict) -> Recipe:
-    """The recipe a dataset's rows are scored with: fine-tuning rows (`kind: sft`) by the supervised loss."""
+def dataset_recipe(manifest: dict, where: str) -> Recipe:
+    """The recipe a dataset's rows are scored with: fine-tuning rows (`kind: sft`) by the supervised loss. A
+    preference dataset has no loss of its own (its pairs are scored by `kind: evaluate`'s data.pairs)."""
+    if manifest.get("kind") == "preference":
+        raise EmberError(f"{where} holds preference pairs, which have no dataset loss: evaluate them with "
+                         "data.pairs (their pair files) instead of data.dir")
     return RECIPES["finetune" if manifest.get("kind") == "sft" else "pretrain"]
 
 

@@ -37,10 +37,9 @@ STAMP = "reference.json"
 
 def reference_key(plan: RunPlan) -> str:
     """What the reference figures of a run depend on: the pairs, the base's weights, the network (its vocabulary
-    grown as the run's), the precision and the seed (new token rows are drawn with it)."""
+    grown as the run's: new token rows are the mean of the others) and the precision."""
     return identity_of({"dataset": plan.manifest["identity"], "base_weights": plan.base_weights,
-                        "model": plan.model.to_dict(), "precision": plan.spec.deepspeed.precision,
-                        "seed": plan.spec.train.seed})
+                        "model": plan.model.to_dict(), "precision": plan.spec.deepspeed.precision})
 
 
 def reference_dir(plan: RunPlan) -> str:
@@ -54,12 +53,12 @@ class _Scorer:
         import torch
 
         from ember.runtime import quiet_libraries
-        from ember.train.recipes import recipe_of
+        from ember.train.recipes import recipe_of, use_tf32
 
         quiet_libraries()
+        use_tf32()  # the matmuls of the trainer's policy, which must equal this at step 0
         plan = RunPlan.from_config(config)
         self.device = "cuda" if plan.spec.scaling.use_gpu and torch.cuda.is_available() else "cpu"
-        torch.manual_seed(plan.spec.train.seed)  # as the trainer: the rows of added tokens drawn alike
         self.model = recipe_of(plan.spec).build(plan, self.device)[0].eval()
         self.reader = ShardReader(plan.data_dir, split)
 
@@ -88,13 +87,13 @@ def _score_split(plan: RunPlan, split: str) -> pa.Table:
     scored = indices.map_batches(
         _Scorer, fn_constructor_args=(plan.to_config(), split), batch_size=batch,
         compute=ray.data.ActorPoolStrategy(size=min(s.workers, max(1, -(-rows // batch)))),
-        num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0)
+        num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0, resources=s.resources_per_worker or None)
     chosen, rejected = np.full(rows, np.nan, np.float32), np.full(rows, np.nan, np.float32)
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         chosen[batch["id"]], rejected[batch["id"]] = batch["chosen"], batch["rejected"]
-    if np.isnan(chosen).any() or np.isnan(rejected).any():
-        raise EmberError(f"the reference pass left pairs of {split}/ without a figure (a pair with no answer token "
-                         "cannot be scored)")
+    if not (np.isfinite(chosen).all() and np.isfinite(rejected).all()):
+        raise EmberError(f"the reference pass gave pairs of {split}/ no finite figure (the base's log-probabilities "
+                         "overflowed, or a row went unscored): check the base in this precision")
     return pa.table({"chosen_logps": chosen, "rejected_logps": rejected})
 
 

@@ -119,7 +119,8 @@ def total_steps(spec: TrainingJobSpec, manifest: dict, mixture: dict | None = No
     """The run's optimizer steps: train.max_steps, or max_tokens in steps; a mixture that stops when a source runs
     out ends at the last whole step before that."""
     t = spec.train
-    steps = t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"])))
+    rows = 2 if manifest.get("kind") == "preference" else 1  # a pair's two sides, as its metrics rows count tokens
+    steps = t.max_steps or max(1, math.ceil(t.max_tokens / (t.global_batch_size * manifest["seq_len"] * rows)))
     if mixture and mixture["samples"] is not None and mixture["samples"] // t.global_batch_size < steps:
         log.info("data.mix: source %r runs out after %d samples: the run stops at step %d of the %d asked for "
                  "(data.exhausted: stop; recycle reuses its rows)", mixture["runs_out"], mixture["samples"],

@@ -45,7 +45,7 @@ from ember.train.checkpoint import restore_record, restoring, save_checkpoint
 from ember.train.ds_config import bucket_sizes, deepspeed_config, trainer_clips
 from ember.train.metrics import MetricsLog, StepMetrics, mean_over_ranks, means_over_ranks, reset_peak_memory
 from ember.train.optim import lr_at, param_groups
-from ember.train.recipes import evaluation_losses, recipe_of, training_dtype
+from ember.train.recipes import evaluation_losses, recipe_of, training_dtype, use_tf32
 from ember.train.reference import with_reference
 from ember.train.run import RunPlan
 
@@ -314,7 +314,5 @@ class Trainer:
 def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     use_environment_ninja()
-    if torch.cuda.is_available():  # fp32 matmuls on TF32 tensor cores (what the MFU peak of fp32 assumes)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32()
     Trainer(RunPlan.from_config(config)).run()
