@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python benchmarks/zero_bench.py
 	$(BIN)/python benchmarks/stream_bench.py
 	$(BIN)/python benchmarks/dedup_bench.py
+	$(BIN)/python benchmarks/preference_bench.py
 
 clean:
 	rm -rf $(VENV) data runs

@@ -1,5 +1,6 @@
 """Preference tuning (DPO) throughput and memory on the real model, SmolLM2-135M-Instruct, with LoRA (rank 16 on all
-seven projections), on builtin:python-prefs's pairs (rows of 192 tokens, chosen and rejected), fp32:
+seven projections), on builtin:python-prefs's held-out pairs (326 pairs in rows of 192 tokens, chosen and rejected:
+few enough for the full run's reference pass to take minutes on 2 cores), fp32:
 
 (a) plain PyTorch + PEFT, 1 process: transformers' LlamaForCausalLM from the same model dir, `peft.get_peft_model`
     with the same adapters, AdamW over them, the same pair rows; the reference is the base with PEFT's adapters
@@ -43,7 +44,8 @@ def ember(work: Path, name: str, method: str, steps: int, cpus: float) -> tuple[
 
     run_dir = work / name
     spec = parse_spec({"kind": "preference", "base": SMOLLM2, "method": method, "lora": LORA,
-                       "data": {"inputs": ["builtin:python-prefs"], "seq_len": SEQ_LEN, "dir": str(work / "prefs")},
+                       "data": {"inputs": ["builtin:python-prefs:test"], "seq_len": SEQ_LEN, "val_fraction": 0.0,
+                                "dir": str(work / "prefs")},
                        "train": {**BATCH, "max_steps": steps, "lr": 5e-4, "log_every": 1, "eval_every": 0,
                                  "checkpoint_every": 0},
                        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
