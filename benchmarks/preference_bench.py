@@ -112,8 +112,8 @@ def main() -> int:
     print(f"(b) Ember LoRA, 1 worker, ZeRO 0:     {b:,.0f} tokens/s   b/a = {b / a:.3f}   (target >= 0.9)   peak "
           f"{peak_b / GIB:.2f} GiB")
     print(f"(c) Ember full, 1 worker, ZeRO 0:     {c:,.0f} tokens/s   peak {peak_c / GIB:.2f} GiB = LoRA's + "
-          f"{(peak_c - peak_b) / GIB:.2f} GiB (the weights' gradients and AdamW's two moments, 3 x "
-          f"{weights / GIB:.2f} GiB; a second model, as the reference, would add {weights / GIB:.2f} GiB more)")
+          f"{(peak_c - peak_b) / GIB:.2f} GiB (every weight's gradient and AdamW moments, less LoRA's reference "
+          f"forward); the model's weights are {weights / GIB:.2f} GiB: a reference model held beside it would add that")
     ray.shutdown()
     return 0
 
