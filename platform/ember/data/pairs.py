@@ -248,6 +248,7 @@ class PreferenceJob(ConversationJob):
     template (the tokens the template needs added) as fine-tuning data has them, into the dataset dir `out`."""
 
     kind, label = "preference", "preference data"
+    records = "preference pairs"
     extra_columns = shards.PREFERENCE_COLUMNS
 
     def identity_parts(self) -> dict:

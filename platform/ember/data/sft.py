@@ -115,6 +115,7 @@ class ConversationJob(DatasetJob):
     chat template's tokens added, into the dataset dir `out`."""
 
     kind, label = "sft", "finetune data"
+    records = "conversations"  # what the job's records are, in its messages
     dir_key, overwrite_key, strict_key = "data.dir", "data.overwrite", "data.strict"
     extra_columns = shards.SFT_COLUMNS
 
@@ -135,7 +136,7 @@ class ConversationJob(DatasetJob):
         resolved = resolve_inputs(self.source)
         for item in resolved:
             if isinstance(item, InputFile) and item.fmt == "text":
-                raise EmberError(f"{item.name}: plain text holds no conversations; give JSONL, JSON or Parquet "
+                raise EmberError(f"{item.name}: plain text holds no {self.records}; give JSONL, JSON or Parquet "
                                  "records")
         # The base's tokenizer with the template's tokens, once the spec's own checks passed (as before the executor).
         self.tok, self.config, self.added = chat_tokenizer(load_tokenizer(self.base_dir),
@@ -154,14 +155,14 @@ class ConversationJob(DatasetJob):
         out = self.out
         if self.locked_by and storage.is_file(storage.join(out, "manifest.json")) and \
                 shards.load_manifest(out).get("identity") != identity:
-            raise EmberError(f"the conversations, data settings or base tokenizer changed since {self.locked_by} "
+            raise EmberError(f"the {self.records}, data settings or base tokenizer changed since {self.locked_by} "
                              f"wrote its checkpoints (their data positions index {storage.display(out)}); choose "
                              "another output.dir to start over, or restore the previous data spec to resume")
 
     def prepare(self, units: list[WorkUnit], workers: int, num_cpus: float):
         save_tokenizer(self.tok, self.out, model_max_length=self.context, base_config=self.config)
         if self.added:
-            log.info("finetune data: added special tokens %s for the chat template", ", ".join(self.added))
+            log.info("%s: added special tokens %s for the chat template", self.label, ", ".join(self.added))
         return partial(ConversationEncoder, self.data, self.out)
 
     def finish(self, job: UnitJob, splits: dict, skips: SkipLog, markers: list[dict]) -> dict:
